@@ -1,0 +1,215 @@
+//! Request extractors whose rejections are `ApiError`s: JSON bodies and query
+//! strings that name the offending field, bearer-key authentication, and the
+//! read's consistency (query parameter or header).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use turnpike_core::auth::Principal;
+use turnpike_core::db::Lsn;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// The consistency-token header, on write responses and read requests.
+pub const CONSISTENCY_HEADER: &str = "turnpike-consistency";
+
+/// A JSON body. Unknown fields, wrong types and malformed JSON are 400s that
+/// name the field; an empty body reads as `{}`; a body over the limit is 413.
+/// A missing Content-Type, or curl's default form type, is read as JSON too;
+/// any other non-JSON type is a 415.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(content_type) = req.headers().get(CONTENT_TYPE) {
+            let is_json = content_type
+                .to_str()
+                .map(str::to_ascii_lowercase)
+                .is_ok_and(|ct| {
+                    ct.contains("json") || ct.starts_with("application/x-www-form-urlencoded")
+                });
+            if !is_json {
+                return Err(ApiError::with_status(
+                    axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Expected a JSON body with Content-Type: application/json.",
+                    "unsupported_media_type",
+                ));
+            }
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            let status = rejection.status();
+            let message = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                "The request body is too large.".to_owned()
+            } else {
+                rejection.body_text()
+            };
+            ApiError::with_status(status, message, "invalid_body")
+        })?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        parse_json(bytes).map(Json)
+    }
+}
+
+/// Parses JSON, reporting the JSON path of the first problem.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let (code, what) = match inner.classify() {
+            serde_json::error::Category::Data => ("invalid_body", "Invalid request body"),
+            _ => ("invalid_json", "The body is not valid JSON"),
+        };
+        let param = (path != "." && code == "invalid_body").then_some(path);
+        let message = match &param {
+            Some(p) => format!("{what}: {p}: {inner}"),
+            None => format!("{what}: {inner}"),
+        };
+        ApiError::bad_body(param, message, code)
+    })?;
+    de.end().map_err(|e| {
+        ApiError::bad_body(
+            None,
+            format!("The body is not valid JSON: {e}"),
+            "invalid_json",
+        )
+    })?;
+    Ok(value)
+}
+
+/// A query string, with errors naming the parameter.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parse_query(parts.uri.query().unwrap_or("")).map(Query)
+    }
+}
+
+fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let param = (path != ".").then_some(path);
+        let message = match &param {
+            Some(p) => format!("Invalid query parameter '{p}': {inner}"),
+            None => format!("Invalid query string: {inner}"),
+        };
+        ApiError::bad_body(param, message, "invalid_query")
+    })
+}
+
+/// The authenticated caller.
+pub struct Auth(pub Principal);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+            ApiError::unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            )
+        })?;
+        let key = header
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
+            })?;
+        match state.auth.authenticate(key).await? {
+            Some(principal) => Ok(Auth(principal)),
+            None => Err(ApiError::unauthorized("Incorrect API key provided.")),
+        }
+    }
+}
+
+/// An authenticated caller holding an admin key.
+pub struct Admin(pub Principal);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Auth(principal) = Auth::from_request_parts(parts, state).await?;
+        if principal.admin {
+            Ok(Admin(principal))
+        } else {
+            Err(ApiError::forbidden("This route needs an admin key."))
+        }
+    }
+}
+
+/// A read's requested consistency mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadMode {
+    Eventual,
+    Bounded,
+    Session,
+    Strong,
+}
+
+/// What the client asked for: `?consistency=` (default `session`) and the
+/// `Turnpike-Consistency` token, if sent.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadConsistency {
+    pub mode: ReadMode,
+    pub token: Option<Lsn>,
+}
+
+#[derive(serde::Deserialize)]
+struct ConsistencyParam {
+    consistency: Option<ReadMode>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let ConsistencyParam { consistency } = parse_query(parts.uri.query().unwrap_or(""))
+            .map_err(|_| {
+                ApiError::invalid(
+                    "consistency",
+                    "consistency must be one of: eventual, bounded, session, strong.",
+                )
+            })?;
+        let token = match parts.headers.get(CONSISTENCY_HEADER) {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<Lsn>().ok())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "Turnpike-Consistency",
+                            "Turnpike-Consistency must be a token from a write response, like 0/16B3748.",
+                        )
+                    })?,
+            ),
+        };
+        Ok(ReadConsistency {
+            mode: consistency.unwrap_or(ReadMode::Session),
+            token,
+        })
+    }
+}

@@ -1,0 +1,497 @@
+//! Conversation items: list (keyset on seq, both orders), add (≤ 20 per
+//! call), retrieve and delete. Also the append path shared with
+//! conversation and response creation.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sqlx::types::Json as SqlJson;
+use turnpike_core::db::DbConn;
+use turnpike_protocol::item::{ContentPart, CreateItems, InputItem, Item, ItemContent, Role};
+use turnpike_protocol::{Conversation, List, ids as prefixes};
+use uuid::Uuid;
+
+use crate::conversations;
+use crate::error::ApiError;
+use crate::extract::{Auth, Json, Query, ReadConsistency};
+use crate::ids;
+use crate::{AppState, Path, written};
+
+/// Most items one call may add.
+pub const MAX_ITEMS_PER_CALL: usize = 20;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/conversations/{conversation_id}/items",
+            get(list).post(create),
+        )
+        .route(
+            "/v1/conversations/{conversation_id}/items/{item_id}",
+            get(retrieve).delete(delete),
+        )
+}
+
+/// List order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    Asc,
+    #[default]
+    Desc,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// 1 to 100, default 20.
+    pub limit: Option<i64>,
+    /// An item id: the page starts after it, in the list's order.
+    pub after: Option<String>,
+    /// `asc` or `desc` (default).
+    pub order: Option<Order>,
+    /// Accepted for compatibility; every item is returned whole.
+    #[allow(dead_code)]
+    pub include: Option<Vec<String>>,
+    /// `eventual`, `bounded`, `session` (default) or `strong`.
+    #[allow(dead_code)]
+    pub consistency: Option<String>,
+}
+
+/// Validates `limit` (1–100, default 20).
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit {
+        None => Ok(20),
+        Some(n) if (1..=100).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::invalid(
+            "limit",
+            "limit must be between 1 and 100.",
+        )),
+    }
+}
+
+/// List a conversation's items.
+#[utoipa::path(get, path = "/v1/conversations/{conversation_id}/items", tag = "items",
+    params(("conversation_id" = String, Path), ListParams),
+    responses((status = 200, body = List<Item>), (status = 400, body = turnpike_protocol::ErrorBody),
+        (status = 401, body = turnpike_protocol::ErrorBody), (status = 404, body = turnpike_protocol::ErrorBody),
+        (status = 503, body = turnpike_protocol::ErrorBody)))]
+pub async fn list(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(conversation_id): Path<String>,
+    Query(params): Query<ListParams>,
+    read: ReadConsistency,
+) -> Result<Response, ApiError> {
+    let conversation = ids::decode(prefixes::CONVERSATION, "conversation", &conversation_id)?;
+    let limit = page_limit(params.limit)?;
+    let after = params
+        .after
+        .as_deref()
+        .map(ids::decode_item)
+        .transpose()
+        .map_err(|_| {
+            ApiError::invalid(
+                "after",
+                "after must be the id of an item in this conversation.",
+            )
+        })?;
+    let page = PageQuery {
+        conversation,
+        user: principal.user_id,
+        after,
+        order: params.order.unwrap_or_default(),
+        limit,
+    };
+    let consistency = app.consistency(&principal, read).await;
+    let rows = app
+        .router
+        .read(consistency, move |db| {
+            Box::pin(async move { list_page(db, &page).await })
+        })
+        .await?;
+    let Some(rows) = rows else {
+        return Err(ApiError::not_found("conversation", &conversation_id));
+    };
+    Ok(axum::Json(page_of(rows, limit)).into_response())
+}
+
+/// Turns `limit + 1` rows into a page.
+fn page_of(mut rows: Vec<ItemRow>, limit: i64) -> List<Box<RawValue>> {
+    let has_more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let id = |row: &ItemRow| ids::encode(ids::item_prefix(&row.kind), row.id);
+    List {
+        object: "list".into(),
+        first_id: rows.first().map(id),
+        last_id: rows.last().map(id),
+        data: rows.into_iter().map(|r| r.body.0).collect(),
+        has_more,
+    }
+}
+
+/// Add items to a conversation.
+#[utoipa::path(post, path = "/v1/conversations/{conversation_id}/items", tag = "items",
+    params(("conversation_id" = String, Path)), request_body = CreateItems,
+    responses((status = 200, body = List<Item>), (status = 400, body = turnpike_protocol::ErrorBody),
+        (status = 401, body = turnpike_protocol::ErrorBody), (status = 404, body = turnpike_protocol::ErrorBody),
+        (status = 413, body = turnpike_protocol::ErrorBody), (status = 503, body = turnpike_protocol::ErrorBody)))]
+pub async fn create(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(conversation_id): Path<String>,
+    Json(body): Json<CreateItems>,
+) -> Result<Response, ApiError> {
+    let conversation = ids::decode(prefixes::CONVERSATION, "conversation", &conversation_id)?;
+    check_items("items", &body.items, 1)?;
+    let mut tx = app.router.write().await?;
+    let Some(first_seq) =
+        reserve_seqs(&mut tx, conversation, principal.user_id, body.items.len()).await?
+    else {
+        return Err(ApiError::not_found("conversation", &conversation_id));
+    };
+    let items = append(&mut tx, conversation, first_seq, &body.items, None).await?;
+    let lsn = tx.commit().await?;
+    app.wrote(&principal, lsn).await;
+    let list = List::new(items, false, |i: &Item| i.id().to_owned());
+    Ok(written(lsn, StatusCode::OK, &list))
+}
+
+/// Retrieve one item.
+#[utoipa::path(get, path = "/v1/conversations/{conversation_id}/items/{item_id}", tag = "items",
+    params(("conversation_id" = String, Path), ("item_id" = String, Path)),
+    responses((status = 200, body = Item), (status = 401, body = turnpike_protocol::ErrorBody),
+        (status = 404, body = turnpike_protocol::ErrorBody), (status = 503, body = turnpike_protocol::ErrorBody)))]
+pub async fn retrieve(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path((conversation_id, item_id)): Path<(String, String)>,
+    read: ReadConsistency,
+) -> Result<Response, ApiError> {
+    let conversation = ids::decode(prefixes::CONVERSATION, "conversation", &conversation_id)?;
+    let item = ids::decode_item(&item_id)?;
+    let user = principal.user_id;
+    let consistency = app.consistency(&principal, read).await;
+    let body = app
+        .router
+        .read(consistency, move |db| {
+            Box::pin(async move { find_item(db, conversation, user, item).await })
+        })
+        .await?;
+    match body {
+        Some(body) => Ok(axum::Json(body.0).into_response()),
+        None => Err(ApiError::not_found("item", &item_id)),
+    }
+}
+
+/// Delete an item; returns the conversation.
+#[utoipa::path(delete, path = "/v1/conversations/{conversation_id}/items/{item_id}", tag = "items",
+    params(("conversation_id" = String, Path), ("item_id" = String, Path)),
+    responses((status = 200, body = Conversation), (status = 401, body = turnpike_protocol::ErrorBody),
+        (status = 404, body = turnpike_protocol::ErrorBody), (status = 503, body = turnpike_protocol::ErrorBody)))]
+pub async fn delete(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path((conversation_id, item_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let conversation = ids::decode(prefixes::CONVERSATION, "conversation", &conversation_id)?;
+    let item = ids::decode_item(&item_id)?;
+    let mut tx = app.router.write().await?;
+    let Some(row) = conversations::touch(&mut tx, conversation, principal.user_id).await? else {
+        return Err(ApiError::not_found("conversation", &conversation_id));
+    };
+    if !delete_item(&mut tx, conversation, item).await? {
+        return Err(ApiError::not_found("item", &item_id));
+    }
+    let lsn = tx.commit().await?;
+    app.wrote(&principal, lsn).await;
+    Ok(written(lsn, StatusCode::OK, &row.into_api()))
+}
+
+/// Checks an item batch: `min..=20` items, each with sensible content.
+pub fn check_items(param: &str, items: &[InputItem], min: usize) -> Result<(), ApiError> {
+    if items.len() < min {
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} must hold at least {min} item."),
+        ));
+    }
+    if items.len() > MAX_ITEMS_PER_CALL {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "{param} may hold at most {MAX_ITEMS_PER_CALL} items; got {}.",
+                items.len()
+            ),
+        ));
+    }
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            InputItem::Message {
+                content: ItemContent::Parts(parts),
+                ..
+            } if parts.is_empty() => {
+                return Err(ApiError::invalid(
+                    format!("{param}[{i}].content"),
+                    "content must not be an empty list.",
+                ));
+            }
+            InputItem::FunctionCall { call_id, name, .. }
+                if call_id.is_empty() || name.is_empty() =>
+            {
+                return Err(ApiError::invalid(
+                    format!("{param}[{i}]"),
+                    "a function_call needs a call_id and a name.",
+                ));
+            }
+            InputItem::FunctionCallOutput { call_id, .. } if call_id.is_empty() => {
+                return Err(ApiError::invalid(
+                    format!("{param}[{i}].call_id"),
+                    "a function_call_output needs the call_id it answers.",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The stored form of an input item, with its new id.
+pub fn to_item(input: &InputItem, id: Uuid) -> Item {
+    let status = "completed".to_owned();
+    match input {
+        InputItem::Message { role, content } => Item::Message {
+            id: ids::encode(prefixes::MESSAGE, id),
+            status,
+            role: *role,
+            content: match content {
+                ItemContent::Text(text) if *role == Role::Assistant => {
+                    vec![ContentPart::OutputText {
+                        text: text.clone(),
+                        annotations: Vec::new(),
+                    }]
+                }
+                ItemContent::Text(text) => vec![ContentPart::InputText { text: text.clone() }],
+                ItemContent::Parts(parts) => parts.clone(),
+            },
+        },
+        InputItem::FunctionCall {
+            call_id,
+            name,
+            arguments,
+        } => Item::FunctionCall {
+            id: ids::encode(prefixes::FUNCTION_CALL, id),
+            status,
+            call_id: call_id.clone(),
+            name: name.clone(),
+            arguments: arguments.clone(),
+        },
+        InputItem::FunctionCallOutput { call_id, output } => Item::FunctionCallOutput {
+            id: ids::encode(prefixes::FUNCTION_CALL_OUTPUT, id),
+            status,
+            call_id: call_id.clone(),
+            output: output.clone(),
+        },
+    }
+}
+
+fn kind_of(item: &Item) -> &'static str {
+    match item {
+        Item::Message { .. } => "message",
+        Item::FunctionCall { .. } => "function_call",
+        Item::FunctionCallOutput { .. } => "function_call_output",
+    }
+}
+
+/// Reserves `n` item seqs in a conversation the user owns, returning the
+/// first. Takes the conversation's row lock, which orders concurrent
+/// appends. Primary only.
+#[tracing::instrument(skip(db))]
+pub async fn reserve_seqs(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    user: Uuid,
+    n: usize,
+) -> Result<Option<i64>, sqlx::Error> {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    let prepared = db.prepared();
+    let last: Option<(i64,)> = sqlx::query_as(
+        "UPDATE conversations SET last_seq = last_seq + $3, version = version + 1, updated_at = now()
+         WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL
+         RETURNING last_seq",
+    )
+    .bind(conversation)
+    .bind(user)
+    .bind(n)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await?;
+    Ok(last.map(|(last,)| last - n + 1))
+}
+
+/// Inserts items at `first_seq..`. Primary only, in the caller's transaction.
+#[tracing::instrument(skip(db, inputs))]
+pub async fn append(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    first_seq: i64,
+    inputs: &[InputItem],
+    response: Option<Uuid>,
+) -> Result<Vec<Item>, sqlx::Error> {
+    let mut seqs = Vec::with_capacity(inputs.len());
+    let mut uuids = Vec::with_capacity(inputs.len());
+    let mut kinds = Vec::with_capacity(inputs.len());
+    let mut bodies = Vec::with_capacity(inputs.len());
+    let mut items = Vec::with_capacity(inputs.len());
+    for (seq, input) in (first_seq..).zip(inputs) {
+        let id = Uuid::now_v7();
+        let item = to_item(input, id);
+        seqs.push(seq);
+        uuids.push(id);
+        kinds.push(kind_of(&item));
+        bodies.push(serde_json::to_value(&item).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+        items.push(item);
+    }
+    let prepared = db.prepared();
+    sqlx::query(
+        "INSERT INTO items (conversation_id, seq, id, kind, body, response_id)
+         SELECT $1, seq, id, kind, body, $6
+         FROM UNNEST($2::int8[], $3::uuid[], $4::text[], $5::jsonb[]) AS t (seq, id, kind, body)",
+    )
+    .bind(conversation)
+    .bind(&seqs)
+    .bind(&uuids)
+    .bind(&kinds)
+    .bind(&bodies)
+    .bind(response)
+    .persistent(prepared)
+    .execute(db.conn())
+    .await?;
+    Ok(items)
+}
+
+/// One row of an item page; all NULL for the filler row of a conversation
+/// with no items in range.
+#[derive(sqlx::FromRow)]
+struct PageRow {
+    id: Option<Uuid>,
+    kind: Option<String>,
+    body: Option<SqlJson<Box<RawValue>>>,
+}
+
+pub struct ItemRow {
+    pub id: Uuid,
+    pub kind: String,
+    pub body: SqlJson<Box<RawValue>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PageQuery {
+    pub conversation: Uuid,
+    pub user: Uuid,
+    pub after: Option<Uuid>,
+    pub order: Order,
+    pub limit: i64,
+}
+
+/// The conversation check and the page in one round trip: no row means no
+/// such conversation for this user; one row of NULLs means no items.
+const PAGE_ASC: &str = "SELECT i.id, i.kind, i.body FROM conversations c
+LEFT JOIN LATERAL (SELECT id, kind, body FROM items WHERE conversation_id = c.id
+  ORDER BY seq ASC LIMIT $3) i ON true
+WHERE c.id = $1 AND c.user_id = $2 AND c.deleted_at IS NULL";
+const PAGE_DESC: &str = "SELECT i.id, i.kind, i.body FROM conversations c
+LEFT JOIN LATERAL (SELECT id, kind, body FROM items WHERE conversation_id = c.id
+  ORDER BY seq DESC LIMIT $3) i ON true
+WHERE c.id = $1 AND c.user_id = $2 AND c.deleted_at IS NULL";
+const PAGE_ASC_AFTER: &str = "SELECT i.id, i.kind, i.body FROM conversations c
+LEFT JOIN LATERAL (SELECT id, kind, body FROM items WHERE conversation_id = c.id
+  AND seq > (SELECT seq FROM items WHERE conversation_id = $1 AND id = $4)
+  ORDER BY seq ASC LIMIT $3) i ON true
+WHERE c.id = $1 AND c.user_id = $2 AND c.deleted_at IS NULL";
+const PAGE_DESC_AFTER: &str = "SELECT i.id, i.kind, i.body FROM conversations c
+LEFT JOIN LATERAL (SELECT id, kind, body FROM items WHERE conversation_id = c.id
+  AND seq < (SELECT seq FROM items WHERE conversation_id = $1 AND id = $4)
+  ORDER BY seq DESC LIMIT $3) i ON true
+WHERE c.id = $1 AND c.user_id = $2 AND c.deleted_at IS NULL";
+
+/// A page of items (`limit + 1` rows, to tell whether there are more), or
+/// `None` when the user has no such conversation. Replica or primary.
+#[tracing::instrument(skip(db))]
+pub async fn list_page(
+    db: &mut impl DbConn,
+    page: &PageQuery,
+) -> Result<Option<Vec<ItemRow>>, sqlx::Error> {
+    let sql = match (page.order, page.after.is_some()) {
+        (Order::Asc, false) => PAGE_ASC,
+        (Order::Desc, false) => PAGE_DESC,
+        (Order::Asc, true) => PAGE_ASC_AFTER,
+        (Order::Desc, true) => PAGE_DESC_AFTER,
+    };
+    let prepared = db.prepared();
+    let mut query = sqlx::query_as::<_, PageRow>(sql)
+        .bind(page.conversation)
+        .bind(page.user)
+        .bind(page.limit + 1);
+    if let Some(after) = page.after {
+        query = query.bind(after);
+    }
+    let rows = query.persistent(prepared).fetch_all(db.conn()).await?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        rows.into_iter()
+            .filter_map(|r| {
+                Some(ItemRow {
+                    id: r.id?,
+                    kind: r.kind?,
+                    body: r.body?,
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// One item of a conversation the user owns. Replica or primary.
+#[tracing::instrument(skip(db))]
+async fn find_item(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    user: Uuid,
+    item: Uuid,
+) -> Result<Option<SqlJson<Box<RawValue>>>, sqlx::Error> {
+    let prepared = db.prepared();
+    let row: Option<(SqlJson<Box<RawValue>>,)> = sqlx::query_as(
+        "SELECT i.body FROM conversations c JOIN items i ON i.conversation_id = c.id AND i.id = $3
+         WHERE c.id = $1 AND c.user_id = $2 AND c.deleted_at IS NULL",
+    )
+    .bind(conversation)
+    .bind(user)
+    .bind(item)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await?;
+    Ok(row.map(|(body,)| body))
+}
+
+/// Deletes one item; the caller has checked ownership. Primary only.
+#[tracing::instrument(skip(db))]
+async fn delete_item(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    item: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let prepared = db.prepared();
+    let done = sqlx::query("DELETE FROM items WHERE conversation_id = $1 AND id = $2")
+        .bind(conversation)
+        .bind(item)
+        .persistent(prepared)
+        .execute(db.conn())
+        .await?;
+    Ok(done.rows_affected() == 1)
+}

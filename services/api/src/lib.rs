@@ -1,0 +1,273 @@
+//! The stateless HTTP API. Each feature module owns its routes; they are
+//! merged here, behind one error edge, a body limit and the idempotency
+//! layer. [`Application::build`] binds the listener first, so tests can ask
+//! for port 0 and read the real port.
+
+pub mod admin;
+pub mod conversations;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod idempotency;
+pub mod ids;
+pub mod items;
+pub mod openapi;
+pub mod responses;
+
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, OriginalUri};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use turnpike_core::Settings;
+use turnpike_core::auth::{Authenticator, Principal};
+use turnpike_core::config::ConfigError;
+use turnpike_core::db::{Consistency, Lsn, Router};
+use turnpike_core::kv::{Kv, KvError};
+use turnpike_core::last_write::LastWrites;
+
+use crate::error::ApiError;
+use crate::extract::{CONSISTENCY_HEADER, ReadConsistency, ReadMode};
+
+/// Shared state of one api process.
+#[derive(Clone)]
+pub struct AppState(Arc<AppInner>);
+
+pub struct AppInner {
+    pub settings: Settings,
+    pub router: Arc<Router>,
+    pub auth: Authenticator,
+    pub last_writes: LastWrites,
+    pub kv: Kv,
+}
+
+impl Deref for AppState {
+    type Target = AppInner;
+
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Builds the state: pools (lazy), Redis pool (lazy), caches, and the
+    /// router's health monitor.
+    pub async fn new(settings: Settings) -> Result<Self, StartError> {
+        let router = Router::new(&settings.database)?;
+        router.spawn_monitor().await;
+        let kv = Kv::new(&settings.redis)?;
+        let auth = Authenticator::new(
+            Arc::clone(&router),
+            Duration::from_millis(settings.api.auth_cache_ttl_ms),
+        );
+        let last_writes = LastWrites::new(
+            kv.clone(),
+            Duration::from_millis(settings.database.last_write_window_ms),
+        );
+        Ok(Self(Arc::new(AppInner {
+            settings,
+            router,
+            auth,
+            last_writes,
+            kv,
+        })))
+    }
+
+    /// Resolves a read's consistency. `session` without a token uses the
+    /// caller's last write within the window.
+    pub async fn consistency(&self, principal: &Principal, read: ReadConsistency) -> Consistency {
+        match read.mode {
+            ReadMode::Eventual => Consistency::Eventual,
+            ReadMode::Bounded => Consistency::Bounded,
+            ReadMode::Strong => Consistency::Strong,
+            ReadMode::Session => match read.token {
+                Some(token) => Consistency::Session(Some(token)),
+                None => Consistency::Session(self.last_writes.get(principal.user_id).await),
+            },
+        }
+    }
+
+    /// Records a committed write for the caller's session window.
+    pub async fn wrote(&self, principal: &Principal, lsn: Lsn) {
+        self.last_writes.record(principal.user_id, lsn).await;
+    }
+}
+
+/// Why the api could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Redis(#[from] KvError),
+    /// The address is taken or not ours.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A write's answer: the body plus the `Turnpike-Consistency` token.
+pub fn written<T: Serialize>(lsn: Lsn, status: StatusCode, body: &T) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&lsn.to_string()) {
+        response.headers_mut().insert(CONSISTENCY_HEADER, value);
+    }
+    response
+}
+
+/// Path parameters, with rejections in the error shape.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| {
+                ApiError::with_status(StatusCode::BAD_REQUEST, e.body_text(), "invalid_path")
+            })
+    }
+}
+
+/// Every route, merged, with the shared layers.
+pub fn routes(state: AppState) -> axum::Router {
+    let body_limit = state.settings.api.body_limit_bytes;
+    axum::Router::new()
+        .merge(conversations::router())
+        .merge(items::router())
+        .merge(responses::router())
+        .merge(admin::router())
+        .merge(health::router())
+        .merge(openapi::router())
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+        .with_state(state)
+}
+
+async fn no_route(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::no_route(method.as_str(), uri.path())
+}
+
+async fn wrong_method(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+fn on_panic(cause: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = cause
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| cause.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    ApiError::internal(&format!("handler panicked: {what}")).into_response()
+}
+
+/// A bound, ready-to-run api server.
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    app: axum::Router,
+    state: AppState,
+}
+
+impl Application {
+    /// Builds the state and binds `api.host:api.port` (port 0: any free port).
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let addr = format!("{}:{}", settings.api.host, settings.api.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?
+            .port();
+        let state = AppState::new(settings).await?;
+        let app = routes(state.clone());
+        Ok(Self {
+            listener,
+            port,
+            app,
+            state,
+        })
+    }
+
+    /// The port actually bound.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests for
+    /// up to `api.shutdown_grace_ms`.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let grace = Duration::from_millis(self.state.settings.api.shutdown_grace_ms);
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let serve = axum::serve(self.listener, self.app).with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stopped_tx.send(());
+        });
+        tokio::select! {
+            result = serve => result,
+            () = async {
+                let _ = stopped_rx.await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!("grace period over; dropping the requests still in flight");
+                Ok(())
+            }
+        }
+    }
+
+    /// Serves until SIGTERM or Ctrl-C.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}

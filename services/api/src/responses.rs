@@ -1,0 +1,495 @@
+//! Responses (turns): create one in a conversation (its input items and a
+//! `queued` response in one transaction on the primary), retrieve it, list
+//! its input items, cancel it.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sqlx::types::Json as SqlJson;
+use turnpike_core::db::DbConn;
+use turnpike_protocol::item::{InputItem, Item, ItemContent, Role};
+use turnpike_protocol::response::{
+    CreateResponse, Multitask, Response, ResponseConversation, ResponseInput, ResponseStatus, Usage,
+};
+use turnpike_protocol::{List, Metadata, ids as prefixes};
+use uuid::Uuid;
+
+use crate::conversations::{self, check_metadata};
+use crate::error::ApiError;
+use crate::extract::{Auth, Json, Query, ReadConsistency};
+use crate::items::{self, ItemRow, Order, page_limit};
+use crate::{AppState, Path, ids, written};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/responses", post(create))
+        .route("/v1/responses/{response_id}", get(retrieve))
+        .route("/v1/responses/{response_id}/input_items", get(input_items))
+        .route("/v1/responses/{response_id}/cancel", post(cancel))
+}
+
+/// The creation parameters kept with a response.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct StoredRequest {
+    instructions: Option<String>,
+    #[serde(default)]
+    tools: Vec<serde_json::Value>,
+    tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    metadata: Metadata,
+    parallel_tool_calls: Option<bool>,
+    max_output_tokens: Option<u32>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    store: Option<bool>,
+    truncation: Option<String>,
+    context_management: Option<Vec<serde_json::Value>>,
+}
+
+/// Create a response (a turn) in a conversation.
+#[utoipa::path(post, path = "/v1/responses", tag = "responses", request_body = CreateResponse,
+    responses((status = 200, body = Response), (status = 400, body = turnpike_protocol::ErrorBody),
+        (status = 401, body = turnpike_protocol::ErrorBody), (status = 404, body = turnpike_protocol::ErrorBody),
+        (status = 409, body = turnpike_protocol::ErrorBody), (status = 413, body = turnpike_protocol::ErrorBody),
+        (status = 422, body = turnpike_protocol::ErrorBody), (status = 503, body = turnpike_protocol::ErrorBody)))]
+pub async fn create(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Json(body): Json<CreateResponse>,
+) -> Result<HttpResponse, ApiError> {
+    if body.previous_response_id.is_some() {
+        return Err(ApiError::invalid(
+            "previous_response_id",
+            "previous_response_id is not supported: pass `conversation` to continue a conversation.",
+        ));
+    }
+    if body.stream == Some(true) {
+        return Err(ApiError::invalid(
+            "stream",
+            "Streaming responses are not available on this server yet; use background: true and poll.",
+        ));
+    }
+    let inputs = match body.input.clone() {
+        Some(ResponseInput::Text(text)) => vec![InputItem::Message {
+            role: Role::User,
+            content: ItemContent::Text(text),
+        }],
+        Some(ResponseInput::Items(items)) => items,
+        None => Vec::new(),
+    };
+    items::check_items("input", &inputs, 1)?;
+    let metadata = body.metadata.clone().unwrap_or_default();
+    check_metadata(&metadata)?;
+    if let Some(tools) = &body.tools {
+        for (i, tool) in tools.iter().enumerate() {
+            if tool.get("type").and_then(|t| t.as_str()).is_none() {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}].type"),
+                    "every tool needs a type.",
+                ));
+            }
+        }
+    }
+    let model = body
+        .model
+        .clone()
+        .unwrap_or_else(|| app.settings.api.default_model.clone());
+    let background = body.background.unwrap_or(false);
+    let stored = StoredRequest {
+        instructions: body.instructions.clone(),
+        tools: body.tools.clone().unwrap_or_default(),
+        tool_choice: body.tool_choice.clone(),
+        metadata,
+        parallel_tool_calls: body.parallel_tool_calls,
+        max_output_tokens: body.max_output_tokens,
+        temperature: body.temperature,
+        top_p: body.top_p,
+        store: body.store,
+        truncation: body.truncation.clone(),
+        context_management: body.context_management.clone(),
+    };
+
+    let mut tx = app.router.write().await?;
+    let (conversation, first_seq) = match &body.conversation {
+        Some(reference) => {
+            let id = ids::decode(prefixes::CONVERSATION, "conversation", reference.id())?;
+            let first = items::reserve_seqs(&mut tx, id, principal.user_id, inputs.len())
+                .await?
+                .ok_or_else(|| ApiError::not_found("conversation", reference.id()))?;
+            (id, first)
+        }
+        None => {
+            let row =
+                conversations::insert(&mut tx, principal.user_id, &Metadata::new(), inputs.len())
+                    .await?;
+            (row.id, 1)
+        }
+    };
+    match body.multitask.unwrap_or_default() {
+        Multitask::Enqueue => {}
+        Multitask::Reject => {
+            if has_active_turn(&mut tx, conversation).await? {
+                return Err(ApiError::conflict(
+                    "The conversation already has an active response (multitask: reject).",
+                    "conversation_busy",
+                ));
+            }
+        }
+        Multitask::Interrupt => cancel_active_turns(&mut tx, conversation).await?,
+    }
+    let id = Uuid::now_v7();
+    items::append(&mut tx, conversation, first_seq, &inputs, Some(id)).await?;
+    let last_seq = first_seq + i64::try_from(inputs.len()).unwrap_or(0) - 1;
+    let row = insert(
+        &mut tx,
+        &NewResponse {
+            id,
+            conversation,
+            user: principal.user_id,
+            model: &model,
+            background,
+            request: &stored,
+            input_seqs: (first_seq, last_seq),
+        },
+    )
+    .await?;
+    let lsn = tx.commit().await?;
+    app.wrote(&principal, lsn).await;
+    Ok(written(lsn, StatusCode::OK, &row.into_api()?))
+}
+
+/// Retrieve a response.
+#[utoipa::path(get, path = "/v1/responses/{response_id}", tag = "responses",
+    params(("response_id" = String, Path)),
+    responses((status = 200, body = Response), (status = 401, body = turnpike_protocol::ErrorBody),
+        (status = 404, body = turnpike_protocol::ErrorBody), (status = 503, body = turnpike_protocol::ErrorBody)))]
+pub async fn retrieve(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(response_id): Path<String>,
+    read: ReadConsistency,
+) -> Result<HttpResponse, ApiError> {
+    let id = ids::decode(prefixes::RESPONSE, "response", &response_id)?;
+    let user = principal.user_id;
+    let consistency = app.consistency(&principal, read).await;
+    let row = app
+        .router
+        .read(consistency, move |db| {
+            Box::pin(async move { find(db, id, user).await })
+        })
+        .await?
+        .ok_or_else(|| ApiError::not_found("response", &response_id))?;
+    Ok(axum::Json(row.into_api()?).into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct InputItemsParams {
+    /// 1 to 100, default 20.
+    pub limit: Option<i64>,
+    /// An item id: the page starts after it, in the list's order.
+    pub after: Option<String>,
+    /// `asc` or `desc` (default).
+    pub order: Option<Order>,
+    /// Accepted for compatibility.
+    #[allow(dead_code)]
+    pub include: Option<Vec<String>>,
+    #[allow(dead_code)]
+    pub consistency: Option<String>,
+}
+
+/// List the items a response was created with.
+#[utoipa::path(get, path = "/v1/responses/{response_id}/input_items", tag = "responses",
+    params(("response_id" = String, Path), InputItemsParams),
+    responses((status = 200, body = List<Item>), (status = 400, body = turnpike_protocol::ErrorBody),
+        (status = 401, body = turnpike_protocol::ErrorBody), (status = 404, body = turnpike_protocol::ErrorBody),
+        (status = 503, body = turnpike_protocol::ErrorBody)))]
+pub async fn input_items(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(response_id): Path<String>,
+    Query(params): Query<InputItemsParams>,
+    read: ReadConsistency,
+) -> Result<HttpResponse, ApiError> {
+    let id = ids::decode(prefixes::RESPONSE, "response", &response_id)?;
+    let limit = page_limit(params.limit)?;
+    let after = params
+        .after
+        .as_deref()
+        .map(ids::decode_item)
+        .transpose()
+        .map_err(|_| {
+            ApiError::invalid(
+                "after",
+                "after must be the id of one of this response's input items.",
+            )
+        })?;
+    let order = params.order.unwrap_or_default();
+    let user = principal.user_id;
+    let consistency = app.consistency(&principal, read).await;
+    let rows = app
+        .router
+        .read(consistency, move |db| {
+            Box::pin(async move {
+                let Some(turn) = find(db, id, user).await? else {
+                    return Ok(None);
+                };
+                let page = InputPage {
+                    conversation: turn.conversation_id,
+                    seqs: (turn.input_first_seq, turn.input_last_seq),
+                    after,
+                    order,
+                    limit: limit + 1,
+                };
+                list_inputs(db, &page).await.map(Some)
+            })
+        })
+        .await?
+        .ok_or_else(|| ApiError::not_found("response", &response_id))?;
+    let has_more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;
+    let mut rows = rows;
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let id_of = |r: &ItemRow| ids::encode(ids::item_prefix(&r.kind), r.id);
+    let list: List<Box<RawValue>> = List {
+        object: "list".into(),
+        first_id: rows.first().map(id_of),
+        last_id: rows.last().map(id_of),
+        data: rows.into_iter().map(|r| r.body.0).collect(),
+        has_more,
+    };
+    Ok(axum::Json(list).into_response())
+}
+
+/// Cancel a queued or running response. Cancelling a cancelled response
+/// returns it unchanged; a finished one is a 409.
+#[utoipa::path(post, path = "/v1/responses/{response_id}/cancel", tag = "responses",
+    params(("response_id" = String, Path)),
+    responses((status = 200, body = Response), (status = 401, body = turnpike_protocol::ErrorBody),
+        (status = 404, body = turnpike_protocol::ErrorBody), (status = 409, body = turnpike_protocol::ErrorBody),
+        (status = 503, body = turnpike_protocol::ErrorBody)))]
+pub async fn cancel(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(response_id): Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = ids::decode(prefixes::RESPONSE, "response", &response_id)?;
+    let mut tx = app.router.write().await?;
+    let row = match mark_cancelled(&mut tx, id, principal.user_id).await? {
+        Some(row) => row,
+        None => {
+            let row = find(&mut tx, id, principal.user_id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("response", &response_id))?;
+            if row.status != ResponseStatus::Cancelled.as_str() {
+                return Err(ApiError::conflict(
+                    format!("The response has already finished ({}).", row.status),
+                    "response_finished",
+                ));
+            }
+            row
+        }
+    };
+    let lsn = tx.commit().await?;
+    app.wrote(&principal, lsn).await;
+    Ok(written(lsn, StatusCode::OK, &row.into_api()?))
+}
+
+/// A response row as stored.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ResponseRow {
+    id: Uuid,
+    conversation_id: Uuid,
+    status: String,
+    model: String,
+    background: bool,
+    request: SqlJson<StoredRequest>,
+    output: SqlJson<Vec<Item>>,
+    usage: Option<SqlJson<Usage>>,
+    error: Option<serde_json::Value>,
+    input_first_seq: i64,
+    input_last_seq: i64,
+    created_at: i64,
+}
+
+impl ResponseRow {
+    fn into_api(self) -> Result<Response, ApiError> {
+        let status = ResponseStatus::parse(&self.status).ok_or_else(|| {
+            ApiError::internal(&format!(
+                "response {} has unknown status {}",
+                self.id, self.status
+            ))
+        })?;
+        let request = self.request.0;
+        Ok(Response {
+            id: ids::encode(prefixes::RESPONSE, self.id),
+            object: "response".into(),
+            created_at: self.created_at,
+            status,
+            background: self.background,
+            conversation: ResponseConversation {
+                id: ids::encode(prefixes::CONVERSATION, self.conversation_id),
+            },
+            model: self.model,
+            instructions: request.instructions,
+            output: self.output.0,
+            tools: request.tools,
+            tool_choice: request.tool_choice.unwrap_or_else(|| "auto".into()),
+            parallel_tool_calls: request.parallel_tool_calls.unwrap_or(true),
+            metadata: request.metadata,
+            usage: self.usage.map(|u| u.0),
+            error: self.error,
+            incomplete_details: None,
+            previous_response_id: None,
+            max_output_tokens: request.max_output_tokens,
+            temperature: request.temperature,
+            top_p: request.top_p,
+            store: request.store.unwrap_or(true),
+            truncation: request.truncation.unwrap_or_else(|| "disabled".into()),
+        })
+    }
+}
+
+const COLUMNS: &str =
+    "id, conversation_id, status, model, background, request, output, usage, error,
+    input_first_seq, input_last_seq, extract(epoch FROM created_at)::int8 AS created_at";
+
+struct NewResponse<'a> {
+    id: Uuid,
+    conversation: Uuid,
+    user: Uuid,
+    model: &'a str,
+    background: bool,
+    request: &'a StoredRequest,
+    input_seqs: (i64, i64),
+}
+
+/// Inserts a queued response. Primary only.
+#[tracing::instrument(skip_all, fields(id = %new.id))]
+async fn insert(db: &mut impl DbConn, new: &NewResponse<'_>) -> Result<ResponseRow, sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query_as(&format!(
+        "INSERT INTO responses (id, conversation_id, user_id, status, model, background, request,
+             input_first_seq, input_last_seq)
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+    ))
+    .bind(new.id)
+    .bind(new.conversation)
+    .bind(new.user)
+    .bind(new.model)
+    .bind(new.background)
+    .bind(SqlJson(new.request))
+    .bind(new.input_seqs.0)
+    .bind(new.input_seqs.1)
+    .persistent(prepared)
+    .fetch_one(db.conn())
+    .await
+}
+
+/// A response the user owns. Replica or primary.
+#[tracing::instrument(skip(db))]
+async fn find(
+    db: &mut impl DbConn,
+    id: Uuid,
+    user: Uuid,
+) -> Result<Option<ResponseRow>, sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM responses WHERE id = $1 AND user_id = $2"
+    ))
+    .bind(id)
+    .bind(user)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await
+}
+
+/// Whether the conversation has a queued or running response. Primary, under the conversation's lock.
+#[tracing::instrument(skip(db))]
+async fn has_active_turn(db: &mut impl DbConn, conversation: Uuid) -> Result<bool, sqlx::Error> {
+    let prepared = db.prepared();
+    let row: Option<(i32,)> = sqlx::query_as(
+        "SELECT 1 FROM responses WHERE conversation_id = $1 AND status IN ('queued', 'in_progress') LIMIT 1",
+    )
+    .bind(conversation)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await?;
+    Ok(row.is_some())
+}
+
+/// Cancels the conversation's queued and running responses. Primary only.
+#[tracing::instrument(skip(db))]
+async fn cancel_active_turns(db: &mut impl DbConn, conversation: Uuid) -> Result<(), sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query(
+        "UPDATE responses SET status = 'cancelled', updated_at = now()
+         WHERE conversation_id = $1 AND status IN ('queued', 'in_progress')",
+    )
+    .bind(conversation)
+    .persistent(prepared)
+    .execute(db.conn())
+    .await?;
+    Ok(())
+}
+
+/// Cancels one response if it is still queued or running. Primary only.
+#[tracing::instrument(skip(db))]
+async fn mark_cancelled(
+    db: &mut impl DbConn,
+    id: Uuid,
+    user: Uuid,
+) -> Result<Option<ResponseRow>, sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query_as(&format!(
+        "UPDATE responses SET status = 'cancelled', updated_at = now()
+         WHERE id = $1 AND user_id = $2 AND status IN ('queued', 'in_progress') RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(user)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await
+}
+
+struct InputPage {
+    conversation: Uuid,
+    seqs: (i64, i64),
+    after: Option<Uuid>,
+    order: Order,
+    limit: i64,
+}
+
+/// A page of a response's input items. Replica or primary.
+async fn list_inputs(db: &mut impl DbConn, page: &InputPage) -> Result<Vec<ItemRow>, sqlx::Error> {
+    let prepared = db.prepared();
+    let (cmp, dir) = match page.order {
+        Order::Asc => (">", "ASC"),
+        Order::Desc => ("<", "DESC"),
+    };
+    let cursor = if page.after.is_some() {
+        format!("AND seq {cmp} (SELECT seq FROM items WHERE conversation_id = $1 AND id = $5)")
+    } else {
+        String::new()
+    };
+    let sql = format!(
+        "SELECT id, kind, body FROM items WHERE conversation_id = $1 AND seq BETWEEN $2 AND $3 {cursor}
+         ORDER BY seq {dir} LIMIT $4"
+    );
+    let mut query = sqlx::query_as::<_, (Uuid, String, SqlJson<Box<RawValue>>)>(&sql)
+        .bind(page.conversation)
+        .bind(page.seqs.0)
+        .bind(page.seqs.1)
+        .bind(page.limit);
+    if let Some(after) = page.after {
+        query = query.bind(after);
+    }
+    let rows = query.persistent(prepared).fetch_all(db.conn()).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, kind, body)| ItemRow { id, kind, body })
+        .collect())
+}

@@ -1,0 +1,27 @@
+/// Runs a test body once with direct connections and once through PgBouncer.
+macro_rules! both_paths {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn direct() {
+                    super::$name(turnpike_testkit::Paths::DIRECT).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn pgbouncer() {
+                    super::$name(turnpike_testkit::Paths::PGBOUNCER).await;
+                }
+            }
+        )*
+    };
+}
+
+mod conversations;
+mod failover;
+mod idempotency;
+mod isolation;
+mod openapi;
+mod routing;
+mod sdk;
+mod validation;

@@ -1,0 +1,187 @@
+//! The replica router: reads spread over replicas and never touch the
+//! primary; session reads see their own writes while replicas lag;
+//! lagging replicas leave `up` and come back.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use turnpike_testkit::{NODES, Paths, REPLICAS, Stack, TestApp, User, eventually};
+
+both_paths!(
+    reads_spread_over_replicas_and_skip_the_primary,
+    session_reads_see_own_writes_while_replay_is_paused
+);
+
+/// The item-page statement, as pg_stat_statements records it.
+const ITEM_PAGE: &str = "LEFT JOIN LATERAL (SELECT id, kind, body FROM items";
+
+async fn reads_spread_over_replicas_and_skip_the_primary(paths: Paths) {
+    let stack = Stack::private().await;
+    let app = TestApp::spawn(&stack, paths).await;
+    let user = app.new_user().await;
+    let id = user
+        .create_conversation(json!({"items": [{"role": "user", "content": "hello"}]}))
+        .await
+        .ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut before = Vec::new();
+    for node in NODES {
+        before.push(stack.statement_calls(node, ITEM_PAGE).await);
+    }
+    let reads = 200;
+    for _ in 0..reads {
+        let page = user.list_items(&id, "?consistency=eventual").await;
+        assert_eq!(page.ok()["data"].as_array().unwrap().len(), 1);
+    }
+    let mut after = Vec::new();
+    for node in NODES {
+        after.push(stack.statement_calls(node, ITEM_PAGE).await);
+    }
+    let served: Vec<i64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(served[0], 0, "the primary served item pages: {served:?}");
+    assert_eq!(
+        served[1] + served[2],
+        reads,
+        "every read ran on a replica: {served:?}"
+    );
+    assert!(
+        served[1] >= reads / 5 && served[2] >= reads / 5,
+        "reads are spread: {served:?}"
+    );
+}
+
+async fn topology(admin: &User) -> Vec<Value> {
+    let reply = admin.call("GET", "/v1/admin/topology", None).await;
+    reply.ok()["nodes"].as_array().unwrap().clone()
+}
+
+async fn replica_states(admin: &User) -> Vec<String> {
+    topology(admin)
+        .await
+        .iter()
+        .filter(|n| n["role"] == "replica")
+        .map(|n| n["state"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn texts(page: &Value) -> Vec<String> {
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["content"][0]["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn session_reads_see_own_writes_while_replay_is_paused(paths: Paths) {
+    let stack = Stack::private().await;
+    let mut settings = stack.settings(paths);
+    settings.database.max_lag_ms = 300;
+    settings.database.session_wait_ms = 50;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let admin = app.new_admin().await;
+    let id = user
+        .create_conversation(json!({"items": [{"role": "user", "content": "before"}]}))
+        .await
+        .ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Both replicas have the conversation before replay stops.
+    eventually(
+        "replicas to replay the conversation",
+        Duration::from_secs(10),
+        || async {
+            let page = user.list_items(&id, "?consistency=eventual").await;
+            (page.status == 200).then_some(())
+        },
+    )
+    .await;
+    for replica in REPLICAS {
+        let pool = stack.superuser(replica).await;
+        sqlx::query("SELECT pg_wal_replay_pause()")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+
+    let added = user
+        .add_items(&id, json!([{"role": "user", "content": "after"}]))
+        .await;
+    let token = added.token().unwrap();
+    added.ok();
+
+    let with_token = user
+        .call_with(
+            "GET",
+            &format!("/v1/conversations/{id}/items?order=asc"),
+            None,
+            &[("turnpike-consistency", &token)],
+        )
+        .await;
+    assert_eq!(
+        texts(with_token.ok()),
+        ["before", "after"],
+        "session read with the token"
+    );
+    let without_token = user.list_items(&id, "?order=asc").await;
+    assert_eq!(
+        texts(without_token.ok()),
+        ["before", "after"],
+        "session read without a token"
+    );
+    let strong = user.list_items(&id, "?order=asc&consistency=strong").await;
+    assert_eq!(texts(strong.ok()), ["before", "after"]);
+    let eventual = user
+        .list_items(&id, "?order=asc&consistency=eventual")
+        .await;
+    assert_eq!(
+        texts(eventual.ok()),
+        ["before"],
+        "eventual reads stay on the paused replicas"
+    );
+
+    // Another user, with no write of their own, is not sent to the primary.
+    let other = app.new_user().await;
+    other.call("GET", "/v1/conversations", None).await.ok();
+
+    eventually(
+        "both replicas to leave `up`",
+        Duration::from_secs(10),
+        || async {
+            let states = replica_states(&admin).await;
+            states.iter().all(|s| s == "lagging").then_some(())
+        },
+    )
+    .await;
+    let lagging = topology(&admin).await;
+    assert!(lagging[1]["lag_bytes"].as_u64().unwrap() > 0, "{lagging:?}");
+    assert!(lagging[1]["lag_ms"].as_u64().unwrap() > 300, "{lagging:?}");
+
+    for replica in REPLICAS {
+        let pool = stack.superuser(replica).await;
+        sqlx::query("SELECT pg_wal_replay_resume()")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+    eventually(
+        "both replicas to return to `up`",
+        Duration::from_secs(10),
+        || async {
+            let states = replica_states(&admin).await;
+            states.iter().all(|s| s == "up").then_some(())
+        },
+    )
+    .await;
+    let eventual = user
+        .list_items(&id, "?order=asc&consistency=eventual")
+        .await;
+    assert_eq!(texts(eventual.ok()), ["before", "after"]);
+}

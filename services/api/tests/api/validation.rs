@@ -1,0 +1,227 @@
+//! Bad input gets a 4xx in the one error shape, and stores nothing.
+
+use serde_json::json;
+use turnpike_testkit::{Paths, Stack, TestApp, raw};
+
+both_paths!(bad_bodies_are_refused_by_name, bad_ids_limits_and_keys);
+
+async fn bad_bodies_are_refused_by_name(paths: Paths) {
+    let stack = Stack::shared().await;
+    let app = TestApp::spawn(&stack, paths).await;
+    let user = app.new_user().await;
+    let id = user
+        .create_conversation(json!({"items": [{"role": "user", "content": "keep me"}]}))
+        .await
+        .ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let auth = format!("Bearer {}", user.key);
+    let post = |path: String, body: &'static [u8], content_type: &'static str| {
+        let http = app.http.clone();
+        let url = format!("{}{path}", app.url);
+        let auth = auth.clone();
+        async move {
+            raw(
+                &http,
+                "POST",
+                &url,
+                &[("authorization", &auth), ("content-type", content_type)],
+                Some(body.to_vec()),
+            )
+            .await
+        }
+    };
+    let items_path = format!("/v1/conversations/{id}/items");
+
+    let malformed = post(items_path.clone(), b"{\"items\": [", "application/json").await;
+    assert_eq!(malformed.error(400)["code"], "invalid_json");
+
+    let trailing = post(items_path.clone(), b"{\"items\": []} x", "application/json").await;
+    trailing.error(400);
+
+    let wrong_type = user
+        .call("POST", "/v1/conversations", Some(json!({"metadata": 5})))
+        .await;
+    assert_eq!(wrong_type.error(400)["param"], "metadata");
+
+    let unknown = user
+        .call("POST", "/v1/conversations", Some(json!({"metadta": {}})))
+        .await;
+    let error = unknown.error(400);
+    assert!(
+        error["message"].as_str().unwrap().contains("metadta"),
+        "{error}"
+    );
+
+    let unknown_in_item = user
+        .add_items(
+            &id,
+            json!([{"role": "user", "content": "x", "colour": "red"}]),
+        )
+        .await;
+    let error = unknown_in_item.error(400);
+    assert_eq!(error["param"], "items[0]");
+    assert!(
+        error["message"].as_str().unwrap().contains("colour"),
+        "{error}"
+    );
+
+    let bad_role = user
+        .add_items(&id, json!([{"role": "wizard", "content": "x"}]))
+        .await;
+    bad_role.error(400);
+    let bad_type = user
+        .add_items(&id, json!([{"type": "telegram", "text": "x"}]))
+        .await;
+    bad_type.error(400);
+    let no_items = user.add_items(&id, json!([])).await;
+    no_items.error(400);
+
+    let too_much_metadata: serde_json::Map<String, serde_json::Value> =
+        (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let refused = user
+        .call(
+            "POST",
+            "/v1/conversations",
+            Some(json!({"metadata": too_much_metadata})),
+        )
+        .await;
+    assert_eq!(refused.error(400)["param"], "metadata");
+
+    let oversized = vec![b'a'; 2 * 1024 * 1024];
+    let big = raw(
+        &app.http,
+        "POST",
+        &format!("{}{items_path}", app.url),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        Some(oversized),
+    )
+    .await;
+    big.error(413);
+
+    let xml = post(items_path.clone(), b"<items/>", "application/xml").await;
+    xml.error(415);
+
+    let bad_response = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": id, "input": "x", "temprature": 1})),
+        )
+        .await;
+    assert!(
+        bad_response.error(400)["message"]
+            .as_str()
+            .unwrap()
+            .contains("temprature")
+    );
+    let no_input = user
+        .call("POST", "/v1/responses", Some(json!({"conversation": id})))
+        .await;
+    assert_eq!(no_input.error(400)["param"], "input");
+
+    // Nothing above changed what is stored.
+    let items = user.list_items(&id, "").await;
+    let items = items.ok();
+    assert_eq!(items["data"].as_array().unwrap().len(), 1);
+    assert_eq!(items["data"][0]["content"][0]["text"], "keep me");
+}
+
+async fn bad_ids_limits_and_keys(paths: Paths) {
+    let stack = Stack::shared().await;
+    let app = TestApp::spawn(&stack, paths).await;
+    let user = app.new_user().await;
+    let id = user.create_conversation(json!({})).await.ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    for bad in [
+        "nope",
+        "conv_123",
+        "resp_0190a0b0c0d0e0f00000000000000000",
+        "conv_zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
+    ] {
+        user.call("GET", &format!("/v1/conversations/{bad}"), None)
+            .await
+            .error(404);
+        user.list_items(bad, "").await.error(404);
+    }
+    user.call(
+        "GET",
+        "/v1/conversations/conv_0190a0b0c0d0e0f00000000000000000",
+        None,
+    )
+    .await
+    .error(404);
+    user.call("GET", "/v1/responses/resp_nope", None)
+        .await
+        .error(404);
+    user.call(
+        "GET",
+        &format!("/v1/conversations/{id}/items/msg_nope"),
+        None,
+    )
+    .await
+    .error(404);
+
+    for query in [
+        "?limit=0",
+        "?limit=101",
+        "?limit=-1",
+        "?limit=ten",
+        "?order=sideways",
+        "?after=bogus",
+        "?consistency=psychic",
+    ] {
+        let reply = user.list_items(&id, query).await;
+        assert!(
+            reply.error(400)["param"].is_string(),
+            "{query}: {}",
+            reply.body
+        );
+    }
+    let bad_token = user
+        .call_with(
+            "GET",
+            &format!("/v1/conversations/{id}/items"),
+            None,
+            &[("turnpike-consistency", "yesterday")],
+        )
+        .await;
+    assert_eq!(bad_token.error(400)["param"], "Turnpike-Consistency");
+
+    let url = format!("{}/v1/conversations", app.url);
+    let missing = raw(&app.http, "GET", &url, &[], None).await;
+    assert_eq!(missing.error(401)["type"], "authentication_error");
+    let wrong = raw(
+        &app.http,
+        "GET",
+        &url,
+        &[("authorization", "Bearer tp_not_a_key")],
+        None,
+    )
+    .await;
+    wrong.error(401);
+    let malformed = raw(
+        &app.http,
+        "GET",
+        &url,
+        &[("authorization", "Basic Zm9vOmJhcg==")],
+        None,
+    )
+    .await;
+    malformed.error(401);
+
+    user.call("GET", "/v1/admin/topology", None)
+        .await
+        .error(403);
+    user.call("GET", "/v1/no-such-route", None).await.error(404);
+    user.call("PATCH", "/v1/conversations", None)
+        .await
+        .error(405);
+}

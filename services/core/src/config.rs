@@ -1,0 +1,256 @@
+//! Layered configuration: built-in defaults, then an optional TOML file
+//! (`TURNPIKE_CONFIG`, or `turnpike.toml` in the working directory), then
+//! `TURNPIKE__SECTION__KEY` environment variables, which is what a Helm
+//! ConfigMap and Secret provide. Secrets are `SecretString`s and never logged.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Everything a Turnpike process can be told.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub api: ApiSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub log: LogSettings,
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or a value has the wrong type; fix the file or variable named.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// The values parse but do not make a usable deployment.
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Loads defaults → file → environment, and checks the result.
+    pub fn load() -> Result<Self, ConfigError> {
+        let file = std::env::var("TURNPIKE_CONFIG").unwrap_or_else(|_| "turnpike.toml".into());
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::with_name(&file).required(false))
+            .add_source(
+                config::Environment::with_prefix("TURNPIKE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: exactly one primary, sane numbers.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let primaries = self
+            .database
+            .nodes
+            .values()
+            .filter(|n| n.role == NodeRole::Primary)
+            .count();
+        if primaries != 1 {
+            return Err(ConfigError::Invalid(format!(
+                "database.nodes must name exactly one node with role = \"primary\" (found {primaries}); \
+                 set TURNPIKE__DATABASE__NODES__<NAME>__ROLE and __URL"
+            )));
+        }
+        if self.database.max_connections_per_node == 0 {
+            return Err(ConfigError::Invalid(
+                "database.max_connections_per_node must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The HTTP API process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Address to bind; `0.0.0.0` in a container.
+    pub host: String,
+    /// Port to bind; 0 picks a free one (tests).
+    pub port: u16,
+    /// Largest accepted request body; larger bodies get 413.
+    pub body_limit_bytes: usize,
+    /// Model used when a request names none.
+    pub default_model: String,
+    /// How long an authenticated API key stays cached in process.
+    pub auth_cache_ttl_ms: u64,
+    /// Grace period for in-flight requests on SIGTERM.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            body_limit_bytes: 1024 * 1024,
+            default_model: "mock-1".into(),
+            auth_cache_ttl_ms: 30_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// Whether a node class is reached through its PgBouncer or directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectPath {
+    /// Straight to Postgres: prepared statements are cached per connection.
+    Direct,
+    /// Through PgBouncer in transaction mode: unnamed statements inside
+    /// explicit transactions, no statement cache.
+    Pgbouncer,
+}
+
+/// A node's role in the replication topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeRole {
+    Primary,
+    Replica,
+}
+
+/// One Postgres node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    pub role: NodeRole,
+    /// Direct connection URL, e.g. `postgres://turnpike@10.0.0.5:5432/turnpike`.
+    pub url: SecretString,
+    /// The node's PgBouncer URL; required when the node class's path is `pgbouncer`.
+    #[serde(default)]
+    pub pooled_url: Option<SecretString>,
+}
+
+/// The database nodes and the router's behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// Nodes by name (`primary`, `replica1`, …); exactly one has role `primary`.
+    pub nodes: BTreeMap<String, NodeSettings>,
+    /// How writes (and last-resort reads) reach the primary.
+    pub primary_path: ConnectPath,
+    /// How reads reach replicas.
+    pub replica_path: ConnectPath,
+    /// Pool size per node and process. Every pod counts against the server's `max_connections`.
+    pub max_connections_per_node: u32,
+    /// Connections kept open per node even when idle.
+    pub min_connections_per_node: u32,
+    /// How long a query waits for a pooled connection before the node counts as failing.
+    pub acquire_timeout_ms: u64,
+    /// Server-side `statement_timeout` on direct connections (set it on the role for PgBouncer).
+    pub statement_timeout_ms: u64,
+    /// How often every node's health and lag are probed.
+    pub health_interval_ms: u64,
+    /// A probe slower than this counts as a failure.
+    pub probe_timeout_ms: u64,
+    /// A replica further behind than this (ms) is `lagging`: only eventual reads use it, and only when no replica is `up`.
+    pub max_lag_ms: u64,
+    /// The same threshold in WAL bytes.
+    pub max_lag_bytes: u64,
+    /// First ban after a failure; doubles on each failure in a row.
+    pub ban_base_ms: u64,
+    /// Longest ban.
+    pub ban_max_ms: u64,
+    /// Staleness allowed for `bounded` reads.
+    pub bounded_staleness_ms: u64,
+    /// How long a `session` read waits for a replica to replay the client's last write before it reads the primary.
+    pub session_wait_ms: u64,
+    /// How long a user's last-write LSN is remembered for clients that send no consistency token.
+    pub last_write_window_ms: u64,
+    /// Upper bound on one read attempt on one node; past it the read is retried on another node.
+    pub read_attempt_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            nodes: BTreeMap::new(),
+            primary_path: ConnectPath::Pgbouncer,
+            replica_path: ConnectPath::Direct,
+            max_connections_per_node: 16,
+            min_connections_per_node: 1,
+            acquire_timeout_ms: 500,
+            statement_timeout_ms: 5_000,
+            health_interval_ms: 250,
+            probe_timeout_ms: 500,
+            max_lag_ms: 1_000,
+            max_lag_bytes: 16 * 1024 * 1024,
+            ban_base_ms: 1_000,
+            ban_max_ms: 30_000,
+            bounded_staleness_ms: 1_000,
+            session_wait_ms: 100,
+            last_write_window_ms: 10_000,
+            read_attempt_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl DatabaseSettings {
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health_interval_ms)
+    }
+}
+
+/// Redis: the session window, and later caches, limits and queues.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: SecretString,
+    pub max_connections: usize,
+    /// Budget for one Redis command; past it the caller degrades as documented.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("redis://127.0.0.1:6379"),
+            max_connections: 32,
+            timeout_ms: 250,
+        }
+    }
+}
+
+impl RedisSettings {
+    pub fn url(&self) -> &str {
+        self.url.expose_secret()
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// An `EnvFilter` directive, e.g. `info,turnpike_core=debug`; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}

@@ -1,0 +1,63 @@
+//! Schema migrations, embedded in the binary and applied by `turnpike
+//! migrate` (a one-off Job in Kubernetes, never on every pod's start).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::config::{DatabaseSettings, NodeRole};
+
+/// The migrations under `migrations/`, compiled in.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+/// Why migrating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// No primary is configured.
+    #[error("no node with role = \"primary\" is configured")]
+    NoPrimary,
+    /// The primary's URL does not parse.
+    #[error("database.nodes: {0}")]
+    Url(sqlx::Error),
+    /// Connecting or a statement failed; a lock wait past 5 s lands here. Safe to rerun.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A migration failed or the applied history differs from this binary's.
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Applies pending migrations on the primary over a direct connection
+/// (migrations take a session advisory lock, which PgBouncer's transaction
+/// mode cannot hold), with `lock_timeout` 5 s. Then sets the role's
+/// `statement_timeout` and `idle_in_transaction_session_timeout`, which is how
+/// they reach connections made through PgBouncer.
+pub async fn run(settings: &DatabaseSettings) -> Result<(), MigrateError> {
+    let primary = settings
+        .nodes
+        .values()
+        .find(|n| n.role == NodeRole::Primary)
+        .ok_or(MigrateError::NoPrimary)?;
+    let options = PgConnectOptions::from_str(primary.url.expose_secret())
+        .map_err(MigrateError::Url)?
+        .application_name("turnpike-migrate")
+        .options([("lock_timeout", "5s")]);
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    let statement_timeout = format!("{}ms", settings.statement_timeout_ms);
+    sqlx::raw_sql(&format!(
+        "ALTER ROLE CURRENT_USER SET statement_timeout = '{statement_timeout}';
+         ALTER ROLE CURRENT_USER SET idle_in_transaction_session_timeout = '10s';"
+    ))
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    Ok(())
+}

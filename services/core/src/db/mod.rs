@@ -1,0 +1,141 @@
+//! Postgres access: one pool per node, and a router that sends every write to
+//! the primary and every read to a replica that satisfies the read's
+//! consistency (DESIGN §4).
+//!
+//! Query functions elsewhere take `&mut impl DbConn` and say which node class
+//! they may run on; the router decides which node that is.
+
+pub mod migrate;
+mod node;
+mod router;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use node::{Node, NodeState, NodeStatus, PoolStatus};
+pub use router::{Reader, Router, Writer};
+
+/// A position in the primary's write-ahead log, in bytes since `0/0`.
+/// On the wire it is Postgres' own text form, e.g. `0/16B3748`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// The text was not an LSN (`<hex>/<hex>`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a WAL position: expected the form 16/B374D848")]
+pub struct ParseLsnError;
+
+impl FromStr for Lsn {
+    type Err = ParseLsnError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (hi, lo) = s.split_once('/').ok_or(ParseLsnError)?;
+        if hi.is_empty() || lo.is_empty() || hi.len() > 8 || lo.len() > 8 {
+            return Err(ParseLsnError);
+        }
+        let hi = u64::from_str_radix(hi, 16).map_err(|_| ParseLsnError)?;
+        let lo = u64::from_str_radix(lo, 16).map_err(|_| ParseLsnError)?;
+        Ok(Lsn((hi << 32) | lo))
+    }
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Any healthy replica.
+    Eventual,
+    /// A replica whose lag is under the configured staleness bound.
+    Bounded,
+    /// A replica that has replayed at least this position (the caller's last
+    /// write); `None` when the caller has written nothing recently.
+    Session(Option<Lsn>),
+    /// The primary.
+    Strong,
+}
+
+/// Why a database operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The primary is down or not answering in time: writes fail fast. Retry later (503).
+    #[error("the primary database is unavailable")]
+    PrimaryUnavailable,
+    /// Every node that could serve the read failed. Retry later (503).
+    #[error("no database node can serve this read")]
+    NoNodeAvailable,
+    /// A query failed on a healthy node: a bug or a constraint the caller did not handle.
+    #[error(transparent)]
+    Query(#[from] sqlx::Error),
+}
+
+impl DbError {
+    /// Whether the same operation may succeed if retried later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::PrimaryUnavailable | Self::NoNodeAvailable => true,
+            Self::Query(e) => is_connection_error(e),
+        }
+    }
+
+    /// The SQLSTATE of a database error, e.g. `23505` for a unique violation.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            Self::Query(sqlx::Error::Database(e)) => e.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+}
+
+/// Errors that say the node (or the path to it) failed, not the query:
+/// the read may be retried on another node.
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exceptions (PgBouncer reports its own failures here too);
+            // 57P01-57P03: admin shutdown, crash shutdown, cannot connect now;
+            // 25006: read-only transaction, a primary that was demoted.
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "25006")
+        }),
+        _ => false,
+    }
+}
+
+/// A connection a query function runs on: a replica read or a primary
+/// transaction. `prepared()` says whether statements may be named and cached
+/// (direct connections) or must stay unnamed (PgBouncer transaction mode);
+/// every query sets `.persistent(conn.prepared())`.
+pub trait DbConn: Send {
+    fn prepared(&self) -> bool;
+    fn conn(&mut self) -> &mut sqlx::PgConnection;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trips_through_postgres_text_form() {
+        let lsn: Lsn = "16/B374D848".parse().unwrap_or_default();
+        assert_eq!(lsn, Lsn(0x16_B374_D848));
+        assert_eq!(lsn.to_string(), "16/B374D848");
+        assert_eq!("0/0".parse::<Lsn>(), Ok(Lsn(0)));
+    }
+
+    #[test]
+    fn lsn_rejects_garbage() {
+        for bad in ["", "/", "1/", "/1", "xyz/1", "1/2/3", "123456789/0", "-1/0"] {
+            assert_eq!(bad.parse::<Lsn>(), Err(ParseLsnError), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The replica-aware router: health and lag monitoring, bans with backoff,
+//! power-of-two-choices balancing, consistency-aware replica choice and one
+//! retry on another node for reads that hit a failing node.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use secrecy::ExposeSecret;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::node::{InFlight, Node};
+use super::{Consistency, DbConn, DbError, Lsn, NodeState, NodeStatus, is_connection_error};
+use crate::config::{ConfigError, ConnectPath, DatabaseSettings, NodeRole, NodeSettings};
+
+/// A boxed, sendable future borrowing the reader it runs on.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How long the primary's WAL history is kept for lag-in-time estimates.
+const LSN_HISTORY: Duration = Duration::from_secs(300);
+const LSN_HISTORY_MAX: usize = 4096;
+
+/// Routes reads to replicas and writes to the primary. Cheap to share: hold it in an `Arc`.
+#[derive(Debug)]
+pub struct Router {
+    primary: Arc<Node>,
+    replicas: Vec<Arc<Node>>,
+    settings: DatabaseSettings,
+    /// The primary's WAL position at the last probe.
+    primary_lsn: AtomicU64,
+    /// When the primary was first seen at each WAL position: a replica at
+    /// position P is as stale as the first sample past P is old.
+    primary_history: Mutex<VecDeque<(Lsn, Instant)>>,
+}
+
+impl Router {
+    /// Builds one lazily connecting pool per node; nothing is contacted yet,
+    /// so a process starts even while a node is down. Call
+    /// [`Router::spawn_monitor`] to start health checks.
+    pub fn new(settings: &DatabaseSettings) -> Result<Arc<Self>, ConfigError> {
+        let mut primary = None;
+        let mut replicas = Vec::new();
+        for (name, node) in &settings.nodes {
+            let path = match node.role {
+                NodeRole::Primary => settings.primary_path,
+                NodeRole::Replica => settings.replica_path,
+            };
+            let built = Arc::new(build_node(name, node, path, settings)?);
+            match node.role {
+                NodeRole::Primary => primary = Some(built),
+                NodeRole::Replica => replicas.push(built),
+            }
+        }
+        let primary = primary.ok_or_else(|| {
+            ConfigError::Invalid("database.nodes has no node with role = \"primary\"".into())
+        })?;
+        Ok(Arc::new(Self {
+            primary,
+            replicas,
+            settings: settings.clone(),
+            primary_lsn: AtomicU64::new(0),
+            primary_history: Mutex::new(VecDeque::new()),
+        }))
+    }
+
+    /// Probes every node once, then keeps probing each on its own task every
+    /// `health_interval_ms` until the router is dropped.
+    pub async fn spawn_monitor(self: &Arc<Self>) {
+        // Probe the primary first so replica lag has a reference point.
+        self.probe(&self.primary).await;
+        for replica in &self.replicas {
+            self.probe(replica).await;
+        }
+        for node in std::iter::once(&self.primary).chain(&self.replicas) {
+            tokio::spawn(monitor(Arc::downgrade(self), Arc::clone(node)));
+        }
+    }
+
+    /// The primary node.
+    pub fn primary(&self) -> &Arc<Node> {
+        &self.primary
+    }
+
+    /// Every node, primary first, as the topology endpoint shows them.
+    pub fn topology(&self) -> Vec<NodeStatus> {
+        std::iter::once(&self.primary)
+            .chain(&self.replicas)
+            .map(|n| n.status(self.settings.max_connections_per_node))
+            .collect()
+    }
+
+    /// Runs a read on a node that satisfies `consistency`. After a connection
+    /// error (or a timeout) the node is banned and the read runs once more on
+    /// another node, so `op` must be idempotent: reads are.
+    #[tracing::instrument(skip(self, op), fields(node))]
+    pub async fn read<T, F>(&self, consistency: Consistency, op: F) -> Result<T, DbError>
+    where
+        F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
+    {
+        let first = self.pick(consistency, None).await;
+        tracing::Span::current().record("node", first.name.as_str());
+        let error = match self.attempt(&first, &op).await {
+            Ok(value) => return Ok(value),
+            Err(e) if is_connection_error(&e) => e,
+            Err(e) => return Err(DbError::Query(e)),
+        };
+        tracing::warn!(node = %first.name, error = %error, "read failed on node; retrying once elsewhere");
+        self.ban(&first, &error);
+        let second = self.pick(consistency, Some(&first.name)).await;
+        if Arc::ptr_eq(&first, &second) {
+            return Err(DbError::NoNodeAvailable);
+        }
+        match self.attempt(&second, &op).await {
+            Ok(value) => Ok(value),
+            Err(e) if is_connection_error(&e) => {
+                self.ban(&second, &e);
+                Err(DbError::NoNodeAvailable)
+            }
+            Err(e) => Err(DbError::Query(e)),
+        }
+    }
+
+    /// Opens a transaction on the primary. Fails fast with
+    /// [`DbError::PrimaryUnavailable`] while the primary is down.
+    pub async fn write(&self) -> Result<Writer, DbError> {
+        let node = &self.primary;
+        if node.state() == NodeState::Down {
+            return Err(DbError::PrimaryUnavailable);
+        }
+        let guard = InFlight::enter(node);
+        let begin = tokio::time::timeout(self.acquire_timeout(), node.pool.begin()).await;
+        match begin {
+            Ok(Ok(tx)) => Ok(Writer {
+                tx,
+                lsn_query_timeout: self.acquire_timeout(),
+                node: guard,
+            }),
+            Ok(Err(e)) if is_connection_error(&e) => {
+                self.ban(node, &e);
+                Err(DbError::PrimaryUnavailable)
+            }
+            Ok(Err(e)) => Err(DbError::Query(e)),
+            Err(_elapsed) => {
+                node.record_failure(
+                    "timed out opening a transaction",
+                    self.settings.ban_base_ms,
+                    self.settings.ban_max_ms,
+                );
+                Err(DbError::PrimaryUnavailable)
+            }
+        }
+    }
+
+    fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.acquire_timeout_ms)
+    }
+
+    fn ban(&self, node: &Node, error: &sqlx::Error) {
+        node.record_failure(
+            &error.to_string(),
+            self.settings.ban_base_ms,
+            self.settings.ban_max_ms,
+        );
+    }
+
+    async fn attempt<T, F>(&self, node: &Arc<Node>, op: &F) -> Result<T, sqlx::Error>
+    where
+        F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
+    {
+        let run = async {
+            let mut reader = Reader::open(node).await?;
+            let value = op(&mut reader).await?;
+            reader.finish().await?;
+            Ok(value)
+        };
+        let limit = Duration::from_millis(self.settings.read_attempt_timeout_ms);
+        match tokio::time::timeout(limit, run).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "read attempt timed out",
+            ))),
+        }
+    }
+
+    /// Chooses the node for a read. Replicas are preferred whenever one
+    /// satisfies the consistency; the primary is the last resort.
+    async fn pick(&self, consistency: Consistency, exclude: Option<&str>) -> Arc<Node> {
+        let usable = |n: &&Arc<Node>, state: NodeState| {
+            n.state() == state && exclude.is_none_or(|name| n.name != name)
+        };
+        let up: Vec<&Arc<Node>> = self
+            .replicas
+            .iter()
+            .filter(|n| usable(n, NodeState::Up))
+            .collect();
+        let chosen = match consistency {
+            Consistency::Strong => None,
+            Consistency::Eventual | Consistency::Session(None) => p2c(&up).or_else(|| {
+                let lagging: Vec<&Arc<Node>> = self
+                    .replicas
+                    .iter()
+                    .filter(|n| usable(n, NodeState::Lagging))
+                    .collect();
+                p2c(&lagging)
+            }),
+            Consistency::Bounded => {
+                let fresh: Vec<&Arc<Node>> = up
+                    .iter()
+                    .copied()
+                    .filter(|n| n.lag_ms() <= self.settings.bounded_staleness_ms)
+                    .collect();
+                p2c(&fresh)
+            }
+            Consistency::Session(Some(lsn)) => {
+                let caught_up: Vec<&Arc<Node>> = up
+                    .iter()
+                    .copied()
+                    .filter(|n| n.replay_lsn() >= lsn)
+                    .collect();
+                match p2c(&caught_up) {
+                    Some(node) => Some(node),
+                    None => self.wait_for_replay(&up, lsn).await,
+                }
+            }
+        };
+        chosen.map_or_else(|| Arc::clone(&self.primary), Arc::clone)
+    }
+
+    /// Asks `candidates` for their replay position until one has reached
+    /// `lsn` or `session_wait_ms` has passed.
+    async fn wait_for_replay<'n>(
+        &self,
+        candidates: &[&'n Arc<Node>],
+        lsn: Lsn,
+    ) -> Option<&'n Arc<Node>> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.settings.session_wait_ms);
+        let probe_timeout = Duration::from_millis(self.settings.probe_timeout_ms);
+        let mut order: Vec<&Arc<Node>> = candidates.to_vec();
+        order.sort_by_key(|n| n.in_flight());
+        loop {
+            for node in &order {
+                let probe =
+                    sqlx::raw_sql("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8")
+                        .fetch_one(&node.pool);
+                if let Ok(Ok(row)) = tokio::time::timeout(probe_timeout, probe).await {
+                    let replayed = row.try_get::<Option<i64>, _>(0).ok().flatten().unwrap_or(0);
+                    let replayed = Lsn(u64::try_from(replayed).unwrap_or(0));
+                    node.observe_replay_lsn(replayed);
+                    if replayed >= lsn {
+                        return Some(node);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            // Replay on a healthy async replica is a few milliseconds behind.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// One health probe of one node.
+    async fn probe(&self, node: &Node) {
+        let timeout = Duration::from_millis(self.settings.probe_timeout_ms);
+        let sql = match node.role {
+            NodeRole::Primary => {
+                "SELECT pg_is_in_recovery(), (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, NULL::int8"
+            }
+            NodeRole::Replica => {
+                "SELECT pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8, \
+                 (pg_last_wal_receive_lsn() - '0/0'::pg_lsn)::int8"
+            }
+        };
+        let row =
+            match tokio::time::timeout(timeout, sqlx::raw_sql(sql).fetch_one(&node.pool)).await {
+                Ok(Ok(row)) => row,
+                Ok(Err(e)) => return self.probe_failed(node, &e.to_string()),
+                Err(_elapsed) => return self.probe_failed(node, "health probe timed out"),
+            };
+        let in_recovery: bool = row.try_get(0).unwrap_or(false);
+        let position = row
+            .try_get::<Option<i64>, _>(1)
+            .ok()
+            .flatten()
+            .and_then(|v| u64::try_from(v).ok())
+            .map(Lsn)
+            .unwrap_or_default();
+        match node.role {
+            NodeRole::Primary => {
+                if in_recovery {
+                    return self.probe_failed(node, "the primary is in recovery");
+                }
+                self.primary_lsn.fetch_max(position.0, Ordering::Relaxed);
+                self.remember_primary_position(position);
+                node.record_probe(
+                    position,
+                    0,
+                    0,
+                    false,
+                    self.settings.ban_base_ms,
+                    self.settings.ban_max_ms,
+                );
+            }
+            NodeRole::Replica => {
+                if !in_recovery {
+                    return self.probe_failed(node, "the replica is not in recovery (promoted?)");
+                }
+                let primary = Lsn(self.primary_lsn.load(Ordering::Relaxed));
+                let lag_bytes = primary.0.saturating_sub(position.0);
+                let lag_ms = self.staleness_ms(position);
+                let lagging =
+                    lag_ms > self.settings.max_lag_ms || lag_bytes > self.settings.max_lag_bytes;
+                node.record_probe(
+                    position,
+                    lag_bytes,
+                    lag_ms,
+                    lagging,
+                    self.settings.ban_base_ms,
+                    self.settings.ban_max_ms,
+                );
+            }
+        }
+    }
+
+    fn probe_failed(&self, node: &Node, error: &str) {
+        if node.state() != NodeState::Down {
+            tracing::warn!(node = %node.name, error, "health probe failed; node is down");
+        }
+        node.record_failure(error, self.settings.ban_base_ms, self.settings.ban_max_ms);
+    }
+
+    fn remember_primary_position(&self, lsn: Lsn) {
+        let mut history = self
+            .primary_history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if history.back().is_none_or(|(last, _)| *last < lsn) {
+            history.push_back((lsn, now));
+        }
+        while history.len() > LSN_HISTORY_MAX
+            || history
+                .front()
+                .is_some_and(|(_, at)| now.duration_since(*at) > LSN_HISTORY)
+        {
+            history.pop_front();
+        }
+    }
+
+    /// How long ago the primary first passed `replayed`: the age of the
+    /// newest data a replica at `replayed` is missing.
+    fn staleness_ms(&self, replayed: Lsn) -> u64 {
+        let history = self
+            .primary_history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        history
+            .iter()
+            .find(|(lsn, _)| *lsn > replayed)
+            .map_or(0, |(_, at)| {
+                u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX)
+            })
+    }
+}
+
+async fn monitor(router: Weak<Router>, node: Arc<Node>) {
+    let Some(interval) = router.upgrade().map(|r| r.settings.health_interval()) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(router) = router.upgrade() else {
+            return;
+        };
+        router.probe(&node).await;
+    }
+}
+
+/// Power of two choices: of two random candidates, the one with fewer queries in flight.
+fn p2c<'n>(candidates: &[&'n Arc<Node>]) -> Option<&'n Arc<Node>> {
+    match candidates.len() {
+        0 => None,
+        1 => Some(candidates[0]),
+        n => {
+            let mut rng = rand::rng();
+            let a = rng.random_range(0..n);
+            let mut b = rng.random_range(0..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (a, b) = (candidates[a], candidates[b]);
+            Some(if b.in_flight() < a.in_flight() { b } else { a })
+        }
+    }
+}
+
+fn build_node(
+    name: &str,
+    node: &NodeSettings,
+    path: ConnectPath,
+    settings: &DatabaseSettings,
+) -> Result<Node, ConfigError> {
+    let url = match path {
+        ConnectPath::Direct => &node.url,
+        ConnectPath::Pgbouncer => node.pooled_url.as_ref().ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "database.nodes.{name}.pooled_url is required: its node class uses path = \"pgbouncer\""
+            ))
+        })?,
+    };
+    let mut options = PgConnectOptions::from_str(url.expose_secret())
+        .map_err(|e| ConfigError::Invalid(format!("database.nodes.{name}: {e}")))?
+        .application_name("turnpike");
+    options = match path {
+        // Direct: prepared statements cached per connection; the timeouts ride on the startup packet.
+        ConnectPath::Direct => options.options([
+            (
+                "statement_timeout",
+                format!("{}ms", settings.statement_timeout_ms),
+            ),
+            ("idle_in_transaction_session_timeout", "10s".to_owned()),
+        ]),
+        // PgBouncer 1.18 in transaction mode: no named statements survive a
+        // transaction, and it refuses unknown startup options, so the
+        // timeouts are set on the role (`turnpike migrate` does that).
+        ConnectPath::Pgbouncer => options.statement_cache_capacity(0),
+    };
+    let addr = format!("{}:{}", options.get_host(), options.get_port());
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections_per_node)
+        .min_connections(settings.min_connections_per_node)
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        // The monitor checks health; a ping per checkout would double every read's round trips.
+        .test_before_acquire(false)
+        .connect_lazy_with(options);
+    Ok(Node::new(name.to_owned(), node.role, addr, path, pool))
+}
+
+enum ReaderConn {
+    Direct(PoolConnection<Postgres>),
+    Transaction(Transaction<'static, Postgres>),
+}
+
+/// A read session on one node. Through PgBouncer it is an explicit
+/// transaction, because an unnamed statement's Parse and Execute are
+/// separate round trips that transaction pooling may send to different
+/// servers otherwise.
+pub struct Reader {
+    conn: ReaderConn,
+    node: InFlight,
+}
+
+impl Reader {
+    async fn open(node: &Arc<Node>) -> Result<Self, sqlx::Error> {
+        let guard = InFlight::enter(node);
+        let conn = match node.path {
+            ConnectPath::Direct => ReaderConn::Direct(node.pool.acquire().await?),
+            ConnectPath::Pgbouncer => ReaderConn::Transaction(node.pool.begin().await?),
+        };
+        Ok(Self { conn, node: guard })
+    }
+
+    async fn finish(self) -> Result<(), sqlx::Error> {
+        match self.conn {
+            ReaderConn::Direct(_) => Ok(()),
+            ReaderConn::Transaction(tx) => tx.commit().await,
+        }
+    }
+
+    /// The name of the node this read runs on.
+    pub fn node(&self) -> &str {
+        &self.node.node().name
+    }
+}
+
+impl DbConn for Reader {
+    fn prepared(&self) -> bool {
+        self.node.node().prepared()
+    }
+
+    fn conn(&mut self) -> &mut sqlx::PgConnection {
+        match &mut self.conn {
+            ReaderConn::Direct(c) => c,
+            ReaderConn::Transaction(t) => t,
+        }
+    }
+}
+
+/// A transaction on the primary. Commit it with [`Writer::commit`] to learn
+/// the consistency token; dropping it rolls back.
+pub struct Writer {
+    tx: Transaction<'static, Postgres>,
+    lsn_query_timeout: Duration,
+    node: InFlight,
+}
+
+impl Writer {
+    /// Commits and returns the primary's WAL position after the commit: a
+    /// replica that has replayed it sees this transaction.
+    pub async fn commit(self) -> Result<Lsn, DbError> {
+        let Self {
+            tx,
+            lsn_query_timeout,
+            node,
+        } = self;
+        tx.commit().await.map_err(|e| {
+            if is_connection_error(&e) {
+                DbError::PrimaryUnavailable
+            } else {
+                DbError::Query(e)
+            }
+        })?;
+        let position = sqlx::raw_sql("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
+            .fetch_one(&node.node().pool);
+        let row = tokio::time::timeout(lsn_query_timeout, position)
+            .await
+            .map_err(|_elapsed| DbError::PrimaryUnavailable)??;
+        let lsn: i64 = row.try_get(0)?;
+        Ok(Lsn(u64::try_from(lsn).unwrap_or(0)))
+    }
+}
+
+impl DbConn for Writer {
+    fn prepared(&self) -> bool {
+        self.node.node().prepared()
+    }
+
+    fn conn(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.tx
+    }
+}

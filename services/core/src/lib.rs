@@ -1,0 +1,12 @@
+//! Turnpike's shared machinery: configuration, telemetry, the replica-aware
+//! database router, Redis access, API-key authentication and the per-user
+//! last-write window that gives read-your-writes to clients sending no token.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod kv;
+pub mod last_write;
+pub mod telemetry;
+
+pub use config::Settings;

@@ -1,0 +1,13 @@
+//! Public id prefixes. An id on the wire is `<prefix>_<32 hex digits>`, the
+//! hex being the row's UUIDv7, so ids sort by creation time like OpenAI's.
+
+/// Conversation ids: `conv_…`.
+pub const CONVERSATION: &str = "conv";
+/// Message items: `msg_…`.
+pub const MESSAGE: &str = "msg";
+/// Function call items: `fc_…`.
+pub const FUNCTION_CALL: &str = "fc";
+/// Function call output items: `fco_…`.
+pub const FUNCTION_CALL_OUTPUT: &str = "fco";
+/// Responses (turns): `resp_…`.
+pub const RESPONSE: &str = "resp";

@@ -1,0 +1,207 @@
+//! Responses (turns): the request that creates one and the object returned.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::conversation::Metadata;
+use crate::item::{InputItem, Item};
+
+/// A response's input: a plain string (one user message) or items.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ResponseInput {
+    Text(String),
+    Items(Vec<InputItem>),
+}
+
+/// The conversation a response belongs to: its id, or `{"id": …}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ConversationRef {
+    Id(String),
+    Object { id: String },
+}
+
+impl ConversationRef {
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Id(id) | Self::Object { id } => id,
+        }
+    }
+}
+
+/// What to do when the conversation already has an active turn (extension).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Multitask {
+    /// Queue behind the active turn.
+    #[default]
+    Enqueue,
+    /// Refuse with 409.
+    Reject,
+    /// Cancel the active turn and run this one.
+    Interrupt,
+}
+
+/// `POST /v1/responses`. Fields OpenAI defines that Turnpike does not act on
+/// are accepted and ignored where harmless (see the API reference);
+/// anything else is refused by name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateResponse {
+    /// Model name; defaults to the server's configured model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<ResponseInput>,
+    /// The conversation to add this turn to; a new one is created when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<ConversationRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety_identifier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub text: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub reasoning: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub context_management: Option<Vec<serde_json::Value>>,
+    /// Refused: Turnpike chains turns through conversations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_response_id: Option<String>,
+    /// Extension: behaviour when the conversation already has an active turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multitask: Option<Multitask>,
+}
+
+/// A response's lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseStatus {
+    Queued,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+    Incomplete,
+}
+
+impl ResponseStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::InProgress => "in_progress",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Incomplete => "incomplete",
+        }
+    }
+
+    /// Parses the stored status name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "queued" => Self::Queued,
+            "in_progress" => Self::InProgress,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            "incomplete" => Self::Incomplete,
+            _ => return None,
+        })
+    }
+}
+
+/// Token usage of a finished turn.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub input_tokens_details: InputTokensDetails,
+    pub output_tokens: u64,
+    pub output_tokens_details: OutputTokensDetails,
+    pub total_tokens: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InputTokensDetails {
+    /// Input tokens served from the provider's prompt cache.
+    pub cached_tokens: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OutputTokensDetails {
+    pub reasoning_tokens: u64,
+}
+
+/// The conversation reference inside a response object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResponseConversation {
+    pub id: String,
+}
+
+/// A response (one turn), as `POST /v1/responses` and `GET /v1/responses/{id}` return it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Response {
+    /// `resp_…`
+    pub id: String,
+    /// Always `response`.
+    pub object: String,
+    pub created_at: i64,
+    pub status: ResponseStatus,
+    pub background: bool,
+    pub conversation: ResponseConversation,
+    pub model: String,
+    pub instructions: Option<String>,
+    pub output: Vec<Item>,
+    #[schema(value_type = Vec<Object>)]
+    pub tools: Vec<serde_json::Value>,
+    #[schema(value_type = Object)]
+    pub tool_choice: serde_json::Value,
+    pub parallel_tool_calls: bool,
+    pub metadata: Metadata,
+    pub usage: Option<Usage>,
+    #[schema(value_type = Option<Object>)]
+    pub error: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
+    pub incomplete_details: Option<serde_json::Value>,
+    pub previous_response_id: Option<String>,
+    pub max_output_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub store: bool,
+    pub truncation: String,
+}

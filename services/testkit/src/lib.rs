@@ -1,0 +1,552 @@
+//! Test harness: a real topology (Postgres primary + two streaming replicas,
+//! a PgBouncer per node, Redis) booted by `scripts/dev` on free loopback
+//! ports, and api instances started in process on port 0.
+//!
+//! `make test` boots one shared stack and exports `TURNPIKE_TEST_STACK`;
+//! tests that only read and write their own tenant's data use it. Tests that
+//! stop nodes, pause replay or count queries per node boot a private stack
+//! ([`Stack::private`]), torn down when dropped.
+// A harness fails loudly: panicking on a broken fixture is the right report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use serde_json::Value;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use tokio::sync::{OnceCell, oneshot};
+use turnpike_core::Settings;
+use turnpike_core::config::ConnectPath;
+
+/// The Postgres nodes, as `scripts/dev` names them.
+pub const NODES: [&str; 3] = ["primary", "replica1", "replica2"];
+pub const REPLICAS: [&str; 2] = ["replica1", "replica2"];
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A running topology.
+pub struct Stack {
+    pub dir: PathBuf,
+    pub env: BTreeMap<String, String>,
+    owned: bool,
+    migrated: OnceCell<()>,
+}
+
+impl Stack {
+    /// The stack `make test` booted, or a private one when run outside it.
+    pub async fn shared() -> Arc<Stack> {
+        match std::env::var("TURNPIKE_TEST_STACK") {
+            Ok(dir) => {
+                let stack = Stack::load(PathBuf::from(dir), false);
+                stack.migrate().await;
+                Arc::new(stack)
+            }
+            Err(_) => Arc::new(Stack::private().await),
+        }
+    }
+
+    /// Boots a fresh topology on free ports; dropping it stops and deletes it.
+    pub async fn private() -> Stack {
+        let mut last_error = String::new();
+        for _ in 0..8 {
+            let base = free_port_base();
+            let dir =
+                std::env::temp_dir().join(format!("turnpike-test-{}-{base}", std::process::id()));
+            let output = tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || {
+                    Command::new(repo_root().join("scripts/dev"))
+                        .args(["up", "-d", "--infra"])
+                        .env("TURNPIKE_DEV_DIR", &dir)
+                        .env("TURNPIKE_DEV_PORT_BASE", base.to_string())
+                        .output()
+                        .expect("run scripts/dev")
+                }
+            })
+            .await
+            .unwrap();
+            if output.status.success() {
+                let stack = Stack::load(dir, true);
+                stack.migrate().await;
+                return stack;
+            }
+            last_error = String::from_utf8_lossy(&output.stderr).into_owned();
+            let _ = Command::new(repo_root().join("scripts/dev"))
+                .args(["down", "--purge"])
+                .env("TURNPIKE_DEV_DIR", &dir)
+                .env("TURNPIKE_DEV_PORT_BASE", base.to_string())
+                .output();
+        }
+        panic!("could not boot a test topology: {last_error}");
+    }
+
+    fn load(dir: PathBuf, owned: bool) -> Stack {
+        let text = std::fs::read_to_string(dir.join("env"))
+            .unwrap_or_else(|e| panic!("read {}/env: {e}", dir.display()));
+        let env = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Stack {
+            dir,
+            env,
+            owned,
+            migrated: OnceCell::new(),
+        }
+    }
+
+    async fn migrate(&self) {
+        self.migrated
+            .get_or_init(|| async {
+                let settings = self.settings(Paths::DIRECT);
+                turnpike_core::db::migrate::run(&settings.database)
+                    .await
+                    .expect("migrate the test stack");
+            })
+            .await;
+    }
+
+    /// Settings that point at this stack, with an api on port 0 and quick
+    /// health checks, reaching nodes by `paths`.
+    pub fn settings(&self, paths: Paths) -> Settings {
+        let mut settings = Settings::default();
+        for (key, value) in &self.env {
+            let Some(rest) = key.strip_prefix("TURNPIKE__DATABASE__NODES__") else {
+                continue;
+            };
+            let (node, field) = rest.split_once("__").unwrap();
+            let node = node.to_lowercase();
+            let entry = settings.database.nodes.entry(node).or_insert_with(|| {
+                turnpike_core::config::NodeSettings {
+                    role: turnpike_core::config::NodeRole::Replica,
+                    url: String::new().into(),
+                    pooled_url: None,
+                }
+            });
+            match field {
+                "ROLE" if value == "primary" => {
+                    entry.role = turnpike_core::config::NodeRole::Primary;
+                }
+                "URL" => entry.url = value.clone().into(),
+                "POOLED_URL" => entry.pooled_url = Some(value.clone().into()),
+                _ => {}
+            }
+        }
+        settings.redis.url = self.env["TURNPIKE__REDIS__URL"].clone().into();
+        settings.api.port = 0;
+        settings.api.shutdown_grace_ms = 1_000;
+        settings.database.primary_path = paths.primary;
+        settings.database.replica_path = paths.replica;
+        settings.database.health_interval_ms = 100;
+        settings.database.max_connections_per_node = 8;
+        settings.database.min_connections_per_node = 0;
+        settings.log.filter = "warn".into();
+        settings
+    }
+
+    /// The direct port of a node.
+    pub fn port(&self, node: &str) -> u16 {
+        let base: u16 = self.env["TURNPIKE_DEV_PORT_BASE"].parse().unwrap();
+        match node {
+            "primary" => base,
+            "replica1" => base + 1,
+            "replica2" => base + 2,
+            other => panic!("unknown node {other}"),
+        }
+    }
+
+    /// A superuser pool straight to one node's `turnpike` database.
+    pub async fn superuser(&self, node: &str) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&format!(
+                "postgres://postgres@127.0.0.1:{}/turnpike",
+                self.port(node)
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {node} as superuser: {e}"))
+    }
+
+    /// `scripts/dev stop NODE` (`primary`, `replica1`, `replica2`, `redis`).
+    pub async fn stop(&self, node: &str) {
+        self.dev(&["stop", node]).await;
+    }
+
+    /// `scripts/dev start NODE`.
+    pub async fn start(&self, node: &str) {
+        self.dev(&["start", node]).await;
+    }
+
+    async fn dev(&self, args: &[&str]) {
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        let dir = self.dir.clone();
+        let base = self.env["TURNPIKE_DEV_PORT_BASE"].clone();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(repo_root().join("scripts/dev"))
+                .args(&args)
+                .env("TURNPIKE_DEV_DIR", &dir)
+                .env("TURNPIKE_DEV_PORT_BASE", base)
+                .output()
+                .expect("run scripts/dev")
+        })
+        .await
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "scripts/dev failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Calls of statements whose text contains `pattern` on one node, from
+    /// `pg_stat_statements` (which counts at once, on replicas too).
+    pub async fn statement_calls(&self, node: &str, pattern: &str) -> i64 {
+        let pool = self.superuser(node).await;
+        let row = sqlx::query(
+            "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements WHERE query LIKE '%' || $1 || '%'
+             AND query NOT LIKE '%pg_stat_statements%'",
+        )
+        .bind(pattern)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        row.get(0)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        let _ = Command::new(repo_root().join("scripts/dev"))
+            .args(["down", "--purge"])
+            .env("TURNPIKE_DEV_DIR", &self.dir)
+            .env(
+                "TURNPIKE_DEV_PORT_BASE",
+                self.env
+                    .get("TURNPIKE_DEV_PORT_BASE")
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .output();
+    }
+}
+
+/// A port base whose topology ports (base+0..2, +10..12, +20) are free now.
+fn free_port_base() -> u16 {
+    loop {
+        let base = 20_000 + (rand_u16() % 400) * 100;
+        let ports = [0, 1, 2, 10, 11, 12, 20].map(|o| base + o);
+        if ports
+            .iter()
+            .all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        {
+            return base;
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    ((nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % 65_521) as u16
+}
+
+/// How the api reaches each node class.
+#[derive(Debug, Clone, Copy)]
+pub struct Paths {
+    pub primary: ConnectPath,
+    pub replica: ConnectPath,
+}
+
+impl Paths {
+    pub const DIRECT: Paths = Paths {
+        primary: ConnectPath::Direct,
+        replica: ConnectPath::Direct,
+    };
+    pub const PGBOUNCER: Paths = Paths {
+        primary: ConnectPath::Pgbouncer,
+        replica: ConnectPath::Pgbouncer,
+    };
+}
+
+/// An api instance running in this test process.
+pub struct TestApp {
+    pub url: String,
+    pub http: reqwest::Client,
+    pub settings: Settings,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApp {
+    /// Starts an api against `stack` on a free port.
+    pub async fn spawn(stack: &Stack, paths: Paths) -> TestApp {
+        Self::spawn_with(stack.settings(paths)).await
+    }
+
+    /// Starts an api with the given settings.
+    pub async fn spawn_with(settings: Settings) -> TestApp {
+        turnpike_core::telemetry::init(&settings.log);
+        let app = turnpike_api::Application::build(settings.clone())
+            .await
+            .expect("build the api");
+        let url = format!("http://127.0.0.1:{}", app.port());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = app
+                .run_until(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        TestApp {
+            url,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
+            settings,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops serving and waits for the server to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// A new user with a fresh key.
+    pub async fn new_user(&self) -> User {
+        self.new_key(false).await
+    }
+
+    /// A new admin user.
+    pub async fn new_admin(&self) -> User {
+        self.new_key(true).await
+    }
+
+    async fn new_key(&self, admin: bool) -> User {
+        let router = turnpike_core::db::Router::new(&self.settings.database).unwrap();
+        let name = format!("user-{}", uuid::Uuid::now_v7().simple());
+        let mut tx = router.write().await.expect("primary");
+        let key = turnpike_core::auth::create_key(&mut tx, &name, admin)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        User {
+            key: key.secret,
+            name,
+            base: self.url.clone(),
+            http: self.http.clone(),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A caller with a key, speaking HTTP to one api.
+#[derive(Clone)]
+pub struct User {
+    pub key: String,
+    pub name: String,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+/// A response, read whole.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    /// The `Turnpike-Consistency` token of a write.
+    pub fn token(&self) -> Option<String> {
+        self.headers
+            .get("turnpike-consistency")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// Asserts the status and returns the body.
+    #[track_caller]
+    pub fn ok(&self) -> &Value {
+        assert!(
+            (200..300).contains(&self.status),
+            "expected success, got {}: {}",
+            self.status,
+            self.body
+        );
+        &self.body
+    }
+
+    /// Asserts an error in the one error shape with this status.
+    #[track_caller]
+    pub fn error(&self, status: u16) -> &Value {
+        assert_eq!(
+            self.status, status,
+            "unexpected status; body: {}",
+            self.body
+        );
+        let error = &self.body["error"];
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "no message: {}",
+            self.body
+        );
+        assert!(error["type"].is_string(), "no type: {}", self.body);
+        assert!(
+            error.get("param").is_some() && error.get("code").is_some(),
+            "shape: {}",
+            self.body
+        );
+        error
+    }
+}
+
+impl User {
+    /// Sends a request with this user's key; `body` is sent as JSON when given.
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Reply {
+        self.call_with(method, path, body, &[]).await
+    }
+
+    /// As [`User::call`] with extra headers.
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(
+                AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {}", self.key)).unwrap(),
+            );
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("send request");
+        read_reply(response).await
+    }
+
+    /// Same user, another api instance.
+    pub fn on(&self, app: &TestApp) -> User {
+        User {
+            base: app.url.clone(),
+            http: app.http.clone(),
+            ..self.clone()
+        }
+    }
+
+    pub async fn create_conversation(&self, body: Value) -> Reply {
+        self.call("POST", "/v1/conversations", Some(body)).await
+    }
+
+    pub async fn add_items(&self, conversation: &str, items: Value) -> Reply {
+        self.call(
+            "POST",
+            &format!("/v1/conversations/{conversation}/items"),
+            Some(serde_json::json!({ "items": items })),
+        )
+        .await
+    }
+
+    pub async fn list_items(&self, conversation: &str, query: &str) -> Reply {
+        self.call(
+            "GET",
+            &format!("/v1/conversations/{conversation}/items{query}"),
+            None,
+        )
+        .await
+    }
+}
+
+/// Sends a raw request (no key unless given in `headers`) and reads the reply.
+pub async fn raw(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Reply {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut request = http.request(method, url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    read_reply(request.send().await.expect("send request")).await
+}
+
+async fn read_reply(response: reqwest::Response) -> Reply {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.expect("read body");
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Polls `check` every few milliseconds until it returns `Some`, or panics
+/// with `what` after `timeout`. For conditions no event announces (a
+/// replica's state, a counter settling).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

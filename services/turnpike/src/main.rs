@@ -1,0 +1,75 @@
+//! The one Turnpike binary: parses the subcommand, loads configuration,
+//! starts logging, and hands over to a library.
+#![allow(clippy::print_stdout)]
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use turnpike_core::Settings;
+
+#[derive(Parser)]
+#[command(
+    name = "turnpike",
+    version,
+    about = "A horizontally scaled chat backend"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Api,
+    /// Apply database migrations on the primary, then exit.
+    Migrate,
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key for a user (created if new); prints the key as the last line.
+    Create {
+        /// The user's name.
+        #[arg(long)]
+        user: String,
+        /// Allow the key to call /v1/admin routes.
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load()?;
+    turnpike_core::telemetry::init(&settings.log);
+    match cli.command {
+        Command::Api => {
+            let app = turnpike_api::Application::build(settings).await?;
+            tracing::info!(port = app.port(), "api listening");
+            app.run_until_stopped().await?;
+        }
+        Command::Migrate => {
+            turnpike_core::db::migrate::run(&settings.database)
+                .await
+                .context("migrating the primary")?;
+            tracing::info!("migrations applied");
+        }
+        Command::Keys {
+            action: KeysCommand::Create { user, admin },
+        } => {
+            let router = turnpike_core::db::Router::new(&settings.database)?;
+            let mut tx = router.write().await?;
+            let key = turnpike_core::auth::create_key(&mut tx, &user, admin).await?;
+            tx.commit().await?;
+            println!("user {} ({}), key id {}", user, key.user_id, key.key_id);
+            println!("{}", key.secret);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+"""The official openai SDK, pointed at Turnpike, does what a web developer would:
+create a conversation with items, add items, page through them with the SDK's
+auto-pagination, update metadata, create a response, and delete.
+
+Reads OPENAI_BASE_URL and OPENAI_API_KEY like any OpenAI program.
+"""
+
+import openai
+from openai import OpenAI
+
+client = OpenAI(max_retries=0)
+
+conversation = client.conversations.create(
+    items=[{"type": "message", "role": "user", "content": "first"}],
+    metadata={"source": "sdk"},
+)
+assert conversation.id.startswith("conv_"), conversation
+assert conversation.metadata == {"source": "sdk"}, conversation
+
+added = client.conversations.items.create(
+    conversation.id,
+    items=[{"type": "message", "role": "user", "content": f"m{i}"} for i in range(1, 21)],
+)
+assert len(added.data) == 20, added
+more = client.conversations.items.create(
+    conversation.id,
+    items=[{"type": "message", "role": "user", "content": f"m{i}"} for i in range(21, 25)],
+)
+assert [i.content[0].text for i in more.data] == ["m21", "m22", "m23", "m24"], more
+
+# Auto-pagination follows `after` across pages of 5.
+texts = [item.content[0].text for item in client.conversations.items.list(conversation.id, limit=5, order="asc")]
+assert texts == ["first"] + [f"m{i}" for i in range(1, 25)], texts
+newest_first = [item.content[0].text for item in client.conversations.items.list(conversation.id, limit=7)]
+assert newest_first == list(reversed(texts)), newest_first
+
+one = client.conversations.items.retrieve(added.data[0].id, conversation_id=conversation.id)
+assert one.id == added.data[0].id
+
+updated = client.conversations.update(conversation.id, metadata={"source": "sdk", "step": "2"})
+assert updated.metadata == {"source": "sdk", "step": "2"}, updated
+assert client.conversations.retrieve(conversation.id).metadata["step"] == "2"
+
+response = client.responses.create(
+    model="mock-1",
+    conversation=conversation.id,
+    input="What is a turnpike?",
+    background=True,
+)
+assert response.id.startswith("resp_"), response
+assert response.status == "queued", response
+assert client.responses.retrieve(response.id).id == response.id
+inputs = list(client.responses.input_items.list(response.id))
+assert inputs[0].content[0].text == "What is a turnpike?", inputs
+
+try:
+    client.conversations.retrieve("conv_00000000000000000000000000000000")
+    raise AssertionError("expected a 404")
+except openai.NotFoundError as e:
+    assert e.status_code == 404
+
+try:
+    client.conversations.create(metadata={"k": "v" * 600})
+    raise AssertionError("expected a 400")
+except openai.BadRequestError as e:
+    assert e.status_code == 400
+
+deleted = client.conversations.delete(conversation.id)
+assert deleted.deleted is True and deleted.id == conversation.id, deleted
+print("openai sdk: ok")
