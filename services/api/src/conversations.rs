@@ -220,7 +220,7 @@ impl ConversationRow {
 const COLUMNS: &str = "id, metadata, extract(epoch FROM created_at)::int8 AS created_at";
 
 /// Inserts a conversation with `item_count` seqs already reserved. Primary only.
-#[tracing::instrument(skip(db, metadata))]
+#[tracing::instrument(level = "debug", skip(db, metadata))]
 pub async fn insert(
     db: &mut impl DbConn,
     user: Uuid,
@@ -242,7 +242,7 @@ pub async fn insert(
 }
 
 /// A conversation the user owns. Replica or primary.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 pub async fn find(
     db: &mut impl DbConn,
     id: Uuid,
@@ -260,7 +260,7 @@ pub async fn find(
 }
 
 /// A keyset page of the user's conversations. Replica or primary.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 async fn list_rows(
     db: &mut impl DbConn,
     user: Uuid,
@@ -292,7 +292,7 @@ async fn list_rows(
 }
 
 /// Bumps the conversation's version, locking it, if the user owns it. Primary only.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 pub async fn touch(
     db: &mut impl DbConn,
     id: Uuid,
@@ -311,7 +311,7 @@ pub async fn touch(
 }
 
 /// Replaces the metadata. Primary only.
-#[tracing::instrument(skip(db, metadata))]
+#[tracing::instrument(level = "debug", skip(db, metadata))]
 async fn set_metadata(
     db: &mut impl DbConn,
     id: Uuid,
@@ -332,7 +332,7 @@ async fn set_metadata(
 }
 
 /// Marks the conversation deleted. Primary only.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 async fn soft_delete(db: &mut impl DbConn, id: Uuid, user: Uuid) -> Result<bool, sqlx::Error> {
     let prepared = db.prepared();
     let done = sqlx::query(

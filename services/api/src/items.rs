@@ -310,7 +310,7 @@ fn kind_of(item: &Item) -> &'static str {
 /// Reserves `n` item seqs in a conversation the user owns, returning the
 /// first. Takes the conversation's row lock, which orders concurrent
 /// appends. Primary only.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 pub async fn reserve_seqs(
     db: &mut impl DbConn,
     conversation: Uuid,
@@ -334,7 +334,7 @@ pub async fn reserve_seqs(
 }
 
 /// Inserts items at `first_seq..`. Primary only, in the caller's transaction.
-#[tracing::instrument(skip(db, inputs))]
+#[tracing::instrument(level = "debug", skip(db, inputs))]
 pub async fn append(
     db: &mut impl DbConn,
     conversation: Uuid,
@@ -421,7 +421,7 @@ WHERE c.id = $1 AND c.user_id = $2 AND c.deleted_at IS NULL";
 
 /// A page of items (`limit + 1` rows, to tell whether there are more), or
 /// `None` when the user has no such conversation. Replica or primary.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 pub async fn list_page(
     db: &mut impl DbConn,
     page: &PageQuery,
@@ -458,7 +458,7 @@ pub async fn list_page(
 }
 
 /// One item of a conversation the user owns. Replica or primary.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 async fn find_item(
     db: &mut impl DbConn,
     conversation: Uuid,
@@ -480,7 +480,7 @@ async fn find_item(
 }
 
 /// Deletes one item; the caller has checked ownership. Primary only.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 async fn delete_item(
     db: &mut impl DbConn,
     conversation: Uuid,

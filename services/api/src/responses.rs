@@ -368,7 +368,7 @@ struct NewResponse<'a> {
 }
 
 /// Inserts a queued response. Primary only.
-#[tracing::instrument(skip_all, fields(id = %new.id))]
+#[tracing::instrument(level = "debug", skip_all, fields(id = %new.id))]
 async fn insert(db: &mut impl DbConn, new: &NewResponse<'_>) -> Result<ResponseRow, sqlx::Error> {
     let prepared = db.prepared();
     sqlx::query_as(&format!(
@@ -390,7 +390,7 @@ async fn insert(db: &mut impl DbConn, new: &NewResponse<'_>) -> Result<ResponseR
 }
 
 /// A response the user owns. Replica or primary.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 async fn find(
     db: &mut impl DbConn,
     id: Uuid,
@@ -408,7 +408,7 @@ async fn find(
 }
 
 /// Whether the conversation has a queued or running response. Primary, under the conversation's lock.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 async fn has_active_turn(db: &mut impl DbConn, conversation: Uuid) -> Result<bool, sqlx::Error> {
     let prepared = db.prepared();
     let row: Option<(i32,)> = sqlx::query_as(
@@ -422,7 +422,7 @@ async fn has_active_turn(db: &mut impl DbConn, conversation: Uuid) -> Result<boo
 }
 
 /// Cancels the conversation's queued and running responses. Primary only.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 async fn cancel_active_turns(db: &mut impl DbConn, conversation: Uuid) -> Result<(), sqlx::Error> {
     let prepared = db.prepared();
     sqlx::query(
@@ -437,7 +437,7 @@ async fn cancel_active_turns(db: &mut impl DbConn, conversation: Uuid) -> Result
 }
 
 /// Cancels one response if it is still queued or running. Primary only.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 async fn mark_cancelled(
     db: &mut impl DbConn,
     id: Uuid,

@@ -44,7 +44,7 @@ fn generate_secret() -> String {
 }
 
 /// Looks up a key by hash. Runs on any node.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn find_key(
     db: &mut impl DbConn,
     hash: &[u8; 32],
@@ -61,7 +61,7 @@ pub async fn find_key(
 }
 
 /// Creates the user if it does not exist, and a new key for it. Primary only.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(level = "debug", skip(db))]
 pub async fn create_key(
     db: &mut impl DbConn,
     user_name: &str,

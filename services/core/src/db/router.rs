@@ -99,7 +99,7 @@ impl Router {
     /// Runs a read on a node that satisfies `consistency`. After a connection
     /// error (or a timeout) the node is banned and the read runs once more on
     /// another node, so `op` must be idempotent: reads are.
-    #[tracing::instrument(skip(self, op), fields(node))]
+    #[tracing::instrument(level = "debug", skip(self, op), fields(node))]
     pub async fn read<T, F>(&self, consistency: Consistency, op: F) -> Result<T, DbError>
     where
         F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,

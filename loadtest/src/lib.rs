@@ -1,0 +1,1 @@
+//! Load-test support: the baselines `make bench` compares Turnpike against.
