@@ -145,8 +145,6 @@ pub struct DatabaseSettings {
     pub replica_path: ConnectPath,
     /// Pool size per node and process. Every pod counts against the server's `max_connections`.
     pub max_connections_per_node: u32,
-    /// Connections kept open per node even when idle.
-    pub min_connections_per_node: u32,
     /// How long a query waits for a pooled connection before the node counts as failing.
     pub acquire_timeout_ms: u64,
     /// Server-side `statement_timeout` on direct connections (set it on the role for PgBouncer).
@@ -180,7 +178,6 @@ impl Default for DatabaseSettings {
             primary_path: ConnectPath::Pgbouncer,
             replica_path: ConnectPath::Direct,
             max_connections_per_node: 16,
-            min_connections_per_node: 1,
             acquire_timeout_ms: 500,
             statement_timeout_ms: 5_000,
             health_interval_ms: 250,

@@ -149,7 +149,6 @@ impl Stack {
         settings.database.replica_path = paths.replica;
         settings.database.health_interval_ms = 100;
         settings.database.max_connections_per_node = 8;
-        settings.database.min_connections_per_node = 0;
         settings.log.filter = "warn".into();
         settings
     }
@@ -247,7 +246,8 @@ impl Drop for Stack {
 /// A port base whose topology ports (base+0..2, +10..12, +20) are free now.
 fn free_port_base() -> u16 {
     loop {
-        let base = 20_000 + (rand_u16() % 400) * 100;
+        // Below the ephemeral port range (32768+) so no outgoing connection holds one.
+        let base = 20_000 + (rand_u16() % 120) * 100;
         let ports = [0, 1, 2, 10, 11, 12, 20].map(|o| base + o);
         if ports
             .iter()

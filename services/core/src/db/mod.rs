@@ -7,6 +7,7 @@
 
 pub mod migrate;
 mod node;
+mod pool;
 mod router;
 
 use std::fmt;

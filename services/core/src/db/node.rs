@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sqlx::PgPool;
 
 use super::Lsn;
+use super::pool::NodePool;
 use crate::config::{ConnectPath, NodeRole};
 
 /// What the router thinks of a node right now.
@@ -66,7 +66,7 @@ pub struct Node {
     /// `host:port` the pool connects to.
     pub addr: String,
     pub path: ConnectPath,
-    pub(super) pool: PgPool,
+    pub(super) pool: NodePool,
     in_flight: AtomicUsize,
     state: AtomicU8,
     replay_lsn: AtomicU64,
@@ -78,9 +78,11 @@ pub struct Node {
 /// Pool statistics for the topology endpoint.
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolStatus {
-    pub size: u32,
+    /// Open connections.
+    pub size: usize,
+    /// Open connections not in use.
     pub idle: usize,
-    pub max: u32,
+    pub max: usize,
 }
 
 /// One node as `GET /v1/admin/topology` shows it.
@@ -129,7 +131,7 @@ impl Node {
         role: NodeRole,
         addr: String,
         path: ConnectPath,
-        pool: PgPool,
+        pool: NodePool,
     ) -> Self {
         Self {
             name,
@@ -233,7 +235,8 @@ impl Node {
         self.state.store(state.as_u8(), Ordering::Relaxed);
     }
 
-    pub(super) fn status(&self, max_connections: u32) -> NodeStatus {
+    pub(super) fn status(&self) -> NodeStatus {
+        let usage = self.pool.usage();
         NodeStatus {
             name: self.name.clone(),
             role: match self.role {
@@ -251,9 +254,9 @@ impl Node {
             lsn: self.replay_lsn().to_string(),
             in_flight: self.in_flight(),
             pool: PoolStatus {
-                size: self.pool.size(),
-                idle: self.pool.num_idle(),
-                max: max_connections,
+                size: usage.size,
+                idle: usage.available,
+                max: usage.max,
             },
             last_error: self.lock_ban().last_error.clone(),
         }

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use secrecy::ExposeSecret;
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::Row;
+use sqlx::postgres::PgConnectOptions;
 
 use super::node::{InFlight, Node};
+use super::pool::{NodePool, Pooled};
 use super::{Consistency, DbConn, DbError, Lsn, NodeState, NodeStatus, is_connection_error};
 use crate::config::{ConfigError, ConnectPath, DatabaseSettings, NodeRole, NodeSettings};
 
@@ -92,7 +92,7 @@ impl Router {
     pub fn topology(&self) -> Vec<NodeStatus> {
         std::iter::once(&self.primary)
             .chain(&self.replicas)
-            .map(|n| n.status(self.settings.max_connections_per_node))
+            .map(|n| n.status())
             .collect()
     }
 
@@ -135,11 +135,16 @@ impl Router {
             return Err(DbError::PrimaryUnavailable);
         }
         let guard = InFlight::enter(node);
-        let begin = tokio::time::timeout(self.acquire_timeout(), node.pool.begin()).await;
-        match begin {
-            Ok(Ok(tx)) => Ok(Writer {
-                tx,
-                lsn_query_timeout: self.acquire_timeout(),
+        let begin = async {
+            let mut conn = node.pool.get().await?;
+            sqlx::Executor::execute(conn.conn(), "BEGIN").await?;
+            conn.in_transaction = true;
+            Ok::<Pooled, sqlx::Error>(conn)
+        };
+        match tokio::time::timeout(self.acquire_timeout(), begin).await {
+            Ok(Ok(conn)) => Ok(Writer {
+                conn,
+                commit_timeout: Duration::from_millis(self.settings.read_attempt_timeout_ms),
                 node: guard,
             }),
             Ok(Err(e)) if is_connection_error(&e) => {
@@ -250,9 +255,9 @@ impl Router {
         order.sort_by_key(|n| n.in_flight());
         loop {
             for node in &order {
-                let probe =
-                    sqlx::raw_sql("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8")
-                        .fetch_one(&node.pool);
+                let probe = node
+                    .pool
+                    .simple_row("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8");
                 if let Ok(Ok(row)) = tokio::time::timeout(probe_timeout, probe).await {
                     let replayed = row.try_get::<Option<i64>, _>(0).ok().flatten().unwrap_or(0);
                     let replayed = Lsn(u64::try_from(replayed).unwrap_or(0));
@@ -282,12 +287,11 @@ impl Router {
                  (pg_last_wal_receive_lsn() - '0/0'::pg_lsn)::int8"
             }
         };
-        let row =
-            match tokio::time::timeout(timeout, sqlx::raw_sql(sql).fetch_one(&node.pool)).await {
-                Ok(Ok(row)) => row,
-                Ok(Err(e)) => return self.probe_failed(node, &e.to_string()),
-                Err(_elapsed) => return self.probe_failed(node, "health probe timed out"),
-            };
+        let row = match tokio::time::timeout(timeout, node.pool.simple_row(sql)).await {
+            Ok(Ok(row)) => row,
+            Ok(Err(e)) => return self.probe_failed(node, &e.to_string()),
+            Err(_elapsed) => return self.probe_failed(node, "health probe timed out"),
+        };
         let in_recovery: bool = row.try_get(0).unwrap_or(false);
         let position = row
             .try_get::<Option<i64>, _>(1)
@@ -439,19 +443,12 @@ fn build_node(
         ConnectPath::Pgbouncer => options.statement_cache_capacity(0),
     };
     let addr = format!("{}:{}", options.get_host(), options.get_port());
-    let pool = PgPoolOptions::new()
-        .max_connections(settings.max_connections_per_node)
-        .min_connections(settings.min_connections_per_node)
-        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
-        // The monitor checks health; a ping per checkout would double every read's round trips.
-        .test_before_acquire(false)
-        .connect_lazy_with(options);
+    let pool = NodePool::new(
+        options,
+        usize::try_from(settings.max_connections_per_node).unwrap_or(usize::MAX),
+        Duration::from_millis(settings.acquire_timeout_ms),
+    );
     Ok(Node::new(name.to_owned(), node.role, addr, path, pool))
-}
-
-enum ReaderConn {
-    Direct(PoolConnection<Postgres>),
-    Transaction(Transaction<'static, Postgres>),
 }
 
 /// A read session on one node. Through PgBouncer it is an explicit
@@ -459,25 +456,28 @@ enum ReaderConn {
 /// separate round trips that transaction pooling may send to different
 /// servers otherwise.
 pub struct Reader {
-    conn: ReaderConn,
+    conn: Pooled,
     node: InFlight,
 }
 
 impl Reader {
     async fn open(node: &Arc<Node>) -> Result<Self, sqlx::Error> {
         let guard = InFlight::enter(node);
-        let conn = match node.path {
-            ConnectPath::Direct => ReaderConn::Direct(node.pool.acquire().await?),
-            ConnectPath::Pgbouncer => ReaderConn::Transaction(node.pool.begin().await?),
-        };
+        let mut conn = node.pool.get().await?;
+        if node.path == ConnectPath::Pgbouncer {
+            sqlx::Executor::execute(conn.conn(), "BEGIN").await?;
+            conn.in_transaction = true;
+        }
         Ok(Self { conn, node: guard })
     }
 
-    async fn finish(self) -> Result<(), sqlx::Error> {
-        match self.conn {
-            ReaderConn::Direct(_) => Ok(()),
-            ReaderConn::Transaction(tx) => tx.commit().await,
+    async fn finish(mut self) -> Result<(), sqlx::Error> {
+        if self.conn.in_transaction {
+            sqlx::Executor::execute(self.conn.conn(), "COMMIT").await?;
+            self.conn.in_transaction = false;
         }
+        self.conn.done();
+        Ok(())
     }
 
     /// The name of the node this read runs on.
@@ -492,43 +492,43 @@ impl DbConn for Reader {
     }
 
     fn conn(&mut self) -> &mut sqlx::PgConnection {
-        match &mut self.conn {
-            ReaderConn::Direct(c) => c,
-            ReaderConn::Transaction(t) => t,
-        }
+        self.conn.conn()
     }
 }
 
 /// A transaction on the primary. Commit it with [`Writer::commit`] to learn
 /// the consistency token; dropping it rolls back.
 pub struct Writer {
-    tx: Transaction<'static, Postgres>,
-    lsn_query_timeout: Duration,
+    conn: Pooled,
+    commit_timeout: Duration,
     node: InFlight,
 }
 
 impl Writer {
-    /// Commits and returns the primary's WAL position after the commit: a
-    /// replica that has replayed it sees this transaction.
-    pub async fn commit(self) -> Result<Lsn, DbError> {
-        let Self {
-            tx,
-            lsn_query_timeout,
-            node,
-        } = self;
-        tx.commit().await.map_err(|e| {
-            if is_connection_error(&e) {
-                DbError::PrimaryUnavailable
-            } else {
-                DbError::Query(e)
+    /// Commits and returns the primary's WAL position after the commit (in
+    /// the same round trip): a replica that has replayed it sees this
+    /// transaction.
+    pub async fn commit(mut self) -> Result<Lsn, DbError> {
+        let commit = sqlx::Executor::fetch_all(
+            self.conn.conn(),
+            "COMMIT; SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8",
+        );
+        let rows = match tokio::time::timeout(self.commit_timeout, commit).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) if is_connection_error(&e) => {
+                self.conn.discard();
+                return Err(DbError::PrimaryUnavailable);
             }
-        })?;
-        let position = sqlx::raw_sql("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
-            .fetch_one(&node.node().pool);
-        let row = tokio::time::timeout(lsn_query_timeout, position)
-            .await
-            .map_err(|_elapsed| DbError::PrimaryUnavailable)??;
-        let lsn: i64 = row.try_get(0)?;
+            Ok(Err(e)) => return Err(DbError::Query(e)),
+            Err(_elapsed) => return Err(DbError::PrimaryUnavailable),
+        };
+        self.conn.in_transaction = false;
+        let lsn: i64 = rows
+            .first()
+            .ok_or_else(|| sqlx::Error::RowNotFound)?
+            .try_get(0)?;
+        self.conn.done();
+        drop(self.node);
         Ok(Lsn(u64::try_from(lsn).unwrap_or(0)))
     }
 }
@@ -539,6 +539,6 @@ impl DbConn for Writer {
     }
 
     fn conn(&mut self) -> &mut sqlx::PgConnection {
-        &mut self.tx
+        self.conn.conn()
     }
 }
