@@ -8,8 +8,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
-use serde_json::value::RawValue;
-use sqlx::types::Json as SqlJson;
 use turnpike_core::db::DbConn;
 use turnpike_protocol::item::{ContentPart, CreateItems, InputItem, Item, ItemContent, Role};
 use turnpike_protocol::{Conversation, List, ids as prefixes};
@@ -19,6 +17,7 @@ use crate::conversations;
 use crate::error::ApiError;
 use crate::extract::{Auth, Json, Query, ReadConsistency};
 use crate::ids;
+use crate::stored_json::{self, StoredJson};
 use crate::{AppState, Path, written};
 
 /// Most items one call may add.
@@ -117,21 +116,18 @@ pub async fn list(
     let Some(rows) = rows else {
         return Err(ApiError::not_found("conversation", &conversation_id));
     };
-    Ok(axum::Json(page_of(rows, limit)).into_response())
+    Ok(page_of(rows, limit).into_response())
 }
 
 /// Turns `limit + 1` rows into a page.
-fn page_of(mut rows: Vec<ItemRow>, limit: i64) -> List<Box<RawValue>> {
+pub fn page_of(mut rows: Vec<ItemRow>, limit: i64) -> StoredJson {
     let has_more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;
     rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let id = |row: &ItemRow| ids::encode(ids::item_prefix(&row.kind), row.id);
-    List {
-        object: "list".into(),
-        first_id: rows.first().map(id),
-        last_id: rows.last().map(id),
-        data: rows.into_iter().map(|r| r.body.0).collect(),
-        has_more,
-    }
+    let first = rows.first().map(id);
+    let last = rows.last().map(id);
+    let bodies: Vec<StoredJson> = rows.into_iter().map(|r| r.body).collect();
+    stored_json::list(&bodies, first.as_deref(), last.as_deref(), has_more)
 }
 
 /// Add items to a conversation.
@@ -183,7 +179,7 @@ pub async fn retrieve(
         })
         .await?;
     match body {
-        Some(body) => Ok(axum::Json(body.0).into_response()),
+        Some(body) => Ok(body.into_response()),
         None => Err(ApiError::not_found("item", &item_id)),
     }
 }
@@ -380,13 +376,13 @@ pub async fn append(
 struct PageRow {
     id: Option<Uuid>,
     kind: Option<String>,
-    body: Option<SqlJson<Box<RawValue>>>,
+    body: Option<StoredJson>,
 }
 
 pub struct ItemRow {
     pub id: Uuid,
     pub kind: String,
-    pub body: SqlJson<Box<RawValue>>,
+    pub body: StoredJson,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -464,9 +460,9 @@ async fn find_item(
     conversation: Uuid,
     user: Uuid,
     item: Uuid,
-) -> Result<Option<SqlJson<Box<RawValue>>>, sqlx::Error> {
+) -> Result<Option<StoredJson>, sqlx::Error> {
     let prepared = db.prepared();
-    let row: Option<(SqlJson<Box<RawValue>>,)> = sqlx::query_as(
+    let row: Option<(StoredJson,)> = sqlx::query_as(
         "SELECT i.body FROM conversations c JOIN items i ON i.conversation_id = c.id AND i.id = $3
          WHERE c.id = $1 AND c.user_id = $2 AND c.deleted_at IS NULL",
     )

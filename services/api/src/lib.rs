@@ -13,6 +13,7 @@ pub mod ids;
 pub mod items;
 pub mod openapi;
 pub mod responses;
+pub mod stored_json;
 
 use std::future::Future;
 use std::ops::Deref;

@@ -8,7 +8,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use sqlx::types::Json as SqlJson;
 use turnpike_core::db::DbConn;
 use turnpike_protocol::item::{InputItem, Item, ItemContent, Role};
@@ -22,6 +21,7 @@ use crate::conversations::{self, check_metadata};
 use crate::error::ApiError;
 use crate::extract::{Auth, Json, Query, ReadConsistency};
 use crate::items::{self, ItemRow, Order, page_limit};
+use crate::stored_json::StoredJson;
 use crate::{AppState, Path, ids, written};
 
 pub fn router() -> Router<AppState> {
@@ -250,18 +250,7 @@ pub async fn input_items(
         })
         .await?
         .ok_or_else(|| ApiError::not_found("response", &response_id))?;
-    let has_more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;
-    let mut rows = rows;
-    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let id_of = |r: &ItemRow| ids::encode(ids::item_prefix(&r.kind), r.id);
-    let list: List<Box<RawValue>> = List {
-        object: "list".into(),
-        first_id: rows.first().map(id_of),
-        last_id: rows.last().map(id_of),
-        data: rows.into_iter().map(|r| r.body.0).collect(),
-        has_more,
-    };
-    Ok(axum::Json(list).into_response())
+    Ok(items::page_of(rows, limit).into_response())
 }
 
 /// Cancel a queued or running response. Cancelling a cancelled response
@@ -479,7 +468,7 @@ async fn list_inputs(db: &mut impl DbConn, page: &InputPage) -> Result<Vec<ItemR
         "SELECT id, kind, body FROM items WHERE conversation_id = $1 AND seq BETWEEN $2 AND $3 {cursor}
          ORDER BY seq {dir} LIMIT $4"
     );
-    let mut query = sqlx::query_as::<_, (Uuid, String, SqlJson<Box<RawValue>>)>(&sql)
+    let mut query = sqlx::query_as::<_, (Uuid, String, StoredJson)>(&sql)
         .bind(page.conversation)
         .bind(page.seqs.0)
         .bind(page.seqs.1)
