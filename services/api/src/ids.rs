@@ -1,58 +1,15 @@
-//! Public ids: `<prefix>_<32 hex>` around the row's UUIDv7.
+//! Public ids in requests: anything that does not parse is a 404, as an id
+//! that was never issued cannot name anything.
 
-use turnpike_protocol::ids;
+pub use turnpike_core::ids::{encode, item_prefix};
 use uuid::Uuid;
 
 use crate::error::ApiError;
 
-pub fn encode(prefix: &str, id: Uuid) -> String {
-    format!("{prefix}_{}", id.simple())
-}
-
-/// Parses an id of the given prefix; anything else is a 404 for `what`, as
-/// an id that was never issued cannot name anything.
 pub fn decode(prefix: &str, what: &str, text: &str) -> Result<Uuid, ApiError> {
-    parse(prefix, text).ok_or_else(|| ApiError::not_found(what, text))
+    turnpike_core::ids::parse(prefix, text).ok_or_else(|| ApiError::not_found(what, text))
 }
 
-fn parse(prefix: &str, text: &str) -> Option<Uuid> {
-    let hex = text.strip_prefix(prefix)?.strip_prefix('_')?;
-    if hex.len() != 32 {
-        return None;
-    }
-    Uuid::try_parse(hex).ok()
-}
-
-/// The prefix an item of this kind gets.
-pub fn item_prefix(kind: &str) -> &'static str {
-    match kind {
-        "function_call" => ids::FUNCTION_CALL,
-        "function_call_output" => ids::FUNCTION_CALL_OUTPUT,
-        _ => ids::MESSAGE,
-    }
-}
-
-/// Parses an item id of any item kind.
 pub fn decode_item(text: &str) -> Result<Uuid, ApiError> {
-    [ids::MESSAGE, ids::FUNCTION_CALL, ids::FUNCTION_CALL_OUTPUT]
-        .iter()
-        .find_map(|prefix| parse(prefix, text))
-        .ok_or_else(|| ApiError::not_found("item", text))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_round_trip_and_reject_other_prefixes() {
-        let id = Uuid::now_v7();
-        let text = encode("conv", id);
-        assert!(text.starts_with("conv_") && text.len() == 37);
-        assert_eq!(parse("conv", &text), Some(id));
-        assert_eq!(parse("resp", &text), None);
-        assert_eq!(parse("conv", "conv_123"), None);
-        assert_eq!(parse("conv", "conv_zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz"), None);
-        assert_eq!(decode_item(&encode("fc", id)).ok(), Some(id));
-    }
+    turnpike_core::ids::parse_item(text).ok_or_else(|| ApiError::not_found("item", text))
 }

@@ -295,42 +295,10 @@ pub fn to_item(input: &InputItem, id: Uuid) -> Item {
     }
 }
 
-fn kind_of(item: &Item) -> &'static str {
-    match item {
-        Item::Message { .. } => "message",
-        Item::FunctionCall { .. } => "function_call",
-        Item::FunctionCallOutput { .. } => "function_call_output",
-    }
-}
+pub use turnpike_core::turns::reserve_seqs;
 
-/// Reserves `n` item seqs in a conversation the user owns, returning the
-/// first. Takes the conversation's row lock, which orders concurrent
-/// appends. Primary only.
-#[tracing::instrument(level = "debug", skip(db))]
-pub async fn reserve_seqs(
-    db: &mut impl DbConn,
-    conversation: Uuid,
-    user: Uuid,
-    n: usize,
-) -> Result<Option<i64>, sqlx::Error> {
-    let n = i64::try_from(n).unwrap_or(i64::MAX);
-    let prepared = db.prepared();
-    let last: Option<(i64,)> = sqlx::query_as(
-        "UPDATE conversations SET last_seq = last_seq + $3, version = version + 1, updated_at = now()
-         WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL
-         RETURNING last_seq",
-    )
-    .bind(conversation)
-    .bind(user)
-    .bind(n)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
-    .await?;
-    Ok(last.map(|(last,)| last - n + 1))
-}
-
-/// Inserts items at `first_seq..`. Primary only, in the caller's transaction.
-#[tracing::instrument(level = "debug", skip(db, inputs))]
+/// Stores input items at `first_seq..`, returning them as stored. Primary
+/// only, in the caller's transaction.
 pub async fn append(
     db: &mut impl DbConn,
     conversation: Uuid,
@@ -338,35 +306,11 @@ pub async fn append(
     inputs: &[InputItem],
     response: Option<Uuid>,
 ) -> Result<Vec<Item>, sqlx::Error> {
-    let mut seqs = Vec::with_capacity(inputs.len());
-    let mut uuids = Vec::with_capacity(inputs.len());
-    let mut kinds = Vec::with_capacity(inputs.len());
-    let mut bodies = Vec::with_capacity(inputs.len());
-    let mut items = Vec::with_capacity(inputs.len());
-    for (seq, input) in (first_seq..).zip(inputs) {
-        let id = Uuid::now_v7();
-        let item = to_item(input, id);
-        seqs.push(seq);
-        uuids.push(id);
-        kinds.push(kind_of(&item));
-        bodies.push(serde_json::to_value(&item).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
-        items.push(item);
-    }
-    let prepared = db.prepared();
-    sqlx::query(
-        "INSERT INTO items (conversation_id, seq, id, kind, body, response_id)
-         SELECT $1, seq, id, kind, body, $6
-         FROM UNNEST($2::int8[], $3::uuid[], $4::text[], $5::jsonb[]) AS t (seq, id, kind, body)",
-    )
-    .bind(conversation)
-    .bind(&seqs)
-    .bind(&uuids)
-    .bind(&kinds)
-    .bind(&bodies)
-    .bind(response)
-    .persistent(prepared)
-    .execute(db.conn())
-    .await?;
+    let items: Vec<Item> = inputs
+        .iter()
+        .map(|input| to_item(input, Uuid::now_v7()))
+        .collect();
+    turnpike_core::turns::insert_items(db, conversation, first_seq, &items, response).await?;
     Ok(items)
 }
 

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod conversations;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod idempotency;
@@ -31,6 +32,7 @@ use turnpike_core::Settings;
 use turnpike_core::auth::{Authenticator, Principal};
 use turnpike_core::config::ConfigError;
 use turnpike_core::db::{Consistency, Lsn, Router};
+use turnpike_core::events::Hub;
 use turnpike_core::kv::{Kv, KvError};
 use turnpike_core::last_write::LastWrites;
 
@@ -47,6 +49,7 @@ pub struct AppInner {
     pub auth: Authenticator,
     pub last_writes: LastWrites,
     pub kv: Kv,
+    pub hub: Hub,
 }
 
 impl Deref for AppState {
@@ -72,12 +75,14 @@ impl AppState {
             kv.clone(),
             Duration::from_millis(settings.database.last_write_window_ms),
         );
+        let hub = Hub::start(settings.redis.url())?;
         Ok(Self(Arc::new(AppInner {
             settings,
             router,
             auth,
             last_writes,
             kv,
+            hub,
         })))
     }
 

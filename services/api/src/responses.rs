@@ -7,18 +7,26 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sqlx::types::Json as SqlJson;
 use turnpike_core::db::DbConn;
 use turnpike_protocol::item::{InputItem, Item, ItemContent, Role};
 use turnpike_protocol::response::{
-    CreateResponse, Multitask, Response, ResponseConversation, ResponseInput, ResponseStatus, Usage,
+    CreateResponse, Multitask, Response, ResponseInput, ResponseStatus,
 };
 use turnpike_protocol::{List, Metadata, ids as prefixes};
 use uuid::Uuid;
 
+use turnpike_core::turns::{COLUMNS, ResponseRow, StoredRequest, find};
+
+use std::time::Duration;
+
+use turnpike_core::db::Consistency;
+use turnpike_core::queue;
+
 use crate::conversations::{self, check_metadata};
 use crate::error::ApiError;
+use crate::events;
 use crate::extract::{Auth, Json, Query, ReadConsistency};
 use crate::items::{self, ItemRow, Order, page_limit};
 use crate::stored_json::StoredJson;
@@ -30,24 +38,6 @@ pub fn router() -> Router<AppState> {
         .route("/v1/responses/{response_id}", get(retrieve))
         .route("/v1/responses/{response_id}/input_items", get(input_items))
         .route("/v1/responses/{response_id}/cancel", post(cancel))
-}
-
-/// The creation parameters kept with a response.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct StoredRequest {
-    instructions: Option<String>,
-    #[serde(default)]
-    tools: Vec<serde_json::Value>,
-    tool_choice: Option<serde_json::Value>,
-    #[serde(default)]
-    metadata: Metadata,
-    parallel_tool_calls: Option<bool>,
-    max_output_tokens: Option<u32>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    store: Option<bool>,
-    truncation: Option<String>,
-    context_management: Option<Vec<serde_json::Value>>,
 }
 
 /// Create a response (a turn) in a conversation.
@@ -65,12 +55,6 @@ pub async fn create(
         return Err(ApiError::invalid(
             "previous_response_id",
             "previous_response_id is not supported: pass `conversation` to continue a conversation.",
-        ));
-    }
-    if body.stream == Some(true) {
-        return Err(ApiError::invalid(
-            "stream",
-            "Streaming responses are not available on this server yet; use background: true and poll.",
         ));
     }
     let inputs = match body.input.clone() {
@@ -159,18 +143,73 @@ pub async fn create(
     .await?;
     let lsn = tx.commit().await?;
     app.wrote(&principal, lsn).await;
-    Ok(written(lsn, StatusCode::OK, &row.into_api()?))
+    let public = row.public_id();
+    // Subscribe before the turn can start, so a fast turn's end is not missed.
+    let waiting = (body.stream != Some(true) && !background).then(|| app.hub.subscribe(&public));
+    let waiting = match waiting {
+        Some(subscribing) => Some(subscribing.await),
+        None => None,
+    };
+    if let Err(e) = queue::enqueue(&app.kv, &public, lsn).await {
+        tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
+    }
+    if body.stream == Some(true) {
+        let mut response = events::stream(&app, row, None);
+        if let Ok(value) = axum::http::HeaderValue::from_str(&lsn.to_string()) {
+            response
+                .headers_mut()
+                .insert(crate::extract::CONSISTENCY_HEADER, value);
+        }
+        return Ok(response);
+    }
+    if waiting.is_some() {
+        let timeout = Duration::from_millis(app.settings.api.response_wait_ms);
+        if let Some(done) = events::wait_for_end(&app, &public, timeout).await {
+            return Ok(written(lsn, StatusCode::OK, &done));
+        }
+        let (id, user) = (row.id, row.user_id);
+        if let Ok(Some(current)) = app
+            .router
+            .read(Consistency::Strong, move |db| {
+                Box::pin(async move { find(db, id, user).await })
+            })
+            .await
+        {
+            return Ok(written(lsn, StatusCode::OK, &current.to_api()));
+        }
+    }
+    Ok(written(lsn, StatusCode::OK, &row.to_api()))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RetrieveParams {
+    /// `true`: answer with the response's event stream (SSE) instead.
+    pub stream: Option<bool>,
+    /// With `stream`: resume after this sequence number (or send `Last-Event-ID`).
+    pub starting_after: Option<u64>,
+    /// Accepted for compatibility.
+    #[allow(dead_code)]
+    pub include: Option<Vec<String>>,
+    #[allow(dead_code)]
+    pub include_obfuscation: Option<bool>,
+    #[allow(dead_code)]
+    pub consistency: Option<String>,
 }
 
 /// Retrieve a response.
 #[utoipa::path(get, path = "/v1/responses/{response_id}", tag = "responses",
-    params(("response_id" = String, Path)),
-    responses((status = 200, body = Response), (status = 401, body = turnpike_protocol::ErrorBody),
+    params(("response_id" = String, Path), RetrieveParams),
+    responses((status = 200, body = Response, description = "the response, or with `stream=true` its events as text/event-stream"),
+        (status = 400, body = turnpike_protocol::ErrorBody),
+        (status = 401, body = turnpike_protocol::ErrorBody),
         (status = 404, body = turnpike_protocol::ErrorBody), (status = 503, body = turnpike_protocol::ErrorBody)))]
 pub async fn retrieve(
     State(app): State<AppState>,
     Auth(principal): Auth,
     Path(response_id): Path<String>,
+    Query(params): Query<RetrieveParams>,
+    headers: axum::http::HeaderMap,
     read: ReadConsistency,
 ) -> Result<HttpResponse, ApiError> {
     let id = ids::decode(prefixes::RESPONSE, "response", &response_id)?;
@@ -183,7 +222,28 @@ pub async fn retrieve(
         })
         .await?
         .ok_or_else(|| ApiError::not_found("response", &response_id))?;
-    Ok(axum::Json(row.into_api()?).into_response())
+    if params.stream == Some(true) {
+        let last_event_id = headers
+            .get("last-event-id")
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "Last-Event-ID",
+                            "Last-Event-ID must be a sequence number.",
+                        )
+                    })
+            })
+            .transpose()?;
+        return Ok(events::stream(
+            &app,
+            row,
+            params.starting_after.or(last_event_id),
+        ));
+    }
+    Ok(axum::Json(row.to_api()).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -284,67 +344,8 @@ pub async fn cancel(
     };
     let lsn = tx.commit().await?;
     app.wrote(&principal, lsn).await;
-    Ok(written(lsn, StatusCode::OK, &row.into_api()?))
+    Ok(written(lsn, StatusCode::OK, &row.to_api()))
 }
-
-/// A response row as stored.
-#[derive(Debug, sqlx::FromRow)]
-pub struct ResponseRow {
-    id: Uuid,
-    conversation_id: Uuid,
-    status: String,
-    model: String,
-    background: bool,
-    request: SqlJson<StoredRequest>,
-    output: SqlJson<Vec<Item>>,
-    usage: Option<SqlJson<Usage>>,
-    error: Option<serde_json::Value>,
-    input_first_seq: i64,
-    input_last_seq: i64,
-    created_at: i64,
-}
-
-impl ResponseRow {
-    fn into_api(self) -> Result<Response, ApiError> {
-        let status = ResponseStatus::parse(&self.status).ok_or_else(|| {
-            ApiError::internal(&format!(
-                "response {} has unknown status {}",
-                self.id, self.status
-            ))
-        })?;
-        let request = self.request.0;
-        Ok(Response {
-            id: ids::encode(prefixes::RESPONSE, self.id),
-            object: "response".into(),
-            created_at: self.created_at,
-            status,
-            background: self.background,
-            conversation: ResponseConversation {
-                id: ids::encode(prefixes::CONVERSATION, self.conversation_id),
-            },
-            model: self.model,
-            instructions: request.instructions,
-            output: self.output.0,
-            tools: request.tools,
-            tool_choice: request.tool_choice.unwrap_or_else(|| "auto".into()),
-            parallel_tool_calls: request.parallel_tool_calls.unwrap_or(true),
-            metadata: request.metadata,
-            usage: self.usage.map(|u| u.0),
-            error: self.error,
-            incomplete_details: None,
-            previous_response_id: None,
-            max_output_tokens: request.max_output_tokens,
-            temperature: request.temperature,
-            top_p: request.top_p,
-            store: request.store.unwrap_or(true),
-            truncation: request.truncation.unwrap_or_else(|| "disabled".into()),
-        })
-    }
-}
-
-const COLUMNS: &str =
-    "id, conversation_id, status, model, background, request, output, usage, error,
-    input_first_seq, input_last_seq, extract(epoch FROM created_at)::int8 AS created_at";
 
 struct NewResponse<'a> {
     id: Uuid,
@@ -375,24 +376,6 @@ async fn insert(db: &mut impl DbConn, new: &NewResponse<'_>) -> Result<ResponseR
     .bind(new.input_seqs.1)
     .persistent(prepared)
     .fetch_one(db.conn())
-    .await
-}
-
-/// A response the user owns. Replica or primary.
-#[tracing::instrument(level = "debug", skip(db))]
-async fn find(
-    db: &mut impl DbConn,
-    id: Uuid,
-    user: Uuid,
-) -> Result<Option<ResponseRow>, sqlx::Error> {
-    let prepared = db.prepared();
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM responses WHERE id = $1 AND user_id = $2"
-    ))
-    .bind(id)
-    .bind(user)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
     .await
 }
 

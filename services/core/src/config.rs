@@ -16,6 +16,10 @@ pub struct Settings {
     pub api: ApiSettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
+    pub model: ModelSettings,
+    pub worker: WorkerSettings,
+    pub events: EventSettings,
+    pub mock: MockSettings,
     pub log: LogSettings,
 }
 
@@ -87,6 +91,9 @@ pub struct ApiSettings {
     pub auth_cache_ttl_ms: u64,
     /// Grace period for in-flight requests on SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// How long `POST /v1/responses` without `stream` or `background` waits
+    /// for the turn to finish before answering with its current status.
+    pub response_wait_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -98,6 +105,7 @@ impl Default for ApiSettings {
             default_model: "mock-1".into(),
             auth_cache_ttl_ms: 30_000,
             shutdown_grace_ms: 10_000,
+            response_wait_ms: 120_000,
         }
     }
 }
@@ -223,6 +231,123 @@ impl Default for RedisSettings {
 impl RedisSettings {
     pub fn url(&self) -> &str {
         self.url.expose_secret()
+    }
+}
+
+/// Which wire protocol the model provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// OpenAI's Responses API (`POST {base_url}/responses`, streaming): OpenAI,
+    /// Ollama ≥ 0.13.4, vLLM, LM Studio, and `turnpike mock-model`.
+    Responses,
+}
+
+/// The model provider the workers call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    pub provider: ProviderKind,
+    /// e.g. `https://api.openai.com/v1`, `http://localhost:11434/v1`.
+    pub base_url: String,
+    /// Sent as a bearer token when set.
+    pub api_key: Option<SecretString>,
+    /// A stream that sends nothing for this long is an error (retried).
+    pub idle_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Retries after a 5xx, a 429, a transport error or a stream cut short.
+    pub max_retries: u32,
+    /// First retry delay; doubles each retry, with jitter. A 429's own delay wins.
+    pub retry_base_ms: u64,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            provider: ProviderKind::Responses,
+            base_url: "http://127.0.0.1:15470/v1".into(),
+            api_key: None,
+            idle_timeout_ms: 60_000,
+            connect_timeout_ms: 5_000,
+            max_retries: 3,
+            retry_base_ms: 200,
+        }
+    }
+}
+
+/// The agent-loop workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Turns one worker process runs at once.
+    pub concurrency: usize,
+    /// How long one queue read blocks.
+    pub block_ms: u64,
+    /// A claimed turn whose worker has not heartbeated for this long is reclaimed.
+    pub reclaim_idle_ms: u64,
+    pub heartbeat_ms: u64,
+    /// Deliveries after which a turn fails instead of running again.
+    pub max_deliveries: u64,
+    /// On SIGTERM: stop claiming, and give running turns this long to finish.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            block_ms: 1_000,
+            reclaim_idle_ms: 15_000,
+            heartbeat_ms: 3_000,
+            max_deliveries: 5,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+/// Turn event logs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    /// How long a response's event log is kept in Redis after its last
+    /// event; later replays are rebuilt from the stored items.
+    pub retention_ms: u64,
+    /// SSE keepalive comment period.
+    pub keepalive_ms: u64,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            retention_ms: 3_600_000,
+            keepalive_ms: 15_000,
+        }
+    }
+}
+
+/// `turnpike mock-model`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MockSettings {
+    pub host: String,
+    pub port: u16,
+    /// Delay before the first token.
+    pub ttft_ms: u64,
+    /// Streaming speed; 0 streams as fast as possible.
+    pub tokens_per_s: u64,
+    /// Length of the deterministic answer to text without a directive.
+    pub answer_tokens: usize,
+}
+
+impl Default for MockSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 15470,
+            ttft_ms: 0,
+            tokens_per_s: 0,
+            answer_tokens: 24,
+        }
     }
 }
 

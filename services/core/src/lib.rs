@@ -5,8 +5,12 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod events;
+pub mod ids;
 pub mod kv;
 pub mod last_write;
+pub mod queue;
 pub mod telemetry;
+pub mod turns;
 
 pub use config::Settings;

@@ -21,6 +21,10 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API.
     Api,
+    /// Run agent-loop turns from the queue.
+    Worker,
+    /// Serve the scripted mock model (OpenAI Responses API).
+    MockModel,
     /// Apply database migrations on the primary, then exit.
     Migrate,
     /// Manage API keys.
@@ -53,6 +57,16 @@ async fn main() -> anyhow::Result<()> {
             let app = turnpike_api::Application::build(settings).await?;
             tracing::info!(port = app.port(), "api listening");
             app.run_until_stopped().await?;
+        }
+        Command::Worker => {
+            let worker = turnpike_worker::Worker::build(settings).await?;
+            tracing::info!(name = worker.name(), "worker running");
+            worker.run_until(turnpike_api::shutdown_signal()).await;
+        }
+        Command::MockModel => {
+            let mock = turnpike_mock_model::MockModel::build(settings.mock.clone()).await?;
+            tracing::info!(port = mock.port(), "mock model listening");
+            mock.run_until(turnpike_api::shutdown_signal()).await?;
         }
         Command::Migrate => {
             turnpike_core::db::migrate::run(&settings.database)

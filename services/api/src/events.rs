@@ -1,0 +1,286 @@
+//! Response event streams (SSE): replay the logged events after the
+//! client's cursor, then forward live ones, de-duplicated by sequence
+//! number, until the terminal event. When the log has expired, the events
+//! are rebuilt from the stored response, so a finished turn can always be
+//! replayed.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use turnpike_core::db::Consistency;
+use turnpike_core::events::{self, Live};
+use turnpike_core::turns::{self, ResponseRow};
+use turnpike_protocol::item::{ContentPart, Item};
+
+use crate::AppState;
+
+/// Event types that end a response's stream.
+const TERMINAL: [&str; 4] = [
+    "response.completed",
+    "response.failed",
+    "response.incomplete",
+    "response.cancelled",
+];
+
+/// How often an idle stream re-reads the log, in case a live event was missed.
+const RESYNC_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Deserialize)]
+struct Header<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    sequence_number: u64,
+}
+
+fn header(data: &str) -> Option<(String, u64)> {
+    let header: Header<'_> = serde_json::from_str(data).ok()?;
+    Some((header.kind.to_owned(), header.sequence_number))
+}
+
+/// An SSE response streaming `row`'s events after `after`.
+pub fn stream(app: &AppState, row: ResponseRow, after: Option<u64>) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(256);
+    let keepalive = Duration::from_millis(app.settings.events.keepalive_ms);
+    tokio::spawn(pump(app.clone(), row, after, tx));
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(keepalive))
+        .into_response()
+}
+
+/// Sends one logged event; false when the client is gone.
+async fn send(
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+    kind: &str,
+    seq: u64,
+    data: &str,
+) -> bool {
+    let event = Event::default().event(kind).id(seq.to_string()).data(data);
+    tx.send(Ok(event)).await.is_ok()
+}
+
+enum Step {
+    /// Keep streaming; the last sequence number sent.
+    Continue(Option<u64>),
+    /// The terminal event was sent, or the client left.
+    Done,
+}
+
+/// Sends logged events after `last`.
+async fn replay(
+    app: &AppState,
+    response: &str,
+    last: Option<u64>,
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+) -> Step {
+    let logged = match events::read_after(&app.kv, response, last).await {
+        Ok(logged) => logged,
+        Err(e) => {
+            tracing::warn!(error = %e, "event log unreadable; retrying");
+            return Step::Continue(last);
+        }
+    };
+    let mut last = last;
+    for (seq, data) in logged {
+        let Some((kind, _)) = header(&data) else {
+            continue;
+        };
+        if !send(tx, &kind, seq, &data).await {
+            return Step::Done;
+        }
+        last = Some(seq);
+        if TERMINAL.contains(&kind.as_str()) {
+            return Step::Done;
+        }
+    }
+    Step::Continue(last)
+}
+
+async fn pump(
+    app: AppState,
+    row: ResponseRow,
+    after: Option<u64>,
+    tx: mpsc::Sender<Result<Event, Infallible>>,
+) {
+    let response = row.public_id();
+    // Subscribe before reading the log: nothing published in between is lost.
+    let mut subscription = app.hub.subscribe(&response).await;
+    let mut last = match replay(&app, &response, after, &tx).await {
+        Step::Done => return,
+        Step::Continue(last) => last,
+    };
+    loop {
+        let next = tokio::select! {
+            () = tx.closed() => return,
+            next = tokio::time::timeout(RESYNC_EVERY, subscription.receiver.recv()) => next,
+        };
+        let resync = match next {
+            Ok(Ok(Live::Event(data))) => match header(&data) {
+                Some((kind, seq)) if last.is_none_or(|l| seq == l + 1) => {
+                    if !send(&tx, &kind, seq, &data).await {
+                        return;
+                    }
+                    last = Some(seq);
+                    if TERMINAL.contains(&kind.as_str()) {
+                        return;
+                    }
+                    false
+                }
+                // Already sent (it arrived in the replay too).
+                Some((_, seq)) if last.is_some_and(|l| seq <= l) => false,
+                // A gap: something was missed; the log has it.
+                _ => true,
+            },
+            Ok(Ok(Live::Resync)) | Ok(Err(RecvError::Lagged(_))) => true,
+            Ok(Err(RecvError::Closed)) => return,
+            Err(_idle) => true,
+        };
+        if resync {
+            last = match replay(&app, &response, last, &tx).await {
+                Step::Done => return,
+                Step::Continue(last) => last,
+            };
+            if last.is_none() && finished_without_log(&app, &row, after, &tx).await {
+                return;
+            }
+        }
+    }
+}
+
+/// For a response with no event log (expired, or finished before this
+/// release): if it has finished, sends its events rebuilt from storage.
+async fn finished_without_log(
+    app: &AppState,
+    row: &ResponseRow,
+    after: Option<u64>,
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+) -> bool {
+    let (id, user) = (row.id, row.user_id);
+    let current = app
+        .router
+        .read(Consistency::Eventual, move |db| {
+            Box::pin(async move { turns::find(db, id, user).await })
+        })
+        .await;
+    let Ok(Some(current)) = current else {
+        return false;
+    };
+    if !matches!(
+        current.status.as_str(),
+        "completed" | "failed" | "incomplete" | "cancelled"
+    ) {
+        return false;
+    }
+    for (seq, event) in (0u64..).zip(synthesize(&current)) {
+        if after.is_some_and(|a| seq <= a) {
+            continue;
+        }
+        let mut event = event;
+        event["sequence_number"] = json!(seq);
+        let kind = event["type"].as_str().unwrap_or("message").to_owned();
+        if !send(tx, &kind, seq, &event.to_string()).await {
+            return true;
+        }
+    }
+    true
+}
+
+/// A finished response's events, rebuilt from what is stored.
+pub fn synthesize(row: &ResponseRow) -> Vec<Value> {
+    let api = row.to_api();
+    let snapshot = serde_json::to_value(&api).unwrap_or(Value::Null);
+    let mut started = snapshot.clone();
+    started["status"] = json!("in_progress");
+    started["output"] = json!([]);
+    let mut out = vec![
+        json!({"type": "response.created", "response": started}),
+        json!({"type": "response.in_progress", "response": started}),
+    ];
+    for (index, item) in api.output.iter().enumerate() {
+        let mut added = serde_json::to_value(item).unwrap_or(Value::Null);
+        if let Item::Message { id, content, .. } = item {
+            added["status"] = json!("in_progress");
+            added["content"] = json!([]);
+            out.push(
+                json!({"type": "response.output_item.added", "output_index": index, "item": added}),
+            );
+            let text: String = content.iter().filter_map(ContentPart::text).collect();
+            out.push(json!({"type": "response.content_part.added", "item_id": id, "output_index": index,
+                "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}));
+            out.push(
+                json!({"type": "response.output_text.delta", "item_id": id, "output_index": index,
+                "content_index": 0, "delta": text}),
+            );
+            out.push(
+                json!({"type": "response.output_text.done", "item_id": id, "output_index": index,
+                "content_index": 0, "text": text}),
+            );
+            out.push(json!({"type": "response.content_part.done", "item_id": id, "output_index": index,
+                "content_index": 0, "part": {"type": "output_text", "text": text, "annotations": []}}));
+        } else {
+            out.push(
+                json!({"type": "response.output_item.added", "output_index": index, "item": added}),
+            );
+        }
+        out.push(
+            json!({"type": "response.output_item.done", "output_index": index,
+            "item": serde_json::to_value(item).unwrap_or(Value::Null)}),
+        );
+    }
+    let terminal = match row.status.as_str() {
+        "failed" => "response.failed",
+        "incomplete" => "response.incomplete",
+        "cancelled" => "response.cancelled",
+        _ => "response.completed",
+    };
+    out.push(json!({"type": terminal, "response": snapshot}));
+    out
+}
+
+/// Waits up to `timeout` for the response's terminal event and returns the
+/// response object it carries.
+pub async fn wait_for_end(app: &AppState, response: &str, timeout: Duration) -> Option<Value> {
+    let mut subscription = app.hub.subscribe(response).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(logged) = events::read_after(&app.kv, response, None).await {
+            if let Some((_, data)) = logged
+                .iter()
+                .rev()
+                .find(|(_, d)| header(d).is_some_and(|(kind, _)| TERMINAL.contains(&kind.as_str())))
+            {
+                return serde_json::from_str::<Value>(data)
+                    .ok()?
+                    .get("response")
+                    .cloned();
+            }
+        }
+        let wait = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(RESYNC_EVERY);
+        if wait.is_zero() {
+            return None;
+        }
+        loop {
+            match tokio::time::timeout(wait, subscription.receiver.recv()).await {
+                Ok(Ok(Live::Event(data))) => {
+                    if header(&data).is_some_and(|(kind, _)| TERMINAL.contains(&kind.as_str())) {
+                        return serde_json::from_str::<Value>(&data)
+                            .ok()?
+                            .get("response")
+                            .cloned();
+                    }
+                }
+                Ok(Err(RecvError::Closed)) => return None,
+                // Resync, lag or a quiet second: read the log again.
+                _ => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Turn events: a per-response log in a Redis Stream (for replay and
+//! resume) and live fan-out through Redis pub/sub.
+//!
+//! Each api process holds ONE pub/sub connection ([`Hub`]) and subscribes to
+//! a response's channel only while a local client streams it; events reach
+//! local subscribers through an in-process broadcast. Keys share the
+//! response's hash tag, so a Redis Cluster keeps them on one slot.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::Script;
+use tokio::sync::broadcast;
+
+use crate::kv::{Kv, KvError};
+
+/// The stream holding a response's events, field `d` = the event's JSON.
+fn log_key(response: &str) -> String {
+    format!("tp:{{{response}}}:events")
+}
+
+/// The pub/sub channel a response's live events are published on.
+fn channel(response: &str) -> String {
+    format!("tp:{{{response}}}:live")
+}
+
+/// Appends with the sequence number as the entry id (`<seq+1>-0`), keeps
+/// the log for the retention, and publishes.
+const APPEND: &str = r"
+local ok = pcall(redis.call, 'XADD', KEYS[1], ARGV[1], 'd', ARGV[2])
+if not ok then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[2])
+return 1
+";
+
+/// Appends an event. Returns false when an event with this sequence number
+/// was already logged (a redelivered turn repeating itself), in which case
+/// nothing is published.
+pub async fn append(
+    kv: &Kv,
+    response: &str,
+    sequence_number: u64,
+    json: &str,
+    retention: Duration,
+) -> Result<bool, KvError> {
+    let key = log_key(response);
+    let id = format!("{}-0", sequence_number + 1);
+    let json = json.to_owned();
+    let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    let channel = channel(response);
+    kv.run(|mut conn| async move {
+        Script::new(APPEND)
+            .key(key)
+            .arg(id)
+            .arg(json)
+            .arg(retention_ms)
+            .arg(channel)
+            .invoke_async::<i64>(&mut conn)
+            .await
+    })
+    .await
+    .map(|added| added == 1)
+}
+
+/// Logged events with a sequence number above `after` (all, for `None`), in order.
+pub async fn read_after(
+    kv: &Kv,
+    response: &str,
+    after: Option<u64>,
+) -> Result<Vec<(u64, String)>, KvError> {
+    let key = log_key(response);
+    let start = after.map_or_else(|| "-".to_owned(), |a| format!("{}-0", a + 2));
+    let entries: Vec<(String, Vec<(String, String)>)> = kv
+        .run(|mut conn| async move {
+            redis::cmd("XRANGE")
+                .arg(key)
+                .arg(start)
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+        })
+        .await?;
+    Ok(entries
+        .into_iter()
+        .filter_map(|(id, fields)| {
+            let seq = id.split_once('-')?.0.parse::<u64>().ok()?.checked_sub(1)?;
+            let data = fields.into_iter().find(|(k, _)| k == "d")?.1;
+            Some((seq, data))
+        })
+        .collect())
+}
+
+/// The highest logged sequence number of a response, if any.
+pub async fn last_sequence(kv: &Kv, response: &str) -> Result<Option<u64>, KvError> {
+    let key = log_key(response);
+    let entries: Vec<(String, Vec<(String, String)>)> = kv
+        .run(|mut conn| async move {
+            redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+        })
+        .await?;
+    Ok(entries
+        .first()
+        .and_then(|(id, _)| id.split_once('-')?.0.parse::<u64>().ok()?.checked_sub(1)))
+}
+
+/// What a subscriber receives: an event's JSON, or word that events may
+/// have been missed (the pub/sub connection dropped, or the subscriber fell
+/// behind) and the log must be read again.
+#[derive(Debug, Clone)]
+pub enum Live {
+    Event(Arc<str>),
+    Resync,
+}
+
+/// The process's shared pub/sub connection and its local subscribers.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    sink: tokio::sync::Mutex<Option<redis::aio::PubSubSink>>,
+    channels: Mutex<HashMap<String, broadcast::Sender<Live>>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+/// A local subscription to one response's live events; unsubscribes when
+/// the last local subscriber of that response is dropped.
+pub struct Subscription {
+    pub receiver: broadcast::Receiver<Live>,
+    channel: String,
+    hub: Hub,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let last = {
+            let mut channels = self.hub.lock_channels();
+            match channels.get(&self.channel) {
+                // This receiver still counts until it is dropped after us.
+                Some(sender) if sender.receiver_count() <= 1 => {
+                    channels.remove(&self.channel);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if last {
+            let hub = self.hub.clone();
+            let channel = std::mem::take(&mut self.channel);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Some(sink) = hub.inner.sink.lock().await.as_mut() {
+                        let _ = sink.unsubscribe(&channel).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// Starts the connection task (it reconnects by itself, with backoff).
+    pub fn start(redis_url: &str) -> Result<Self, KvError> {
+        let client = redis::Client::open(redis_url).map_err(|e| KvError::Config(e.to_string()))?;
+        let hub = Hub {
+            inner: Arc::new(HubInner {
+                sink: tokio::sync::Mutex::new(None),
+                channels: Mutex::new(HashMap::new()),
+            }),
+        };
+        tokio::spawn(run_connection(client, Arc::downgrade(&hub.inner)));
+        Ok(hub)
+    }
+
+    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<Live>>> {
+        self.inner
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribes to a response's live events. Subscribe first, then read
+    /// the log: an event published in between arrives twice and is
+    /// de-duplicated by sequence number, never lost.
+    pub async fn subscribe(&self, response: &str) -> Subscription {
+        let channel = channel(response);
+        let (receiver, first) = {
+            let mut channels = self.lock_channels();
+            match channels.get(&channel) {
+                Some(sender) => (sender.subscribe(), false),
+                None => {
+                    let (sender, receiver) = broadcast::channel(1024);
+                    channels.insert(channel.clone(), sender);
+                    (receiver, true)
+                }
+            }
+        };
+        if first {
+            if let Some(sink) = self.inner.sink.lock().await.as_mut() {
+                if let Err(e) = sink.subscribe(&channel).await {
+                    tracing::warn!(error = %e, "pub/sub subscribe failed; the stream will poll the log");
+                }
+            }
+        }
+        Subscription {
+            receiver,
+            channel,
+            hub: self.clone(),
+        }
+    }
+}
+
+async fn run_connection(client: redis::Client, hub: std::sync::Weak<HubInner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(inner) = hub.upgrade() else { return };
+        match client.get_async_pubsub().await {
+            Ok(pubsub) => {
+                backoff = Duration::from_millis(100);
+                let (mut sink, mut stream) = pubsub.split();
+                let channels: Vec<String> = inner
+                    .channels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
+                for channel in &channels {
+                    let _ = sink.subscribe(channel).await;
+                }
+                *inner.sink.lock().await = Some(sink);
+                // Anything published while we were away is only in the logs.
+                broadcast_all(&inner, Live::Resync);
+                drop(inner);
+                while let Some(message) = stream.next().await {
+                    let Some(inner) = hub.upgrade() else { return };
+                    let name = message.get_channel_name().to_owned();
+                    let payload: Arc<str> =
+                        String::from_utf8_lossy(message.get_payload_bytes()).into();
+                    let channels = inner.channels.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(sender) = channels.get(&name) {
+                        let _ = sender.send(Live::Event(payload));
+                    }
+                }
+                tracing::warn!("pub/sub connection lost; reconnecting");
+                if let Some(inner) = hub.upgrade() {
+                    *inner.sink.lock().await = None;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "pub/sub connect failed");
+                drop(inner);
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn broadcast_all(inner: &HubInner, live: Live) {
+    let channels = inner.channels.lock().unwrap_or_else(|p| p.into_inner());
+    for sender in channels.values() {
+        let _ = sender.send(live.clone());
+    }
+}

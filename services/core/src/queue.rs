@@ -1,0 +1,176 @@
+//! The turn queue: a Redis Stream (`tp:turns`) read by the `workers`
+//! consumer group. An entry names the response and the commit position of
+//! its input, so the worker can read the history from a replica that has
+//! replayed it. Delivery is at least once; workers acknowledge after the
+//! turn's outcome is persisted.
+
+use crate::db::Lsn;
+use crate::kv::{Kv, KvError};
+
+/// The queue's stream key.
+pub const STREAM: &str = "tp:turns";
+/// The workers' consumer group.
+pub const GROUP: &str = "workers";
+
+/// Queues a turn.
+pub async fn enqueue(kv: &Kv, response: &str, lsn: Lsn) -> Result<(), KvError> {
+    let response = response.to_owned();
+    let lsn = lsn.to_string();
+    kv.run(|mut conn| async move {
+        redis::cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("r")
+            .arg(response)
+            .arg("l")
+            .arg(lsn)
+            .query_async::<String>(&mut conn)
+            .await
+    })
+    .await
+    .map(|_| ())
+}
+
+/// One delivered turn.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The stream entry id, for XACK.
+    pub entry: String,
+    /// The response's public id (`resp_…`).
+    pub response: String,
+    /// The commit position of the turn's input.
+    pub lsn: Lsn,
+    /// How many times this entry has been delivered (1 on first delivery).
+    pub deliveries: u64,
+}
+
+/// A worker's consumer: a dedicated connection for its blocking reads.
+pub struct Consumer {
+    conn: redis::aio::MultiplexedConnection,
+    name: String,
+}
+
+impl Consumer {
+    /// Connects and makes sure the group exists.
+    pub async fn connect(redis_url: &str, name: &str) -> Result<Self, KvError> {
+        let client = redis::Client::open(redis_url).map_err(|e| KvError::Config(e.to_string()))?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let created: redis::RedisResult<String> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(STREAM)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = created {
+            if e.code() != Some("BUSYGROUP") {
+                return Err(e.into());
+            }
+        }
+        Ok(Self {
+            conn,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Waits up to `block_ms` for a new turn.
+    pub async fn next(&mut self, block_ms: u64) -> Result<Option<Delivery>, KvError> {
+        let reply: Option<Vec<(String, Vec<(String, Vec<(String, String)>)>)>> =
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.name)
+                .arg("COUNT")
+                .arg(1)
+                .arg("BLOCK")
+                .arg(block_ms)
+                .arg("STREAMS")
+                .arg(STREAM)
+                .arg(">")
+                .query_async(&mut self.conn)
+                .await?;
+        Ok(reply
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, entries)| entries)
+            .find_map(|(entry, fields)| parse(entry, &fields, 1)))
+    }
+
+    /// Claims turns another consumer has held for longer than `idle_ms`
+    /// (a crashed worker's), one at a time.
+    pub async fn reclaim(&mut self, idle_ms: u64) -> Result<Option<Delivery>, KvError> {
+        let reply: (String, Vec<(String, Vec<(String, String)>)>, Vec<String>) =
+            redis::cmd("XAUTOCLAIM")
+                .arg(STREAM)
+                .arg(GROUP)
+                .arg(&self.name)
+                .arg(idle_ms)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut self.conn)
+                .await?;
+        let Some((entry, fields)) = reply.1.into_iter().next() else {
+            return Ok(None);
+        };
+        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(STREAM)
+            .arg(GROUP)
+            .arg(&entry)
+            .arg(&entry)
+            .arg(1)
+            .query_async(&mut self.conn)
+            .await?;
+        let deliveries = pending.first().map_or(2, |p| p.3);
+        Ok(parse(entry, &fields, deliveries))
+    }
+}
+
+/// Keeps a claim fresh so no other worker reclaims a turn still running.
+pub async fn heartbeat(kv: &Kv, consumer: &str, entry: &str) -> Result<(), KvError> {
+    let (consumer, entry) = (consumer.to_owned(), entry.to_owned());
+    kv.run(|mut conn| async move {
+        redis::cmd("XCLAIM")
+            .arg(STREAM)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(0)
+            .arg(entry)
+            .arg("JUSTID")
+            .query_async::<Vec<String>>(&mut conn)
+            .await
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Acknowledges a finished turn.
+pub async fn ack(kv: &Kv, entry: &str) -> Result<(), KvError> {
+    let entry = entry.to_owned();
+    kv.run(|mut conn| async move {
+        redis::cmd("XACK")
+            .arg(STREAM)
+            .arg(GROUP)
+            .arg(entry)
+            .query_async::<i64>(&mut conn)
+            .await
+    })
+    .await
+    .map(|_| ())
+}
+
+fn parse(entry: String, fields: &[(String, String)], deliveries: u64) -> Option<Delivery> {
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    Some(Delivery {
+        entry,
+        response: field("r")?,
+        lsn: field("l")?.parse().ok()?,
+        deliveries,
+    })
+}

@@ -1,0 +1,298 @@
+//! Turns (responses) and conversation items as stored: the queries the api
+//! and the workers share, and the mapping to the wire `Response`.
+
+use serde::{Deserialize, Serialize};
+use sqlx::types::Json as SqlJson;
+use turnpike_protocol::item::Item;
+use turnpike_protocol::response::{Response, ResponseConversation, ResponseStatus, Usage};
+use turnpike_protocol::{Metadata, ids as prefixes};
+use uuid::Uuid;
+
+use crate::db::DbConn;
+use crate::ids;
+
+/// The creation parameters kept with a response.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StoredRequest {
+    pub instructions: Option<String>,
+    #[serde(default)]
+    pub tools: Vec<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    pub metadata: Metadata,
+    pub parallel_tool_calls: Option<bool>,
+    pub max_output_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub store: Option<bool>,
+    pub truncation: Option<String>,
+    pub context_management: Option<Vec<serde_json::Value>>,
+}
+
+/// A response row as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ResponseRow {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub user_id: Uuid,
+    pub status: String,
+    pub model: String,
+    pub background: bool,
+    pub request: SqlJson<StoredRequest>,
+    pub output: SqlJson<Vec<Item>>,
+    pub usage: Option<SqlJson<Usage>>,
+    pub error: Option<serde_json::Value>,
+    pub input_first_seq: i64,
+    pub input_last_seq: i64,
+    pub created_at: i64,
+}
+
+impl ResponseRow {
+    pub fn public_id(&self) -> String {
+        ids::encode(prefixes::RESPONSE, self.id)
+    }
+
+    pub fn status(&self) -> ResponseStatus {
+        ResponseStatus::parse(&self.status).unwrap_or(ResponseStatus::Failed)
+    }
+
+    /// The wire object.
+    pub fn to_api(&self) -> Response {
+        let request = &self.request.0;
+        Response {
+            id: self.public_id(),
+            object: "response".into(),
+            created_at: self.created_at,
+            status: self.status(),
+            background: self.background,
+            conversation: ResponseConversation {
+                id: ids::encode(prefixes::CONVERSATION, self.conversation_id),
+            },
+            model: self.model.clone(),
+            instructions: request.instructions.clone(),
+            output: self.output.0.clone(),
+            tools: request.tools.clone(),
+            tool_choice: request.tool_choice.clone().unwrap_or_else(|| "auto".into()),
+            parallel_tool_calls: request.parallel_tool_calls.unwrap_or(true),
+            metadata: request.metadata.clone(),
+            usage: self.usage.as_ref().map(|u| u.0.clone()),
+            error: self.error.clone(),
+            incomplete_details: None,
+            previous_response_id: None,
+            max_output_tokens: request.max_output_tokens,
+            temperature: request.temperature,
+            top_p: request.top_p,
+            store: request.store.unwrap_or(true),
+            truncation: request
+                .truncation
+                .clone()
+                .unwrap_or_else(|| "disabled".into()),
+        }
+    }
+}
+
+pub const COLUMNS: &str =
+    "id, conversation_id, user_id, status, model, background, request, output, usage, error,
+    input_first_seq, input_last_seq, extract(epoch FROM created_at)::int8 AS created_at";
+
+/// A response the user owns. Any node.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn find(
+    db: &mut impl DbConn,
+    id: Uuid,
+    user: Uuid,
+) -> Result<Option<ResponseRow>, sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM responses WHERE id = $1 AND user_id = $2"
+    ))
+    .bind(id)
+    .bind(user)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await
+}
+
+/// A response by id, whoever owns it (workers). Any node.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn find_any(db: &mut impl DbConn, id: Uuid) -> Result<Option<ResponseRow>, sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM responses WHERE id = $1"))
+        .bind(id)
+        .persistent(prepared)
+        .fetch_optional(db.conn())
+        .await
+}
+
+/// Moves a queued (or redelivered, in-progress) response to `in_progress`;
+/// `None` if it has already finished or was cancelled. Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn start(db: &mut impl DbConn, id: Uuid) -> Result<Option<ResponseRow>, sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query_as(&format!(
+        "UPDATE responses SET status = 'in_progress', updated_at = now()
+         WHERE id = $1 AND status IN ('queued', 'in_progress') RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await
+}
+
+/// A turn's outcome.
+pub struct Outcome<'a> {
+    pub status: ResponseStatus,
+    pub output: &'a [Item],
+    pub usage: Option<&'a Usage>,
+    pub error: Option<&'a serde_json::Value>,
+}
+
+/// Records a turn's outcome: its output items appended to the conversation
+/// and the response row updated, unless it was cancelled meanwhile (then
+/// `None`). Primary only, in the caller's transaction.
+#[tracing::instrument(level = "debug", skip(db, outcome))]
+pub async fn finish(
+    db: &mut impl DbConn,
+    response: &ResponseRow,
+    outcome: &Outcome<'_>,
+) -> Result<Option<ResponseRow>, sqlx::Error> {
+    let prepared = db.prepared();
+    let locked: Option<(String,)> =
+        sqlx::query_as("SELECT status FROM responses WHERE id = $1 FOR UPDATE")
+            .bind(response.id)
+            .persistent(prepared)
+            .fetch_optional(db.conn())
+            .await?;
+    if !matches!(
+        locked.as_ref().map(|(s,)| s.as_str()),
+        Some("queued" | "in_progress")
+    ) {
+        return Ok(None);
+    }
+    if !outcome.output.is_empty() {
+        let first = reserve_seqs(
+            db,
+            response.conversation_id,
+            response.user_id,
+            outcome.output.len(),
+        )
+        .await?
+        .unwrap_or(response.input_last_seq + 1);
+        insert_items(
+            db,
+            response.conversation_id,
+            first,
+            outcome.output,
+            Some(response.id),
+        )
+        .await?;
+    }
+    sqlx::query_as(&format!(
+        "UPDATE responses SET status = $2, output = $3, usage = $4, error = $5, updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(response.id)
+    .bind(outcome.status.as_str())
+    .bind(SqlJson(outcome.output))
+    .bind(outcome.usage.map(SqlJson))
+    .bind(outcome.error)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await
+}
+
+/// Reserves `n` item seqs in a conversation the user owns, returning the
+/// first. Takes the conversation's row lock, which orders concurrent
+/// appends. Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn reserve_seqs(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    user: Uuid,
+    n: usize,
+) -> Result<Option<i64>, sqlx::Error> {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    let prepared = db.prepared();
+    let last: Option<(i64,)> = sqlx::query_as(
+        "UPDATE conversations SET last_seq = last_seq + $3, version = version + 1, updated_at = now()
+         WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL
+         RETURNING last_seq",
+    )
+    .bind(conversation)
+    .bind(user)
+    .bind(n)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await?;
+    Ok(last.map(|(last,)| last - n + 1))
+}
+
+/// The row id behind an item's public id.
+fn item_uuid(item: &Item) -> Uuid {
+    ids::parse_item(item.id()).unwrap_or_else(Uuid::now_v7)
+}
+
+fn kind_of(item: &Item) -> &'static str {
+    match item {
+        Item::Message { .. } => "message",
+        Item::FunctionCall { .. } => "function_call",
+        Item::FunctionCallOutput { .. } => "function_call_output",
+    }
+}
+
+/// Inserts items at `first_seq..`. Primary only, in the caller's transaction.
+#[tracing::instrument(level = "debug", skip(db, items))]
+pub async fn insert_items(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    first_seq: i64,
+    items: &[Item],
+    response: Option<Uuid>,
+) -> Result<(), sqlx::Error> {
+    let mut seqs = Vec::with_capacity(items.len());
+    let mut uuids = Vec::with_capacity(items.len());
+    let mut kinds = Vec::with_capacity(items.len());
+    let mut bodies = Vec::with_capacity(items.len());
+    for (seq, item) in (first_seq..).zip(items) {
+        seqs.push(seq);
+        uuids.push(item_uuid(item));
+        kinds.push(kind_of(item));
+        bodies.push(serde_json::to_value(item).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+    }
+    let prepared = db.prepared();
+    sqlx::query(
+        "INSERT INTO items (conversation_id, seq, id, kind, body, response_id)
+         SELECT $1, seq, id, kind, body, $6
+         FROM UNNEST($2::int8[], $3::uuid[], $4::text[], $5::jsonb[]) AS t (seq, id, kind, body)",
+    )
+    .bind(conversation)
+    .bind(&seqs)
+    .bind(&uuids)
+    .bind(&kinds)
+    .bind(&bodies)
+    .bind(response)
+    .persistent(prepared)
+    .execute(db.conn())
+    .await?;
+    Ok(())
+}
+
+/// A conversation's items up to `last_seq`, oldest first: a turn's history.
+/// Any node that has replayed the turn's input.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn history(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    last_seq: i64,
+) -> Result<Vec<Item>, sqlx::Error> {
+    let prepared = db.prepared();
+    let rows: Vec<(SqlJson<Item>,)> = sqlx::query_as(
+        "SELECT body FROM items WHERE conversation_id = $1 AND seq <= $2 ORDER BY seq",
+    )
+    .bind(conversation)
+    .bind(last_seq)
+    .persistent(prepared)
+    .fetch_all(db.conn())
+    .await?;
+    Ok(rows.into_iter().map(|(item,)| item.0).collect())
+}

@@ -1,0 +1,391 @@
+//! `turnpike mock-model`: a real HTTP server speaking OpenAI's Responses
+//! API (streaming SSE), scripted and deterministic, so that everything
+//! upstream of the model runs for real in development, tests and load tests.
+//!
+//! Directives in the latest user message:
+//! - `/echo TEXT` answers exactly TEXT;
+//! - `/fail 500`, `/fail 429`, `/fail disconnect` inject that fault;
+//! - anything else gets a deterministic answer of `answer_tokens` words.
+//!
+//! Tokens are 4-byte chunks of the prompt's canonical text (instructions,
+//! tools, input items as JSON). `usage.input_tokens_details.cached_tokens`
+//! is the longest common prefix, in those tokens, with the previous request
+//! that had the same `prompt_cache_key`: the prompt cache hit ratio of a
+//! client's prompts is measured, not assumed.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use turnpike_core::config::MockSettings;
+
+/// Bytes per token in the mock's tokenizer.
+const TOKEN_BYTES: usize = 4;
+
+const WORDS: [&str; 32] = [
+    "the",
+    "road",
+    "runs",
+    "north",
+    "past",
+    "quiet",
+    "fields",
+    "and",
+    "every",
+    "gate",
+    "opens",
+    "for",
+    "a",
+    "traveller",
+    "who",
+    "pays",
+    "toll",
+    "in",
+    "time",
+    "while",
+    "rivers",
+    "bend",
+    "under",
+    "old",
+    "stone",
+    "bridges",
+    "towards",
+    "harbours",
+    "where",
+    "ships",
+    "wait",
+    "patiently",
+];
+
+#[derive(Clone)]
+struct MockState {
+    settings: MockSettings,
+    /// The last prompt's tokens per prompt_cache_key.
+    prompts: Arc<Mutex<HashMap<String, Vec<u64>>>>,
+}
+
+/// A bound mock model server.
+pub struct MockModel {
+    listener: TcpListener,
+    port: u16,
+    app: Router,
+}
+
+impl MockModel {
+    pub async fn build(settings: MockSettings) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((settings.host.as_str(), settings.port)).await?;
+        let port = listener.local_addr()?.port();
+        let state = MockState {
+            settings,
+            prompts: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let app = Router::new()
+            .route("/v1/responses", post(responses))
+            .route("/responses", post(responses))
+            .with_state(state);
+        Ok(Self {
+            listener,
+            port,
+            app,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(self.listener, self.app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+/// The text of the latest user message in `input`.
+fn latest_user_text(input: &Value) -> String {
+    let items = match input {
+        Value::String(text) => return text.clone(),
+        Value::Array(items) => items,
+        _ => return String::new(),
+    };
+    for item in items.iter().rev() {
+        if item.get("role").and_then(Value::as_str) != Some("user") {
+            continue;
+        }
+        return match item.get("content") {
+            Some(Value::String(text)) => text.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+            _ => String::new(),
+        };
+    }
+    String::new()
+}
+
+/// The prompt as the mock tokenizes it.
+fn prompt_tokens(body: &Value) -> Vec<u64> {
+    let mut text = String::new();
+    if let Some(instructions) = body.get("instructions").and_then(Value::as_str) {
+        text.push_str(instructions);
+        text.push('\n');
+    }
+    if let Some(tools) = body.get("tools") {
+        text.push_str(&tools.to_string());
+        text.push('\n');
+    }
+    match body.get("input") {
+        Some(Value::Array(items)) => {
+            for item in items {
+                text.push_str(&item.to_string());
+                text.push('\n');
+            }
+        }
+        Some(other) => text.push_str(&other.to_string()),
+        None => {}
+    }
+    text.as_bytes()
+        .chunks(TOKEN_BYTES)
+        .map(|chunk| chunk.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+        .collect()
+}
+
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The deterministic answer to `text`, as tokens (words with their spaces).
+fn answer(text: &str, tokens: usize) -> Vec<String> {
+    if let Some(echo) = text.strip_prefix("/echo ") {
+        // Exactly the text, cut in 4-character pieces.
+        let chars: Vec<char> = echo.chars().collect();
+        return chars
+            .chunks(TOKEN_BYTES)
+            .map(|c| c.iter().collect())
+            .collect();
+    }
+    let mut seed = fnv(text);
+    (0..tokens.max(1))
+        .map(|i| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let word = WORDS[usize::try_from(seed >> 59).unwrap_or(0) % WORDS.len()];
+            if i == 0 {
+                word.to_owned()
+            } else {
+                format!(" {word}")
+            }
+        })
+        .collect()
+}
+
+fn error(status: StatusCode, message: &str, kind: &str) -> Response {
+    (
+        status,
+        axum::Json(
+            json!({"error": {"message": message, "type": kind, "param": null, "code": null}}),
+        ),
+    )
+        .into_response()
+}
+
+async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> Response {
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid JSON",
+            "invalid_request_error",
+        );
+    };
+    let text = latest_user_text(body.get("input").unwrap_or(&Value::Null));
+    let directive = text.trim();
+    if directive == "/fail 500" {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "injected failure",
+            "server_error",
+        );
+    }
+    if directive == "/fail 429" {
+        let mut response = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "injected rate limit",
+            "rate_limit_error",
+        );
+        response
+            .headers_mut()
+            .insert("retry-after-ms", axum::http::HeaderValue::from_static("50"));
+        return response;
+    }
+    let disconnect = directive == "/fail disconnect";
+
+    let tokens = prompt_tokens(&body);
+    let key = body
+        .get("prompt_cache_key")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let cached = match &key {
+        Some(key) => {
+            let mut prompts = state.prompts.lock().unwrap_or_else(|p| p.into_inner());
+            let previous = prompts
+                .insert(key.clone(), tokens.clone())
+                .unwrap_or_default();
+            previous
+                .iter()
+                .zip(&tokens)
+                .take_while(|(a, b)| a == b)
+                .count()
+        }
+        None => 0,
+    };
+    let pieces = answer(directive, state.settings.answer_tokens);
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-1")
+        .to_owned();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    let settings = state.settings.clone();
+    tokio::spawn(async move {
+        stream_answer(
+            tx,
+            &settings,
+            &model,
+            &pieces,
+            tokens.len(),
+            cached,
+            disconnect,
+        )
+        .await;
+    });
+    Sse::new(ReceiverStream::new(rx)).into_response()
+}
+
+async fn stream_answer(
+    tx: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
+    settings: &MockSettings,
+    model: &str,
+    pieces: &[String],
+    input_tokens: usize,
+    cached_tokens: usize,
+    disconnect: bool,
+) {
+    let response_id = format!("resp_mock{}", uuid::Uuid::now_v7().simple());
+    let item_id = format!("msg_mock{}", uuid::Uuid::now_v7().simple());
+    let mut seq = 0u64;
+    let send = |value: Value| {
+        let kind = value["type"].as_str().unwrap_or("message").to_owned();
+        Event::default().event(kind).data(value.to_string())
+    };
+    let base = |status: &str| {
+        json!({"id": response_id, "object": "response", "created_at": 0, "status": status,
+               "model": model, "output": [], "usage": null})
+    };
+    let mut events = vec![
+        json!({"type": "response.created", "response": base("in_progress")}),
+        json!({"type": "response.in_progress", "response": base("in_progress")}),
+        json!({"type": "response.output_item.added", "output_index": 0,
+               "item": {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
+        json!({"type": "response.content_part.added", "item_id": item_id, "output_index": 0, "content_index": 0,
+               "part": {"type": "output_text", "text": "", "annotations": []}}),
+    ];
+    for mut event in events.drain(..) {
+        event["sequence_number"] = json!(seq);
+        seq += 1;
+        if tx.send(Ok(send(event))).await.is_err() {
+            return;
+        }
+    }
+    if settings.ttft_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(settings.ttft_ms)).await;
+    }
+    let gap = (settings.tokens_per_s > 0)
+        .then(|| Duration::from_micros(1_000_000 / settings.tokens_per_s));
+    for (i, piece) in pieces.iter().enumerate() {
+        if disconnect && i == pieces.len() / 2 {
+            // Drop the connection mid-stream, without the completion event.
+            return;
+        }
+        let event = json!({"type": "response.output_text.delta", "item_id": item_id, "output_index": 0,
+                           "content_index": 0, "delta": piece, "sequence_number": seq});
+        seq += 1;
+        if tx.send(Ok(send(event))).await.is_err() {
+            return;
+        }
+        if let Some(gap) = gap {
+            tokio::time::sleep(gap).await;
+        }
+    }
+    let text: String = pieces.concat();
+    let output_tokens = pieces.len();
+    let item = json!({"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+                      "content": [{"type": "output_text", "text": text, "annotations": []}]});
+    let mut done = base("completed");
+    done["output"] = json!([item]);
+    done["usage"] = json!({
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": cached_tokens},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    });
+    let tail = vec![
+        json!({"type": "response.output_text.done", "item_id": item_id, "output_index": 0, "content_index": 0, "text": text}),
+        json!({"type": "response.content_part.done", "item_id": item_id, "output_index": 0, "content_index": 0,
+               "part": {"type": "output_text", "text": text, "annotations": []}}),
+        json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        json!({"type": "response.completed", "response": done}),
+    ];
+    for mut event in tail {
+        event["sequence_number"] = json!(seq);
+        seq += 1;
+        if tx.send(Ok(send(event))).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_is_exact_and_answers_are_deterministic() {
+        assert_eq!(answer("/echo hello, world", 5).concat(), "hello, world");
+        assert_eq!(
+            answer("what is a toll road?", 8),
+            answer("what is a toll road?", 8)
+        );
+        assert_eq!(answer("what is a toll road?", 8).len(), 8);
+        assert_ne!(answer("a", 8), answer("b", 8));
+    }
+
+    #[test]
+    fn latest_user_text_reads_strings_and_parts() {
+        let input = json!([
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "x"}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "second"}]}
+        ]);
+        assert_eq!(latest_user_text(&input), "second");
+        assert_eq!(latest_user_text(&json!("plain")), "plain");
+    }
+}

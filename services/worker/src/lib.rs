@@ -1,0 +1,159 @@
+//! The agent-loop worker: claims queued turns from the Redis Stream consumer
+//! group, loads the conversation from a replica that has replayed the turn's
+//! input, builds a cache-friendly prompt, streams the model, publishes every
+//! event to the response's log, persists the outcome on the primary, and
+//! acknowledges. Heartbeats keep its claims; a crashed worker's turns are
+//! reclaimed by another; SIGTERM stops claiming and lets running turns finish
+//! within the grace period.
+
+pub mod provider;
+mod turn;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use turnpike_core::Settings;
+use turnpike_core::db::Router;
+use turnpike_core::kv::{Kv, KvError};
+use turnpike_core::last_write::LastWrites;
+use turnpike_core::queue::Consumer;
+
+use crate::provider::{Provider, ProviderError};
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] turnpike_core::config::ConfigError),
+    #[error(transparent)]
+    Redis(#[from] KvError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+}
+
+/// What every turn of this process shares.
+pub(crate) struct Context {
+    pub settings: Settings,
+    pub router: Arc<Router>,
+    pub kv: Kv,
+    pub last_writes: LastWrites,
+    pub provider: Provider,
+    pub consumer_name: String,
+}
+
+/// A worker process.
+pub struct Worker {
+    context: Arc<Context>,
+}
+
+impl Worker {
+    pub async fn build(settings: Settings) -> Result<Self, WorkerError> {
+        let router = Router::new(&settings.database)?;
+        router.spawn_monitor().await;
+        let kv = Kv::new(&settings.redis)?;
+        let last_writes = LastWrites::new(
+            kv.clone(),
+            Duration::from_millis(settings.database.last_write_window_ms),
+        );
+        let provider = Provider::new(settings.model.clone())?;
+        let consumer_name = format!("worker-{}", uuid::Uuid::now_v7().simple());
+        Ok(Self {
+            context: Arc::new(Context {
+                settings,
+                router,
+                kv,
+                last_writes,
+                provider,
+                consumer_name,
+            }),
+        })
+    }
+
+    /// This worker's consumer name in the group.
+    pub fn name(&self) -> &str {
+        &self.context.consumer_name
+    }
+
+    /// Claims and runs turns until `shutdown` resolves, then waits up to the
+    /// grace period for running turns. Turns still running after it stay
+    /// claimed and are reclaimed by another worker.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) {
+        let ctx = self.context;
+        let settings = &ctx.settings.worker;
+        let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        let mut turns = JoinSet::new();
+        let mut consumer: Option<Consumer> = None;
+        let mut last_reclaim = Instant::now();
+        let reclaim_every = Duration::from_millis((settings.reclaim_idle_ms / 4).max(100));
+        tokio::pin!(shutdown);
+        loop {
+            while turns.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                () = &mut shutdown => break,
+                permit = Arc::clone(&permits).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let conn = match consumer.as_mut() {
+                Some(conn) => conn,
+                None => match Consumer::connect(ctx.settings.redis.url(), &ctx.consumer_name).await
+                {
+                    Ok(conn) => consumer.insert(conn),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reach the turn queue; retrying");
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        }
+                    }
+                },
+            };
+            let mut delivery = None;
+            if last_reclaim.elapsed() >= reclaim_every {
+                last_reclaim = Instant::now();
+                match conn.reclaim(settings.reclaim_idle_ms).await {
+                    Ok(found) => delivery = found,
+                    Err(e) => tracing::warn!(error = %e, "reclaim failed"),
+                }
+            }
+            if delivery.is_none() {
+                let next = tokio::select! {
+                    () = &mut shutdown => break,
+                    next = conn.next(settings.block_ms) => next,
+                };
+                match next {
+                    Ok(found) => delivery = found,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the turn queue failed; reconnecting");
+                        consumer = None;
+                        continue;
+                    }
+                }
+            }
+            if let Some(delivery) = delivery {
+                let ctx = Arc::clone(&ctx);
+                turns.spawn(async move {
+                    turn::run(&ctx, delivery).await;
+                    drop(permit);
+                });
+            }
+        }
+        tracing::info!(
+            running = turns.len(),
+            "worker stopping; no new turns claimed"
+        );
+        let grace = Duration::from_millis(settings.shutdown_grace_ms);
+        let drained =
+            tokio::time::timeout(grace, async { while turns.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                "grace period over; unfinished turns will be reclaimed by another worker"
+            );
+            turns.abort_all();
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The model provider: OpenAI's Responses API over streaming SSE, with
+//! retries (exponential backoff with jitter; a 429's own delay honoured) for
+//! 5xx, 429, transport errors and streams cut short, an idle timeout on the
+//! stream, and no retry for context-length or quota errors.
+
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use rand::Rng;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use turnpike_core::config::ModelSettings;
+
+/// Why a model call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// 5xx, 429, a transport error, an idle stream or one that ended without
+    /// its completion event. Retried; surfaced when retries run out.
+    #[error("{0}")]
+    Transient(String),
+    /// The provider refused the request (4xx, context length, quota). Not retried.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl ProviderError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Transient(_) => "model_unavailable",
+            Self::Fatal(_) => "model_error",
+        }
+    }
+}
+
+/// What the model produced in one call.
+#[derive(Debug, Default)]
+pub struct ModelOutput {
+    /// Output items as the provider returned them.
+    pub items: Vec<Value>,
+    pub usage: Option<Value>,
+}
+
+/// What the turn sees while the model streams.
+pub enum Progress<'a> {
+    /// A text delta of the output item at `output_index`.
+    TextDelta { output_index: u64, delta: &'a str },
+    /// An output item started.
+    ItemAdded { output_index: u64, item: &'a Value },
+}
+
+/// A Responses API client.
+#[derive(Clone)]
+pub struct Provider {
+    http: reqwest::Client,
+    settings: ModelSettings,
+}
+
+impl Provider {
+    pub fn new(settings: ModelSettings) -> Result<Self, ProviderError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .pool_max_idle_per_host(256)
+            .build()
+            .map_err(|e| ProviderError::Fatal(format!("http client: {e}")))?;
+        Ok(Self { http, settings })
+    }
+
+    /// Streams one model call, retrying transient failures. `on_progress`
+    /// sees every attempt's deltas; `on_retry` is told before a retry so the
+    /// caller can discard the partial attempt.
+    pub async fn stream(
+        &self,
+        request: &Value,
+        mut on_progress: impl FnMut(Progress<'_>),
+        mut on_retry: impl FnMut(&ProviderError),
+    ) -> Result<ModelOutput, ProviderError> {
+        let mut attempt = 0u32;
+        loop {
+            let (result, retry_after) = self.attempt(request, &mut on_progress).await;
+            match result {
+                Ok(output) => return Ok(output),
+                Err(e) if e.is_retryable() && attempt < self.settings.max_retries => {
+                    attempt += 1;
+                    let base = self
+                        .settings
+                        .retry_base_ms
+                        .saturating_mul(1 << attempt.min(10));
+                    let jitter = rand::rng().random_range(0..=base / 2);
+                    let delay = retry_after.unwrap_or(Duration::from_millis(base + jitter));
+                    tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "model call failed; retrying");
+                    on_retry(&e);
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        request: &Value,
+        on_progress: &mut impl FnMut(Progress<'_>),
+    ) -> (Result<ModelOutput, ProviderError>, Option<Duration>) {
+        let url = format!("{}/responses", self.settings.base_url.trim_end_matches('/'));
+        let mut call = self
+            .http
+            .post(url)
+            .json(request)
+            .header("accept", "text/event-stream");
+        if let Some(key) = &self.settings.api_key {
+            call = call.bearer_auth(key.expose_secret());
+        }
+        let response = match call.send().await {
+            Ok(response) => response,
+            Err(e) => {
+                return (
+                    Err(ProviderError::Transient(format!(
+                        "model request failed: {e}"
+                    ))),
+                    None,
+                );
+            }
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = retry_after(response.headers());
+            let body = response.text().await.unwrap_or_default();
+            let message = format!(
+                "model answered {status}: {}",
+                body.chars().take(500).collect::<String>()
+            );
+            let fatal_kind =
+                body.contains("context_length_exceeded") || body.contains("insufficient_quota");
+            let error = if (status.is_server_error() || status.as_u16() == 429) && !fatal_kind {
+                ProviderError::Transient(message)
+            } else {
+                ProviderError::Fatal(message)
+            };
+            return (Err(error), retry_after);
+        }
+        let idle = Duration::from_millis(self.settings.idle_timeout_ms);
+        let mut events = response.bytes_stream().eventsource();
+        let mut output = ModelOutput::default();
+        loop {
+            let event = match tokio::time::timeout(idle, events.next()).await {
+                Err(_) => {
+                    return (
+                        Err(ProviderError::Transient(
+                            "the model stream went idle".into(),
+                        )),
+                        None,
+                    );
+                }
+                Ok(None) => {
+                    return (
+                        Err(ProviderError::Transient(
+                            "the model stream ended without its completion event".into(),
+                        )),
+                        None,
+                    );
+                }
+                Ok(Some(Err(e))) => {
+                    return (
+                        Err(ProviderError::Transient(format!("model stream: {e}"))),
+                        None,
+                    );
+                }
+                Ok(Some(Ok(event))) => event,
+            };
+            let Ok(data) = serde_json::from_str::<Value>(&event.data) else {
+                continue;
+            };
+            let kind = data
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or(event.event.as_str());
+            let index = data
+                .get("output_index")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            match kind {
+                "response.output_item.added" => {
+                    if let Some(item) = data.get("item") {
+                        on_progress(Progress::ItemAdded {
+                            output_index: index,
+                            item,
+                        });
+                    }
+                }
+                "response.output_text.delta" => {
+                    let delta = data.get("delta").and_then(Value::as_str).unwrap_or("");
+                    on_progress(Progress::TextDelta {
+                        output_index: index,
+                        delta,
+                    });
+                }
+                "response.output_item.done" => {
+                    if let Some(item) = data.get("item") {
+                        output.items.push(item.clone());
+                    }
+                }
+                "response.completed" | "response.incomplete" => {
+                    output.usage = data
+                        .pointer("/response/usage")
+                        .cloned()
+                        .filter(|u| !u.is_null());
+                    if output.items.is_empty() {
+                        if let Some(items) =
+                            data.pointer("/response/output").and_then(Value::as_array)
+                        {
+                            output.items = items.clone();
+                        }
+                    }
+                    return (Ok(output), None);
+                }
+                "response.failed" | "error" => {
+                    let message = data
+                        .pointer("/response/error/message")
+                        .or_else(|| data.pointer("/error/message"))
+                        .or_else(|| data.get("message"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("the model failed")
+                        .to_owned();
+                    return (Err(ProviderError::Transient(message)), None);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A 429's requested delay: `retry-after-ms` or `retry-after` (seconds).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let read = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
+    if let Some(ms) = read("retry-after-ms") {
+        return Some(Duration::from_millis(ms.max(0.0) as u64));
+    }
+    read("retry-after").map(|s| Duration::from_millis((s.max(0.0) * 1000.0) as u64))
+}
