@@ -65,6 +65,24 @@ try:
 except openai.BadRequestError as e:
     assert e.status_code == 400
 
+# Streaming: the SDK's own event models, then a resume with starting_after.
+stream = client.responses.create(
+    model="mock-1", conversation=conversation.id, input="/echo streamed by the SDK", stream=True
+)
+events = list(stream)
+deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+assert deltas == "streamed by the SDK", deltas
+final = events[-1]
+assert final.type == "response.completed", final
+assert final.response.output_text == "streamed by the SDK", final.response
+assert [e.sequence_number for e in events] == list(range(len(events)))
+resumed = client.responses.retrieve(final.response.id, stream=True, starting_after=3)
+assert [e.sequence_number for e in resumed] == [e.sequence_number for e in events[4:]]
+
+# Without stream or background, create waits for the answer.
+waited = client.responses.create(model="mock-1", conversation=conversation.id, input="/echo waited")
+assert waited.status == "completed" and waited.output_text == "waited", waited
+
 deleted = client.conversations.delete(conversation.id)
 assert deleted.deleted is True and deleted.id == conversation.id, deleted
 print("openai sdk: ok")

@@ -163,8 +163,40 @@ pub fn routes(state: AppState) -> axum::Router {
             idempotency::layer,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            refuse_oversized,
+        ))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
         .with_state(state)
+}
+
+/// Refuses a body whose Content-Length is over the limit before reading any
+/// of it (a chunked body is cut off by `DefaultBodyLimit` as it is read).
+async fn refuse_oversized(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        let mut response = ApiError::with_status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The request body is larger than the limit of {limit} bytes."),
+            "body_too_large",
+        )
+        .into_response();
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+        return response;
+    }
+    next.run(request).await
 }
 
 async fn no_route(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {

@@ -150,7 +150,7 @@ pub async fn create(
         Some(subscribing) => Some(subscribing.await),
         None => None,
     };
-    if let Err(e) = queue::enqueue(&app.kv, &public, lsn).await {
+    if let Err(e) = queue::enqueue(&app.kv, &app.settings.worker.queue, &public, lsn).await {
         tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
     }
     if body.stream == Some(true) {

@@ -279,6 +279,8 @@ impl Default for ModelSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerSettings {
+    /// The Redis Stream turns are queued on (api and workers must agree).
+    pub queue: String,
     /// Turns one worker process runs at once.
     pub concurrency: usize,
     /// How long one queue read blocks.
@@ -295,6 +297,7 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
+            queue: "tp:turns".into(),
             concurrency: 64,
             block_ms: 1_000,
             reclaim_idle_ms: 15_000,

@@ -1,4 +1,4 @@
-//! The turn queue: a Redis Stream (`tp:turns`) read by the `workers`
+//! The turn queue: a Redis Stream (`worker.queue`, default `tp:turns`) read by the `workers`
 //! consumer group. An entry names the response and the commit position of
 //! its input, so the worker can read the history from a replica that has
 //! replayed it. Delivery is at least once; workers acknowledge after the
@@ -7,18 +7,16 @@
 use crate::db::Lsn;
 use crate::kv::{Kv, KvError};
 
-/// The queue's stream key.
-pub const STREAM: &str = "tp:turns";
 /// The workers' consumer group.
 pub const GROUP: &str = "workers";
 
 /// Queues a turn.
-pub async fn enqueue(kv: &Kv, response: &str, lsn: Lsn) -> Result<(), KvError> {
-    let response = response.to_owned();
+pub async fn enqueue(kv: &Kv, stream: &str, response: &str, lsn: Lsn) -> Result<(), KvError> {
+    let (stream, response) = (stream.to_owned(), response.to_owned());
     let lsn = lsn.to_string();
     kv.run(|mut conn| async move {
         redis::cmd("XADD")
-            .arg(STREAM)
+            .arg(stream)
             .arg("*")
             .arg("r")
             .arg(response)
@@ -47,17 +45,18 @@ pub struct Delivery {
 /// A worker's consumer: a dedicated connection for its blocking reads.
 pub struct Consumer {
     conn: redis::aio::MultiplexedConnection,
+    stream: String,
     name: String,
 }
 
 impl Consumer {
     /// Connects and makes sure the group exists.
-    pub async fn connect(redis_url: &str, name: &str) -> Result<Self, KvError> {
+    pub async fn connect(redis_url: &str, stream: &str, name: &str) -> Result<Self, KvError> {
         let client = redis::Client::open(redis_url).map_err(|e| KvError::Config(e.to_string()))?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let created: redis::RedisResult<String> = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(STREAM)
+            .arg(stream)
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM")
@@ -70,6 +69,7 @@ impl Consumer {
         }
         Ok(Self {
             conn,
+            stream: stream.to_owned(),
             name: name.to_owned(),
         })
     }
@@ -86,7 +86,7 @@ impl Consumer {
                 .arg("BLOCK")
                 .arg(block_ms)
                 .arg("STREAMS")
-                .arg(STREAM)
+                .arg(&self.stream)
                 .arg(">")
                 .query_async(&mut self.conn)
                 .await?;
@@ -102,7 +102,7 @@ impl Consumer {
     pub async fn reclaim(&mut self, idle_ms: u64) -> Result<Option<Delivery>, KvError> {
         let reply: (String, Vec<(String, Vec<(String, String)>)>, Vec<String>) =
             redis::cmd("XAUTOCLAIM")
-                .arg(STREAM)
+                .arg(&self.stream)
                 .arg(GROUP)
                 .arg(&self.name)
                 .arg(idle_ms)
@@ -115,7 +115,7 @@ impl Consumer {
             return Ok(None);
         };
         let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-            .arg(STREAM)
+            .arg(&self.stream)
             .arg(GROUP)
             .arg(&entry)
             .arg(&entry)
@@ -128,11 +128,11 @@ impl Consumer {
 }
 
 /// Keeps a claim fresh so no other worker reclaims a turn still running.
-pub async fn heartbeat(kv: &Kv, consumer: &str, entry: &str) -> Result<(), KvError> {
-    let (consumer, entry) = (consumer.to_owned(), entry.to_owned());
+pub async fn heartbeat(kv: &Kv, stream: &str, consumer: &str, entry: &str) -> Result<(), KvError> {
+    let (stream, consumer, entry) = (stream.to_owned(), consumer.to_owned(), entry.to_owned());
     kv.run(|mut conn| async move {
         redis::cmd("XCLAIM")
-            .arg(STREAM)
+            .arg(stream)
             .arg(GROUP)
             .arg(consumer)
             .arg(0)
@@ -146,11 +146,11 @@ pub async fn heartbeat(kv: &Kv, consumer: &str, entry: &str) -> Result<(), KvErr
 }
 
 /// Acknowledges a finished turn.
-pub async fn ack(kv: &Kv, entry: &str) -> Result<(), KvError> {
-    let entry = entry.to_owned();
+pub async fn ack(kv: &Kv, stream: &str, entry: &str) -> Result<(), KvError> {
+    let (stream, entry) = (stream.to_owned(), entry.to_owned());
     kv.run(|mut conn| async move {
         redis::cmd("XACK")
-            .arg(STREAM)
+            .arg(stream)
             .arg(GROUP)
             .arg(entry)
             .query_async::<i64>(&mut conn)

@@ -150,6 +150,15 @@ impl Stack {
         settings.database.health_interval_ms = 100;
         settings.database.max_connections_per_node = 8;
         settings.log.filter = "warn".into();
+        // A queue of its own: turns never reach another test's workers.
+        settings.worker.queue = format!("tp:turns:test:{}", uuid::Uuid::now_v7().simple());
+        settings.worker.block_ms = 200;
+        settings.worker.heartbeat_ms = 500;
+        settings.worker.reclaim_idle_ms = 3_000;
+        settings.worker.concurrency = 16;
+        settings.worker.shutdown_grace_ms = 2_000;
+        settings.model.retry_base_ms = 10;
+        settings.mock.port = 0;
         settings
     }
 
@@ -284,6 +293,74 @@ impl Paths {
     };
 }
 
+/// A mock model and a worker running in this test process, on the
+/// settings' private queue.
+pub struct Agents {
+    pub mock_url: String,
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agents {
+    /// Starts the mock model, points `settings.model` at it, and starts one worker.
+    pub async fn spawn(settings: &mut Settings) -> Agents {
+        let mock = turnpike_mock_model::MockModel::build(settings.mock.clone())
+            .await
+            .expect("bind the mock model");
+        let mock_url = format!("http://127.0.0.1:{}/v1", mock.port());
+        settings.model.base_url = mock_url.clone();
+        let (mock_stop, mock_stopped) = oneshot::channel::<()>();
+        let mock_task = tokio::spawn(async move {
+            let _ = mock
+                .run_until(async move {
+                    let _ = mock_stopped.await;
+                })
+                .await;
+        });
+        let mut agents = Agents {
+            mock_url,
+            stops: vec![mock_stop],
+            tasks: vec![mock_task],
+        };
+        agents.add_worker(settings).await;
+        agents
+    }
+
+    /// Starts one more worker.
+    pub async fn add_worker(&mut self, settings: &Settings) {
+        let worker = turnpike_worker::Worker::build(settings.clone())
+            .await
+            .expect("build a worker");
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.tasks.push(tokio::spawn(async move {
+            worker
+                .run_until(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        }));
+        self.stops.push(stop);
+    }
+
+    /// Stops everything and waits for it.
+    pub async fn shutdown(mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// An api instance running in this test process.
 pub struct TestApp {
     pub url: String,
@@ -297,6 +374,13 @@ impl TestApp {
     /// Starts an api against `stack` on a free port.
     pub async fn spawn(stack: &Stack, paths: Paths) -> TestApp {
         Self::spawn_with(stack.settings(paths)).await
+    }
+
+    /// Starts an api, a mock model and a worker sharing one private queue.
+    pub async fn spawn_with_agents(stack: &Stack, paths: Paths) -> (TestApp, Agents) {
+        let mut settings = stack.settings(paths);
+        let agents = Agents::spawn(&mut settings).await;
+        (TestApp::spawn_with(settings).await, agents)
     }
 
     /// Starts an api with the given settings.
@@ -494,6 +578,67 @@ impl User {
             None,
         )
         .await
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+/// Parses a whole SSE body (comments and keepalives skipped).
+pub fn parse_sse(text: &str) -> Vec<SseEvent> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let (mut event, mut id, mut data) = (None, None, String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            (!data.is_empty()).then(|| SseEvent {
+                event,
+                id,
+                data: serde_json::from_str(&data).unwrap_or(Value::String(data)),
+            })
+        })
+        .collect()
+}
+
+impl User {
+    /// Sends a request answered with an event stream and reads it to its end.
+    pub async fn stream(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Vec<SseEvent>) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(AUTHORIZATION, format!("Bearer {}", self.key));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("send request");
+        let status = response.status().as_u16();
+        let text = tokio::time::timeout(Duration::from_secs(60), response.text())
+            .await
+            .expect("the stream ended within 60 s")
+            .expect("read the stream");
+        (status, parse_sse(&text))
     }
 }
 

@@ -100,7 +100,12 @@ impl Worker {
             };
             let conn = match consumer.as_mut() {
                 Some(conn) => conn,
-                None => match Consumer::connect(ctx.settings.redis.url(), &ctx.consumer_name).await
+                None => match Consumer::connect(
+                    ctx.settings.redis.url(),
+                    &settings.queue,
+                    &ctx.consumer_name,
+                )
+                .await
                 {
                     Ok(conn) => consumer.insert(conn),
                     Err(e) => {

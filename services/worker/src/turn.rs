@@ -22,6 +22,7 @@ use crate::provider::{ModelOutput, Progress, ProviderError};
 pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
     let heartbeat = tokio::spawn(heartbeat(
         ctx.kv.clone(),
+        ctx.settings.worker.queue.clone(),
         ctx.consumer_name.clone(),
         delivery.entry.clone(),
         Duration::from_millis(ctx.settings.worker.heartbeat_ms),
@@ -30,7 +31,7 @@ pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
     heartbeat.abort();
     match result {
         Ok(()) => {
-            if let Err(e) = queue::ack(&ctx.kv, &delivery.entry).await {
+            if let Err(e) = queue::ack(&ctx.kv, &ctx.settings.worker.queue, &delivery.entry).await {
                 tracing::warn!(error = %e, entry = %delivery.entry, "ack failed; the turn may be delivered again");
             }
         }
@@ -50,12 +51,18 @@ enum TurnError {
     Query(#[from] sqlx::Error),
 }
 
-async fn heartbeat(kv: turnpike_core::kv::Kv, consumer: String, entry: String, every: Duration) {
+async fn heartbeat(
+    kv: turnpike_core::kv::Kv,
+    stream: String,
+    consumer: String,
+    entry: String,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        if let Err(e) = queue::heartbeat(&kv, &consumer, &entry).await {
+        if let Err(e) = queue::heartbeat(&kv, &stream, &consumer, &entry).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
     }

@@ -24,4 +24,5 @@ mod isolation;
 mod openapi;
 mod routing;
 mod sdk;
+mod turns;
 mod validation;

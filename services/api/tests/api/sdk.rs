@@ -7,7 +7,7 @@ use turnpike_testkit::{Paths, Stack, TestApp};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_python_sdk_round_trip() {
     let stack = Stack::shared().await;
-    let app = TestApp::spawn(&stack, Paths::PGBOUNCER).await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::PGBOUNCER).await;
     let user = app.new_user().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/sdk/openai_sdk.py");
     let base_url = format!("{}/v1", app.url);

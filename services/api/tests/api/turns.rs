@@ -1,0 +1,195 @@
+//! Turns run by a worker against the mock model: streamed events, stored
+//! output, resume, waiting, failures, replay after the log expired.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use turnpike_testkit::{Paths, SseEvent, Stack, TestApp, eventually};
+
+both_paths!(
+    a_streamed_turn_is_stored_and_resumable,
+    failures_surface_as_failed_responses
+);
+
+fn types(events: &[SseEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e.data["type"].as_str().unwrap())
+        .collect()
+}
+
+fn text_of(events: &[SseEvent]) -> String {
+    events
+        .iter()
+        .filter(|e| e.data["type"] == "response.output_text.delta")
+        .map(|e| e.data["delta"].as_str().unwrap())
+        .collect()
+}
+
+async fn a_streamed_turn_is_stored_and_resumable(paths: Paths) {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, paths).await;
+    let user = app.new_user().await;
+    let conversation = user.create_conversation(json!({})).await.ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let (status, events) = user
+        .stream("POST", "/v1/responses", Some(json!({
+            "conversation": conversation, "input": "/echo Turnpikes charge tolls.", "stream": true
+        })), &[])
+        .await;
+    assert_eq!(status, 200);
+    // Every event carries its sequence number, which is also the SSE id, with no gaps.
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event.data["sequence_number"], i as u64, "{event:?}");
+        assert_eq!(event.id.as_deref(), Some(i.to_string().as_str()));
+        assert_eq!(event.event.as_deref(), event.data["type"].as_str());
+    }
+    let kinds = types(&events);
+    assert_eq!(
+        &kinds[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ]
+    );
+    assert_eq!(
+        &kinds[kinds.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    assert_eq!(text_of(&events), "Turnpikes charge tolls.");
+    let completed = &events.last().unwrap().data["response"];
+    assert_eq!(completed["status"], "completed");
+    let id = completed["id"].as_str().unwrap().to_owned();
+    let usage = &completed["usage"];
+    assert!(
+        usage["input_tokens"].as_u64().unwrap() > 0 && usage["output_tokens"].as_u64().unwrap() > 0,
+        "{usage}"
+    );
+
+    // Stored: the response and the conversation's items.
+    let stored = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+    let stored = stored.ok();
+    assert_eq!(stored["status"], "completed");
+    assert_eq!(stored["output"], completed["output"]);
+    assert_eq!(
+        stored["output"][0]["content"][0]["text"],
+        "Turnpikes charge tolls."
+    );
+    let items = user.list_items(&conversation, "?order=asc").await;
+    let items = items.ok()["data"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[1], stored["output"][0]);
+
+    // Resume after event 3, by query and by Last-Event-ID: exactly the rest.
+    let (_, resumed) = user
+        .stream(
+            "GET",
+            &format!("/v1/responses/{id}?stream=true&starting_after=3"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(resumed, events[4..].to_vec());
+    let (_, resumed) = user
+        .stream(
+            "GET",
+            &format!("/v1/responses/{id}?stream=true"),
+            None,
+            &[("last-event-id", "5")],
+        )
+        .await;
+    assert_eq!(resumed, events[6..].to_vec());
+
+    // Once the log has expired, the events are rebuilt from what is stored.
+    let redis_port = stack.env["TURNPIKE__REDIS__URL"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let deleted = std::process::Command::new("redis-cli")
+        .args(["-p", &redis_port, "DEL", &format!("tp:{{{id}}}:events")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&deleted.stdout).trim() == "1");
+    let (_, rebuilt) = user
+        .stream("GET", &format!("/v1/responses/{id}?stream=true"), None, &[])
+        .await;
+    assert_eq!(text_of(&rebuilt), "Turnpikes charge tolls.");
+    assert_eq!(
+        rebuilt.last().unwrap().data["response"]["status"],
+        "completed"
+    );
+
+    // Without stream or background the request waits for the answer.
+    let waited = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": "/echo second"})),
+        )
+        .await;
+    assert_eq!(waited.ok()["status"], "completed");
+    assert_eq!(waited.ok()["output"][0]["content"][0]["text"], "second");
+
+    // In the background it is queued, then completes.
+    let queued = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": "hello", "background": true})),
+        )
+        .await;
+    assert_eq!(queued.ok()["status"], "queued");
+    let id = queued.ok()["id"].as_str().unwrap().to_owned();
+    let done: Value = eventually(
+        "the background turn to complete",
+        Duration::from_secs(20),
+        || async {
+            let r = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+            (r.body["status"] == "completed").then(|| r.body.clone())
+        },
+    )
+    .await;
+    assert!(
+        !done["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn failures_surface_as_failed_responses(paths: Paths) {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, paths).await;
+    let user = app.new_user().await;
+    for directive in ["/fail 500", "/fail 429", "/fail disconnect"] {
+        let (_, events) = user
+            .stream(
+                "POST",
+                "/v1/responses",
+                Some(json!({"input": directive, "stream": true})),
+                &[],
+            )
+            .await;
+        let last = &events.last().unwrap().data;
+        assert_eq!(last["type"], "response.failed", "{directive}: {last}");
+        assert_eq!(last["response"]["status"], "failed");
+        assert_eq!(
+            last["response"]["error"]["code"], "model_unavailable",
+            "{directive}"
+        );
+        let id = last["response"]["id"].as_str().unwrap();
+        let stored = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+        assert_eq!(stored.ok()["status"], "failed");
+    }
+}
