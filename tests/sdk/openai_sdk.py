@@ -83,6 +83,28 @@ assert [e.sequence_number for e in resumed] == [e.sequence_number for e in event
 waited = client.responses.create(model="mock-1", conversation=conversation.id, input="/echo waited")
 assert waited.status == "completed" and waited.output_text == "waited", waited
 
+# A client-side function call, round-tripped.
+tools = [{
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "strict": False,
+}]
+asked = client.responses.create(
+    model="mock-1", conversation=conversation.id, tools=tools, input='/call get_weather {"city":"Oslo"}'
+)
+call = asked.output[0]
+assert call.type == "function_call" and call.name == "get_weather", asked.output
+assert call.arguments == '{"city":"Oslo"}', call
+answered = client.responses.create(
+    model="mock-1",
+    conversation=conversation.id,
+    tools=tools,
+    input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+)
+assert answered.output_text == "tool said: sunny", answered
+
 deleted = client.conversations.delete(conversation.id)
 assert deleted.deleted is True and deleted.id == conversation.id, deleted
 print("openai sdk: ok")

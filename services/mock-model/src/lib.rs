@@ -5,6 +5,9 @@
 //! Directives in the latest user message:
 //! - `/echo TEXT` answers exactly TEXT;
 //! - `/fail 500`, `/fail 429`, `/fail disconnect` inject that fault;
+//! - `/call NAME {json}` (one per line; several lines are parallel calls)
+//!   calls the function tool NAME when the request offers it; once the
+//!   calls' outputs follow in the input, it answers `tool said: …`;
 //! - anything else gets a deterministic answer of `answer_tokens` words.
 //!
 //! Tokens are 4-byte chunks of the prompt's canonical text (instructions,
@@ -111,6 +114,69 @@ impl MockModel {
         axum::serve(self.listener, self.app)
             .with_graceful_shutdown(shutdown)
             .await
+    }
+}
+
+/// What the mock answers with.
+#[derive(Debug, PartialEq)]
+enum Plan {
+    /// Text, as tokens.
+    Text(Vec<String>),
+    /// Function calls: (name, JSON arguments).
+    Calls(Vec<(String, String)>),
+}
+
+/// Decides the answer: `/call NAME {json}` lines become calls of the tools
+/// the request offers, unless their outputs are already in the input (the
+/// client continued the turn), in which case the mock reports the outputs.
+fn plan(body: &Value, text: &str, answer_tokens: usize) -> Plan {
+    let input = body
+        .get("input")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let last_user = input
+        .iter()
+        .rposition(|i| i.get("role").and_then(Value::as_str) == Some("user"));
+    let outputs: Vec<String> = input
+        .iter()
+        .skip(last_user.map_or(0, |i| i + 1))
+        .filter(|i| i.get("type").and_then(Value::as_str) == Some("function_call_output"))
+        .filter_map(|i| i.get("output").and_then(Value::as_str).map(str::to_owned))
+        .collect();
+    if !outputs.is_empty() {
+        return Plan::Text(answer(
+            &format!("/echo tool said: {}", outputs.join("; ")),
+            answer_tokens,
+        ));
+    }
+    let offered: Vec<&str> = body
+        .get("tools")
+        .and_then(Value::as_array)
+        .map(|tools| {
+            tools
+                .iter()
+                .filter_map(|t| t.get("name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    let calls: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("/call "))
+        .filter_map(|rest| {
+            let (name, args) = rest
+                .trim()
+                .split_once(char::is_whitespace)
+                .unwrap_or((rest.trim(), "{}"));
+            offered
+                .contains(&name)
+                .then(|| (name.to_owned(), args.trim().to_owned()))
+        })
+        .collect();
+    if calls.is_empty() {
+        Plan::Text(answer(text, answer_tokens))
+    } else {
+        Plan::Calls(calls)
     }
 }
 
@@ -256,7 +322,7 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
         }
         None => 0,
     };
-    let pieces = answer(directive, state.settings.answer_tokens);
+    let plan = plan(&body, directive, state.settings.answer_tokens);
     let model = body
         .get("model")
         .and_then(Value::as_str)
@@ -265,18 +331,102 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     let settings = state.settings.clone();
     tokio::spawn(async move {
-        stream_answer(
-            tx,
-            &settings,
-            &model,
-            &pieces,
-            tokens.len(),
-            cached,
-            disconnect,
-        )
-        .await;
+        let usage = Usage {
+            input_tokens: tokens.len(),
+            cached_tokens: cached,
+        };
+        match plan {
+            Plan::Text(pieces) => {
+                stream_answer(tx, &settings, &model, &pieces, &usage, disconnect).await;
+            }
+            Plan::Calls(calls) => stream_calls(tx, &model, &calls, &usage).await,
+        }
     });
     Sse::new(ReceiverStream::new(rx)).into_response()
+}
+
+/// Prompt-side usage of a request.
+struct Usage {
+    input_tokens: usize,
+    cached_tokens: usize,
+}
+
+impl Usage {
+    fn json(&self, output_tokens: usize) -> Value {
+        json!({
+            "input_tokens": self.input_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": self.input_tokens + output_tokens,
+        })
+    }
+}
+
+fn sse(value: &Value) -> Event {
+    let kind = value["type"].as_str().unwrap_or("message").to_owned();
+    Event::default().event(kind).data(value.to_string())
+}
+
+/// Streams function calls: one output item per call, arguments in one delta.
+async fn stream_calls(
+    tx: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
+    model: &str,
+    calls: &[(String, String)],
+    usage: &Usage,
+) {
+    let response_id = format!("resp_mock{}", uuid::Uuid::now_v7().simple());
+    let base = |status: &str| {
+        json!({"id": response_id, "object": "response", "created_at": 0, "status": status,
+               "model": model, "output": [], "usage": null})
+    };
+    let mut events = vec![
+        json!({"type": "response.created", "response": base("in_progress")}),
+        json!({"type": "response.in_progress", "response": base("in_progress")}),
+    ];
+    let mut items = Vec::new();
+    for (index, (name, arguments)) in calls.iter().enumerate() {
+        let item_id = format!("fc_mock{}", uuid::Uuid::now_v7().simple());
+        let call_id = format!(
+            "call_{:016x}",
+            fnv(&format!("{response_id}/{index}/{name}"))
+        );
+        let item = json!({"type": "function_call", "id": item_id, "call_id": call_id, "name": name,
+                          "arguments": arguments, "status": "completed"});
+        let mut added = item.clone();
+        added["arguments"] = json!("");
+        added["status"] = json!("in_progress");
+        events.push(
+            json!({"type": "response.output_item.added", "output_index": index, "item": added}),
+        );
+        events.push(
+            json!({"type": "response.function_call_arguments.delta", "item_id": item_id,
+                           "output_index": index, "delta": arguments}),
+        );
+        events.push(
+            json!({"type": "response.function_call_arguments.done", "item_id": item_id,
+                           "output_index": index, "arguments": arguments}),
+        );
+        events.push(
+            json!({"type": "response.output_item.done", "output_index": index, "item": item}),
+        );
+        items.push(item);
+    }
+    let mut done = base("completed");
+    done["output"] = json!(items);
+    done["usage"] = usage.json(
+        calls
+            .iter()
+            .map(|(_, a)| a.len().div_ceil(TOKEN_BYTES))
+            .sum(),
+    );
+    events.push(json!({"type": "response.completed", "response": done}));
+    for (seq, mut event) in (0u64..).zip(events) {
+        event["sequence_number"] = json!(seq);
+        if tx.send(Ok(sse(&event))).await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn stream_answer(
@@ -284,17 +434,13 @@ async fn stream_answer(
     settings: &MockSettings,
     model: &str,
     pieces: &[String],
-    input_tokens: usize,
-    cached_tokens: usize,
+    usage: &Usage,
     disconnect: bool,
 ) {
     let response_id = format!("resp_mock{}", uuid::Uuid::now_v7().simple());
     let item_id = format!("msg_mock{}", uuid::Uuid::now_v7().simple());
     let mut seq = 0u64;
-    let send = |value: Value| {
-        let kind = value["type"].as_str().unwrap_or("message").to_owned();
-        Event::default().event(kind).data(value.to_string())
-    };
+    let send = |value: Value| sse(&value);
     let base = |status: &str| {
         json!({"id": response_id, "object": "response", "created_at": 0, "status": status,
                "model": model, "output": [], "usage": null})
@@ -340,13 +486,7 @@ async fn stream_answer(
                       "content": [{"type": "output_text", "text": text, "annotations": []}]});
     let mut done = base("completed");
     done["output"] = json!([item]);
-    done["usage"] = json!({
-        "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": cached_tokens},
-        "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": input_tokens + output_tokens,
-    });
+    done["usage"] = usage.json(output_tokens);
     let tail = vec![
         json!({"type": "response.output_text.done", "item_id": item_id, "output_index": 0, "content_index": 0, "text": text}),
         json!({"type": "response.content_part.done", "item_id": item_id, "output_index": 0, "content_index": 0,
@@ -376,6 +516,25 @@ mod tests {
         );
         assert_eq!(answer("what is a toll road?", 8).len(), 8);
         assert_ne!(answer("a", 8), answer("b", 8));
+    }
+
+    #[test]
+    fn calls_need_the_tool_and_stop_once_answered() {
+        let tools = json!([{"type": "function", "name": "weather"}]);
+        let ask = json!({"tools": tools, "input": [{"role": "user", "content": "/call weather {\"city\":\"Oslo\"}"}]});
+        assert_eq!(
+            plan(&ask, "/call weather {\"city\":\"Oslo\"}\n/call nope {}", 4),
+            Plan::Calls(vec![("weather".into(), "{\"city\":\"Oslo\"}".into())])
+        );
+        let answered = json!({"tools": tools, "input": [
+            {"role": "user", "content": "/call weather {}"},
+            {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}
+        ]});
+        assert_eq!(
+            plan(&answered, "/call weather {}", 4),
+            Plan::Text(answer("/echo tool said: sunny", 4))
+        );
     }
 
     #[test]

@@ -112,8 +112,41 @@ impl Stack {
                 turnpike_core::db::migrate::run(&settings.database)
                     .await
                     .expect("migrate the test stack");
+                self.wait_replicated().await;
             })
             .await;
+    }
+
+    /// Waits until both replicas have replayed everything the primary has
+    /// written so far (replication is asynchronous: a test that reads a
+    /// replica right after a write must wait for this, as a client would
+    /// with `consistency=session`).
+    pub async fn wait_replicated(&self) {
+        let primary = self.superuser("primary").await;
+        let target: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
+            .fetch_one(&primary)
+            .await
+            .unwrap();
+        primary.close().await;
+        for replica in REPLICAS {
+            let pool = self.superuser(replica).await;
+            eventually(
+                &format!("{replica} to replay the primary's writes"),
+                Duration::from_secs(30),
+                || async {
+                    let replayed: Option<i64> = sqlx::query_scalar(
+                        "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8",
+                    )
+                    .fetch_one(&pool)
+                    .await
+                    .ok()
+                    .flatten();
+                    replayed.filter(|r| *r >= target).map(|_| ())
+                },
+            )
+            .await;
+            pool.close().await;
+        }
     }
 
     /// Settings that point at this stack, with an api on port 0 and quick

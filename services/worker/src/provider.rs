@@ -51,6 +51,8 @@ pub enum Progress<'a> {
     TextDelta { output_index: u64, delta: &'a str },
     /// An output item started.
     ItemAdded { output_index: u64, item: &'a Value },
+    /// A function call's arguments grew.
+    ArgumentsDelta { output_index: u64, delta: &'a str },
 }
 
 /// A Responses API client.
@@ -195,6 +197,13 @@ impl Provider {
                 "response.output_text.delta" => {
                     let delta = data.get("delta").and_then(Value::as_str).unwrap_or("");
                     on_progress(Progress::TextDelta {
+                        output_index: index,
+                        delta,
+                    });
+                }
+                "response.function_call_arguments.delta" => {
+                    let delta = data.get("delta").and_then(Value::as_str).unwrap_or("");
+                    on_progress(Progress::ArgumentsDelta {
                         output_index: index,
                         delta,
                     });

@@ -133,6 +133,16 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
                         );
                     }
                 }
+                Progress::ArgumentsDelta {
+                    output_index,
+                    delta,
+                } => {
+                    let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
+                    let _ =
+                        events_tx.send(json!({"type": "response.function_call_arguments.delta",
+                        "item_id": ids::encode(prefixes::FUNCTION_CALL, uuid),
+                        "output_index": output_index, "delta": delta}));
+                }
                 Progress::TextDelta {
                     output_index,
                     delta,
@@ -283,6 +293,10 @@ async fn complete(
             let _ = events_tx.send(json!({"type": "response.content_part.done", "item_id": id,
                 "output_index": index, "content_index": 0,
                 "part": content.first().cloned().map_or(Value::Null, |p| serde_json::to_value(p).unwrap_or(Value::Null))}));
+        }
+        if let Item::FunctionCall { id, arguments, .. } = item {
+            let _ = events_tx.send(json!({"type": "response.function_call_arguments.done",
+                "item_id": id, "output_index": index, "arguments": arguments}));
         }
         let _ = events_tx.send(
             json!({"type": "response.output_item.done", "output_index": index,

@@ -273,7 +273,7 @@ async fn responses_are_stored_queued(paths: Paths) {
         .call(
             "POST",
             "/v1/responses",
-            Some(json!({"input": [{"role": "user", "content": "hi"}]})),
+            Some(json!({"input": [{"role": "user", "content": "hi"}], "background": true})),
         )
         .await;
     let solo_conversation = solo.ok()["conversation"]["id"].as_str().unwrap();

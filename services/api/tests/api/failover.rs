@@ -43,6 +43,9 @@ async fn a_stopped_replica_costs_no_failed_reads(paths: Paths) {
         .as_str()
         .unwrap()
         .to_owned();
+    // Every replica has the conversation before the load starts: eventual
+    // reads may otherwise not find it yet, which is not what this test is about.
+    stack.wait_replicated().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));

@@ -26,6 +26,7 @@ async fn reads_spread_over_replicas_and_skip_the_primary(paths: Paths) {
         .as_str()
         .unwrap()
         .to_owned();
+    stack.wait_replicated().await;
 
     let mut before = Vec::new();
     for node in NODES {

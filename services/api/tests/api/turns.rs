@@ -8,7 +8,8 @@ use turnpike_testkit::{Paths, SseEvent, Stack, TestApp, eventually};
 
 both_paths!(
     a_streamed_turn_is_stored_and_resumable,
-    failures_surface_as_failed_responses
+    failures_surface_as_failed_responses,
+    client_function_calls_round_trip,
 );
 
 fn types(events: &[SseEvent]) -> Vec<&str> {
@@ -192,4 +193,98 @@ async fn failures_surface_as_failed_responses(paths: Paths) {
         let stored = user.call("GET", &format!("/v1/responses/{id}"), None).await;
         assert_eq!(stored.ok()["status"], "failed");
     }
+}
+
+async fn client_function_calls_round_trip(paths: Paths) {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, paths).await;
+    let user = app.new_user().await;
+    let conversation = user.create_conversation(json!({})).await.ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tools = json!([
+        {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+        {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
+    ]);
+
+    // Two /call lines: parallel calls, in call order, streamed with their arguments.
+    let (_, events) = user
+        .stream(
+            "POST",
+            "/v1/responses",
+            Some(json!({
+                "conversation": conversation, "tools": tools, "stream": true,
+                "input": "/call get_weather {\"city\":\"Oslo\"}\n/call get_time {}"
+            })),
+            &[],
+        )
+        .await;
+    let kinds = types(&events);
+    assert!(
+        kinds.contains(&"response.function_call_arguments.delta"),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&"response.function_call_arguments.done"),
+        "{kinds:?}"
+    );
+    let response = &events.last().unwrap().data["response"];
+    assert_eq!(response["status"], "completed");
+    let calls = response["output"].as_array().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["type"], "function_call");
+    assert_eq!(calls[0]["name"], "get_weather");
+    assert_eq!(calls[0]["arguments"], "{\"city\":\"Oslo\"}");
+    assert_eq!(calls[1]["name"], "get_time");
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("fc_"));
+
+    // The client answers with function_call_output items in a new response.
+    let outputs: Vec<Value> = calls
+        .iter()
+        .zip(["sunny", "noon"])
+        .map(|(call, output)| json!({"type": "function_call_output", "call_id": call["call_id"], "output": output}))
+        .collect();
+    let answered = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "tools": tools, "input": outputs})),
+        )
+        .await;
+    assert_eq!(answered.ok()["status"], "completed");
+    assert_eq!(
+        answered.ok()["output"][0]["content"][0]["text"],
+        "tool said: sunny; noon"
+    );
+
+    // The conversation holds it all, in order.
+    let items = user.list_items(&conversation, "?order=asc").await;
+    let kinds: Vec<&str> = items.ok()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "message",
+            "function_call",
+            "function_call",
+            "function_call_output",
+            "function_call_output",
+            "message"
+        ]
+    );
+
+    // A tool the request does not offer is not called.
+    let plain = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": "/call get_weather {}"})),
+        )
+        .await;
+    assert_eq!(plain.ok()["output"][0]["type"], "message");
 }
