@@ -11,13 +11,11 @@ use serde::Deserialize;
 use sqlx::types::Json as SqlJson;
 use turnpike_core::db::DbConn;
 use turnpike_protocol::item::{InputItem, Item, ItemContent, Role};
-use turnpike_protocol::response::{
-    CreateResponse, Multitask, Response, ResponseInput, ResponseStatus,
-};
+use turnpike_protocol::response::{CreateResponse, Multitask, Response, ResponseInput};
 use turnpike_protocol::{List, Metadata, ids as prefixes};
 use uuid::Uuid;
 
-use turnpike_core::turns::{COLUMNS, ResponseRow, StoredRequest, find};
+use turnpike_core::turns::{self, COLUMNS, ResponseRow, StoredRequest, find};
 
 use std::time::Duration;
 
@@ -98,36 +96,62 @@ pub async fn create(
     };
 
     let mut tx = app.router.write().await?;
-    let (conversation, first_seq) = match &body.conversation {
+    let conversation = match &body.conversation {
         Some(reference) => {
             let id = ids::decode(prefixes::CONVERSATION, "conversation", reference.id())?;
-            let first = items::reserve_seqs(&mut tx, id, principal.user_id, inputs.len())
+            // Locks the conversation and checks that it is the caller's.
+            items::reserve_seqs(&mut tx, id, principal.user_id, 0)
                 .await?
                 .ok_or_else(|| ApiError::not_found("conversation", reference.id()))?;
-            (id, first)
+            id
         }
         None => {
-            let row =
-                conversations::insert(&mut tx, principal.user_id, &Metadata::new(), inputs.len())
-                    .await?;
-            (row.id, 1)
+            conversations::insert(&mut tx, principal.user_id, &Metadata::new(), 0)
+                .await?
+                .id
         }
     };
-    match body.multitask.unwrap_or_default() {
-        Multitask::Enqueue => {}
+    let mut interrupted = Vec::new();
+    let dispatch_now = match body.multitask.unwrap_or_default() {
+        Multitask::Enqueue => !turns::has_active_turn(&mut tx, conversation).await?,
         Multitask::Reject => {
-            if has_active_turn(&mut tx, conversation).await? {
+            if turns::has_active_turn(&mut tx, conversation).await? {
                 return Err(ApiError::conflict(
                     "The conversation already has an active response (multitask: reject).",
                     "conversation_busy",
                 ));
             }
+            true
         }
-        Multitask::Interrupt => cancel_active_turns(&mut tx, conversation).await?,
-    }
+        Multitask::Interrupt => {
+            interrupted = turns::cancel_active(&mut tx, conversation).await?;
+            true
+        }
+    };
     let id = Uuid::now_v7();
-    items::append(&mut tx, conversation, first_seq, &inputs, Some(id)).await?;
-    let last_seq = first_seq + i64::try_from(inputs.len()).unwrap_or(0) - 1;
+    // A turn that runs now appends its input at once; one waiting behind the
+    // active turn keeps it pending, so it lands after that turn's output.
+    let (input_seqs, pending) = if dispatch_now {
+        let first = items::reserve_seqs(&mut tx, conversation, principal.user_id, inputs.len())
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "conversation",
+                    &ids::encode(prefixes::CONVERSATION, conversation),
+                )
+            })?;
+        items::append(&mut tx, conversation, first, &inputs, Some(id)).await?;
+        (
+            (first, first + i64::try_from(inputs.len()).unwrap_or(0) - 1),
+            None,
+        )
+    } else {
+        let pending: Vec<Item> = inputs
+            .iter()
+            .map(|i| items::to_item(i, Uuid::now_v7()))
+            .collect();
+        ((0, -1), Some(pending))
+    };
     let row = insert(
         &mut tx,
         &NewResponse {
@@ -137,7 +161,8 @@ pub async fn create(
             model: &model,
             background,
             request: &stored,
-            input_seqs: (first_seq, last_seq),
+            input_seqs,
+            pending: pending.as_deref(),
         },
     )
     .await?;
@@ -150,8 +175,14 @@ pub async fn create(
         Some(subscribing) => Some(subscribing.await),
         None => None,
     };
-    if let Err(e) = queue::enqueue(&app.kv, &app.settings.worker.queue, &public, lsn).await {
-        tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
+    for (id, previous) in interrupted {
+        announce_cancel(&app, &ids::encode(prefixes::RESPONSE, id), &previous).await;
+    }
+    // A turn behind an active one is dispatched by the worker that finishes the active one.
+    if dispatch_now {
+        if let Err(e) = queue::enqueue(&app.kv, &app.settings.worker.queue, &public, lsn).await {
+            tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
+        }
     }
     if body.stream == Some(true) {
         let mut response = events::stream(&app, row, None);
@@ -298,6 +329,9 @@ pub async fn input_items(
                 let Some(turn) = find(db, id, user).await? else {
                     return Ok(None);
                 };
+                if let Some(pending) = &turn.pending_input {
+                    return Ok(Some(pending_page(&pending.0, after, order, limit + 1)));
+                }
                 let page = InputPage {
                     conversation: turn.conversation_id,
                     seqs: (turn.input_first_seq, turn.input_last_seq),
@@ -327,24 +361,49 @@ pub async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     let id = ids::decode(prefixes::RESPONSE, "response", &response_id)?;
     let mut tx = app.router.write().await?;
-    let row = match mark_cancelled(&mut tx, id, principal.user_id).await? {
-        Some(row) => row,
-        None => {
-            let row = find(&mut tx, id, principal.user_id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("response", &response_id))?;
-            if row.status != ResponseStatus::Cancelled.as_str() {
-                return Err(ApiError::conflict(
-                    format!("The response has already finished ({}).", row.status),
-                    "response_finished",
-                ));
-            }
-            row
+    let (row, previous) = turns::cancel(&mut tx, id, principal.user_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("response", &response_id))?;
+    match previous.as_str() {
+        "queued" | "in_progress" => {}
+        "cancelled" => return Ok(axum::Json(row.to_api()).into_response()),
+        finished => {
+            return Err(ApiError::conflict(
+                format!("The response has already finished ({finished})."),
+                "response_finished",
+            ));
         }
-    };
+    }
     let lsn = tx.commit().await?;
     app.wrote(&principal, lsn).await;
+    announce_cancel(&app, &row.public_id(), &previous).await;
     Ok(written(lsn, StatusCode::OK, &row.to_api()))
+}
+
+/// Makes a cancellation visible: a running turn's worker is told to stop
+/// (and ends the stream); a queued turn's stream ends here.
+async fn announce_cancel(app: &AppState, response: &str, previous: &str) {
+    if previous == "in_progress" {
+        if let Err(e) = queue::announce_cancel(&app.kv, response).await {
+            tracing::warn!(error = %e, response, "could not signal a cancellation; the turn runs to its end");
+        }
+        return;
+    }
+    let seq = match turnpike_core::events::last_sequence(&app.kv, response).await {
+        Ok(last) => last.map_or(0, |s| s + 1),
+        Err(e) => {
+            tracing::warn!(error = %e, response, "could not log a cancellation");
+            return;
+        }
+    };
+    let event = serde_json::json!({"type": "response.cancelled", "sequence_number": seq,
+        "response": {"id": response, "status": "cancelled"}});
+    let retention = Duration::from_millis(app.settings.events.retention_ms);
+    if let Err(e) =
+        turnpike_core::events::append(&app.kv, response, seq, &event.to_string(), retention).await
+    {
+        tracing::warn!(error = %e, response, "could not log a cancellation");
+    }
 }
 
 struct NewResponse<'a> {
@@ -355,6 +414,7 @@ struct NewResponse<'a> {
     background: bool,
     request: &'a StoredRequest,
     input_seqs: (i64, i64),
+    pending: Option<&'a [Item]>,
 }
 
 /// Inserts a queued response. Primary only.
@@ -363,8 +423,8 @@ async fn insert(db: &mut impl DbConn, new: &NewResponse<'_>) -> Result<ResponseR
     let prepared = db.prepared();
     sqlx::query_as(&format!(
         "INSERT INTO responses (id, conversation_id, user_id, status, model, background, request,
-             input_first_seq, input_last_seq)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+             input_first_seq, input_last_seq, pending_input)
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
     ))
     .bind(new.id)
     .bind(new.conversation)
@@ -374,57 +434,44 @@ async fn insert(db: &mut impl DbConn, new: &NewResponse<'_>) -> Result<ResponseR
     .bind(SqlJson(new.request))
     .bind(new.input_seqs.0)
     .bind(new.input_seqs.1)
+    .bind(new.pending.map(SqlJson))
     .persistent(prepared)
     .fetch_one(db.conn())
     .await
 }
 
-/// Whether the conversation has a queued or running response. Primary, under the conversation's lock.
-#[tracing::instrument(level = "debug", skip(db))]
-async fn has_active_turn(db: &mut impl DbConn, conversation: Uuid) -> Result<bool, sqlx::Error> {
-    let prepared = db.prepared();
-    let row: Option<(i32,)> = sqlx::query_as(
-        "SELECT 1 FROM responses WHERE conversation_id = $1 AND status IN ('queued', 'in_progress') LIMIT 1",
-    )
-    .bind(conversation)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
-    .await?;
-    Ok(row.is_some())
-}
-
-/// Cancels the conversation's queued and running responses. Primary only.
-#[tracing::instrument(level = "debug", skip(db))]
-async fn cancel_active_turns(db: &mut impl DbConn, conversation: Uuid) -> Result<(), sqlx::Error> {
-    let prepared = db.prepared();
-    sqlx::query(
-        "UPDATE responses SET status = 'cancelled', updated_at = now()
-         WHERE conversation_id = $1 AND status IN ('queued', 'in_progress')",
-    )
-    .bind(conversation)
-    .persistent(prepared)
-    .execute(db.conn())
-    .await?;
-    Ok(())
-}
-
-/// Cancels one response if it is still queued or running. Primary only.
-#[tracing::instrument(level = "debug", skip(db))]
-async fn mark_cancelled(
-    db: &mut impl DbConn,
-    id: Uuid,
-    user: Uuid,
-) -> Result<Option<ResponseRow>, sqlx::Error> {
-    let prepared = db.prepared();
-    sqlx::query_as(&format!(
-        "UPDATE responses SET status = 'cancelled', updated_at = now()
-         WHERE id = $1 AND user_id = $2 AND status IN ('queued', 'in_progress') RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(user)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
-    .await
+/// A page of a waiting turn's pending input (not yet in the conversation).
+fn pending_page(pending: &[Item], after: Option<Uuid>, order: Order, limit: i64) -> Vec<ItemRow> {
+    let mut rows: Vec<ItemRow> = pending
+        .iter()
+        .filter_map(|item| {
+            let id = turnpike_core::ids::parse_item(item.id())?;
+            let kind = match item {
+                Item::Message { .. } => "message",
+                Item::FunctionCall { .. } => "function_call",
+                Item::FunctionCallOutput { .. } => "function_call_output",
+            };
+            let body = serde_json::to_string(item).ok()?;
+            Some(ItemRow {
+                id,
+                kind: kind.to_owned(),
+                body: StoredJson(body),
+            })
+        })
+        .collect();
+    if order == Order::Desc {
+        rows.reverse();
+    }
+    if let Some(after) = after {
+        match rows.iter().position(|r| r.id == after) {
+            Some(at) => {
+                rows.drain(..=at);
+            }
+            None => rows.clear(),
+        }
+    }
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    rows
 }
 
 struct InputPage {

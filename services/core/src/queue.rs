@@ -7,6 +7,24 @@
 use crate::db::Lsn;
 use crate::kv::{Kv, KvError};
 
+/// The pub/sub channel cancellations are announced on; the payload is the
+/// response's public id. Every worker listens.
+pub const CANCEL_CHANNEL: &str = "tp:cancel";
+
+/// Tells whichever worker runs the turn to stop it.
+pub async fn announce_cancel(kv: &Kv, response: &str) -> Result<(), KvError> {
+    let response = response.to_owned();
+    kv.run(|mut conn| async move {
+        redis::cmd("PUBLISH")
+            .arg(CANCEL_CHANNEL)
+            .arg(response)
+            .query_async::<i64>(&mut conn)
+            .await
+    })
+    .await
+    .map(|_| ())
+}
+
 /// The workers' consumer group.
 pub const GROUP: &str = "workers";
 

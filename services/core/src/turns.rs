@@ -44,6 +44,8 @@ pub struct ResponseRow {
     pub error: Option<serde_json::Value>,
     pub input_first_seq: i64,
     pub input_last_seq: i64,
+    /// The input of a turn waiting behind another, appended when it starts.
+    pub pending_input: Option<SqlJson<Vec<Item>>>,
     pub created_at: i64,
 }
 
@@ -93,7 +95,7 @@ impl ResponseRow {
 
 pub const COLUMNS: &str =
     "id, conversation_id, user_id, status, model, background, request, output, usage, error,
-    input_first_seq, input_last_seq, extract(epoch FROM created_at)::int8 AS created_at";
+    input_first_seq, input_last_seq, pending_input, extract(epoch FROM created_at)::int8 AS created_at";
 
 /// A response the user owns. Any node.
 #[tracing::instrument(level = "debug", skip(db))]
@@ -124,19 +126,162 @@ pub async fn find_any(db: &mut impl DbConn, id: Uuid) -> Result<Option<ResponseR
         .await
 }
 
-/// Moves a queued (or redelivered, in-progress) response to `in_progress`;
-/// `None` if it has already finished or was cancelled. Primary only.
+/// Moves a queued response to `in_progress`. A redelivered turn
+/// (`redelivery`: its worker died) also takes over one already in progress;
+/// a first delivery never does, so a duplicate queue entry cannot run a turn
+/// twice at once. `None` when there is nothing to run. Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
-pub async fn start(db: &mut impl DbConn, id: Uuid) -> Result<Option<ResponseRow>, sqlx::Error> {
+pub async fn start(
+    db: &mut impl DbConn,
+    id: Uuid,
+    redelivery: bool,
+) -> Result<Option<ResponseRow>, sqlx::Error> {
     let prepared = db.prepared();
-    sqlx::query_as(&format!(
+    let started: Option<ResponseRow> = sqlx::query_as(&format!(
         "UPDATE responses SET status = 'in_progress', updated_at = now()
-         WHERE id = $1 AND status IN ('queued', 'in_progress') RETURNING {COLUMNS}"
+         WHERE id = $1 AND (status = 'queued' OR (status = 'in_progress' AND $2)) RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(redelivery)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await?;
+    let Some(row) = started else { return Ok(None) };
+    let Some(pending) = row.pending_input.as_ref().map(|p| p.0.clone()) else {
+        return Ok(Some(row));
+    };
+    // Its turn has come: the input joins the conversation after everything before it.
+    let Some(first) = reserve_seqs(db, row.conversation_id, row.user_id, pending.len()).await?
+    else {
+        return Ok(None);
+    };
+    insert_items(db, row.conversation_id, first, &pending, Some(row.id)).await?;
+    let last = first + i64::try_from(pending.len()).unwrap_or(0) - 1;
+    sqlx::query_as(&format!(
+        "UPDATE responses SET input_first_seq = $2, input_last_seq = $3, pending_input = NULL
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(first)
+    .bind(last)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await
+}
+
+/// Whether the conversation has a queued or running turn. Primary, under
+/// the conversation's lock.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn has_active_turn(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let prepared = db.prepared();
+    let row: Option<(i32,)> = sqlx::query_as(
+        "SELECT 1 FROM responses WHERE conversation_id = $1 AND status IN ('queued', 'in_progress') LIMIT 1",
+    )
+    .bind(conversation)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await?;
+    Ok(row.is_some())
+}
+
+/// The conversation's oldest queued turn, if no turn is in progress: the
+/// one to dispatch next. Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn next_queued(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let prepared = db.prepared();
+    let row: Option<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM responses q WHERE q.conversation_id = $1 AND q.status = 'queued'
+           AND NOT EXISTS (SELECT 1 FROM responses a WHERE a.conversation_id = $1 AND a.status = 'in_progress')
+         ORDER BY q.id LIMIT 1",
+    )
+    .bind(conversation)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await?;
+    Ok(row.map(|(id,)| id))
+}
+
+/// Turns queued longer than `older_than_ms` that should be running: the
+/// oldest queued turn of a conversation with none in progress. Their enqueue
+/// was lost (Redis down at creation, or a worker died between finishing a
+/// turn and dispatching the next). Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn stranded(
+    db: &mut impl DbConn,
+    older_than_ms: i64,
+    limit: i64,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let prepared = db.prepared();
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT r.id FROM responses r
+         WHERE r.status = 'queued' AND r.created_at < now() - make_interval(secs => $1::float8 / 1000)
+           AND r.id = (SELECT min(q.id) FROM responses q WHERE q.conversation_id = r.conversation_id AND q.status = 'queued')
+           AND NOT EXISTS (SELECT 1 FROM responses a WHERE a.conversation_id = r.conversation_id AND a.status = 'in_progress')
+         LIMIT $2",
+    )
+    .bind(older_than_ms)
+    .bind(limit)
+    .persistent(prepared)
+    .fetch_all(db.conn())
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Cancels the conversation's queued and running turns; returns them. Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn cancel_active(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query_as(
+        "WITH active AS (SELECT id, status FROM responses
+                         WHERE conversation_id = $1 AND status IN ('queued', 'in_progress') FOR UPDATE)
+         UPDATE responses r SET status = 'cancelled', updated_at = now()
+         FROM active WHERE r.id = active.id RETURNING r.id, active.status",
+    )
+    .bind(conversation)
+    .persistent(prepared)
+    .fetch_all(db.conn())
+    .await
+}
+
+/// Cancels one queued or running response; returns it and the status it had.
+/// Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn cancel(
+    db: &mut impl DbConn,
+    id: Uuid,
+    user: Uuid,
+) -> Result<Option<(ResponseRow, String)>, sqlx::Error> {
+    let prepared = db.prepared();
+    let before: Option<(String,)> =
+        sqlx::query_as("SELECT status FROM responses WHERE id = $1 AND user_id = $2 FOR UPDATE")
+            .bind(id)
+            .bind(user)
+            .persistent(prepared)
+            .fetch_optional(db.conn())
+            .await?;
+    let Some((previous,)) = before else {
+        return Ok(None);
+    };
+    if previous != "queued" && previous != "in_progress" {
+        return Ok(find(db, id, user).await?.map(|row| (row, previous)));
+    }
+    let row: Option<ResponseRow> = sqlx::query_as(&format!(
+        "UPDATE responses SET status = 'cancelled', updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
     .persistent(prepared)
     .fetch_optional(db.conn())
-    .await
+    .await?;
+    Ok(row.map(|row| (row, previous)))
 }
 
 /// A turn's outcome.

@@ -46,7 +46,14 @@ impl Stack {
         match std::env::var("TURNPIKE_TEST_STACK") {
             Ok(dir) => {
                 let stack = Stack::load(PathBuf::from(dir), false);
+                // One migrator at a time across test processes: concurrent
+                // migrators deadlock on CREATE INDEX CONCURRENTLY, as two
+                // migration jobs would in production.
+                let lock =
+                    std::fs::File::create(stack.dir.join("migrate.lock")).expect("lock file");
+                lock.lock().expect("take the migration lock");
                 stack.migrate().await;
+                drop(lock);
                 Arc::new(stack)
             }
             Err(_) => Arc::new(Stack::private().await),

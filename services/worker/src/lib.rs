@@ -6,7 +6,9 @@
 //! reclaimed by another; SIGTERM stops claiming and lets running turns finish
 //! within the grace period.
 
+mod cancel;
 pub mod provider;
+mod reconcile;
 mod turn;
 
 use std::future::Future;
@@ -42,6 +44,7 @@ pub(crate) struct Context {
     pub last_writes: LastWrites,
     pub provider: Provider,
     pub consumer_name: String,
+    pub cancels: cancel::Registry,
 }
 
 /// A worker process.
@@ -68,6 +71,7 @@ impl Worker {
                 last_writes,
                 provider,
                 consumer_name,
+                cancels: cancel::Registry::default(),
             }),
         })
     }
@@ -85,6 +89,11 @@ impl Worker {
         let settings = &ctx.settings.worker;
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
         let mut turns = JoinSet::new();
+        let listener = tokio::spawn(cancel::listen(
+            ctx.settings.redis.url().to_owned(),
+            ctx.cancels.clone(),
+        ));
+        let reconciler = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
         let mut consumer: Option<Consumer> = None;
         let mut last_reclaim = Instant::now();
         let reclaim_every = Duration::from_millis((settings.reclaim_idle_ms / 4).max(100));
@@ -147,6 +156,7 @@ impl Worker {
                 });
             }
         }
+        reconciler.abort();
         tracing::info!(
             running = turns.len(),
             "worker stopping; no new turns claimed"
@@ -160,5 +170,6 @@ impl Worker {
             );
             turns.abort_all();
         }
+        listener.abort();
     }
 }

@@ -74,12 +74,24 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         return Ok(());
     };
     let mut tx = ctx.router.write().await?;
-    let started = turns::start(&mut tx, id).await?;
-    tx.commit().await?;
+    let started = turns::start(&mut tx, id, delivery.deliveries > 1).await?;
     let Some(row) = started else {
-        // Finished or cancelled already (a duplicate delivery).
+        // Cancelled before it started, finished already, or a duplicate
+        // delivery of a running turn: nothing to run. A cancelled turn's
+        // successor may be waiting.
+        let conversation = turns::find_any(&mut tx, id)
+            .await?
+            .map(|r| r.conversation_id);
+        let next = match conversation {
+            Some(conversation) => turns::next_queued(&mut tx, conversation).await?,
+            None => None,
+        };
+        let lsn = tx.commit().await?;
+        dispatch(ctx, next, lsn).await;
         return Ok(());
     };
+    tx.commit().await?;
+    let cancelled = ctx.cancels.register(&delivery.response);
     let first_seq = events::last_sequence(&ctx.kv, &delivery.response)
         .await
         .ok()
@@ -109,53 +121,60 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     let request = prompt(&row, &history);
 
     let mut item_ids: HashMap<u64, Uuid> = HashMap::new();
-    let result = ctx
-        .provider
-        .stream(
-            &request,
-            |progress| match progress {
-                Progress::ItemAdded { output_index, item } => {
-                    let kind = item
-                        .get("type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("message");
-                    let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
-                    let public = ids::encode(ids::item_prefix(kind), uuid);
-                    let mut added = item.clone();
-                    added["id"] = json!(public);
-                    let _ = events_tx.send(json!({"type": "response.output_item.added",
+    let streaming = ctx.provider.stream(
+        &request,
+        |progress| match progress {
+            Progress::ItemAdded { output_index, item } => {
+                let kind = item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
+                let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
+                let public = ids::encode(ids::item_prefix(kind), uuid);
+                let mut added = item.clone();
+                added["id"] = json!(public);
+                let _ = events_tx.send(json!({"type": "response.output_item.added",
                         "output_index": output_index, "item": added}));
-                    if kind == "message" {
-                        let _ = events_tx.send(
-                            json!({"type": "response.content_part.added", "item_id": public,
+                if kind == "message" {
+                    let _ = events_tx.send(
+                        json!({"type": "response.content_part.added", "item_id": public,
                             "output_index": output_index, "content_index": 0,
                             "part": {"type": "output_text", "text": "", "annotations": []}}),
-                        );
-                    }
+                    );
                 }
-                Progress::ArgumentsDelta {
-                    output_index,
-                    delta,
-                } => {
-                    let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
-                    let _ =
-                        events_tx.send(json!({"type": "response.function_call_arguments.delta",
+            }
+            Progress::ArgumentsDelta {
+                output_index,
+                delta,
+            } => {
+                let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
+                let _ = events_tx.send(json!({"type": "response.function_call_arguments.delta",
                         "item_id": ids::encode(prefixes::FUNCTION_CALL, uuid),
                         "output_index": output_index, "delta": delta}));
-                }
-                Progress::TextDelta {
-                    output_index,
-                    delta,
-                } => {
-                    let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
-                    let _ = events_tx.send(json!({"type": "response.output_text.delta",
+            }
+            Progress::TextDelta {
+                output_index,
+                delta,
+            } => {
+                let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
+                let _ = events_tx.send(json!({"type": "response.output_text.delta",
                         "item_id": ids::encode(prefixes::MESSAGE, uuid),
                         "output_index": output_index, "content_index": 0, "delta": delta}));
-                }
-            },
-            |_error: &ProviderError| {},
-        )
-        .await;
+            }
+        },
+        |_error: &ProviderError| {},
+    );
+    // A cancellation stops the model stream at once; `finish` then finds the
+    // turn cancelled and ends the stream with `response.cancelled`.
+    let result = tokio::select! {
+        result = streaming => Some(result),
+        () = cancelled.notified() => None,
+    };
+    ctx.cancels.forget(&delivery.response);
+    let Some(result) = result else {
+        let error = json!({"code": "cancelled", "message": "The response was cancelled."});
+        return fail(ctx, &row, emitter, events_tx, &error).await;
+    };
 
     match result {
         Ok(output) => complete(ctx, &row, emitter, events_tx, output, &item_ids).await,
@@ -341,8 +360,10 @@ async fn finish(
 ) -> Result<(), TurnError> {
     let mut tx = ctx.router.write().await?;
     let finished = turns::finish(&mut tx, row, outcome).await?;
+    let next = turns::next_queued(&mut tx, row.conversation_id).await?;
     let lsn: Lsn = tx.commit().await?;
     ctx.last_writes.record(row.user_id, lsn).await;
+    dispatch(ctx, next, lsn).await;
     match finished {
         Some(done) => {
             let snapshot = serde_json::to_value(done.to_api()).unwrap_or(Value::Null);
@@ -357,6 +378,15 @@ async fn finish(
     drop(events_tx);
     let _ = emitter.await;
     Ok(())
+}
+
+/// Queues a conversation's next turn, now that the previous one is over.
+async fn dispatch(ctx: &Context, next: Option<Uuid>, lsn: Lsn) {
+    let Some(next) = next else { return };
+    let public = ids::encode(prefixes::RESPONSE, next);
+    if let Err(e) = queue::enqueue(&ctx.kv, &ctx.settings.worker.queue, &public, lsn).await {
+        tracing::warn!(error = %e, response = %public, "could not dispatch the next turn; the reconciler will");
+    }
 }
 
 /// Appends events to the response's log in order, on its own task, so the

@@ -288,3 +288,183 @@ async fn client_function_calls_round_trip(paths: Paths) {
         .await;
     assert_eq!(plain.ok()["output"][0]["type"], "message");
 }
+
+/// An api, a worker and a mock model streaming 20 tokens per second.
+async fn slow_agents(stack: &Stack, paths: Paths) -> (TestApp, turnpike_testkit::Agents) {
+    let mut settings = stack.settings(paths);
+    settings.mock.tokens_per_s = 20;
+    settings.mock.answer_tokens = 200;
+    let agents = turnpike_testkit::Agents::spawn(&mut settings).await;
+    (TestApp::spawn_with(settings).await, agents)
+}
+
+async fn status_of(user: &turnpike_testkit::User, id: &str) -> String {
+    user.call("GET", &format!("/v1/responses/{id}"), None)
+        .await
+        .body["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_turn_within_a_second() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = slow_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let created = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "talk for a while", "background": true})),
+        )
+        .await;
+    let id = created.ok()["id"].as_str().unwrap().to_owned();
+    // Read the stream until the first text delta, cancel, then read it to its end.
+    let mut stream = app
+        .http
+        .get(format!("{}/v1/responses/{id}?stream=true", app.url))
+        .header("authorization", format!("Bearer {}", user.key))
+        .send()
+        .await
+        .unwrap();
+    let mut body = String::new();
+    while !body.contains("response.output_text.delta") {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), stream.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        body.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let started = std::time::Instant::now();
+    let cancelled = user
+        .call("POST", &format!("/v1/responses/{id}/cancel"), None)
+        .await;
+    assert_eq!(cancelled.ok()["status"], "cancelled");
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        body.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let elapsed = started.elapsed();
+    let events = turnpike_testkit::parse_sse(&body);
+    assert_eq!(events.last().unwrap().data["type"], "response.cancelled");
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "the stream ended {elapsed:?} after the cancel"
+    );
+    let text = text_of(&events);
+    assert!(text.split(' ').count() < 200, "the model was stopped early");
+    assert_eq!(status_of(&user, &id).await, "cancelled");
+    // Idempotent.
+    let again = user
+        .call("POST", &format!("/v1/responses/{id}/cancel"), None)
+        .await;
+    assert_eq!(again.ok()["status"], "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_active_turn_per_conversation_with_each_multitask_strategy() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = slow_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let conversation = user.create_conversation(json!({})).await.ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let create = |input: &str, multitask: &str| json!({"conversation": conversation, "input": input, "background": true, "multitask": multitask});
+
+    // enqueue (the default): the second waits for the first, then runs.
+    let first = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(create("/echo one", "enqueue")),
+        )
+        .await;
+    let first = first.ok()["id"].as_str().unwrap().to_owned();
+    let second = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(create("/echo two", "enqueue")),
+        )
+        .await;
+    let second = second.ok()["id"].as_str().unwrap().to_owned();
+    // reject: refused while a turn is active.
+    let rejected = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(create("/echo three", "reject")),
+        )
+        .await;
+    assert_eq!(rejected.error(409)["code"], "conversation_busy");
+    eventually(
+        "both queued turns to complete in order",
+        Duration::from_secs(30),
+        || async {
+            let (a, b) = (
+                status_of(&user, &first).await,
+                status_of(&user, &second).await,
+            );
+            assert!(
+                !(b == "completed" && a != "completed"),
+                "the second turn finished before the first"
+            );
+            (a == "completed" && b == "completed").then_some(())
+        },
+    )
+    .await;
+    let items = user.list_items(&conversation, "?order=asc").await;
+    let texts: Vec<String> = items.ok()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["content"][0]["text"].as_str().unwrap().to_owned())
+        .collect();
+    // The waiting turn's input joined the conversation after the first answer.
+    assert_eq!(texts, ["/echo one", "one", "/echo two", "two"]);
+    let first_reply = user
+        .call("GET", &format!("/v1/responses/{first}"), None)
+        .await;
+    assert_eq!(first_reply.ok()["output"][0]["content"][0]["text"], "one");
+    let second_reply = user
+        .call("GET", &format!("/v1/responses/{second}"), None)
+        .await;
+    assert_eq!(second_reply.ok()["output"][0]["content"][0]["text"], "two");
+
+    // interrupt: the running turn is cancelled and the new one runs.
+    let long = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(create("talk for a while", "enqueue")),
+        )
+        .await;
+    let long = long.ok()["id"].as_str().unwrap().to_owned();
+    eventually(
+        "the long turn to start",
+        Duration::from_secs(20),
+        || async { (status_of(&user, &long).await == "in_progress").then_some(()) },
+    )
+    .await;
+    let urgent = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(create("/echo now", "interrupt")),
+        )
+        .await;
+    let urgent = urgent.ok()["id"].as_str().unwrap().to_owned();
+    eventually(
+        "the interrupting turn to complete",
+        Duration::from_secs(20),
+        || async { (status_of(&user, &urgent).await == "completed").then_some(()) },
+    )
+    .await;
+    assert_eq!(status_of(&user, &long).await, "cancelled");
+}

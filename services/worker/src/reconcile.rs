@@ -1,0 +1,42 @@
+//! The reconciler: re-queues turns whose enqueue was lost (Redis was down
+//! when the turn was created, or a worker died between finishing a turn and
+//! dispatching the conversation's next one). Every worker runs it; a turn
+//! queued twice still runs once (see `turns::start`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use turnpike_core::turns;
+use turnpike_core::{ids, queue};
+use turnpike_protocol::ids as prefixes;
+
+use crate::Context;
+
+/// How long a turn may wait queued before it counts as stranded.
+const STRANDED_AFTER_MS: i64 = 20_000;
+
+pub(crate) async fn run(ctx: Arc<Context>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = pass(&ctx).await {
+            tracing::debug!(error = %e, "reconciler pass failed");
+        }
+    }
+}
+
+async fn pass(ctx: &Context) -> Result<(), turnpike_core::db::DbError> {
+    let mut tx = ctx.router.write().await?;
+    let stranded = turns::stranded(&mut tx, STRANDED_AFTER_MS, 100).await?;
+    let lsn = tx.commit().await?;
+    for id in stranded {
+        let public = ids::encode(prefixes::RESPONSE, id);
+        tracing::info!(response = %public, "re-queueing a stranded turn");
+        if let Err(e) = queue::enqueue(&ctx.kv, &ctx.settings.worker.queue, &public, lsn).await {
+            tracing::warn!(error = %e, "reconciler could not enqueue");
+            break;
+        }
+    }
+    Ok(())
+}
