@@ -86,6 +86,16 @@ async fn replay(
             return Step::Continue(last);
         }
     };
+    if logged.is_empty() && last.is_some() {
+        // Nothing after the cursor: if the cursor is at or past the terminal
+        // event, the stream is already complete for this client.
+        if let Ok(Some((seq, data))) = events::last_event(&app.kv, response).await {
+            let ended = header(&data).is_some_and(|(kind, _)| TERMINAL.contains(&kind.as_str()));
+            if ended && last.is_some_and(|l| l >= seq) {
+                return Step::Done;
+            }
+        }
+    }
     let mut last = last;
     for (seq, data) in logged {
         let Some((kind, _)) = header(&data) else {

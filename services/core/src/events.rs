@@ -93,6 +93,28 @@ pub async fn read_after(
         .collect())
 }
 
+/// The last logged event of a response: its sequence number and JSON.
+pub async fn last_event(kv: &Kv, response: &str) -> Result<Option<(u64, String)>, KvError> {
+    let key = log_key(response);
+    let entries: Vec<(String, Vec<(String, String)>)> = kv
+        .run(|mut conn| async move {
+            redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+        })
+        .await?;
+    Ok(entries.into_iter().next().and_then(|(id, fields)| {
+        let seq = id.split_once('-')?.0.parse::<u64>().ok()?.checked_sub(1)?;
+        let data = fields.into_iter().find(|(k, _)| k == "d")?.1;
+        Some((seq, data))
+    }))
+}
+
 /// The highest logged sequence number of a response, if any.
 pub async fn last_sequence(kv: &Kv, response: &str) -> Result<Option<u64>, KvError> {
     let key = log_key(response);

@@ -189,7 +189,7 @@ impl Stack {
         settings.database.replica_path = paths.replica;
         settings.database.health_interval_ms = 100;
         settings.database.max_connections_per_node = 8;
-        settings.log.filter = "warn".into();
+        settings.log.filter = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into());
         // A queue of its own: turns never reach another test's workers.
         settings.worker.queue = format!("tp:turns:test:{}", uuid::Uuid::now_v7().simple());
         settings.worker.block_ms = 200;
@@ -339,6 +339,7 @@ pub struct Agents {
     pub mock_url: String,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Agents {
@@ -361,6 +362,7 @@ impl Agents {
             mock_url,
             stops: vec![mock_stop],
             tasks: vec![mock_task],
+            workers: Vec::new(),
         };
         agents.add_worker(settings).await;
         agents
@@ -372,7 +374,7 @@ impl Agents {
             .await
             .expect("build a worker");
         let (stop, stopped) = oneshot::channel::<()>();
-        self.tasks.push(tokio::spawn(async move {
+        self.workers.push(tokio::spawn(async move {
             worker
                 .run_until(async move {
                     let _ = stopped.await;
@@ -382,12 +384,20 @@ impl Agents {
         self.stops.push(stop);
     }
 
+    /// Kills every worker at once, as SIGKILL would: running turns stop
+    /// mid-stream, unacknowledged, and their heartbeats stop.
+    pub fn kill_workers(&mut self) {
+        for worker in self.workers.drain(..) {
+            worker.abort();
+        }
+    }
+
     /// Stops everything and waits for it.
     pub async fn shutdown(mut self) {
         for stop in self.stops.drain(..) {
             let _ = stop.send(());
         }
-        for task in self.tasks.drain(..) {
+        for task in self.tasks.drain(..).chain(self.workers.drain(..)) {
             let _ = task.await;
         }
     }
@@ -395,7 +405,7 @@ impl Agents {
 
 impl Drop for Agents {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self.tasks.iter().chain(&self.workers) {
             task.abort();
         }
     }

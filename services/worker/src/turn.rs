@@ -20,15 +20,15 @@ use crate::provider::{ModelOutput, Progress, ProviderError};
 
 /// Runs a delivered turn to its end; never panics the worker.
 pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
-    let heartbeat = tokio::spawn(heartbeat(
+    let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
         ctx.kv.clone(),
         ctx.settings.worker.queue.clone(),
         ctx.consumer_name.clone(),
         delivery.entry.clone(),
         Duration::from_millis(ctx.settings.worker.heartbeat_ms),
-    ));
+    )));
     let result = run_turn(ctx, &delivery).await;
-    heartbeat.abort();
+    drop(heartbeat);
     match result {
         Ok(()) => {
             if let Err(e) = queue::ack(&ctx.kv, &ctx.settings.worker.queue, &delivery.entry).await {
@@ -39,6 +39,16 @@ pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
         Err(e) => {
             tracing::warn!(error = %e, response = %delivery.response, "turn interrupted; leaving it for redelivery")
         }
+    }
+}
+
+/// Stops a helper task when the turn that owns it ends, however it ends
+/// (an aborted turn must not keep heartbeating its claim).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

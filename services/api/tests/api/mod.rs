@@ -19,6 +19,7 @@ macro_rules! both_paths {
 
 mod conversations;
 mod failover;
+mod faults;
 mod idempotency;
 mod isolation;
 mod openapi;

@@ -111,6 +111,18 @@ async fn a_streamed_turn_is_stored_and_resumable(paths: Paths) {
         .await;
     assert_eq!(resumed, events[6..].to_vec());
 
+    // Resuming after the terminal event ends at once, with nothing.
+    let last = events.len() - 1;
+    let (_, nothing) = user
+        .stream(
+            "GET",
+            &format!("/v1/responses/{id}?stream=true&starting_after={last}"),
+            None,
+            &[],
+        )
+        .await;
+    assert!(nothing.is_empty(), "{nothing:?}");
+
     // Once the log has expired, the events are rebuilt from what is stored.
     let redis_port = stack.env["TURNPIKE__REDIS__URL"]
         .rsplit(':')
@@ -467,4 +479,60 @@ async fn one_active_turn_per_conversation_with_each_multitask_strategy() {
     )
     .await;
     assert_eq!(status_of(&user, &long).await, "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_stay_cache_friendly_over_twenty_turns() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let conversation = user.create_conversation(json!({})).await.ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Tools in a different order each turn: the prompt sorts them.
+    let mut tools = vec![
+        json!({"type": "function", "name": "search", "description": "Search the web", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}),
+        json!({"type": "function", "name": "calendar", "description": "Read the calendar", "parameters": {"type": "object", "properties": {}}}),
+        json!({"type": "function", "name": "weather", "description": "Weather by city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}),
+    ];
+    let (mut input_tokens, mut cached_tokens) = (0u64, 0u64);
+    let mut previous_input = 0u64;
+    for turn in 0..20 {
+        tools.rotate_left(1);
+        let reply = user
+            .call("POST", "/v1/responses", Some(json!({
+                "conversation": conversation,
+                "instructions": "You are a helpful assistant for travellers on toll roads. Answer briefly.",
+                "tools": tools,
+                "input": format!("question number {turn}: what should I know about the road ahead?"),
+            })))
+            .await;
+        let usage = &reply.ok()["usage"];
+        let input = usage["input_tokens"].as_u64().unwrap();
+        let cached = usage["input_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        // Each prompt starts with the whole previous prompt (the mock's
+        // 4-byte tokens may split the last one).
+        assert!(
+            cached + 1 >= previous_input,
+            "turn {turn}: {cached} cached of the previous {previous_input}"
+        );
+        previous_input = input;
+        input_tokens += input;
+        cached_tokens += cached;
+    }
+    // With every prompt an exact prefix of the next, what is not cached is
+    // the last prompt's length (the first request of a conversation is
+    // always cold): the ratio is 1 - last/total.
+    let ratio = cached_tokens as f64 / input_tokens as f64;
+    let ceiling = 1.0 - previous_input as f64 / input_tokens as f64;
+    println!(
+        "prompt_cache_hit_ratio_20_turns: {ratio:.3} ({cached_tokens} of {input_tokens} input tokens; ceiling {ceiling:.3})"
+    );
+    assert!(
+        ratio >= ceiling - 0.01,
+        "prompt cache hit ratio {ratio:.3}, ceiling {ceiling:.3}"
+    );
 }
