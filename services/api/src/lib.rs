@@ -15,6 +15,7 @@ pub mod items;
 pub mod openapi;
 pub mod responses;
 pub mod stored_json;
+pub mod web;
 
 use std::future::Future;
 use std::ops::Deref;
@@ -156,6 +157,7 @@ pub fn routes(state: AppState) -> axum::Router {
         .merge(admin::router())
         .merge(health::router())
         .merge(openapi::router())
+        .merge(web::router())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(

@@ -27,3 +27,4 @@ mod routing;
 mod sdk;
 mod turns;
 mod validation;
+mod web;
