@@ -446,11 +446,7 @@ fn pending_page(pending: &[Item], after: Option<Uuid>, order: Order, limit: i64)
         .iter()
         .filter_map(|item| {
             let id = turnpike_core::ids::parse_item(item.id())?;
-            let kind = match item {
-                Item::Message { .. } => "message",
-                Item::FunctionCall { .. } => "function_call",
-                Item::FunctionCallOutput { .. } => "function_call_output",
-            };
+            let kind = turns::kind_of(item);
             let body = serde_json::to_string(item).ok()?;
             Some(ItemRow {
                 id,

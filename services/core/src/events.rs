@@ -117,22 +117,7 @@ pub async fn last_event(kv: &Kv, response: &str) -> Result<Option<(u64, String)>
 
 /// The highest logged sequence number of a response, if any.
 pub async fn last_sequence(kv: &Kv, response: &str) -> Result<Option<u64>, KvError> {
-    let key = log_key(response);
-    let entries: Vec<(String, Vec<(String, String)>)> = kv
-        .run(|mut conn| async move {
-            redis::cmd("XREVRANGE")
-                .arg(key)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut conn)
-                .await
-        })
-        .await?;
-    Ok(entries
-        .first()
-        .and_then(|(id, _)| id.split_once('-')?.0.parse::<u64>().ok()?.checked_sub(1)))
+    Ok(last_event(kv, response).await?.map(|(seq, _)| seq))
 }
 
 /// What a subscriber receives: an event's JSON, or word that events may

@@ -377,7 +377,8 @@ fn item_uuid(item: &Item) -> Uuid {
     ids::parse_item(item.id()).unwrap_or_else(Uuid::now_v7)
 }
 
-fn kind_of(item: &Item) -> &'static str {
+/// The stored `kind` of an item.
+pub fn kind_of(item: &Item) -> &'static str {
     match item {
         Item::Message { .. } => "message",
         Item::FunctionCall { .. } => "function_call",

@@ -662,7 +662,61 @@ pub fn parse_sse(text: &str) -> Vec<SseEvent> {
         .collect()
 }
 
+/// An event stream being read as it arrives.
+pub struct LiveStream {
+    response: reqwest::Response,
+    /// Everything received so far.
+    pub body: String,
+}
+
+impl LiveStream {
+    /// Reads until the received text contains `needle` `count` times.
+    pub async fn read_until(&mut self, needle: &str, count: usize) {
+        while self.body.matches(needle).count() < count {
+            let chunk = tokio::time::timeout(Duration::from_secs(20), self.response.chunk())
+                .await
+                .expect("the stream went quiet for 20 s")
+                .expect("read the stream")
+                .expect("the stream ended early");
+            self.body.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// Reads to the end and parses every event received.
+    pub async fn read_to_end(mut self) -> Vec<SseEvent> {
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), self.response.chunk())
+            .await
+            .expect("the stream ended within 30 s")
+            .expect("read the stream")
+        {
+            self.body.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        parse_sse(&self.body)
+    }
+
+    /// The whole events received so far (a cut-off last one is left out).
+    pub fn events_so_far(&self) -> Vec<SseEvent> {
+        parse_sse(&self.body[..self.body.rfind("\n\n").map_or(0, |i| i + 2)])
+    }
+}
+
 impl User {
+    /// Opens an event stream to read as it arrives.
+    pub async fn open_stream(&self, method: &str, path: &str, body: Option<Value>) -> LiveStream {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(AUTHORIZATION, format!("Bearer {}", self.key));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        LiveStream {
+            response: request.send().await.expect("send request"),
+            body: String::new(),
+        }
+    }
+
     /// Sends a request answered with an event stream and reads it to its end.
     pub async fn stream(
         &self,

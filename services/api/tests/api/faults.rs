@@ -2,10 +2,8 @@
 //! mid-stream resuming on another api process. Nothing is lost and nothing
 //! is repeated.
 
-use std::time::Duration;
-
 use serde_json::json;
-use turnpike_testkit::{Agents, Paths, Stack, TestApp, parse_sse};
+use turnpike_testkit::{Agents, Paths, Stack, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_turn_is_finished_by_another() {
@@ -29,32 +27,13 @@ async fn a_killed_workers_turn_is_finished_by_another() {
         .unwrap()
         .to_owned();
 
-    let mut stream = app
-        .http
-        .get(format!("{}/v1/responses/{id}?stream=true", app.url))
-        .header("authorization", format!("Bearer {}", user.key))
-        .send()
-        .await
-        .unwrap();
-    let mut body = String::new();
-    while !body.contains("response.output_text.delta") {
-        let chunk = tokio::time::timeout(Duration::from_secs(20), stream.chunk())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        body.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let mut stream = user
+        .open_stream("GET", &format!("/v1/responses/{id}?stream=true"), None)
+        .await;
+    stream.read_until("response.output_text.delta", 1).await;
     agents.kill_workers();
     agents.add_worker(&settings).await;
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), stream.chunk())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        body.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    let events = parse_sse(&body);
+    let events = stream.read_to_end().await;
     // The same stream went on to the end, its sequence numbers unbroken.
     for (i, event) in events.iter().enumerate() {
         assert_eq!(event.data["sequence_number"], i as u64);
@@ -79,28 +58,18 @@ async fn a_client_cut_off_mid_stream_resumes_on_another_api_process_without_loss
     let second = TestApp::spawn_with(settings).await;
     let user = first.new_user().await;
 
-    let mut stream = first
-        .http
-        .post(format!("{}/v1/responses", first.url))
-        .header("authorization", format!("Bearer {}", user.key))
-        .json(&json!({"input": "tell me a story", "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let mut body = String::new();
-    while body.matches("response.output_text.delta").count() < 3 {
-        let chunk = tokio::time::timeout(Duration::from_secs(20), stream.chunk())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        body.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    // The connection drops mid-stream (the client's network, or its api process).
+    let mut stream = user
+        .open_stream(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "tell me a story", "stream": true})),
+        )
+        .await;
+    stream.read_until("response.output_text.delta", 3).await;
+    // The connection drops mid-stream (the client's network, or its api process);
+    // only whole events count (the last one may have been cut).
+    let before = stream.events_so_far();
     drop(stream);
-    // Only whole events count (the last one may have been cut).
-    let complete = &body[..body.rfind("\n\n").map_or(0, |i| i + 2)];
-    let before = parse_sse(complete);
     let id = before[0].data["response"]["id"]
         .as_str()
         .unwrap()

@@ -333,36 +333,17 @@ async fn cancel_stops_a_running_turn_within_a_second() {
         .await;
     let id = created.ok()["id"].as_str().unwrap().to_owned();
     // Read the stream until the first text delta, cancel, then read it to its end.
-    let mut stream = app
-        .http
-        .get(format!("{}/v1/responses/{id}?stream=true", app.url))
-        .header("authorization", format!("Bearer {}", user.key))
-        .send()
-        .await
-        .unwrap();
-    let mut body = String::new();
-    while !body.contains("response.output_text.delta") {
-        let chunk = tokio::time::timeout(Duration::from_secs(20), stream.chunk())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        body.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let mut stream = user
+        .open_stream("GET", &format!("/v1/responses/{id}?stream=true"), None)
+        .await;
+    stream.read_until("response.output_text.delta", 1).await;
     let started = std::time::Instant::now();
     let cancelled = user
         .call("POST", &format!("/v1/responses/{id}/cancel"), None)
         .await;
     assert_eq!(cancelled.ok()["status"], "cancelled");
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        body.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let events = stream.read_to_end().await;
     let elapsed = started.elapsed();
-    let events = turnpike_testkit::parse_sse(&body);
     assert_eq!(events.last().unwrap().data["type"], "response.cancelled");
     assert!(
         elapsed < Duration::from_secs(1),
