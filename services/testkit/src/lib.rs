@@ -384,6 +384,17 @@ impl Agents {
         self.stops.push(stop);
     }
 
+    /// Asks every worker to stop, as SIGTERM does, and waits for them.
+    pub async fn stop_workers(&mut self) {
+        // The mock model's stop is the first; the workers' follow.
+        for stop in self.stops.drain(1..) {
+            let _ = stop.send(());
+        }
+        for worker in self.workers.drain(..) {
+            let _ = worker.await;
+        }
+    }
+
     /// Kills every worker at once, as SIGKILL would: running turns stop
     /// mid-stream, unacknowledged, and their heartbeats stop.
     pub fn kill_workers(&mut self) {

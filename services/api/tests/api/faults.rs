@@ -100,3 +100,53 @@ async fn a_client_cut_off_mid_stream_resumes_on_another_api_process_without_loss
         .await;
     assert_eq!(all, replay);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_finishes_its_turn_and_claims_no_more() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.mock.tokens_per_s = 40;
+    settings.mock.answer_tokens = 40;
+    let mut agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let running = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "a long answer", "background": true})),
+        )
+        .await;
+    let running = running.ok()["id"].as_str().unwrap().to_owned();
+    let mut stream = user
+        .open_stream("GET", &format!("/v1/responses/{running}?stream=true"), None)
+        .await;
+    stream.read_until("response.output_text.delta", 1).await;
+
+    // SIGTERM: the running turn finishes within the grace period...
+    agents.stop_workers().await;
+    let events = stream.read_to_end().await;
+    assert_eq!(events.last().unwrap().data["type"], "response.completed");
+    // ...and nothing new is claimed: a turn created now waits for a worker.
+    let waiting = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "/echo later", "background": true})),
+        )
+        .await;
+    let waiting = waiting.ok()["id"].as_str().unwrap().to_owned();
+    let mut stream = user
+        .open_stream("GET", &format!("/v1/responses/{waiting}?stream=true"), None)
+        .await;
+    let queued = user
+        .call("GET", &format!("/v1/responses/{waiting}"), None)
+        .await;
+    assert_eq!(queued.ok()["status"], "queued");
+    agents.add_worker(&settings).await;
+    stream.read_until("response.completed", 1).await;
+    let done = user
+        .call("GET", &format!("/v1/responses/{waiting}"), None)
+        .await;
+    assert_eq!(done.ok()["output"][0]["content"][0]["text"], "later");
+}
