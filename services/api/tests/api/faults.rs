@@ -150,3 +150,35 @@ async fn a_stopping_worker_finishes_its_turn_and_claims_no_more() {
         .await;
     assert_eq!(done.ok()["output"][0]["content"][0]["text"], "later");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_delivered_too_often_fails_with_a_clear_error() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.mock.tokens_per_s = 20;
+    settings.mock.answer_tokens = 30;
+    settings.worker.max_deliveries = 1;
+    let mut agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let created = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "a long answer", "background": true})),
+        )
+        .await;
+    let id = created.ok()["id"].as_str().unwrap().to_owned();
+    let mut stream = user
+        .open_stream("GET", &format!("/v1/responses/{id}?stream=true"), None)
+        .await;
+    stream.read_until("response.output_text.delta", 1).await;
+    agents.kill_workers();
+    agents.add_worker(&settings).await;
+    let events = stream.read_to_end().await;
+    let last = &events.last().unwrap().data;
+    assert_eq!(last["type"], "response.failed", "{last}");
+    assert_eq!(last["response"]["error"]["code"], "too_many_deliveries");
+    let stored = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+    assert_eq!(stored.ok()["status"], "failed");
+}
