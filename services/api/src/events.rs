@@ -259,17 +259,16 @@ pub async fn wait_for_end(app: &AppState, response: &str, timeout: Duration) -> 
     let mut subscription = app.hub.subscribe(response).await;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Ok(logged) = events::read_after(&app.kv, response, None).await {
-            if let Some((_, data)) = logged
+        if let Ok(logged) = events::read_after(&app.kv, response, None).await
+            && let Some((_, data)) = logged
                 .iter()
                 .rev()
                 .find(|(_, d)| header(d).is_some_and(|(kind, _)| TERMINAL.contains(&kind.as_str())))
-            {
-                return serde_json::from_str::<Value>(data)
-                    .ok()?
-                    .get("response")
-                    .cloned();
-            }
+        {
+            return serde_json::from_str::<Value>(data)
+                .ok()?
+                .get("response")
+                .cloned();
         }
         let wait = deadline
             .saturating_duration_since(tokio::time::Instant::now())

@@ -181,10 +181,10 @@ pub async fn create(
         announce_cancel(&app, &ids::encode(prefixes::RESPONSE, id), &previous).await;
     }
     // A turn behind an active one is dispatched by the worker that finishes the active one.
-    if dispatch_now {
-        if let Err(e) = queue::enqueue(&app.kv, &app.settings.worker.queue, &public, lsn).await {
-            tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
-        }
+    if dispatch_now
+        && let Err(e) = queue::enqueue(&app.kv, &app.settings.worker.queue, &public, lsn).await
+    {
+        tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
     }
     if body.stream == Some(true) {
         let mut response = events::stream(&app, row, None);

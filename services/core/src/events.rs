@@ -218,12 +218,11 @@ impl Hub {
                 }
             }
         };
-        if first {
-            if let Some(sink) = self.inner.sink.lock().await.as_mut() {
-                if let Err(e) = sink.subscribe(&channel).await {
-                    tracing::warn!(error = %e, "pub/sub subscribe failed; the stream will poll the log");
-                }
-            }
+        if first
+            && let Some(sink) = self.inner.sink.lock().await.as_mut()
+            && let Err(e) = sink.subscribe(&channel).await
+        {
+            tracing::warn!(error = %e, "pub/sub subscribe failed; the stream will poll the log");
         }
         Subscription {
             receiver,

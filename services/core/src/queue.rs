@@ -47,6 +47,9 @@ pub async fn enqueue(kv: &Kv, stream: &str, response: &str, lsn: Lsn) -> Result<
     .map(|_| ())
 }
 
+/// A stream entry as Redis returns it: id and field/value pairs.
+type Entry = (String, Vec<(String, String)>);
+
 /// One delivered turn.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -80,10 +83,10 @@ impl Consumer {
             .arg("MKSTREAM")
             .query_async(&mut conn)
             .await;
-        if let Err(e) = created {
-            if e.code() != Some("BUSYGROUP") {
-                return Err(e.into());
-            }
+        if let Err(e) = created
+            && e.code() != Some("BUSYGROUP")
+        {
+            return Err(e.into());
         }
         Ok(Self {
             conn,
@@ -94,20 +97,19 @@ impl Consumer {
 
     /// Waits up to `block_ms` for a new turn.
     pub async fn next(&mut self, block_ms: u64) -> Result<Option<Delivery>, KvError> {
-        let reply: Option<Vec<(String, Vec<(String, Vec<(String, String)>)>)>> =
-            redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.name)
-                .arg("COUNT")
-                .arg(1)
-                .arg("BLOCK")
-                .arg(block_ms)
-                .arg("STREAMS")
-                .arg(&self.stream)
-                .arg(">")
-                .query_async(&mut self.conn)
-                .await?;
+        let reply: Option<Vec<(String, Vec<Entry>)>> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(">")
+            .query_async(&mut self.conn)
+            .await?;
         Ok(reply
             .into_iter()
             .flatten()
@@ -118,17 +120,16 @@ impl Consumer {
     /// Claims turns another consumer has held for longer than `idle_ms`
     /// (a crashed worker's), one at a time.
     pub async fn reclaim(&mut self, idle_ms: u64) -> Result<Option<Delivery>, KvError> {
-        let reply: (String, Vec<(String, Vec<(String, String)>)>, Vec<String>) =
-            redis::cmd("XAUTOCLAIM")
-                .arg(&self.stream)
-                .arg(GROUP)
-                .arg(&self.name)
-                .arg(idle_ms)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut self.conn)
-                .await?;
+        let reply: (String, Vec<Entry>, Vec<String>) = redis::cmd("XAUTOCLAIM")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg(&self.name)
+            .arg(idle_ms)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn)
+            .await?;
         let Some((entry, fields)) = reply.1.into_iter().next() else {
             return Ok(None);
         };

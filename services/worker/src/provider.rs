@@ -218,12 +218,11 @@ impl Provider {
                         .pointer("/response/usage")
                         .cloned()
                         .filter(|u| !u.is_null());
-                    if output.items.is_empty() {
-                        if let Some(items) =
+                    if output.items.is_empty()
+                        && let Some(items) =
                             data.pointer("/response/output").and_then(Value::as_array)
-                        {
-                            output.items = items.clone();
-                        }
+                    {
+                        output.items = items.clone();
                     }
                     return (Ok(output), None);
                 }
