@@ -368,6 +368,12 @@ fn sse(value: &Value) -> Event {
     Event::default().event(kind).data(value.to_string())
 }
 
+/// A mock response object with no output yet.
+fn skeleton(id: &str, model: &str, status: &str) -> Value {
+    json!({"id": id, "object": "response", "created_at": 0, "status": status,
+           "model": model, "output": [], "usage": null})
+}
+
 /// Streams function calls: one output item per call, arguments in one delta.
 async fn stream_calls(
     tx: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
@@ -376,10 +382,7 @@ async fn stream_calls(
     usage: &Usage,
 ) {
     let response_id = format!("resp_mock{}", uuid::Uuid::now_v7().simple());
-    let base = |status: &str| {
-        json!({"id": response_id, "object": "response", "created_at": 0, "status": status,
-               "model": model, "output": [], "usage": null})
-    };
+    let base = |status: &str| skeleton(&response_id, model, status);
     let mut events = vec![
         json!({"type": "response.created", "response": base("in_progress")}),
         json!({"type": "response.in_progress", "response": base("in_progress")}),
@@ -441,10 +444,7 @@ async fn stream_answer(
     let item_id = format!("msg_mock{}", uuid::Uuid::now_v7().simple());
     let mut seq = 0u64;
     let send = |value: Value| sse(&value);
-    let base = |status: &str| {
-        json!({"id": response_id, "object": "response", "created_at": 0, "status": status,
-               "model": model, "output": [], "usage": null})
-    };
+    let base = |status: &str| skeleton(&response_id, model, status);
     let mut events = vec![
         json!({"type": "response.created", "response": base("in_progress")}),
         json!({"type": "response.in_progress", "response": base("in_progress")}),

@@ -343,6 +343,19 @@ pub struct Agents {
 }
 
 impl Agents {
+    /// As [`Agents::spawn`] with a mock model that streams `tokens_per_s`
+    /// tokens a second and answers with `answer_tokens` tokens: slow enough
+    /// to act in the middle of an answer.
+    pub async fn spawn_slow(
+        settings: &mut Settings,
+        tokens_per_s: u64,
+        answer_tokens: usize,
+    ) -> Agents {
+        settings.mock.tokens_per_s = tokens_per_s;
+        settings.mock.answer_tokens = answer_tokens;
+        Self::spawn(settings).await
+    }
+
     /// Starts the mock model, points `settings.model` at it, and starts one worker.
     pub async fn spawn(settings: &mut Settings) -> Agents {
         let mock = turnpike_mock_model::MockModel::build(settings.mock.clone())
@@ -726,6 +739,31 @@ impl User {
             response: request.send().await.expect("send request"),
             body: String::new(),
         }
+    }
+
+    /// Creates a background response and returns its id.
+    pub async fn create_background(&self, body: Value) -> String {
+        let mut body = body;
+        body["background"] = Value::Bool(true);
+        let created = self.call("POST", "/v1/responses", Some(body)).await;
+        created.ok()["id"]
+            .as_str()
+            .expect("a response id")
+            .to_owned()
+    }
+
+    /// Opens a response's event stream and reads it until the model has
+    /// started answering (the first text delta).
+    pub async fn follow_until_answering(&self, response: &str) -> LiveStream {
+        let mut stream = self
+            .open_stream(
+                "GET",
+                &format!("/v1/responses/{response}?stream=true"),
+                None,
+            )
+            .await;
+        stream.read_until("response.output_text.delta", 1).await;
+        stream
     }
 
     /// Sends a request answered with an event stream and reads it to its end.

@@ -9,9 +9,7 @@ use turnpike_testkit::{Agents, Paths, Stack, TestApp};
 async fn a_killed_workers_turn_is_finished_by_another() {
     let stack = Stack::shared().await;
     let mut settings = stack.settings(Paths::DIRECT);
-    settings.mock.tokens_per_s = 20;
-    settings.mock.answer_tokens = 30;
-    let mut agents = Agents::spawn(&mut settings).await;
+    let mut agents = Agents::spawn_slow(&mut settings, 20, 30).await;
     let app = TestApp::spawn_with(settings.clone()).await;
     let user = app.new_user().await;
     let created = user
@@ -27,10 +25,7 @@ async fn a_killed_workers_turn_is_finished_by_another() {
         .unwrap()
         .to_owned();
 
-    let mut stream = user
-        .open_stream("GET", &format!("/v1/responses/{id}?stream=true"), None)
-        .await;
-    stream.read_until("response.output_text.delta", 1).await;
+    let stream = user.follow_until_answering(&id).await;
     agents.kill_workers();
     agents.add_worker(&settings).await;
     let events = stream.read_to_end().await;
@@ -51,9 +46,7 @@ async fn a_killed_workers_turn_is_finished_by_another() {
 async fn a_client_cut_off_mid_stream_resumes_on_another_api_process_without_loss_or_repeats() {
     let stack = Stack::shared().await;
     let mut settings = stack.settings(Paths::DIRECT);
-    settings.mock.tokens_per_s = 40;
-    settings.mock.answer_tokens = 40;
-    let _agents = Agents::spawn(&mut settings).await;
+    let _agents = Agents::spawn_slow(&mut settings, 40, 40).await;
     let first = TestApp::spawn_with(settings.clone()).await;
     let second = TestApp::spawn_with(settings).await;
     let user = first.new_user().await;
@@ -105,23 +98,13 @@ async fn a_client_cut_off_mid_stream_resumes_on_another_api_process_without_loss
 async fn a_stopping_worker_finishes_its_turn_and_claims_no_more() {
     let stack = Stack::shared().await;
     let mut settings = stack.settings(Paths::DIRECT);
-    settings.mock.tokens_per_s = 40;
-    settings.mock.answer_tokens = 40;
-    let mut agents = Agents::spawn(&mut settings).await;
+    let mut agents = Agents::spawn_slow(&mut settings, 40, 40).await;
     let app = TestApp::spawn_with(settings.clone()).await;
     let user = app.new_user().await;
     let running = user
-        .call(
-            "POST",
-            "/v1/responses",
-            Some(json!({"input": "a long answer", "background": true})),
-        )
+        .create_background(json!({"input": "a long answer"}))
         .await;
-    let running = running.ok()["id"].as_str().unwrap().to_owned();
-    let mut stream = user
-        .open_stream("GET", &format!("/v1/responses/{running}?stream=true"), None)
-        .await;
-    stream.read_until("response.output_text.delta", 1).await;
+    let stream = user.follow_until_answering(&running).await;
 
     // SIGTERM: the running turn finishes within the grace period...
     agents.stop_workers().await;
@@ -129,13 +112,8 @@ async fn a_stopping_worker_finishes_its_turn_and_claims_no_more() {
     assert_eq!(events.last().unwrap().data["type"], "response.completed");
     // ...and nothing new is claimed: a turn created now waits for a worker.
     let waiting = user
-        .call(
-            "POST",
-            "/v1/responses",
-            Some(json!({"input": "/echo later", "background": true})),
-        )
+        .create_background(json!({"input": "/echo later"}))
         .await;
-    let waiting = waiting.ok()["id"].as_str().unwrap().to_owned();
     let mut stream = user
         .open_stream("GET", &format!("/v1/responses/{waiting}?stream=true"), None)
         .await;
@@ -155,24 +133,14 @@ async fn a_stopping_worker_finishes_its_turn_and_claims_no_more() {
 async fn a_turn_delivered_too_often_fails_with_a_clear_error() {
     let stack = Stack::shared().await;
     let mut settings = stack.settings(Paths::DIRECT);
-    settings.mock.tokens_per_s = 20;
-    settings.mock.answer_tokens = 30;
     settings.worker.max_deliveries = 1;
-    let mut agents = Agents::spawn(&mut settings).await;
+    let mut agents = Agents::spawn_slow(&mut settings, 20, 30).await;
     let app = TestApp::spawn_with(settings.clone()).await;
     let user = app.new_user().await;
-    let created = user
-        .call(
-            "POST",
-            "/v1/responses",
-            Some(json!({"input": "a long answer", "background": true})),
-        )
+    let id = user
+        .create_background(json!({"input": "a long answer"}))
         .await;
-    let id = created.ok()["id"].as_str().unwrap().to_owned();
-    let mut stream = user
-        .open_stream("GET", &format!("/v1/responses/{id}?stream=true"), None)
-        .await;
-    stream.read_until("response.output_text.delta", 1).await;
+    let stream = user.follow_until_answering(&id).await;
     agents.kill_workers();
     agents.add_worker(&settings).await;
     let events = stream.read_to_end().await;

@@ -304,9 +304,7 @@ async fn client_function_calls_round_trip(paths: Paths) {
 /// An api, a worker and a mock model streaming 20 tokens per second.
 async fn slow_agents(stack: &Stack, paths: Paths) -> (TestApp, turnpike_testkit::Agents) {
     let mut settings = stack.settings(paths);
-    settings.mock.tokens_per_s = 20;
-    settings.mock.answer_tokens = 200;
-    let agents = turnpike_testkit::Agents::spawn(&mut settings).await;
+    let agents = turnpike_testkit::Agents::spawn_slow(&mut settings, 20, 200).await;
     (TestApp::spawn_with(settings).await, agents)
 }
 
@@ -324,19 +322,11 @@ async fn cancel_stops_a_running_turn_within_a_second() {
     let stack = Stack::shared().await;
     let (app, _agents) = slow_agents(&stack, Paths::DIRECT).await;
     let user = app.new_user().await;
-    let created = user
-        .call(
-            "POST",
-            "/v1/responses",
-            Some(json!({"input": "talk for a while", "background": true})),
-        )
+    let id = user
+        .create_background(json!({"input": "talk for a while"}))
         .await;
-    let id = created.ok()["id"].as_str().unwrap().to_owned();
     // Read the stream until the first text delta, cancel, then read it to its end.
-    let mut stream = user
-        .open_stream("GET", &format!("/v1/responses/{id}?stream=true"), None)
-        .await;
-    stream.read_until("response.output_text.delta", 1).await;
+    let stream = user.follow_until_answering(&id).await;
     let started = std::time::Instant::now();
     let cancelled = user
         .call("POST", &format!("/v1/responses/{id}/cancel"), None)

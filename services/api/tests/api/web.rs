@@ -9,9 +9,7 @@ async fn web_demo_streams_resumes_after_reload_and_shows_tool_calls() {
     let stack = Stack::shared().await;
     let mut settings = stack.settings(Paths::DIRECT);
     // Slow enough to reload in the middle of an answer.
-    settings.mock.tokens_per_s = 25;
-    settings.mock.answer_tokens = 60;
-    let _agents = Agents::spawn(&mut settings).await;
+    let _agents = Agents::spawn_slow(&mut settings, 25, 60).await;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
