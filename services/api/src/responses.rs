@@ -69,14 +69,10 @@ pub async fn create(
     let metadata = body.metadata.clone().unwrap_or_default();
     check_metadata(&metadata)?;
     if let Some(tools) = &body.tools {
-        for (i, tool) in tools.iter().enumerate() {
-            if tool.get("type").and_then(|t| t.as_str()).is_none() {
-                return Err(ApiError::invalid(
-                    format!("tools[{i}].type"),
-                    "every tool needs a type.",
-                ));
-            }
-        }
+        check_tools(tools, app.settings.tools.http_fetch.enabled)?;
+    }
+    if let Some(entries) = &body.context_management {
+        check_context_management(entries)?;
     }
     let model = body
         .model
@@ -95,6 +91,8 @@ pub async fn create(
         store: body.store,
         truncation: body.truncation.clone(),
         context_management: body.context_management.clone(),
+        reasoning: body.reasoning.clone(),
+        text: body.text.clone(),
     };
 
     let mut tx = app.router.write().await?;
@@ -510,4 +508,82 @@ async fn list_inputs(db: &mut impl DbConn, page: &InputPage) -> Result<Vec<ItemR
         .into_iter()
         .map(|(id, kind, body)| ItemRow { id, kind, body })
         .collect())
+}
+
+/// Tool types a response may offer: client-side `function` tools, and the
+/// server-side tools the workers run.
+const TOOL_TYPES: &str = "function, conversation_search, http_fetch";
+
+/// Checks a request's tools: known types, named functions, no duplicates.
+fn check_tools(tools: &[serde_json::Value], http_fetch_enabled: bool) -> Result<(), ApiError> {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, tool) in tools.iter().enumerate() {
+        let Some(kind) = tool.get("type").and_then(|t| t.as_str()) else {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].type"),
+                "every tool needs a type.",
+            ));
+        };
+        let name = match kind {
+            "function" => match tool.get("name").and_then(|n| n.as_str()) {
+                Some(name)
+                    if !name.is_empty()
+                        && name.len() <= 64
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+                {
+                    name
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        format!("tools[{i}].name"),
+                        "a function tool needs a name of 1 to 64 letters, digits, '_' or '-'.",
+                    ));
+                }
+            },
+            "conversation_search" => kind,
+            "http_fetch" if http_fetch_enabled => kind,
+            "http_fetch" => {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}].type"),
+                    "the http_fetch tool is turned off on this server.",
+                ));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}].type"),
+                    format!("unsupported tool type '{other}'; supported: {TOOL_TYPES}."),
+                ));
+            }
+        };
+        if !names.insert(name.to_owned()) {
+            return Err(ApiError::invalid(
+                format!("tools[{i}]"),
+                format!("the tool '{name}' is offered twice."),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks `context_management`: compaction entries with a positive threshold.
+fn check_context_management(entries: &[serde_json::Value]) -> Result<(), ApiError> {
+    for (i, entry) in entries.iter().enumerate() {
+        if entry.get("type").and_then(|t| t.as_str()) != Some("compaction") {
+            return Err(ApiError::invalid(
+                format!("context_management[{i}].type"),
+                "the only context_management type is 'compaction'.",
+            ));
+        }
+        if let Some(threshold) = entry.get("compact_threshold")
+            && threshold.as_u64().is_none_or(|t| t == 0)
+        {
+            return Err(ApiError::invalid(
+                format!("context_management[{i}].compact_threshold"),
+                "compact_threshold must be a positive number of tokens.",
+            ));
+        }
+    }
+    Ok(())
 }

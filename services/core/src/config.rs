@@ -19,6 +19,7 @@ pub struct Settings {
     pub model: ModelSettings,
     pub worker: WorkerSettings,
     pub events: EventSettings,
+    pub tools: ToolSettings,
     pub mock: MockSettings,
     pub log: LogSettings,
 }
@@ -44,7 +45,9 @@ impl Settings {
                 config::Environment::with_prefix("TURNPIKE")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("tools.http_fetch.allow_hosts"),
             )
             .build()?
             .try_deserialize()?;
@@ -241,6 +244,9 @@ pub enum ProviderKind {
     /// OpenAI's Responses API (`POST {base_url}/responses`, streaming): OpenAI,
     /// Ollama ≥ 0.13.4, vLLM, LM Studio, and `turnpike mock-model`.
     Responses,
+    /// Chat Completions (`POST {base_url}/chat/completions`, streaming), for
+    /// older OpenAI-compatible servers; `turnpike mock-model` speaks it too.
+    ChatCompletions,
 }
 
 /// The model provider the workers call.
@@ -259,6 +265,30 @@ pub struct ModelSettings {
     pub max_retries: u32,
     /// First retry delay; doubles each retry, with jitter. A 429's own delay wins.
     pub retry_base_ms: u64,
+    /// The model's context window, in tokens. A turn compacts its context
+    /// before a model call whose prompt would pass `auto_compact_percent` of
+    /// it, unless the request sets its own `compact_threshold`.
+    pub context_window_tokens: u64,
+    pub auto_compact_percent: u64,
+    /// How context is compacted: `auto` uses the provider's
+    /// `/responses/compact` and falls back to a summary by the model when the
+    /// provider has none; `endpoint` and `summary` force one of them.
+    pub compaction: CompactionMode,
+    /// A summary compaction keeps this many of the latest user messages verbatim.
+    pub compaction_keep_user_messages: usize,
+    /// Ask for `reasoning.encrypted_content` so reasoning can be passed back
+    /// to a provider that stores nothing (`store: false`). Turn off for
+    /// servers that refuse the `include` parameter.
+    pub include_encrypted_reasoning: bool,
+}
+
+/// How a turn compacts its context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompactionMode {
+    Auto,
+    Endpoint,
+    Summary,
 }
 
 impl Default for ModelSettings {
@@ -271,6 +301,11 @@ impl Default for ModelSettings {
             connect_timeout_ms: 5_000,
             max_retries: 3,
             retry_base_ms: 200,
+            context_window_tokens: 128_000,
+            auto_compact_percent: 90,
+            compaction: CompactionMode::Auto,
+            compaction_keep_user_messages: 2,
+            include_encrypted_reasoning: true,
         }
     }
 }
@@ -292,6 +327,8 @@ pub struct WorkerSettings {
     pub max_deliveries: u64,
     /// On SIGTERM: stop claiming, and give running turns this long to finish.
     pub shutdown_grace_ms: u64,
+    /// Model calls one turn may make (tool loops end here with an error).
+    pub max_steps: u32,
 }
 
 impl Default for WorkerSettings {
@@ -304,6 +341,7 @@ impl Default for WorkerSettings {
             heartbeat_ms: 3_000,
             max_deliveries: 5,
             shutdown_grace_ms: 30_000,
+            max_steps: 16,
         }
     }
 }
@@ -324,6 +362,52 @@ impl Default for EventSettings {
         Self {
             retention_ms: 3_600_000,
             keepalive_ms: 15_000,
+        }
+    }
+}
+
+/// Server-side tools, run by the workers inside a turn's loop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToolSettings {
+    /// A tool call running longer than this ends with an error output.
+    pub timeout_ms: u64,
+    /// Tool outputs are cut to this many bytes, with a marker saying so.
+    pub max_output_bytes: usize,
+    pub http_fetch: HttpFetchSettings,
+}
+
+impl Default for ToolSettings {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 10_000,
+            max_output_bytes: 16 * 1024,
+            http_fetch: HttpFetchSettings::default(),
+        }
+    }
+}
+
+/// The `http_fetch` tool: off by default. When on, it refuses private,
+/// loopback, link-local and other non-public addresses unless the host is
+/// allow-listed, follows no redirects, and caps size and time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpFetchSettings {
+    pub enabled: bool,
+    /// Hosts (exact names or IP literals) that may resolve to non-public addresses.
+    pub allow_hosts: Vec<String>,
+    /// Bytes of a body read at most; the rest is cut with a marker.
+    pub max_bytes: usize,
+    pub timeout_ms: u64,
+}
+
+impl Default for HttpFetchSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            allow_hosts: Vec::new(),
+            max_bytes: 64 * 1024,
+            timeout_ms: 5_000,
         }
     }
 }

@@ -21,15 +21,23 @@ pub fn item_prefix(kind: &str) -> &'static str {
     match kind {
         "function_call" => ids::FUNCTION_CALL,
         "function_call_output" => ids::FUNCTION_CALL_OUTPUT,
+        "reasoning" => ids::REASONING,
+        "compaction" => ids::COMPACTION,
         _ => ids::MESSAGE,
     }
 }
 
 /// Parses an item id of any item kind.
 pub fn parse_item(text: &str) -> Option<Uuid> {
-    [ids::MESSAGE, ids::FUNCTION_CALL, ids::FUNCTION_CALL_OUTPUT]
-        .iter()
-        .find_map(|prefix| parse(prefix, text))
+    [
+        ids::MESSAGE,
+        ids::FUNCTION_CALL,
+        ids::FUNCTION_CALL_OUTPUT,
+        ids::REASONING,
+        ids::COMPACTION,
+    ]
+    .iter()
+    .find_map(|prefix| parse(prefix, text))
 }
 
 #[cfg(test)]

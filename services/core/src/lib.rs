@@ -10,6 +10,7 @@ pub mod ids;
 pub mod kv;
 pub mod last_write;
 pub mod queue;
+pub mod steps;
 pub mod telemetry;
 pub mod turns;
 

@@ -27,6 +27,12 @@ pub struct StoredRequest {
     pub store: Option<bool>,
     pub truncation: Option<String>,
     pub context_management: Option<Vec<serde_json::Value>>,
+    /// Passed to the model as given (`effort`, `summary`).
+    #[serde(default)]
+    pub reasoning: Option<serde_json::Value>,
+    /// Passed to the model as given (`format`, `verbosity`).
+    #[serde(default)]
+    pub text: Option<serde_json::Value>,
 }
 
 /// A response row as stored.
@@ -129,13 +135,14 @@ pub async fn find_any(db: &mut impl DbConn, id: Uuid) -> Result<Option<ResponseR
 /// Moves a queued response to `in_progress`. A redelivered turn
 /// (`redelivery`: its worker died) also takes over one already in progress;
 /// a first delivery never does, so a duplicate queue entry cannot run a turn
-/// twice at once. `None` when there is nothing to run. Primary only.
+/// twice at once. `None` when there is nothing to run; with the row, whether
+/// its pending input was appended to the conversation now. Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn start(
     db: &mut impl DbConn,
     id: Uuid,
     redelivery: bool,
-) -> Result<Option<ResponseRow>, sqlx::Error> {
+) -> Result<Option<(ResponseRow, bool)>, sqlx::Error> {
     let prepared = db.prepared();
     let started: Option<ResponseRow> = sqlx::query_as(&format!(
         "UPDATE responses SET status = 'in_progress', updated_at = now()
@@ -148,7 +155,7 @@ pub async fn start(
     .await?;
     let Some(row) = started else { return Ok(None) };
     let Some(pending) = row.pending_input.as_ref().map(|p| p.0.clone()) else {
-        return Ok(Some(row));
+        return Ok(Some((row, false)));
     };
     // Its turn has come: the input joins the conversation after everything before it.
     let Some(first) = reserve_seqs(db, row.conversation_id, row.user_id, pending.len()).await?
@@ -157,7 +164,7 @@ pub async fn start(
     };
     insert_items(db, row.conversation_id, first, &pending, Some(row.id)).await?;
     let last = first + i64::try_from(pending.len()).unwrap_or(0) - 1;
-    sqlx::query_as(&format!(
+    let row: Option<ResponseRow> = sqlx::query_as(&format!(
         "UPDATE responses SET input_first_seq = $2, input_last_seq = $3, pending_input = NULL
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -166,7 +173,26 @@ pub async fn start(
     .bind(last)
     .persistent(prepared)
     .fetch_optional(db.conn())
-    .await
+    .await?;
+    Ok(row.map(|row| (row, true)))
+}
+
+/// Makes the turn's input end at `last_seq` (a developer message appended
+/// after it joins it). Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn extend_input(
+    db: &mut impl DbConn,
+    id: Uuid,
+    last_seq: i64,
+) -> Result<(), sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query("UPDATE responses SET input_last_seq = $2 WHERE id = $1")
+        .bind(id)
+        .bind(last_seq)
+        .persistent(prepared)
+        .execute(db.conn())
+        .await?;
+    Ok(())
 }
 
 /// Whether the conversation has a queued or running turn. Primary, under
@@ -288,6 +314,8 @@ pub async fn cancel(
 pub struct Outcome<'a> {
     pub status: ResponseStatus,
     pub output: &'a [Item],
+    /// Prompt windows of compaction items in `output`, by item id.
+    pub prompts: &'a [(String, Vec<serde_json::Value>)],
     pub usage: Option<&'a Usage>,
     pub error: Option<&'a serde_json::Value>,
 }
@@ -331,6 +359,18 @@ pub async fn finish(
             Some(response.id),
         )
         .await?;
+        for (item, prompt) in outcome.prompts {
+            let Some(id) = ids::parse_item(item) else {
+                continue;
+            };
+            sqlx::query("UPDATE items SET prompt = $3 WHERE conversation_id = $1 AND id = $2")
+                .bind(response.conversation_id)
+                .bind(id)
+                .bind(SqlJson(prompt))
+                .persistent(prepared)
+                .execute(db.conn())
+                .await?;
+        }
     }
     sqlx::query_as(&format!(
         "UPDATE responses SET status = $2, output = $3, usage = $4, error = $5, updated_at = now()
@@ -383,6 +423,8 @@ pub fn kind_of(item: &Item) -> &'static str {
         Item::Message { .. } => "message",
         Item::FunctionCall { .. } => "function_call",
         Item::FunctionCallOutput { .. } => "function_call_output",
+        Item::Reasoning { .. } => "reasoning",
+        Item::Compaction { .. } => "compaction",
     }
 }
 
@@ -423,22 +465,41 @@ pub async fn insert_items(
     Ok(())
 }
 
-/// A conversation's items up to `last_seq`, oldest first: a turn's history.
+/// One item of a turn's history, with the prompt input that stands for it
+/// when that differs from the item (a compaction item's window).
+#[derive(Debug, Clone)]
+pub struct HistoryItem {
+    pub item: Item,
+    pub prompt: Option<Vec<serde_json::Value>>,
+}
+
+/// A conversation's items up to `last_seq`, oldest first, from its latest
+/// compaction on (what came before is summed up in it): a turn's history.
 /// Any node that has replayed the turn's input.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn history(
     db: &mut impl DbConn,
     conversation: Uuid,
     last_seq: i64,
-) -> Result<Vec<Item>, sqlx::Error> {
+) -> Result<Vec<HistoryItem>, sqlx::Error> {
     let prepared = db.prepared();
-    let rows: Vec<(SqlJson<Item>,)> = sqlx::query_as(
-        "SELECT body FROM items WHERE conversation_id = $1 AND seq <= $2 ORDER BY seq",
+    type Row = (SqlJson<Item>, Option<SqlJson<Vec<serde_json::Value>>>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT body, prompt FROM items WHERE conversation_id = $1 AND seq <= $2
+           AND seq >= coalesce((SELECT max(seq) FROM items
+                                WHERE conversation_id = $1 AND seq <= $2 AND kind = 'compaction'), 0)
+         ORDER BY seq",
     )
     .bind(conversation)
     .bind(last_seq)
     .persistent(prepared)
     .fetch_all(db.conn())
     .await?;
-    Ok(rows.into_iter().map(|(item,)| item.0).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(item, prompt)| HistoryItem {
+            item: item.0,
+            prompt: prompt.map(|p| p.0),
+        })
+        .collect())
 }

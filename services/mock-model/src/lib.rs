@@ -1,5 +1,6 @@
 //! `turnpike mock-model`: a real HTTP server speaking OpenAI's Responses
-//! API (streaming SSE), scripted and deterministic, so that everything
+//! API (streaming SSE) and `/responses/compact`, and Chat Completions for
+//! the older protocol, scripted and deterministic, so that everything
 //! upstream of the model runs for real in development, tests and load tests.
 //!
 //! Directives in the latest user message:
@@ -7,8 +8,15 @@
 //! - `/fail 500`, `/fail 429`, `/fail disconnect` inject that fault;
 //! - `/call NAME {json}` (one per line; several lines are parallel calls)
 //!   calls the function tool NAME when the request offers it; once the
-//!   calls' outputs follow in the input, it answers `tool said: …`;
+//!   calls' outputs follow in the input, it answers `tool said: …`; a
+//!   `/then` line starts the next round of calls, made once the previous
+//!   round's outputs came back (a multi-step tool loop);
 //! - anything else gets a deterministic answer of `answer_tokens` words.
+//!
+//! A request with `reasoning.effort` gets a `reasoning` item first, whose
+//! `encrypted_content` is derived from the prompt. `GET /v1/mock/requests
+//! ?prompt_cache_key=K` lists the latest requests made with that key, so
+//! tests can check exactly what the model was sent.
 //!
 //! Tokens are 4-byte chunks of the prompt's canonical text (instructions,
 //! tools, input items as JSON). `usage.input_tokens_details.cached_tokens`
@@ -16,7 +24,7 @@
 //! that had the same `prompt_cache_key`: the prompt cache hit ratio of a
 //! client's prompts is measured, not assumed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,11 +34,17 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use turnpike_core::config::MockSettings;
+
+mod chat;
+mod compact;
+
+/// Requests kept per prompt_cache_key for inspection.
+const LOGGED_REQUESTS: usize = 64;
 
 /// Bytes per token in the mock's tokenizer.
 const TOKEN_BYTES: usize = 4;
@@ -75,6 +89,8 @@ struct MockState {
     settings: MockSettings,
     /// The last prompt's tokens per prompt_cache_key.
     prompts: Arc<Mutex<HashMap<String, Vec<u64>>>>,
+    /// The latest requests per prompt_cache_key, for tests to inspect.
+    requests: Arc<Mutex<HashMap<String, VecDeque<Value>>>>,
 }
 
 /// A bound mock model server.
@@ -91,10 +107,16 @@ impl MockModel {
         let state = MockState {
             settings,
             prompts: Arc::new(Mutex::new(HashMap::new())),
+            requests: Arc::new(Mutex::new(HashMap::new())),
         };
         let app = Router::new()
             .route("/v1/responses", post(responses))
             .route("/responses", post(responses))
+            .route("/v1/responses/compact", post(compact::compact))
+            .route("/responses/compact", post(compact::compact))
+            .route("/v1/mock/requests", get(logged_requests))
+            .route("/v1/chat/completions", post(chat::chat_completions))
+            .route("/chat/completions", post(chat::chat_completions))
             .with_state(state);
         Ok(Self {
             listener,
@@ -138,18 +160,32 @@ fn plan(body: &Value, text: &str, answer_tokens: usize) -> Plan {
     let last_user = input
         .iter()
         .rposition(|i| i.get("role").and_then(Value::as_str) == Some("user"));
-    let outputs: Vec<String> = input
-        .iter()
-        .skip(last_user.map_or(0, |i| i + 1))
-        .filter(|i| i.get("type").and_then(Value::as_str) == Some("function_call_output"))
-        .filter_map(|i| i.get("output").and_then(Value::as_str).map(str::to_owned))
-        .collect();
-    if !outputs.is_empty() {
-        return Plan::Text(answer(
-            &format!("/echo tool said: {}", outputs.join("; ")),
-            answer_tokens,
-        ));
+    // The calls answered since the user spoke, in rounds (one per model call).
+    let mut rounds: Vec<Vec<String>> = Vec::new();
+    let mut in_round = false;
+    for item in input.iter().skip(last_user.map_or(0, |i| i + 1)) {
+        let is_output = item.get("type").and_then(Value::as_str) == Some("function_call_output");
+        if is_output {
+            if !in_round {
+                rounds.push(Vec::new());
+            }
+            if let (Some(round), Some(output)) = (
+                rounds.last_mut(),
+                item.get("output").and_then(Value::as_str),
+            ) {
+                round.push(output.to_owned());
+            }
+        }
+        in_round = is_output;
     }
+    // `/then` lines split the directives into rounds: round k's calls are
+    // made once k rounds of outputs came back.
+    let groups: Vec<&str> = text.split("\n/then\n").collect();
+    let Some(group) = groups.get(rounds.len()) else {
+        let last = rounds.last().map(|r| r.join("; ")).unwrap_or_default();
+        return Plan::Text(answer(&format!("/echo tool said: {last}"), answer_tokens));
+    };
+    let text = *group;
     let offered: Vec<&str> = body
         .get("tools")
         .and_then(Value::as_array)
@@ -173,7 +209,10 @@ fn plan(body: &Value, text: &str, answer_tokens: usize) -> Plan {
                 .then(|| (name.to_owned(), args.trim().to_owned()))
         })
         .collect();
-    if calls.is_empty() {
+    if calls.is_empty() && !rounds.is_empty() {
+        let last = rounds.last().map(|r| r.join("; ")).unwrap_or_default();
+        Plan::Text(answer(&format!("/echo tool said: {last}"), answer_tokens))
+    } else if calls.is_empty() {
         Plan::Text(answer(text, answer_tokens))
     } else {
         Plan::Calls(calls)
@@ -322,6 +361,15 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
         }
         None => 0,
     };
+    if let Some(key) = &key {
+        let mut requests = state.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let log = requests.entry(key.clone()).or_default();
+        if log.len() == LOGGED_REQUESTS {
+            log.pop_front();
+        }
+        log.push_back(body.clone());
+    }
+    let lead = reasoning_item(&body, &tokens);
     let plan = plan(&body, directive, state.settings.answer_tokens);
     let model = body
         .get("model")
@@ -337,9 +385,9 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
         };
         match plan {
             Plan::Text(pieces) => {
-                stream_answer(tx, &settings, &model, &pieces, &usage, disconnect).await;
+                stream_answer(tx, &settings, &model, &pieces, &usage, disconnect, lead).await;
             }
-            Plan::Calls(calls) => stream_calls(tx, &model, &calls, &usage).await,
+            Plan::Calls(calls) => stream_calls(tx, &model, &calls, &usage, lead).await,
         }
     });
     Sse::new(ReceiverStream::new(rx)).into_response()
@@ -368,6 +416,46 @@ fn sse(value: &Value) -> Event {
     Event::default().event(kind).data(value.to_string())
 }
 
+/// A reasoning item, when the request asks for reasoning (`reasoning.effort`
+/// other than `none`): its `encrypted_content` is derived from the prompt, so
+/// a test can check that it comes back unchanged in later requests.
+fn reasoning_item(body: &Value, tokens: &[u64]) -> Option<Value> {
+    let effort = body.pointer("/reasoning/effort")?.as_str()?;
+    if effort == "none" {
+        return None;
+    }
+    let digest = tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
+        (h ^ t).wrapping_mul(0x100_0000_01b3)
+    });
+    Some(
+        json!({"type": "reasoning", "id": format!("rs_mock{}", uuid::Uuid::now_v7().simple()),
+        "summary": [], "encrypted_content": format!("mock-reasoning-{digest:016x}")}),
+    )
+}
+
+/// The events announcing a finished reasoning item at output index 0.
+fn lead_events(item: &Value) -> [Value; 2] {
+    [
+        json!({"type": "response.output_item.added", "output_index": 0, "item": item}),
+        json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+    ]
+}
+
+/// `GET /v1/mock/requests?prompt_cache_key=K`: the latest requests made
+/// with that key, oldest first.
+async fn logged_requests(
+    State(state): State<MockState>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> axum::Json<Value> {
+    let key = query.get("prompt_cache_key").cloned().unwrap_or_default();
+    let requests = state.requests.lock().unwrap_or_else(|p| p.into_inner());
+    let data: Vec<Value> = requests
+        .get(&key)
+        .map(|log| log.iter().cloned().collect())
+        .unwrap_or_default();
+    axum::Json(json!({"object": "list", "data": data}))
+}
+
 /// A mock response object with no output yet.
 fn skeleton(id: &str, model: &str, status: &str) -> Value {
     json!({"id": id, "object": "response", "created_at": 0, "status": status,
@@ -380,6 +468,7 @@ async fn stream_calls(
     model: &str,
     calls: &[(String, String)],
     usage: &Usage,
+    lead: Option<Value>,
 ) {
     let response_id = format!("resp_mock{}", uuid::Uuid::now_v7().simple());
     let base = |status: &str| skeleton(&response_id, model, status);
@@ -388,7 +477,13 @@ async fn stream_calls(
         json!({"type": "response.in_progress", "response": base("in_progress")}),
     ];
     let mut items = Vec::new();
+    if let Some(lead) = lead {
+        events.extend(lead_events(&lead));
+        items.push(lead);
+    }
+    let first = items.len();
     for (index, (name, arguments)) in calls.iter().enumerate() {
+        let index = index + first;
         let item_id = format!("fc_mock{}", uuid::Uuid::now_v7().simple());
         let call_id = format!(
             "call_{:016x}",
@@ -439,20 +534,27 @@ async fn stream_answer(
     pieces: &[String],
     usage: &Usage,
     disconnect: bool,
+    lead: Option<Value>,
 ) {
     let response_id = format!("resp_mock{}", uuid::Uuid::now_v7().simple());
     let item_id = format!("msg_mock{}", uuid::Uuid::now_v7().simple());
     let mut seq = 0u64;
     let send = |value: Value| sse(&value);
     let base = |status: &str| skeleton(&response_id, model, status);
+    let at = usize::from(lead.is_some());
     let mut events = vec![
         json!({"type": "response.created", "response": base("in_progress")}),
         json!({"type": "response.in_progress", "response": base("in_progress")}),
-        json!({"type": "response.output_item.added", "output_index": 0,
-               "item": {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
-        json!({"type": "response.content_part.added", "item_id": item_id, "output_index": 0, "content_index": 0,
-               "part": {"type": "output_text", "text": "", "annotations": []}}),
     ];
+    if let Some(lead) = &lead {
+        events.extend(lead_events(lead));
+    }
+    events.extend([
+        json!({"type": "response.output_item.added", "output_index": at,
+               "item": {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
+        json!({"type": "response.content_part.added", "item_id": item_id, "output_index": at, "content_index": 0,
+               "part": {"type": "output_text", "text": "", "annotations": []}}),
+    ]);
     for mut event in events.drain(..) {
         event["sequence_number"] = json!(seq);
         seq += 1;
@@ -470,7 +572,7 @@ async fn stream_answer(
             // Drop the connection mid-stream, without the completion event.
             return;
         }
-        let event = json!({"type": "response.output_text.delta", "item_id": item_id, "output_index": 0,
+        let event = json!({"type": "response.output_text.delta", "item_id": item_id, "output_index": at,
                            "content_index": 0, "delta": piece, "sequence_number": seq});
         seq += 1;
         if tx.send(Ok(send(event))).await.is_err() {
@@ -485,13 +587,13 @@ async fn stream_answer(
     let item = json!({"id": item_id, "type": "message", "status": "completed", "role": "assistant",
                       "content": [{"type": "output_text", "text": text, "annotations": []}]});
     let mut done = base("completed");
-    done["output"] = json!([item]);
+    done["output"] = json!(lead.into_iter().chain([item.clone()]).collect::<Vec<_>>());
     done["usage"] = usage.json(output_tokens);
     let tail = vec![
-        json!({"type": "response.output_text.done", "item_id": item_id, "output_index": 0, "content_index": 0, "text": text}),
-        json!({"type": "response.content_part.done", "item_id": item_id, "output_index": 0, "content_index": 0,
+        json!({"type": "response.output_text.done", "item_id": item_id, "output_index": at, "content_index": 0, "text": text}),
+        json!({"type": "response.content_part.done", "item_id": item_id, "output_index": at, "content_index": 0,
                "part": {"type": "output_text", "text": text, "annotations": []}}),
-        json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        json!({"type": "response.output_item.done", "output_index": at, "item": item}),
         json!({"type": "response.completed", "response": done}),
     ];
     for mut event in tail {

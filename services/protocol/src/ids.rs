@@ -9,5 +9,9 @@ pub const MESSAGE: &str = "msg";
 pub const FUNCTION_CALL: &str = "fc";
 /// Function call output items: `fco_…`.
 pub const FUNCTION_CALL_OUTPUT: &str = "fco";
+/// Reasoning items: `rs_…`.
+pub const REASONING: &str = "rs";
+/// Compaction items: `cmp_…`.
+pub const COMPACTION: &str = "cmp";
 /// Responses (turns): `resp_…`.
 pub const RESPONSE: &str = "resp";

@@ -189,6 +189,25 @@ pub enum Item {
         call_id: String,
         output: String,
     },
+    /// The model's reasoning, kept so it can be passed back to the model on
+    /// the next request (`store: false` providers need its encrypted form).
+    Reasoning {
+        /// `rs_…`
+        id: String,
+        #[serde(default)]
+        summary: Vec<serde_json::Value>,
+        /// Opaque; passed back to the provider exactly as received.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        encrypted_content: Option<String>,
+    },
+    /// The conversation up to here, compacted: later prompts start from it
+    /// instead of the items before it (which stay listed).
+    Compaction {
+        /// `cmp_…`
+        id: String,
+        /// Opaque; passed back to the provider exactly as received.
+        encrypted_content: String,
+    },
 }
 
 impl Item {
@@ -197,7 +216,9 @@ impl Item {
         match self {
             Self::Message { id, .. }
             | Self::FunctionCall { id, .. }
-            | Self::FunctionCallOutput { id, .. } => id,
+            | Self::FunctionCallOutput { id, .. }
+            | Self::Reasoning { id, .. }
+            | Self::Compaction { id, .. } => id,
         }
     }
 }

@@ -198,6 +198,8 @@ impl Stack {
         settings.worker.concurrency = 16;
         settings.worker.shutdown_grace_ms = 2_000;
         settings.model.retry_base_ms = 10;
+        // A turn that never ends shows up as a test failure in seconds.
+        settings.api.response_wait_ms = 20_000;
         settings.mock.port = 0;
         settings
     }
@@ -379,6 +381,21 @@ impl Agents {
         };
         agents.add_worker(settings).await;
         agents
+    }
+
+    /// The mock model's latest requests made with `prompt_cache_key`
+    /// (a conversation id), oldest first.
+    pub async fn model_requests(&self, prompt_cache_key: &str) -> Vec<Value> {
+        let body: Value = reqwest::get(format!(
+            "{}/mock/requests?prompt_cache_key={prompt_cache_key}",
+            self.mock_url
+        ))
+        .await
+        .expect("ask the mock model")
+        .json()
+        .await
+        .expect("the mock's request log");
+        body["data"].as_array().cloned().unwrap_or_default()
     }
 
     /// Starts one more worker.
@@ -846,5 +863,135 @@ where
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `turnpike` process (the real binary, as deployed), for faults that
+/// only a process shows: SIGKILL mid-stream. `make test` builds the binary
+/// and names it in `TURNPIKE_BIN`; otherwise `target/debug/turnpike` is used.
+pub struct Process {
+    child: tokio::process::Child,
+    /// `http://127.0.0.1:<port>` for an api.
+    pub url: String,
+}
+
+impl Process {
+    fn binary() -> PathBuf {
+        std::env::var("TURNPIKE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo_root().join("target/debug/turnpike"))
+    }
+
+    /// The environment that gives a process `settings` (the parts tests vary).
+    fn env(stack: &Stack, settings: &Settings) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = stack
+            .env
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("TURNPIKE__DATABASE__") || k.as_str() == "TURNPIKE__REDIS__URL"
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let path = |p: ConnectPath| match p {
+            ConnectPath::Direct => "direct",
+            ConnectPath::Pgbouncer => "pgbouncer",
+        };
+        for (key, value) in [
+            (
+                "DATABASE__PRIMARY_PATH",
+                path(settings.database.primary_path).to_owned(),
+            ),
+            (
+                "DATABASE__REPLICA_PATH",
+                path(settings.database.replica_path).to_owned(),
+            ),
+            (
+                "DATABASE__HEALTH_INTERVAL_MS",
+                settings.database.health_interval_ms.to_string(),
+            ),
+            ("WORKER__QUEUE", settings.worker.queue.clone()),
+            ("WORKER__BLOCK_MS", settings.worker.block_ms.to_string()),
+            (
+                "WORKER__HEARTBEAT_MS",
+                settings.worker.heartbeat_ms.to_string(),
+            ),
+            (
+                "WORKER__RECLAIM_IDLE_MS",
+                settings.worker.reclaim_idle_ms.to_string(),
+            ),
+            ("MODEL__BASE_URL", settings.model.base_url.clone()),
+            (
+                "MODEL__RETRY_BASE_MS",
+                settings.model.retry_base_ms.to_string(),
+            ),
+            ("LOG__FILTER", settings.log.filter.clone()),
+        ] {
+            env.push((format!("TURNPIKE__{key}"), value));
+        }
+        env
+    }
+
+    fn spawn(stack: &Stack, settings: &Settings, command: &str, port: u16) -> Process {
+        let binary = Self::binary();
+        let child = tokio::process::Command::new(&binary)
+            .arg(command)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(Self::env(stack, settings))
+            .env("TURNPIKE__API__PORT", port.to_string())
+            .env("TURNPIKE_CONFIG", "/nonexistent/turnpike.toml")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {} {command}: {e}", binary.display()));
+        Process {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Starts `turnpike api` on a free port and waits until it is ready.
+    pub async fn api(stack: &Stack, settings: &Settings) -> Process {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = Self::spawn(stack, settings, "api", port);
+        let http = reqwest::Client::new();
+        let ready = format!("{}/readyz", process.url);
+        eventually(
+            "the api process to be ready",
+            Duration::from_secs(30),
+            || {
+                let http = http.clone();
+                let ready = ready.clone();
+                async move {
+                    let response = http.get(&ready).send().await.ok()?;
+                    response.status().is_success().then_some(())
+                }
+            },
+        )
+        .await;
+        process
+    }
+
+    /// Starts `turnpike worker`.
+    pub fn worker(stack: &Stack, settings: &Settings) -> Process {
+        Self::spawn(stack, settings, "worker", 0)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// `user`, speaking to this api process.
+    pub fn user(&self, user: &User) -> User {
+        User {
+            base: self.url.clone(),
+            http: reqwest::Client::new(),
+            ..user.clone()
+        }
     }
 }

@@ -7,8 +7,13 @@
 //! within the grace period.
 
 mod cancel;
+mod chat;
+mod compact;
+mod prompt;
 pub mod provider;
 mod reconcile;
+mod tokens;
+mod tools;
 mod turn;
 
 use std::future::Future;

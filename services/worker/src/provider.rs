@@ -108,6 +108,9 @@ impl Provider {
         request: &Value,
         on_progress: &mut impl FnMut(Progress<'_>),
     ) -> (Result<ModelOutput, ProviderError>, Option<Duration>) {
+        if self.settings.provider == turnpike_core::config::ProviderKind::ChatCompletions {
+            return crate::chat::attempt(&self.http, &self.settings, request, on_progress).await;
+        }
         let url = format!("{}/responses", self.settings.base_url.trim_end_matches('/'));
         let mut call = self
             .http
@@ -243,10 +246,114 @@ impl Provider {
 }
 
 /// A 429's requested delay: `retry-after-ms` or `retry-after` (seconds).
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let read = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
     if let Some(ms) = read("retry-after-ms") {
         return Some(Duration::from_millis(ms.max(0.0) as u64));
     }
     read("retry-after").map(|s| Duration::from_millis((s.max(0.0) * 1000.0) as u64))
+}
+
+/// A refused request: 5xx and 429 are transient, unless the body names a
+/// context-length or quota error, which no retry can fix; the rest is fatal.
+pub(crate) fn http_error(status: reqwest::StatusCode, body: &str) -> ProviderError {
+    let message = format!(
+        "model answered {status}: {}",
+        body.chars().take(500).collect::<String>()
+    );
+    let fatal_kind =
+        body.contains("context_length_exceeded") || body.contains("insufficient_quota");
+    if (status.is_server_error() || status.as_u16() == 429) && !fatal_kind {
+        ProviderError::Transient(message)
+    } else {
+        ProviderError::Fatal(message)
+    }
+}
+
+/// What a provider's `/responses/compact` returned.
+#[derive(Debug)]
+pub struct Compacted {
+    /// The new prompt window: the user messages, then the compaction item.
+    pub output: Vec<Value>,
+    pub usage: Option<Value>,
+}
+
+impl Provider {
+    /// Compacts a prompt with the provider's `POST {base_url}/responses/compact`.
+    /// `Ok(None)` when the provider has no such endpoint (404, 405, 501), so
+    /// the caller can fall back to a summary. Transient failures are retried
+    /// as model calls are.
+    pub async fn compact(&self, request: &Value) -> Result<Option<Compacted>, ProviderError> {
+        let url = format!(
+            "{}/responses/compact",
+            self.settings.base_url.trim_end_matches('/')
+        );
+        let mut attempt = 0u32;
+        loop {
+            let mut call = self
+                .http
+                .post(&url)
+                .json(request)
+                .timeout(Duration::from_millis(self.settings.idle_timeout_ms));
+            if let Some(key) = &self.settings.api_key {
+                call = call.bearer_auth(key.expose_secret());
+            }
+            let (error, delay) = match call.send().await {
+                Ok(response) if response.status().is_success() => {
+                    let body: Value = response
+                        .json()
+                        .await
+                        .map_err(|e| ProviderError::Transient(format!("compaction answer: {e}")))?;
+                    let output = body
+                        .get("output")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    if !output
+                        .iter()
+                        .any(|i| i.get("type").and_then(Value::as_str) == Some("compaction"))
+                    {
+                        return Err(ProviderError::Fatal(
+                            "the compaction answer holds no compaction item".into(),
+                        ));
+                    }
+                    return Ok(Some(Compacted {
+                        output,
+                        usage: body.get("usage").cloned().filter(|u| !u.is_null()),
+                    }));
+                }
+                Ok(response) if matches!(response.status().as_u16(), 404 | 405 | 501) => {
+                    return Ok(None);
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    let delay = retry_after(response.headers());
+                    let body = response.text().await.unwrap_or_default();
+                    let message = format!(
+                        "compaction answered {status}: {}",
+                        body.chars().take(500).collect::<String>()
+                    );
+                    if status.is_server_error() || status.as_u16() == 429 {
+                        (ProviderError::Transient(message), delay)
+                    } else {
+                        return Err(ProviderError::Fatal(message));
+                    }
+                }
+                Err(e) => (
+                    ProviderError::Transient(format!("compaction request failed: {e}")),
+                    None,
+                ),
+            };
+            if attempt >= self.settings.max_retries {
+                return Err(error);
+            }
+            attempt += 1;
+            let base = self
+                .settings
+                .retry_base_ms
+                .saturating_mul(1 << attempt.min(10));
+            let jitter = rand::rng().random_range(0..=base / 2);
+            tokio::time::sleep(delay.unwrap_or(Duration::from_millis(base + jitter))).await;
+        }
+    }
 }

@@ -1,13 +1,16 @@
-//! One turn: start it, build the prompt, stream the model while publishing
-//! events, persist the outcome, acknowledge.
+//! One turn: start it, then loop (model call, server-side tool calls, model
+//! call, … compacting the context when it grows too long) while publishing
+//! every event, storing each completed step so a redelivered turn resumes
+//! after it; persist the outcome, acknowledge.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use turnpike_core::db::{Consistency, Lsn};
 use turnpike_core::queue::Delivery;
+use turnpike_core::steps::{self, Frozen, Step, StepKind};
 use turnpike_core::turns::{self, Outcome, ResponseRow};
 use turnpike_core::{events, ids, queue};
 use turnpike_protocol::ids as prefixes;
@@ -15,8 +18,9 @@ use turnpike_protocol::item::{ContentPart, Item, Role};
 use turnpike_protocol::response::{ResponseStatus, Usage};
 use uuid::Uuid;
 
-use crate::Context;
 use crate::provider::{ModelOutput, Progress, ProviderError};
+use crate::tools::{self, CallScope, ServerTool};
+use crate::{Context, compact, prompt, tokens};
 
 /// Runs a delivered turn to its end; never panics the worker.
 pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
@@ -59,6 +63,9 @@ enum TurnError {
     Db(#[from] turnpike_core::db::DbError),
     #[error(transparent)]
     Query(#[from] sqlx::Error),
+    /// Another worker stored this turn's next step first: it runs the turn now.
+    #[error("another worker has taken the turn over")]
+    Superseded,
 }
 
 async fn heartbeat(
@@ -85,7 +92,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     };
     let mut tx = ctx.router.write().await?;
     let started = turns::start(&mut tx, id, delivery.deliveries > 1).await?;
-    let Some(row) = started else {
+    let Some((mut row, appended)) = started else {
         // Cancelled before it started, finished already, or a duplicate
         // delivery of a running turn: nothing to run. A cancelled turn's
         // successor may be waiting.
@@ -100,13 +107,53 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         dispatch(ctx, next, lsn).await;
         return Ok(());
     };
-    tx.commit().await?;
+    // The conversation's prompt settings are frozen at its first turn; what
+    // this turn changes is told to the model in a developer message that
+    // joins the turn's input.
+    let before = steps::frozen_for_update(&mut tx, row.conversation_id).await?;
+    let request = &row.request.0;
+    let (refrozen, note) = prompt::refreeze(
+        before.clone(),
+        request.instructions.as_deref(),
+        &request.tools,
+    );
+    if let Some(frozen) = &refrozen {
+        steps::freeze(&mut tx, row.conversation_id, frozen).await?;
+    }
+    let frozen = refrozen.or(before).unwrap_or_default();
+    if let Some(note) = &note
+        && let Some(seq) = turns::reserve_seqs(&mut tx, row.conversation_id, row.user_id, 1).await?
+    {
+        let item = Item::Message {
+            id: ids::encode(prefixes::MESSAGE, Uuid::now_v7()),
+            status: "completed".into(),
+            role: Role::Developer,
+            content: vec![ContentPart::InputText { text: note.clone() }],
+        };
+        turns::insert_items(&mut tx, row.conversation_id, seq, &[item], Some(row.id)).await?;
+        turns::extend_input(&mut tx, row.id, seq).await?;
+        row.input_last_seq = seq;
+    }
+    let done = if delivery.deliveries > 1 {
+        steps::load(&mut tx, row.id).await?
+    } else {
+        Vec::new()
+    };
+    let start_lsn = tx.commit().await?;
+    // History is read on a replica that has replayed the turn's input,
+    // including anything this start appended.
+    let lsn = if appended || note.is_some() {
+        start_lsn
+    } else {
+        delivery.lsn
+    };
+
     let cancelled = ctx.cancels.register(&delivery.response);
-    let first_seq = events::last_sequence(&ctx.kv, &delivery.response)
+    let logged = events::last_sequence(&ctx.kv, &delivery.response)
         .await
         .ok()
-        .flatten()
-        .map_or(0, |s| s + 1);
+        .flatten();
+    let first_seq = logged.map_or(0, |s| s + 1);
     let (emitter, events_tx) = Emitter::start(ctx, delivery.response.clone(), first_seq);
 
     if delivery.deliveries > ctx.settings.worker.max_deliveries {
@@ -116,10 +163,11 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     }
 
     let snapshot = serde_json::to_value(row.to_api()).unwrap_or(Value::Null);
-    let _ = events_tx.send(json!({"type": "response.created", "response": snapshot}));
+    if logged.is_none() {
+        let _ = events_tx.send(json!({"type": "response.created", "response": snapshot}));
+    }
     let _ = events_tx.send(json!({"type": "response.in_progress", "response": snapshot}));
 
-    let lsn = delivery.lsn;
     let conversation = row.conversation_id;
     let last_seq = row.input_last_seq;
     let history = ctx
@@ -128,128 +176,495 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
             Box::pin(async move { turns::history(db, conversation, last_seq).await })
         })
         .await?;
-    let request = prompt(&row, &history);
 
-    let mut item_ids: HashMap<u64, Uuid> = HashMap::new();
-    let streaming = ctx.provider.stream(
-        &request,
-        |progress| match progress {
-            Progress::ItemAdded { output_index, item } => {
-                let kind = item
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .unwrap_or("message");
-                let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
-                let public = ids::encode(ids::item_prefix(kind), uuid);
-                let mut added = item.clone();
-                added["id"] = json!(public);
-                let _ = events_tx.send(json!({"type": "response.output_item.added",
-                        "output_index": output_index, "item": added}));
-                if kind == "message" {
-                    let _ = events_tx.send(
-                        json!({"type": "response.content_part.added", "item_id": public,
-                            "output_index": output_index, "content_index": 0,
-                            "part": {"type": "output_text", "text": "", "annotations": []}}),
-                    );
-                }
-            }
-            Progress::ArgumentsDelta {
-                output_index,
-                delta,
-            } => {
-                let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
-                let _ = events_tx.send(json!({"type": "response.function_call_arguments.delta",
-                        "item_id": ids::encode(prefixes::FUNCTION_CALL, uuid),
-                        "output_index": output_index, "delta": delta}));
-            }
-            Progress::TextDelta {
-                output_index,
-                delta,
-            } => {
-                let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
-                let _ = events_tx.send(json!({"type": "response.output_text.delta",
-                        "item_id": ids::encode(prefixes::MESSAGE, uuid),
-                        "output_index": output_index, "content_index": 0, "delta": delta}));
-            }
-        },
-        |_error: &ProviderError| {},
+    let mut turn = Loop::new(
+        ctx,
+        &row,
+        frozen,
+        prompt::window_of(&history),
+        events_tx.clone(),
+        lsn,
     );
-    // A cancellation stops the model stream at once; `finish` then finds the
-    // turn cancelled and ends the stream with `response.cancelled`.
+    for step in done {
+        turn.apply(step);
+    }
+    // A cancellation drops the loop at once: the model stream and running
+    // tools stop with it, and `finish` finds the turn cancelled.
     let result = tokio::select! {
-        result = streaming => Some(result),
+        result = turn.run() => Some(result),
         () = cancelled.notified() => None,
     };
     ctx.cancels.forget(&delivery.response);
-    let Some(result) = result else {
-        let error = json!({"code": "cancelled", "message": "The response was cancelled."});
-        return fail(ctx, &row, emitter, events_tx, &error).await;
-    };
-
+    // The loop's event sender goes with it: `finish` waits for the emitter,
+    // which ends once every sender is gone.
+    let Loop {
+        output,
+        prompts,
+        usage,
+        events,
+        ..
+    } = turn;
+    drop(events);
     match result {
-        Ok(output) => complete(ctx, &row, emitter, events_tx, output, &item_ids).await,
-        Err(e) => {
+        None => {
+            let error = json!({"code": "cancelled", "message": "The response was cancelled."});
+            fail(ctx, &row, emitter, events_tx, &error).await
+        }
+        Some(Ok(())) => {
+            let outcome = Outcome {
+                status: ResponseStatus::Completed,
+                output: &output,
+                prompts: &prompts,
+                usage: usage.as_ref(),
+                error: None,
+            };
+            finish(
+                ctx,
+                &row,
+                emitter,
+                events_tx,
+                &outcome,
+                "response.completed",
+            )
+            .await
+        }
+        Some(Err(LoopError::Provider(e))) => {
             let error = json!({"code": e.code(), "message": e.to_string()});
             fail(ctx, &row, emitter, events_tx, &error).await
         }
+        Some(Err(LoopError::TooManySteps(n))) => {
+            let error = json!({"code": "max_steps_exceeded",
+                "message": format!("The turn made {n} model calls without reaching an answer (worker.max_steps).")});
+            fail(ctx, &row, emitter, events_tx, &error).await
+        }
+        Some(Err(LoopError::Turn(e))) => Err(e),
     }
 }
 
-/// The model request: frozen instructions, tools sorted by name, the
-/// append-only history. Every turn's prompt is a prefix of the next one's,
-/// which is what lets the provider's prompt cache hit.
-fn prompt(row: &ResponseRow, history: &[Item]) -> Value {
-    let request = &row.request.0;
-    let mut tools = request.tools.clone();
-    tools.sort_by(|a, b| tool_name(a).cmp(tool_name(b)));
-    let input: Vec<Value> = history
-        .iter()
-        .filter_map(|item| {
-            let mut value = serde_json::to_value(item).ok()?;
-            // Stored ids mean nothing to a provider that stores nothing (`store: false`).
-            if let Some(object) = value.as_object_mut() {
-                object.remove("id");
-                object.remove("status");
+/// Why the loop stopped without an answer.
+#[derive(Debug, thiserror::Error)]
+enum LoopError {
+    /// The model failed and retries ran out: the turn fails.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// `worker.max_steps` model calls without an answer: the turn fails.
+    #[error("too many steps ({0})")]
+    TooManySteps(u32),
+    /// Postgres failed, or another worker took the turn over: left for redelivery.
+    #[error(transparent)]
+    Turn(#[from] TurnError),
+}
+
+impl From<turnpike_core::db::DbError> for LoopError {
+    fn from(e: turnpike_core::db::DbError) -> Self {
+        Self::Turn(e.into())
+    }
+}
+
+impl From<sqlx::Error> for LoopError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Turn(e.into())
+    }
+}
+
+/// A function call in the model's output, and who answers it.
+enum Call {
+    /// A server-side tool this turn offers: the worker runs it.
+    Server(ServerTool, String, String),
+    /// A client-side function this turn offers: the turn ends with it.
+    Client,
+    /// A tool this turn does not offer: answered with an error at once.
+    Unavailable(String, String),
+}
+
+/// The agent loop of one turn: model call, tool calls, model call, … until
+/// an answer, compacting the context when it grows past its threshold.
+/// Every completed step is stored before the next begins.
+struct Loop<'a> {
+    ctx: &'a Context,
+    row: &'a ResponseRow,
+    frozen: Frozen,
+    /// Tool names this turn offers.
+    offered: BTreeSet<String>,
+    /// The prompt input so far.
+    window: Vec<Value>,
+    /// The response's output so far.
+    output: Vec<Item>,
+    /// Compaction windows by compaction item id.
+    prompts: Vec<(String, Vec<Value>)>,
+    usage: Option<Usage>,
+    next_step: i64,
+    model_calls: u32,
+    last: Option<StepKind>,
+    /// Where the latest model step's items start in `output`.
+    last_model_from: usize,
+    /// Prompt tokens the provider measured, and the window length they cover.
+    measured: Option<(u64, usize)>,
+    events: mpsc::UnboundedSender<Value>,
+    lsn: Lsn,
+}
+
+impl<'a> Loop<'a> {
+    fn new(
+        ctx: &'a Context,
+        row: &'a ResponseRow,
+        frozen: Frozen,
+        window: Vec<Value>,
+        events: mpsc::UnboundedSender<Value>,
+        lsn: Lsn,
+    ) -> Self {
+        let offered = prompt::model_tools(&row.request.0.tools)
+            .iter()
+            .map(|t| prompt::tool_name(t).to_owned())
+            .collect();
+        Self {
+            ctx,
+            row,
+            frozen,
+            offered,
+            window,
+            output: Vec::new(),
+            prompts: Vec::new(),
+            usage: None,
+            next_step: 0,
+            model_calls: 0,
+            last: None,
+            last_model_from: 0,
+            measured: None,
+            events,
+            lsn,
+        }
+    }
+
+    /// Takes a completed step into the loop's state.
+    fn apply(&mut self, step: Step) {
+        match step.kind {
+            StepKind::Compaction => {
+                let window = step.prompt.clone().unwrap_or_default();
+                if let Some(item) = step.items.first() {
+                    self.prompts.push((item.id().to_owned(), window.clone()));
+                }
+                self.window = window;
+                self.measured = None;
             }
-            Some(value)
+            StepKind::Model => {
+                self.last_model_from = self.output.len();
+                self.window
+                    .extend(step.items.iter().filter_map(prompt::input_of));
+                self.model_calls += 1;
+                self.measured = step
+                    .usage
+                    .as_ref()
+                    .map(|u| (u.input_tokens + u.output_tokens, self.window.len()));
+            }
+            StepKind::Tools => {
+                self.window
+                    .extend(step.items.iter().filter_map(prompt::input_of));
+            }
+        }
+        if let Some(usage) = &step.usage {
+            self.usage.get_or_insert_with(Usage::default).add(usage);
+        }
+        self.output.extend(step.items);
+        self.next_step = step.index + 1;
+        self.last = Some(step.kind);
+    }
+
+    /// Stores a step, then takes it in. A step already stored means another
+    /// worker runs this turn now: stop without touching anything.
+    async fn commit(&mut self, step: Step) -> Result<(), LoopError> {
+        let mut tx = self.ctx.router.write().await?;
+        let stored = steps::save(&mut tx, self.row.id, &step).await?;
+        tx.commit().await?;
+        if !stored {
+            return Err(LoopError::Turn(TurnError::Superseded));
+        }
+        self.apply(step);
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Result<(), LoopError> {
+        loop {
+            if self.last == Some(StepKind::Model) {
+                let calls = self.calls_to_answer();
+                if calls.iter().any(|c| !matches!(c, Call::Client)) {
+                    self.run_tools(&calls).await?;
+                }
+                // The client answers its own calls in a new response.
+                if calls.is_empty() || calls.iter().any(|c| matches!(c, Call::Client)) {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.model_calls >= self.ctx.settings.worker.max_steps {
+                return Err(LoopError::TooManySteps(self.model_calls));
+            }
+            if self.last != Some(StepKind::Compaction) && self.over_threshold() {
+                self.compact().await?;
+                continue;
+            }
+            self.call_model().await?;
+        }
+    }
+
+    /// The function calls of the latest model step.
+    fn calls_to_answer(&self) -> Vec<Call> {
+        self.output[self.last_model_from..]
+            .iter()
+            .filter_map(|item| match item {
+                Item::FunctionCall {
+                    call_id,
+                    name,
+                    arguments,
+                    ..
+                } => Some(match ServerTool::from_call(name) {
+                    Some(tool) if self.offered.contains(name) => {
+                        Call::Server(tool, call_id.clone(), arguments.clone())
+                    }
+                    _ if self.offered.contains(name) => Call::Client,
+                    _ => Call::Unavailable(call_id.clone(), name.clone()),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn threshold(&self) -> u64 {
+        prompt::compact_threshold(self.row).unwrap_or_else(|| {
+            let model = &self.ctx.settings.model;
+            model.context_window_tokens * model.auto_compact_percent / 100
         })
-        .collect();
-    let mut body = json!({
-        "model": row.model,
-        "input": input,
-        "stream": true,
-        "store": false,
-        "prompt_cache_key": ids::encode(prefixes::CONVERSATION, row.conversation_id),
-    });
-    if let Some(instructions) = &request.instructions {
-        body["instructions"] = json!(instructions);
     }
-    if !tools.is_empty() {
-        body["tools"] = json!(tools);
-        if let Some(choice) = &request.tool_choice {
-            body["tool_choice"] = choice.clone();
+
+    /// Whether the next prompt passes the compaction threshold: the
+    /// provider's measure of the prompt so far plus an estimate of what was
+    /// appended since, or an estimate of the whole.
+    fn over_threshold(&self) -> bool {
+        if self.window.len() < 2 {
+            return false;
         }
-        if let Some(parallel) = request.parallel_tool_calls {
-            body["parallel_tool_calls"] = json!(parallel);
-        }
+        let tokens = match self.measured {
+            Some((measured, covered)) => {
+                measured + tokens::count(self.window.get(covered..).unwrap_or_default())
+            }
+            None => {
+                let fixed = self
+                    .frozen
+                    .instructions
+                    .as_deref()
+                    .map_or(0, tokens::count_text)
+                    + tokens::count(&self.frozen.tools);
+                fixed + tokens::count(&self.window)
+            }
+        };
+        tokens > self.threshold()
     }
-    for (key, value) in [
-        (
-            "max_output_tokens",
-            request.max_output_tokens.map(|v| json!(v)),
-        ),
-        ("temperature", request.temperature.map(|v| json!(v))),
-        ("top_p", request.top_p.map(|v| json!(v))),
-    ] {
-        if let Some(value) = value {
-            body[key] = value;
-        }
+
+    fn request(&self) -> Value {
+        prompt::request(
+            self.row,
+            &self.frozen,
+            &self.ctx.settings.model,
+            &self.window,
+        )
     }
-    body
+
+    fn emit(&self, event: Value) {
+        let _ = self.events.send(event);
+    }
+
+    async fn compact(&mut self) -> Result<(), LoopError> {
+        let index = self.output.len();
+        self.emit(json!({"type": "response.compaction.compacting", "output_index": index}));
+        let compaction = compact::compact(self.ctx, &self.request()).await?;
+        let item_json = serde_json::to_value(&compaction.item).unwrap_or(Value::Null);
+        self.commit(Step {
+            index: self.next_step,
+            kind: StepKind::Compaction,
+            items: vec![compaction.item],
+            usage: compaction.usage,
+            prompt: Some(compaction.window),
+        })
+        .await?;
+        self.emit(
+            json!({"type": "response.output_item.added", "output_index": index, "item": item_json}),
+        );
+        self.emit(
+            json!({"type": "response.output_item.done", "output_index": index, "item": item_json}),
+        );
+        Ok(())
+    }
+
+    async fn call_model(&mut self) -> Result<(), LoopError> {
+        let request = self.request();
+        let offset = self.output.len() as u64;
+        let events = self.events.clone();
+        let mut item_ids: HashMap<u64, Uuid> = HashMap::new();
+        let output = self
+            .ctx
+            .provider
+            .stream(
+                &request,
+                |progress| relay(&events, &mut item_ids, offset, progress),
+                |_error: &ProviderError| {},
+            )
+            .await?;
+        let items = to_items(&output, &item_ids);
+        let usage: Option<Usage> = output.usage.and_then(|u| serde_json::from_value(u).ok());
+        self.commit(Step {
+            index: self.next_step,
+            kind: StepKind::Model,
+            items: items.clone(),
+            usage,
+            prompt: None,
+        })
+        .await?;
+        for (index, item) in (offset..).zip(&items) {
+            for event in done_events(index, item) {
+                self.emit(event);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the step's server-side calls at once (each bounded in time) and
+    /// records every answer in call order; calls of tools the turn does not
+    /// offer get an error answer.
+    async fn run_tools(&mut self, calls: &[Call]) -> Result<(), LoopError> {
+        let scope = CallScope {
+            router: &self.ctx.router,
+            conversation: self.row.conversation_id,
+            before_seq: self.row.input_first_seq,
+            lsn: self.lsn,
+        };
+        let settings = &self.ctx.settings.tools;
+        let runs = calls.iter().filter_map(|call| match call {
+            Call::Server(tool, call_id, arguments) => {
+                let scope = &scope;
+                Some(futures_util::future::Either::Left(async move {
+                    (
+                        call_id.clone(),
+                        tools::run(settings, *tool, arguments, scope).await,
+                    )
+                }))
+            }
+            Call::Unavailable(call_id, name) => {
+                let output =
+                    json!({"error": format!("the tool {name} is not available in this response")})
+                        .to_string();
+                Some(futures_util::future::Either::Right(std::future::ready((
+                    call_id.clone(),
+                    output,
+                ))))
+            }
+            Call::Client => None,
+        });
+        let answers = futures_util::future::join_all(runs).await;
+        let items: Vec<Item> = answers
+            .into_iter()
+            .map(|(call_id, output)| Item::FunctionCallOutput {
+                id: ids::encode(prefixes::FUNCTION_CALL_OUTPUT, Uuid::now_v7()),
+                status: "completed".into(),
+                call_id,
+                output,
+            })
+            .collect();
+        let offset = self.output.len() as u64;
+        self.commit(Step {
+            index: self.next_step,
+            kind: StepKind::Tools,
+            items: items.clone(),
+            usage: None,
+            prompt: None,
+        })
+        .await?;
+        for (index, item) in (offset..).zip(&items) {
+            let value = serde_json::to_value(item).unwrap_or(Value::Null);
+            self.emit(
+                json!({"type": "response.output_item.added", "output_index": index, "item": value}),
+            );
+            self.emit(
+                json!({"type": "response.output_item.done", "output_index": index, "item": value}),
+            );
+        }
+        Ok(())
+    }
 }
 
-fn tool_name(tool: &Value) -> &str {
-    tool.get("name").and_then(Value::as_str).unwrap_or("")
+/// Forwards the model's progress as the response's events, numbering items
+/// after the response's earlier output.
+fn relay(
+    events: &mpsc::UnboundedSender<Value>,
+    item_ids: &mut HashMap<u64, Uuid>,
+    offset: u64,
+    progress: Progress<'_>,
+) {
+    match progress {
+        Progress::ItemAdded { output_index, item } => {
+            let kind = item
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("message");
+            let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
+            let public = ids::encode(ids::item_prefix(kind), uuid);
+            let mut added = item.clone();
+            added["id"] = json!(public);
+            let index = offset + output_index;
+            let _ = events.send(
+                json!({"type": "response.output_item.added", "output_index": index, "item": added}),
+            );
+            if kind == "message" {
+                let _ = events.send(
+                    json!({"type": "response.content_part.added", "item_id": public,
+                    "output_index": index, "content_index": 0,
+                    "part": {"type": "output_text", "text": "", "annotations": []}}),
+                );
+            }
+        }
+        Progress::ArgumentsDelta {
+            output_index,
+            delta,
+        } => {
+            let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
+            let _ = events.send(json!({"type": "response.function_call_arguments.delta",
+                "item_id": ids::encode(prefixes::FUNCTION_CALL, uuid),
+                "output_index": offset + output_index, "delta": delta}));
+        }
+        Progress::TextDelta {
+            output_index,
+            delta,
+        } => {
+            let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
+            let _ = events.send(json!({"type": "response.output_text.delta",
+                "item_id": ids::encode(prefixes::MESSAGE, uuid),
+                "output_index": offset + output_index, "content_index": 0, "delta": delta}));
+        }
+    }
+}
+
+/// The events that close an output item.
+fn done_events(index: u64, item: &Item) -> Vec<Value> {
+    let mut out = Vec::new();
+    match item {
+        Item::Message { id, content, .. } => {
+            let text: String = content.iter().filter_map(ContentPart::text).collect();
+            out.push(json!({"type": "response.output_text.done", "item_id": id,
+                "output_index": index, "content_index": 0, "text": text}));
+            out.push(json!({"type": "response.content_part.done", "item_id": id,
+                "output_index": index, "content_index": 0,
+                "part": content.first().map_or(Value::Null, |p| serde_json::to_value(p).unwrap_or(Value::Null))}));
+        }
+        Item::FunctionCall { id, arguments, .. } => {
+            out.push(json!({"type": "response.function_call_arguments.done",
+                "item_id": id, "output_index": index, "arguments": arguments}));
+        }
+        _ => {}
+    }
+    out.push(
+        json!({"type": "response.output_item.done", "output_index": index,
+        "item": serde_json::to_value(item).unwrap_or(Value::Null)}),
+    );
+    out
 }
 
 /// The provider's output items as stored items, with the ids announced in
@@ -258,6 +673,12 @@ fn to_items(output: &ModelOutput, item_ids: &HashMap<u64, Uuid>) -> Vec<Item> {
     let mut items = Vec::new();
     for (index, raw) in (0u64..).zip(&output.items) {
         let uuid = item_ids.get(&index).copied().unwrap_or_else(Uuid::now_v7);
+        let field = |name: &str| {
+            raw.get(name)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
         match raw.get("type").and_then(Value::as_str) {
             Some("message") => {
                 let role = raw
@@ -281,64 +702,32 @@ fn to_items(output: &ModelOutput, item_ids: &HashMap<u64, Uuid>) -> Vec<Item> {
                     content,
                 });
             }
-            Some("function_call") => {
-                let field = |name: &str| {
-                    raw.get(name)
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_owned()
-                };
-                items.push(Item::FunctionCall {
-                    id: ids::encode(prefixes::FUNCTION_CALL, uuid),
-                    status: "completed".into(),
-                    call_id: field("call_id"),
-                    name: field("name"),
-                    arguments: field("arguments"),
-                });
-            }
+            Some("function_call") => items.push(Item::FunctionCall {
+                id: ids::encode(prefixes::FUNCTION_CALL, uuid),
+                status: "completed".into(),
+                call_id: field("call_id"),
+                name: field("name"),
+                arguments: field("arguments"),
+            }),
+            // Kept exactly as received: it goes back to the provider.
+            Some("reasoning") => items.push(Item::Reasoning {
+                id: ids::encode(prefixes::REASONING, uuid),
+                summary: raw
+                    .get("summary")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default(),
+                encrypted_content: raw
+                    .get("encrypted_content")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            }),
             other => {
                 tracing::debug!(kind = ?other, "skipping an output item kind Turnpike does not store yet")
             }
         }
     }
     items
-}
-
-async fn complete(
-    ctx: &Context,
-    row: &ResponseRow,
-    emitter: tokio::task::JoinHandle<()>,
-    events_tx: mpsc::UnboundedSender<Value>,
-    output: ModelOutput,
-    item_ids: &HashMap<u64, Uuid>,
-) -> Result<(), TurnError> {
-    let items = to_items(&output, item_ids);
-    let usage: Option<Usage> = output.usage.and_then(|u| serde_json::from_value(u).ok());
-    for (index, item) in items.iter().enumerate() {
-        if let Item::Message { id, content, .. } = item {
-            let text: String = content.iter().filter_map(ContentPart::text).collect();
-            let _ = events_tx.send(json!({"type": "response.output_text.done", "item_id": id,
-                "output_index": index, "content_index": 0, "text": text}));
-            let _ = events_tx.send(json!({"type": "response.content_part.done", "item_id": id,
-                "output_index": index, "content_index": 0,
-                "part": content.first().cloned().map_or(Value::Null, |p| serde_json::to_value(p).unwrap_or(Value::Null))}));
-        }
-        if let Item::FunctionCall { id, arguments, .. } = item {
-            let _ = events_tx.send(json!({"type": "response.function_call_arguments.done",
-                "item_id": id, "output_index": index, "arguments": arguments}));
-        }
-        let _ = events_tx.send(
-            json!({"type": "response.output_item.done", "output_index": index,
-            "item": serde_json::to_value(item).unwrap_or(Value::Null)}),
-        );
-    }
-    let outcome = Outcome {
-        status: ResponseStatus::Completed,
-        output: &items,
-        usage: usage.as_ref(),
-        error: None,
-    };
-    finish(ctx, row, emitter, events_tx, &outcome, "response.completed").await
 }
 
 async fn fail(
@@ -351,6 +740,7 @@ async fn fail(
     let outcome = Outcome {
         status: ResponseStatus::Failed,
         output: &[],
+        prompts: &[],
         usage: None,
         error: Some(error),
     };

@@ -17,12 +17,15 @@ macro_rules! both_paths {
     };
 }
 
+mod agent;
+mod chat_provider;
 mod conversations;
 mod failover;
 mod faults;
 mod idempotency;
 mod isolation;
 mod openapi;
+mod processes;
 mod routing;
 mod sdk;
 mod turns;
