@@ -77,6 +77,7 @@ pub async fn create(
     items::append(&mut tx, row.id, 1, &inputs, None).await?;
     let lsn = tx.commit().await?;
     app.wrote(&principal, lsn).await;
+    app.changed(row.id, lsn).await;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 
@@ -140,14 +141,24 @@ pub async fn retrieve(
     let id = ids::decode(prefixes::CONVERSATION, "conversation", &conversation_id)?;
     let user = principal.user_id;
     let consistency = app.consistency(&principal, read).await;
-    let row = app
-        .router
-        .read(consistency, move |db| {
-            Box::pin(async move { find(db, id, user).await })
+    let router = std::sync::Arc::clone(&app.router);
+    let field = format!("conversation:{}", user.simple());
+    let body = app
+        .cached(id, &field, consistency, move |at| async move {
+            let row = router
+                .read(at, move |db| {
+                    Box::pin(async move { find(db, id, user).await })
+                })
+                .await?;
+            Ok(row.and_then(|row| {
+                serde_json::to_vec(&row.into_api())
+                    .ok()
+                    .map(bytes::Bytes::from)
+            }))
         })
         .await?
         .ok_or_else(|| ApiError::not_found("conversation", &conversation_id))?;
-    Ok(axum::Json(row.into_api()).into_response())
+    Ok(crate::stored_json::response(body))
 }
 
 /// Replace a conversation's metadata.
@@ -170,6 +181,7 @@ pub async fn update(
         .ok_or_else(|| ApiError::not_found("conversation", &conversation_id))?;
     let lsn = tx.commit().await?;
     app.wrote(&principal, lsn).await;
+    app.changed(id, lsn).await;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 
@@ -190,6 +202,7 @@ pub async fn delete(
     }
     let lsn = tx.commit().await?;
     app.wrote(&principal, lsn).await;
+    app.changed(id, lsn).await;
     let body = ConversationDeleted {
         id: conversation_id,
         object: "conversation.deleted".into(),

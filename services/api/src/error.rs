@@ -2,7 +2,7 @@
 //! primary, leaves as `ApiError` in OpenAI's error shape. 5xx details go to
 //! the log, never to the client.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use turnpike_core::db::DbError;
 use turnpike_protocol::{ErrorBody, ErrorObject, ErrorType};
@@ -17,6 +17,9 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
+    /// More headers the answer carries (a 429's `RateLimit-Policy` and
+    /// `RateLimit`).
+    pub headers: Option<Box<HeaderMap>>,
 }
 
 impl ApiError {
@@ -28,7 +31,14 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            headers: None,
         }
+    }
+
+    /// The same error, answered with `headers` too.
+    pub fn with_headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = Some(Box::new(headers));
+        self
     }
 
     /// 400: the request names something invalid; `param` says what.
@@ -184,6 +194,14 @@ impl From<DbError> for ApiError {
                 "No database node can serve this request right now. Retry shortly.",
                 1,
             ),
+            DbError::Overloaded { .. } => {
+                let mut e = Self::unavailable(
+                    "The service is over capacity and shed this request. Retry shortly.",
+                    1,
+                );
+                e.code = Some("overloaded");
+                e
+            }
             e if e.is_retryable() => {
                 tracing::warn!(error = %e, "database unavailable");
                 Self::unavailable("The database is temporarily unavailable. Retry shortly.", 1)
@@ -200,6 +218,9 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(headers) = self.headers {
+            response.headers_mut().extend(*headers);
         }
         response
     }

@@ -29,8 +29,12 @@ const TERMINAL: [&str; 4] = [
     "response.cancelled",
 ];
 
-/// How often an idle stream re-reads the log, in case a live event was missed.
+/// How soon an idle stream first re-reads the log, in case a live event was
+/// missed (pub/sub is reliable while connected; a reconnect or a gap
+/// triggers a re-read at once). Doubles while the stream stays idle, up to
+/// `RESYNC_MAX`, so thousands of idle streams cost little.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
+const RESYNC_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Deserialize)]
 struct Header<'a> {
@@ -125,10 +129,16 @@ async fn pump(
         Step::Done => return,
         Step::Continue(last) => last,
     };
+    let mut idle_wait = RESYNC_EVERY;
     loop {
         let next = tokio::select! {
             () = tx.closed() => return,
-            next = tokio::time::timeout(RESYNC_EVERY, subscription.receiver.recv()) => next,
+            next = tokio::time::timeout(idle_wait, subscription.receiver.recv()) => next,
+        };
+        idle_wait = if next.is_err() {
+            (idle_wait * 2).min(RESYNC_MAX)
+        } else {
+            RESYNC_EVERY
         };
         let resync = match next {
             Ok(Ok(Live::Event(data))) => match header(&data) {

@@ -114,10 +114,18 @@ fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
 /// The authenticated caller.
 pub struct Auth(pub Principal);
 
+/// A request extension: the caller as an outer layer (the rate limits)
+/// already authenticated it, so that `Auth` does not look the key up twice.
+#[derive(Debug, Clone, Copy)]
+pub struct Authenticated(pub Principal);
+
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(Authenticated(principal)) = parts.extensions.get::<Authenticated>() {
+            return Ok(Auth(*principal));
+        }
         let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
             ApiError::unauthorized(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",

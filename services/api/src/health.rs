@@ -1,4 +1,4 @@
-//! Liveness and readiness.
+//! Liveness, readiness and Prometheus metrics.
 
 use axum::Router;
 use axum::extract::State;
@@ -14,6 +14,20 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// Prometheus metrics of this process (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        turnpike_core::telemetry::metrics().render(),
+    )
 }
 
 /// The process is alive.

@@ -1,8 +1,9 @@
 //! `Idempotency-Key` on POSTs: the first request with a key is claimed and
 //! its answer stored; a retry with the same key and body gets that answer
 //! back (`Idempotent-Replayed: true`); the same key with another body is a
-//! 422; a retry while the first is still running is a 409. 5xx answers are
-//! not stored, so a retry after a failure runs again.
+//! 422; a retry while the first is still running is a 409. 5xx and 429
+//! answers are not stored, so a retry after a failure or a refusal by a
+//! rate limit runs again.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
@@ -83,7 +84,7 @@ async fn handle(app: AppState, req: Request, next: Next) -> Result<Response, Api
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"));
-    if status.is_server_error() || streaming {
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || streaming {
         release(&app, principal.user_id, &key).await;
         return Ok(response);
     }

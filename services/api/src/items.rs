@@ -107,16 +107,29 @@ pub async fn list(
         limit,
     };
     let consistency = app.consistency(&principal, read).await;
-    let rows = app
-        .router
-        .read(consistency, move |db| {
-            Box::pin(async move { list_page(db, &page).await })
+    // Everything the page depends on, the caller included (the query checks ownership).
+    let field = format!(
+        "items:{}:{:?}:{}:{limit}",
+        principal.user_id.simple(),
+        page.order,
+        page.after
+            .map_or_else(|| "-".to_owned(), |a| a.simple().to_string()),
+    );
+    let router = std::sync::Arc::clone(&app.router);
+    let body = app
+        .cached(conversation, &field, consistency, move |at| async move {
+            let rows = router
+                .read(at, move |db| {
+                    Box::pin(async move { list_page(db, &page).await })
+                })
+                .await?;
+            Ok(rows.map(|rows| bytes::Bytes::from(page_of(rows, limit).0)))
         })
         .await?;
-    let Some(rows) = rows else {
-        return Err(ApiError::not_found("conversation", &conversation_id));
-    };
-    Ok(page_of(rows, limit).into_response())
+    match body {
+        Some(body) => Ok(stored_json::response(body)),
+        None => Err(ApiError::not_found("conversation", &conversation_id)),
+    }
 }
 
 /// Turns `limit + 1` rows into a page.
@@ -153,6 +166,7 @@ pub async fn create(
     let items = append(&mut tx, conversation, first_seq, &body.items, None).await?;
     let lsn = tx.commit().await?;
     app.wrote(&principal, lsn).await;
+    app.changed(conversation, lsn).await;
     let list = List::new(items, false, |i: &Item| i.id().to_owned());
     Ok(written(lsn, StatusCode::OK, &list))
 }
@@ -205,6 +219,7 @@ pub async fn delete(
     }
     let lsn = tx.commit().await?;
     app.wrote(&principal, lsn).await;
+    app.changed(conversation, lsn).await;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 

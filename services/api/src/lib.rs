@@ -1,7 +1,7 @@
 //! The stateless HTTP API. Each feature module owns its routes; they are
-//! merged here, behind one error edge, a body limit and the idempotency
-//! layer. [`Application::build`] binds the listener first, so tests can ask
-//! for port 0 and read the real port.
+//! merged here, behind one error edge, a body limit, the rate limits and
+//! the idempotency layer. [`Application::build`] binds the listener first,
+//! so tests can ask for port 0 and read the real port.
 
 pub mod admin;
 pub mod conversations;
@@ -12,8 +12,10 @@ pub mod health;
 pub mod idempotency;
 pub mod ids;
 pub mod items;
+pub mod limits;
 pub mod openapi;
 pub mod responses;
+pub mod shed;
 pub mod stored_json;
 pub mod web;
 
@@ -31,11 +33,13 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use turnpike_core::Settings;
 use turnpike_core::auth::{Authenticator, Principal};
+use turnpike_core::cache::Cache;
 use turnpike_core::config::ConfigError;
 use turnpike_core::db::{Consistency, Lsn, Router};
 use turnpike_core::events::Hub;
 use turnpike_core::kv::{Kv, KvError};
 use turnpike_core::last_write::LastWrites;
+use turnpike_core::switches::Switches;
 
 use crate::error::ApiError;
 use crate::extract::{CONSISTENCY_HEADER, ReadConsistency, ReadMode};
@@ -51,6 +55,12 @@ pub struct AppInner {
     pub last_writes: LastWrites,
     pub kv: Kv,
     pub hub: Hub,
+    pub cache: Cache,
+    pub limits: limits::Limits,
+    /// The operators' kill switches in force.
+    pub switches: Switches,
+    /// Which routes are background work.
+    pub classes: shed::RouteClasses,
 }
 
 impl Deref for AppState {
@@ -65,6 +75,8 @@ impl AppState {
     /// Builds the state: pools (lazy), Redis pool (lazy), caches, and the
     /// router's health monitor.
     pub async fn new(settings: Settings) -> Result<Self, StartError> {
+        // Installs the metrics recorder before anything records.
+        turnpike_core::telemetry::metrics();
         let router = Router::new(&settings.database)?;
         router.spawn_monitor().await;
         let kv = Kv::new(&settings.redis)?;
@@ -77,6 +89,15 @@ impl AppState {
             Duration::from_millis(settings.database.last_write_window_ms),
         );
         let hub = Hub::start(settings.redis.url())?;
+        let cache = Cache::start(settings.cache.clone(), kv.clone(), settings.redis.url())?;
+        let limits = limits::Limits::new(
+            &settings.limits,
+            kv.clone(),
+            Duration::from_millis(settings.redis.timeout_ms),
+        );
+        let switches =
+            Switches::start(kv.clone(), settings.redis.url(), &settings.overload).await?;
+        let classes = shed::RouteClasses::new(&settings.overload)?;
         Ok(Self(Arc::new(AppInner {
             settings,
             router,
@@ -84,6 +105,10 @@ impl AppState {
             last_writes,
             kv,
             hub,
+            cache,
+            limits,
+            switches,
+            classes,
         })))
     }
 
@@ -104,6 +129,66 @@ impl AppState {
     /// Records a committed write for the caller's session window.
     pub async fn wrote(&self, principal: &Principal, lsn: Lsn) {
         self.last_writes.record(principal.user_id, lsn).await;
+    }
+
+    /// A read of something in `conversation` through the cache: `field`
+    /// names the answer (with everything it depends on, the caller
+    /// included), `load` reads it with the consistency it is given and
+    /// answers `None` for "not found". Strong reads bypass the cache.
+    pub async fn cached<F, Fut>(
+        &self,
+        conversation: uuid::Uuid,
+        field: &str,
+        consistency: Consistency,
+        load: F,
+    ) -> Result<Option<bytes::Bytes>, ApiError>
+    where
+        F: FnOnce(Consistency) -> Fut + Send,
+        Fut: Future<Output = Result<Option<bytes::Bytes>, turnpike_core::db::DbError>> + Send,
+    {
+        if consistency == Consistency::Strong {
+            return Ok(load(consistency).await?);
+        }
+        let session = match consistency {
+            Consistency::Session(token) => token,
+            _ => None,
+        };
+        let lookup = turnpike_core::cache::Lookup {
+            conversation,
+            field,
+            session,
+        };
+        let entry = self
+            .cache
+            .get(lookup, move |floor: Lsn| {
+                // A fill reads at least what the conversation's last write
+                // left, whatever the caller asked for.
+                let at = match consistency {
+                    Consistency::Session(token) => {
+                        Consistency::Session(Some(token.unwrap_or_default().max(floor)))
+                    }
+                    _ if floor > Lsn(0) => Consistency::Session(Some(floor)),
+                    other => other,
+                };
+                load(at)
+            })
+            .await
+            .map_err(|shared| match std::sync::Arc::try_unwrap(shared) {
+                Ok(e) => ApiError::from(e),
+                Err(shared) if shared.is_retryable() => ApiError::unavailable(
+                    "The database is temporarily unavailable. Retry shortly.",
+                    1,
+                ),
+                Err(shared) => ApiError::internal(&shared),
+            })?;
+        Ok(entry.body.clone())
+    }
+
+    /// A committed write changed `conversation`: its cached answers go, here
+    /// at once and in every other process through Redis, before the write
+    /// is answered.
+    pub async fn changed(&self, conversation: uuid::Uuid, lsn: Lsn) {
+        self.cache.invalidate(conversation, lsn).await;
     }
 }
 
@@ -163,6 +248,14 @@ pub fn routes(state: AppState) -> axum::Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::layer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            shed::layer,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(

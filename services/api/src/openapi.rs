@@ -11,6 +11,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::AppState;
+use crate::limits::RateLimitedResponses;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,11 +31,16 @@ use crate::AppState;
         crate::responses::input_items,
         crate::responses::cancel,
         crate::admin::topology,
+        crate::admin::list_switches,
+        crate::admin::get_switch,
+        crate::admin::set_switch,
+        crate::admin::delete_switch,
         crate::health::healthz,
         crate::health::readyz,
+        crate::health::metrics,
     ),
     components(schemas(turnpike_protocol::ErrorBody)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimitedResponses),
     security(("bearer" = [])),
 )]
 pub struct ApiDoc;

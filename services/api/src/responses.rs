@@ -128,6 +128,8 @@ pub async fn create(
             true
         }
     };
+    // Counted after an interrupt has cancelled the turn it replaces.
+    crate::limits::check_active_turns(&app, &mut tx, principal.user_id).await?;
     let id = Uuid::now_v7();
     // A turn that runs now appends its input at once; one waiting behind the
     // active turn keeps it pending, so it lands after that turn's output.
@@ -168,6 +170,7 @@ pub async fn create(
     .await?;
     let lsn = tx.commit().await?;
     app.wrote(&principal, lsn).await;
+    app.changed(conversation, lsn).await;
     let public = row.public_id();
     // Subscribe before the turn can start, so a fast turn's end is not missed.
     let waiting = (body.stream != Some(true) && !background).then(|| app.hub.subscribe(&public));

@@ -33,6 +33,11 @@ impl<'r> Decode<'r, Postgres> for StoredJson {
     }
 }
 
+/// A JSON answer from bytes already serialized (a cached page).
+pub fn response(body: bytes::Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 impl IntoResponse for StoredJson {
     fn into_response(self) -> Response {
         ([(header::CONTENT_TYPE, "application/json")], self.0).into_response()

@@ -20,6 +20,8 @@ use crate::db::{Consistency, DbConn, DbError, Router};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Principal {
     pub user_id: Uuid,
+    /// The key presented: what the in-process per-key rate limit counts.
+    pub key_id: Uuid,
     /// Admin keys may call `/v1/admin/*`.
     pub admin: bool,
 }
@@ -50,14 +52,18 @@ pub async fn find_key(
     hash: &[u8; 32],
 ) -> Result<Option<Principal>, sqlx::Error> {
     let prepared = db.prepared();
-    let row: Option<(Uuid, bool)> = sqlx::query_as(
-        "SELECT user_id, admin FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+    let row: Option<(Uuid, Uuid, bool)> = sqlx::query_as(
+        "SELECT id, user_id, admin FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
     )
     .bind(&hash[..])
     .persistent(prepared)
     .fetch_optional(db.conn())
     .await?;
-    Ok(row.map(|(user_id, admin)| Principal { user_id, admin }))
+    Ok(row.map(|(key_id, user_id, admin)| Principal {
+        user_id,
+        key_id,
+        admin,
+    }))
 }
 
 /// Creates the user if it does not exist, and a new key for it. Primary only.

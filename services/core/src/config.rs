@@ -20,6 +20,9 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub events: EventSettings,
     pub tools: ToolSettings,
+    pub cache: CacheSettings,
+    pub limits: LimitSettings,
+    pub overload: OverloadSettings,
     pub mock: MockSettings,
     pub log: LogSettings,
 }
@@ -47,7 +50,8 @@ impl Settings {
                     .separator("__")
                     .try_parsing(true)
                     .list_separator(",")
-                    .with_list_parse_key("tools.http_fetch.allow_hosts"),
+                    .with_list_parse_key("tools.http_fetch.allow_hosts")
+                    .with_list_parse_key("overload.background_routes"),
             )
             .build()?
             .try_deserialize()?;
@@ -74,6 +78,8 @@ impl Settings {
                 "database.max_connections_per_node must be at least 1".into(),
             ));
         }
+        self.database.validate_budgets()?;
+        self.overload.validate()?;
         Ok(())
     }
 }
@@ -142,6 +148,37 @@ pub struct NodeSettings {
     /// The node's PgBouncer URL; required when the node class's path is `pgbouncer`.
     #[serde(default)]
     pub pooled_url: Option<SecretString>,
+    /// Which query classes it serves (see [`NodeGroup`]).
+    #[serde(default)]
+    pub group: NodeGroup,
+}
+
+/// The replica group a node belongs to: which query classes it serves.
+/// Interactive and background reads go only to replicas of their own group
+/// (or `both`), each class within its own concurrency budget; the primary
+/// is their last resort if its group admits the class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeGroup {
+    /// Both classes, each in its share of the node's budget.
+    #[default]
+    Both,
+    /// Interactive queries only (on the primary: background reads never fall back to it).
+    Interactive,
+    /// Background queries only (not allowed on the primary, which takes the writes).
+    Background,
+}
+
+impl NodeGroup {
+    /// Whether queries of `class` may run on a node of this group.
+    pub fn serves(self, class: turnpike_protocol::QueryClass) -> bool {
+        use turnpike_protocol::QueryClass;
+        match self {
+            Self::Both => true,
+            Self::Interactive => class == QueryClass::Interactive,
+            Self::Background => class == QueryClass::Background,
+        }
+    }
 }
 
 /// The database nodes and the router's behaviour.
@@ -180,6 +217,22 @@ pub struct DatabaseSettings {
     pub last_write_window_ms: u64,
     /// Upper bound on one read attempt on one node; past it the read is retried on another node.
     pub read_attempt_timeout_ms: u64,
+    /// Queries one process runs at once on one node (its concurrency
+    /// budget); 0 means the pool size less one. Never more than that: an
+    /// admitted query does not queue behind a saturated pool, and the
+    /// health probe always finds a connection (a busy node is not taken
+    /// for a dead one).
+    pub max_in_flight_per_node: u32,
+    /// On a node that serves both classes, the share of its budget
+    /// background queries may use; the rest is kept for interactive ones
+    /// (which may also borrow idle background slots, never the reverse).
+    pub background_share_percent: u32,
+    /// How long a query waits for a slot in its node's budget before it is
+    /// shed with 503 `overloaded`.
+    pub queue_timeout_ms: u64,
+    /// Queries of one class that may wait for a slot on one node; past it
+    /// the next one is shed at once.
+    pub max_queued_per_node: u32,
 }
 
 impl Default for DatabaseSettings {
@@ -201,6 +254,10 @@ impl Default for DatabaseSettings {
             session_wait_ms: 100,
             last_write_window_ms: 10_000,
             read_attempt_timeout_ms: 2_000,
+            max_in_flight_per_node: 0,
+            background_share_percent: 25,
+            queue_timeout_ms: 500,
+            max_queued_per_node: 1_024,
         }
     }
 }
@@ -208,6 +265,32 @@ impl Default for DatabaseSettings {
 impl DatabaseSettings {
     pub fn health_interval(&self) -> Duration {
         Duration::from_millis(self.health_interval_ms)
+    }
+
+    /// A node's concurrency budget per process: `max_in_flight_per_node`,
+    /// at most the pool size less the connection kept for probes (0: that).
+    pub fn node_budget(&self) -> u32 {
+        let most = self.max_connections_per_node.saturating_sub(1).max(1);
+        match self.max_in_flight_per_node {
+            0 => most,
+            n => n.min(most),
+        }
+    }
+
+    fn validate_budgets(&self) -> Result<(), ConfigError> {
+        if self.background_share_percent > 100 {
+            return Err(ConfigError::Invalid(
+                "database.background_share_percent must be between 0 and 100".into(),
+            ));
+        }
+        for (name, node) in &self.nodes {
+            if node.role == NodeRole::Primary && node.group == NodeGroup::Background {
+                return Err(ConfigError::Invalid(format!(
+                    "database.nodes.{name}: the primary takes the writes (interactive); its group must be `both` or `interactive`"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -366,6 +449,46 @@ impl Default for EventSettings {
     }
 }
 
+/// The read cache: L1 in process, L2 in Redis, leases against miss storms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Off: every read goes to Postgres.
+    pub enabled: bool,
+    /// L1 size per process (keys and bodies).
+    pub l1_max_bytes: u64,
+    /// L1 lifetime: bounds staleness should an invalidation broadcast be lost.
+    pub l1_ttl_ms: u64,
+    /// L2 lifetime of an answer.
+    pub l2_ttl_ms: u64,
+    /// L1 and L2 lifetime of a "does not exist" answer.
+    pub negative_ttl_ms: u64,
+    /// How long a miss's lease lets one reader fill the key before another may.
+    pub lease_ms: u64,
+    /// How long readers wait for the lease holder's fill before reading Postgres.
+    pub lease_wait_ms: u64,
+    /// How long a conversation's last write position is kept for fills.
+    pub floor_ttl_ms: u64,
+    /// After a Redis error, how long reads bypass the cache.
+    pub breaker_ms: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            l1_max_bytes: 64 * 1024 * 1024,
+            l1_ttl_ms: 5_000,
+            l2_ttl_ms: 300_000,
+            negative_ttl_ms: 5_000,
+            lease_ms: 2_000,
+            lease_wait_ms: 500,
+            floor_ttl_ms: 3_600_000,
+            breaker_ms: 1_000,
+        }
+    }
+}
+
 /// Server-side tools, run by the workers inside a turn's loop.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -409,6 +532,112 @@ impl Default for HttpFetchSettings {
             max_bytes: 64 * 1024,
             timeout_ms: 5_000,
         }
+    }
+}
+
+/// Rate limits and quotas, checked by the api (`0` turns a limit off). The
+/// per-key limit lives in each api process; the per-user request rate and
+/// the daily token budget live in Redis and follow `redis_failure_policy`
+/// while Redis is unreachable; the active-turn cap is counted on the primary.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Sustained requests per second one API key may make to one api
+    /// process. Per process: a runaway client cannot starve a pod, whatever
+    /// Redis does; the fleet-wide quota is the per-user one.
+    pub key_requests_per_s: u32,
+    /// Requests one API key may make at once, before the per-second rate applies.
+    pub key_burst: u32,
+    /// Sustained requests per second one user (all keys, all api
+    /// processes) may make; a GCRA whose state is one Redis key per user.
+    pub user_requests_per_s: u32,
+    /// Requests one user may make at once across all processes.
+    pub user_burst: u32,
+    /// Turns (queued and in progress) one user may have at once; a
+    /// `POST /v1/responses` past it gets a 429.
+    pub active_turns_per_user: u32,
+    /// Model tokens (`usage.total_tokens`) one user's turns may use per UTC
+    /// day; once spent, `POST /v1/responses` gets a 429 until midnight UTC.
+    pub daily_tokens_per_user: u64,
+    /// What the Redis-backed limits do while Redis is unreachable.
+    pub redis_failure_policy: RedisFailurePolicy,
+    /// After a Redis error, how long the Redis-backed limits apply the
+    /// failure policy without asking Redis: a dead Redis then costs one
+    /// timeout per period instead of one per request.
+    pub redis_breaker_ms: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            key_requests_per_s: 5_000,
+            key_burst: 10_000,
+            user_requests_per_s: 10_000,
+            user_burst: 20_000,
+            active_turns_per_user: 256,
+            daily_tokens_per_user: 10_000_000,
+            redis_failure_policy: RedisFailurePolicy::FailOpen,
+            redis_breaker_ms: 1_000,
+        }
+    }
+}
+
+/// What a Redis-backed limit decides when Redis does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFailurePolicy {
+    /// Let the request through (only the in-process per-key limit applies):
+    /// a Redis outage costs no availability.
+    FailOpen,
+    /// Refuse the request with 503 and `Retry-After`: no request escapes
+    /// the per-user limits, at the price of availability.
+    FailClosed,
+}
+
+/// Load shedding and workload isolation in the api: which routes' reads
+/// are background work, and where the operators' kill switches live. The
+/// per-node concurrency budgets are in [`DatabaseSettings`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OverloadSettings {
+    /// Routes whose database work is `background`; every other route is
+    /// `interactive`. Each entry is `METHOD /path/{param}` as the route is
+    /// declared, a path alone (any method), or a prefix ending in `*`.
+    pub background_routes: Vec<String>,
+    /// The Redis hash holding the kill switches; changes are announced on
+    /// the channel `<key>:changed`. Processes sharing it share switches.
+    pub switches_key: String,
+    /// How often each process re-reads the switches in case a change
+    /// announcement was lost (a reconnect, a Redis failover).
+    pub switch_refresh_ms: u64,
+}
+
+impl Default for OverloadSettings {
+    fn default() -> Self {
+        Self {
+            background_routes: vec![
+                "GET /v1/conversations".into(),
+                "GET /v1/responses/{response_id}/input_items".into(),
+                "/v1/admin/*".into(),
+            ],
+            switches_key: "tp:switches".into(),
+            switch_refresh_ms: 1_000,
+        }
+    }
+}
+
+impl OverloadSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.switch_refresh_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "overload.switch_refresh_ms must be at least 1".into(),
+            ));
+        }
+        for route in &self.background_routes {
+            crate::switches::RoutePattern::parse(route)
+                .map_err(|e| ConfigError::Invalid(format!("overload.background_routes: {e}")))?;
+        }
+        Ok(())
     }
 }
 

@@ -16,6 +16,9 @@ use tokio::sync::broadcast;
 
 use crate::kv::{Kv, KvError};
 
+/// Live events buffered per response and process.
+const LIVE_BUFFER: usize = 64;
+
 /// The stream holding a response's events, field `d` = the event's JSON.
 fn log_key(response: &str) -> String {
     format!("tp:{{{response}}}:events")
@@ -212,7 +215,9 @@ impl Hub {
             match channels.get(&channel) {
                 Some(sender) => (sender.subscribe(), false),
                 None => {
-                    let (sender, receiver) = broadcast::channel(1024);
+                    // Small: a receiver that falls behind gets `Lagged` and
+                    // re-reads the log, so this only smooths bursts.
+                    let (sender, receiver) = broadcast::channel(LIVE_BUFFER);
                     channels.insert(channel.clone(), sender);
                     (receiver, true)
                 }

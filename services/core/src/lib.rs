@@ -3,14 +3,17 @@
 //! last-write window that gives read-your-writes to clients sending no token.
 
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod db;
 pub mod events;
 pub mod ids;
 pub mod kv;
 pub mod last_write;
+pub mod limits;
 pub mod queue;
 pub mod steps;
+pub mod switches;
 pub mod telemetry;
 pub mod turns;
 

@@ -17,3 +17,20 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// The process's Prometheus recorder, installed on first use. Every
+/// subsystem records through the `metrics` facade (`metrics::counter!` …);
+/// `GET /metrics` renders what was recorded. Tests running several apps in
+/// one process share it.
+pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+        }
+        handle
+    })
+}

@@ -11,6 +11,7 @@ pub mod ids;
 pub mod item;
 pub mod list;
 pub mod response;
+pub mod switch;
 
 pub use conversation::{
     Conversation, ConversationDeleted, CreateConversation, Metadata, UpdateConversation,
@@ -19,3 +20,4 @@ pub use error::{ErrorBody, ErrorObject, ErrorType};
 pub use item::{ContentPart, CreateItems, InputItem, Item, ItemContent, Role};
 pub use list::List;
 pub use response::{CreateResponse, Response, ResponseInput, ResponseStatus};
+pub use switch::{QueryClass, SetSwitch, Switch, SwitchAction, SwitchDeleted};

@@ -171,6 +171,7 @@ impl Stack {
                     role: turnpike_core::config::NodeRole::Replica,
                     url: String::new().into(),
                     pooled_url: None,
+                    group: turnpike_core::config::NodeGroup::default(),
                 }
             });
             match field {

@@ -135,18 +135,7 @@ impl Provider {
         if !status.is_success() {
             let retry_after = retry_after(response.headers());
             let body = response.text().await.unwrap_or_default();
-            let message = format!(
-                "model answered {status}: {}",
-                body.chars().take(500).collect::<String>()
-            );
-            let fatal_kind =
-                body.contains("context_length_exceeded") || body.contains("insufficient_quota");
-            let error = if (status.is_server_error() || status.as_u16() == 429) && !fatal_kind {
-                ProviderError::Transient(message)
-            } else {
-                ProviderError::Fatal(message)
-            };
-            return (Err(error), retry_after);
+            return (Err(http_error(status, &body)), retry_after);
         }
         let idle = Duration::from_millis(self.settings.idle_timeout_ms);
         let mut events = response.bytes_stream().eventsource();

@@ -12,7 +12,7 @@ use turnpike_core::db::{Consistency, Lsn};
 use turnpike_core::queue::Delivery;
 use turnpike_core::steps::{self, Frozen, Step, StepKind};
 use turnpike_core::turns::{self, Outcome, ResponseRow};
-use turnpike_core::{events, ids, queue};
+use turnpike_core::{cache, events, ids, limits, queue};
 use turnpike_protocol::ids as prefixes;
 use turnpike_protocol::item::{ContentPart, Item, Role};
 use turnpike_protocol::response::{ResponseStatus, Usage};
@@ -143,6 +143,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     // History is read on a replica that has replayed the turn's input,
     // including anything this start appended.
     let lsn = if appended || note.is_some() {
+        changed(ctx, row.conversation_id, start_lsn).await;
         start_lsn
     } else {
         delivery.lsn
@@ -763,6 +764,12 @@ async fn finish(
     let next = turns::next_queued(&mut tx, row.conversation_id).await?;
     let lsn: Lsn = tx.commit().await?;
     ctx.last_writes.record(row.user_id, lsn).await;
+    // Before the terminal event: a client that saw the turn end sees its
+    // tokens counted against the daily budget.
+    record_usage(ctx, row.user_id, outcome.usage).await;
+    if !outcome.output.is_empty() {
+        changed(ctx, row.conversation_id, lsn).await;
+    }
     dispatch(ctx, next, lsn).await;
     match finished {
         Some(done) => {
@@ -778,6 +785,44 @@ async fn finish(
     drop(events_tx);
     let _ = emitter.await;
     Ok(())
+}
+
+/// A committed write changed the conversation: its cached answers go. When
+/// Redis does not take the invalidation it is retried in the background
+/// for a while (the cache's L2 TTL bounds what is left after that).
+async fn changed(ctx: &Context, conversation: Uuid, lsn: Lsn) {
+    let floor_ttl_ms = ctx.settings.cache.floor_ttl_ms;
+    if cache::invalidate(&ctx.kv, conversation, lsn, floor_ttl_ms)
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    let kv = ctx.kv.clone();
+    tokio::spawn(async move {
+        for _ in 0..240 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if cache::invalidate(&kv, conversation, lsn, floor_ttl_ms)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    });
+}
+
+/// Adds a finished turn's tokens to its user's daily budget counter. The
+/// tokens were spent even when the turn was cancelled meanwhile. A count
+/// Redis does not take is lost (logged): the budget errs towards the user.
+async fn record_usage(ctx: &Context, user: Uuid, usage: Option<&Usage>) {
+    let Some(tokens) = usage.map(|u| u.total_tokens).filter(|t| *t > 0) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    if let Err(e) = limits::record_tokens(&ctx.kv, user, tokens, now).await {
+        tracing::warn!(error = %e, tokens, "could not count a turn's tokens against the daily budget");
+    }
 }
 
 /// Queues a conversation's next turn, now that the previous one is over.

@@ -18,13 +18,16 @@ macro_rules! both_paths {
 }
 
 mod agent;
+mod cache;
 mod chat_provider;
 mod conversations;
 mod failover;
 mod faults;
 mod idempotency;
 mod isolation;
+mod limits;
 mod openapi;
+mod overload;
 mod processes;
 mod routing;
 mod sdk;

@@ -36,6 +36,8 @@ async fn openapi_covers_every_route_with_error_responses() {
         ("/v1/responses/{response_id}/input_items", &["get"][..]),
         ("/v1/responses/{response_id}/cancel", &["post"][..]),
         ("/v1/admin/topology", &["get"][..]),
+        ("/v1/admin/switches", &["get"][..]),
+        ("/v1/admin/switches/{name}", &["get", "put", "delete"][..]),
         ("/healthz", &["get"][..]),
         ("/readyz", &["get"][..]),
     ] {

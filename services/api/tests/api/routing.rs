@@ -1,6 +1,7 @@
 //! The replica router: reads spread over replicas and never touch the
 //! primary; session reads see their own writes while replicas lag;
-//! lagging replicas leave `up` and come back.
+//! lagging replicas leave `up` and come back. The read cache is off here:
+//! these tests watch every read reach the router.
 
 use std::time::Duration;
 
@@ -17,7 +18,9 @@ const ITEM_PAGE: &str = "LEFT JOIN LATERAL (SELECT id, kind, body FROM items";
 
 async fn reads_spread_over_replicas_and_skip_the_primary(paths: Paths) {
     let stack = Stack::private().await;
-    let app = TestApp::spawn(&stack, paths).await;
+    let mut settings = stack.settings(paths);
+    settings.cache.enabled = false;
+    let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
     let id = user
         .create_conversation(json!({"items": [{"role": "user", "content": "hello"}]}))
@@ -82,6 +85,7 @@ async fn session_reads_see_own_writes_while_replay_is_paused(paths: Paths) {
     let mut settings = stack.settings(paths);
     settings.database.max_lag_ms = 300;
     settings.database.session_wait_ms = 50;
+    settings.cache.enabled = false;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
     let admin = app.new_admin().await;

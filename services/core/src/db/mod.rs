@@ -5,16 +5,42 @@
 //! Query functions elsewhere take `&mut impl DbConn` and say which node class
 //! they may run on; the router decides which node that is.
 
+mod budget;
 pub mod migrate;
 mod node;
 mod pool;
 mod router;
 
 use std::fmt;
+use std::future::Future;
 use std::str::FromStr;
 
+pub use budget::{BudgetStatus, LaneStatus};
 pub use node::{Node, NodeState, NodeStatus, PoolStatus};
 pub use router::{Reader, Router, Writer};
+pub use turnpike_protocol::QueryClass;
+
+tokio::task_local! {
+    /// The class of the request being served, set around its handler.
+    static CLASS: QueryClass;
+}
+
+/// The query class of the work this task does: the one set by the nearest
+/// [`with_class`] around it, else `interactive`. [`Router::read`] uses it,
+/// so every read a request makes (its key lookup, its cache fills, its
+/// handler's queries) runs in the request's class without each call site
+/// passing it; [`Router::read_as`] names a class explicitly.
+pub fn current_class() -> QueryClass {
+    CLASS
+        .try_with(|class| *class)
+        .unwrap_or(QueryClass::Interactive)
+}
+
+/// Runs `work` with `class` as its [`current_class`]. Work it spawns onto
+/// other tasks does not inherit it.
+pub async fn with_class<F: Future>(class: QueryClass, work: F) -> F::Output {
+    CLASS.scope(class, work).await
+}
 
 /// A position in the primary's write-ahead log, in bytes since `0/0`.
 /// On the wire it is Postgres' own text form, e.g. `0/16B3748`.
@@ -69,6 +95,12 @@ pub enum DbError {
     /// Every node that could serve the read failed. Retry later (503).
     #[error("no database node can serve this read")]
     NoNodeAvailable,
+    /// The node chosen for the query already runs its class's budget of
+    /// queries, and no slot freed up within the short queue wait (or the
+    /// queue was full): the query was shed rather than piled up. Retry
+    /// after a moment (503 + `Retry-After`, code `overloaded`).
+    #[error("database node {node} is over its {} budget; query shed", class.as_str())]
+    Overloaded { node: String, class: QueryClass },
     /// A query failed on a healthy node: a bug or a constraint the caller did not handle.
     #[error(transparent)]
     Query(#[from] sqlx::Error),
@@ -78,7 +110,7 @@ impl DbError {
     /// Whether the same operation may succeed if retried later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::PrimaryUnavailable | Self::NoNodeAvailable => true,
+            Self::PrimaryUnavailable | Self::NoNodeAvailable | Self::Overloaded { .. } => true,
             Self::Query(e) => is_connection_error(e),
         }
     }

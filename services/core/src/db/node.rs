@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::Lsn;
+use super::budget::{Budget, BudgetStatus};
 use super::pool::NodePool;
-use crate::config::{ConnectPath, NodeRole};
+use crate::config::{ConnectPath, NodeGroup, NodeRole};
 
 /// What the router thinks of a node right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -66,7 +67,11 @@ pub struct Node {
     /// `host:port` the pool connects to.
     pub addr: String,
     pub path: ConnectPath,
+    /// Which query classes it serves.
+    pub group: NodeGroup,
     pub(super) pool: NodePool,
+    /// Admission: how many queries of each class may run here at once.
+    pub(super) budget: Budget,
     in_flight: AtomicUsize,
     state: AtomicU8,
     replay_lsn: AtomicU64,
@@ -100,6 +105,10 @@ pub struct NodeStatus {
     /// The node's replayed (replica) or current (primary) WAL position.
     pub lsn: String,
     pub in_flight: usize,
+    /// `both`, `interactive` or `background`.
+    pub group: &'static str,
+    /// Each served class's slots, in use and queued.
+    pub budget: BudgetStatus,
     pub pool: PoolStatus,
     pub last_error: Option<String>,
 }
@@ -131,14 +140,18 @@ impl Node {
         role: NodeRole,
         addr: String,
         path: ConnectPath,
+        group: NodeGroup,
         pool: NodePool,
+        budget: Budget,
     ) -> Self {
         Self {
             name,
             role,
             addr,
             path,
+            group,
             pool,
+            budget,
             in_flight: AtomicUsize::new(0),
             // Unknown until the first probe; `Up` lets the first requests try it.
             state: AtomicU8::new(NodeState::Up.as_u8()),
@@ -155,6 +168,11 @@ impl Node {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Queries running here plus those waiting for a slot: what balancing compares.
+    pub fn load(&self) -> usize {
+        self.in_flight() + self.budget.queued()
     }
 
     pub fn replay_lsn(&self) -> Lsn {
@@ -253,6 +271,12 @@ impl Node {
             lag_ms: self.lag_ms(),
             lsn: self.replay_lsn().to_string(),
             in_flight: self.in_flight(),
+            group: match self.group {
+                NodeGroup::Both => "both",
+                NodeGroup::Interactive => "interactive",
+                NodeGroup::Background => "background",
+            },
+            budget: self.budget.status(),
             pool: PoolStatus {
                 size: usage.size,
                 idle: usage.available,

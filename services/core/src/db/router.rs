@@ -15,9 +15,13 @@ use secrecy::ExposeSecret;
 use sqlx::Row;
 use sqlx::postgres::PgConnectOptions;
 
+use super::budget::{Admission, Budget, ShedReason};
 use super::node::{InFlight, Node};
 use super::pool::{NodePool, Pooled};
-use super::{Consistency, DbConn, DbError, Lsn, NodeState, NodeStatus, is_connection_error};
+use super::{
+    Consistency, DbConn, DbError, Lsn, NodeState, NodeStatus, QueryClass, current_class,
+    is_connection_error,
+};
 use crate::config::{ConfigError, ConnectPath, DatabaseSettings, NodeRole, NodeSettings};
 
 /// A boxed, sendable future borrowing the reader it runs on.
@@ -96,27 +100,53 @@ impl Router {
             .collect()
     }
 
-    /// Runs a read on a node that satisfies `consistency`. After a connection
-    /// error (or a timeout) the node is banned and the read runs once more on
-    /// another node, so `op` must be idempotent: reads are.
-    #[tracing::instrument(level = "debug", skip(self, op), fields(node))]
+    /// Runs a read in the current task's query class ([`current_class`]:
+    /// the class of the route being served, else interactive); see
+    /// [`Router::read_as`].
     pub async fn read<T, F>(&self, consistency: Consistency, op: F) -> Result<T, DbError>
     where
         F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
     {
-        let first = self.pick(consistency, None).await;
+        self.read_as(current_class(), consistency, op).await
+    }
+
+    /// Runs a read of `class` on a node of that class's group that
+    /// satisfies `consistency`, within the node's budget for the class: a
+    /// read that finds the budget full and no slot freed within the queue
+    /// wait fails at once with [`DbError::Overloaded`]. After a connection
+    /// error (or a timeout) the node is banned and the read runs once more
+    /// on another node, so `op` must be idempotent: reads are.
+    #[tracing::instrument(level = "debug", skip(self, op), fields(node))]
+    pub async fn read_as<T, F>(
+        &self,
+        class: QueryClass,
+        consistency: Consistency,
+        op: F,
+    ) -> Result<T, DbError>
+    where
+        F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
+    {
+        let first = self
+            .pick(class, consistency, None)
+            .await
+            .ok_or(DbError::NoNodeAvailable)?;
         tracing::Span::current().record("node", first.name.as_str());
-        let error = match self.attempt(&first, &op).await {
+        let admission = self.admit(&first, class).await?;
+        let result = self.attempt(&first, &op).await;
+        drop(admission);
+        let error = match result {
             Ok(value) => return Ok(value),
             Err(e) if is_connection_error(&e) => e,
             Err(e) => return Err(DbError::Query(e)),
         };
         tracing::warn!(node = %first.name, error = %error, "read failed on node; retrying once elsewhere");
         self.ban(&first, &error);
-        let second = self.pick(consistency, Some(&first.name)).await;
-        if Arc::ptr_eq(&first, &second) {
-            return Err(DbError::NoNodeAvailable);
-        }
+        let second = self
+            .pick(class, consistency, Some(&first.name))
+            .await
+            .filter(|second| !Arc::ptr_eq(&first, second))
+            .ok_or(DbError::NoNodeAvailable)?;
+        let _admission = self.admit(&second, class).await?;
         match self.attempt(&second, &op).await {
             Ok(value) => Ok(value),
             Err(e) if is_connection_error(&e) => {
@@ -134,6 +164,7 @@ impl Router {
         if node.state() == NodeState::Down {
             return Err(DbError::PrimaryUnavailable);
         }
+        let admission = self.admit(node, QueryClass::Interactive).await?;
         let guard = InFlight::enter(node);
         let begin = async {
             let mut conn = node.pool.get().await?;
@@ -146,6 +177,7 @@ impl Router {
                 conn,
                 commit_timeout: Duration::from_millis(self.settings.read_attempt_timeout_ms),
                 node: guard,
+                _admission: admission,
             }),
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.ban(node, &e);
@@ -165,6 +197,20 @@ impl Router {
 
     fn acquire_timeout(&self) -> Duration {
         Duration::from_millis(self.settings.acquire_timeout_ms)
+    }
+
+    /// A slot in `node`'s budget for `class`, or the query is shed.
+    async fn admit(&self, node: &Arc<Node>, class: QueryClass) -> Result<Admission, DbError> {
+        node.budget.admit(class).await.map_err(|reason| {
+            if reason == ShedReason::NotServed {
+                return DbError::NoNodeAvailable;
+            }
+            tracing::debug!(node = %node.name, class = class.as_str(), ?reason, "query shed");
+            DbError::Overloaded {
+                node: node.name.clone(),
+                class,
+            }
+        })
     }
 
     fn ban(&self, node: &Node, error: &sqlx::Error) {
@@ -195,11 +241,19 @@ impl Router {
         }
     }
 
-    /// Chooses the node for a read. Replicas are preferred whenever one
-    /// satisfies the consistency; the primary is the last resort.
-    async fn pick(&self, consistency: Consistency, exclude: Option<&str>) -> Arc<Node> {
+    /// Chooses the node for a read of `class`. Replicas of the class's
+    /// group are preferred whenever one satisfies the consistency; the
+    /// primary is the last resort, if its group takes the class.
+    async fn pick(
+        &self,
+        class: QueryClass,
+        consistency: Consistency,
+        exclude: Option<&str>,
+    ) -> Option<Arc<Node>> {
         let usable = |n: &&Arc<Node>, state: NodeState| {
-            n.state() == state && exclude.is_none_or(|name| n.name != name)
+            n.state() == state
+                && n.budget.serves(class)
+                && exclude.is_none_or(|name| n.name != name)
         };
         let up: Vec<&Arc<Node>> = self
             .replicas
@@ -236,7 +290,14 @@ impl Router {
                 }
             }
         };
-        chosen.map_or_else(|| Arc::clone(&self.primary), Arc::clone)
+        match chosen {
+            Some(node) => Some(Arc::clone(node)),
+            None => self
+                .primary
+                .budget
+                .serves(class)
+                .then(|| Arc::clone(&self.primary)),
+        }
     }
 
     /// Asks `candidates` for their replay position until one has reached
@@ -252,7 +313,7 @@ impl Router {
         let deadline = Instant::now() + Duration::from_millis(self.settings.session_wait_ms);
         let probe_timeout = Duration::from_millis(self.settings.probe_timeout_ms);
         let mut order: Vec<&Arc<Node>> = candidates.to_vec();
-        order.sort_by_key(|n| n.in_flight());
+        order.sort_by_key(|n| n.load());
         loop {
             for node in &order {
                 let probe = node
@@ -393,7 +454,8 @@ async fn monitor(router: Weak<Router>, node: Arc<Node>) {
     }
 }
 
-/// Power of two choices: of two random candidates, the one with fewer queries in flight.
+/// Power of two choices: of two random candidates, the one with fewer
+/// queries in flight or waiting for a slot.
 fn p2c<'n>(candidates: &[&'n Arc<Node>]) -> Option<&'n Arc<Node>> {
     match candidates.len() {
         0 => None,
@@ -406,7 +468,7 @@ fn p2c<'n>(candidates: &[&'n Arc<Node>]) -> Option<&'n Arc<Node>> {
                 b += 1;
             }
             let (a, b) = (candidates[a], candidates[b]);
-            Some(if b.in_flight() < a.in_flight() { b } else { a })
+            Some(if b.load() < a.load() { b } else { a })
         }
     }
 }
@@ -448,7 +510,16 @@ fn build_node(
         usize::try_from(settings.max_connections_per_node).unwrap_or(usize::MAX),
         Duration::from_millis(settings.acquire_timeout_ms),
     );
-    Ok(Node::new(name.to_owned(), node.role, addr, path, pool))
+    let budget = Budget::new(name, node.group, settings);
+    Ok(Node::new(
+        name.to_owned(),
+        node.role,
+        addr,
+        path,
+        node.group,
+        pool,
+        budget,
+    ))
 }
 
 /// A read session on one node. Through PgBouncer it is an explicit
@@ -502,6 +573,8 @@ pub struct Writer {
     conn: Pooled,
     commit_timeout: Duration,
     node: InFlight,
+    /// The transaction's slot in the primary's budget, held until it ends.
+    _admission: Admission,
 }
 
 impl Writer {

@@ -1,0 +1,631 @@
+//! Rate limits at the HTTP edge, cheapest first: per API key in this
+//! process (governor), then per user across every process (a GCRA in Redis:
+//! one round trip, shared by the user's concurrent requests in this process,
+//! or, when a turn is created, one that also reads the user's token
+//! counter), and, inside `POST /v1/responses`' transaction on the primary,
+//! the cap on the user's active turns.
+//!
+//! A refusal is a 429 in the one error shape with `Retry-After` and the
+//! `RateLimit-Policy` / `RateLimit` fields of the IETF httpapi draft
+//! (`"user";q=20000;w=2` and `"user";r=0;t=1`); admitted requests carry the
+//! same fields. Policies are named after what they count: `key`, `user`,
+//! `turns`, `tokens`. While Redis is unreachable the Redis-backed limits
+//! follow `limits.redis_failure_policy`; the per-key limit holds either way.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use tokio::sync::oneshot;
+use turnpike_core::auth::Principal;
+use turnpike_core::config::{LimitSettings, RedisFailurePolicy};
+use turnpike_core::db::DbConn;
+use turnpike_core::kv::{Kv, KvError};
+use turnpike_core::limits::{self as state, Gcra, RateDecision, UtcDay};
+use turnpike_protocol::ErrorType;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::extract::{Auth, Authenticated};
+
+/// `RateLimit-Policy`: the quota policies that apply to the request.
+pub const POLICY_HEADER: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit`: what is left of each policy's quota.
+pub const STATE_HEADER: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Rejections by limit: `key`, `user`, `turns`, `tokens`.
+const REJECTED_METRIC: &str = "turnpike_rate_limited_total";
+/// Requests decided by `redis_failure_policy` because Redis did not answer.
+const REDIS_FAILURE_METRIC: &str = "turnpike_rate_limit_redis_failures_total";
+
+/// How long a client refused for too many active turns is told to wait:
+/// no one knows when a turn ends, and a second is a polite poll.
+const ACTIVE_TURNS_RETRY_S: u64 = 1;
+
+type KeyLimiter =
+    RateLimiter<Uuid, DefaultKeyedStateStore<Uuid>, DefaultClock, StateInformationMiddleware>;
+
+/// The limits of one api process.
+pub struct Limits {
+    settings: LimitSettings,
+    kv: Kv,
+    key_quota: Option<Gcra>,
+    keys: Option<Arc<KeyLimiter>>,
+    user_quota: Option<Gcra>,
+    /// The per-user rate checks, coalesced per user.
+    users: Option<Arc<UserRate>>,
+    breaker: Breaker,
+    /// `RateLimit-Policy` of an ordinary request, of a turn's creation,
+    /// and of an admin route (no per-user limit).
+    policy: Option<HeaderValue>,
+    policy_creating_turn: Option<HeaderValue>,
+    policy_admin: Option<HeaderValue>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which Redis-backed checks a request needs.
+#[derive(Debug, Clone, Copy)]
+struct Needs {
+    /// The per-user request rate (not on admin routes: operators must reach
+    /// them whatever Redis does).
+    user_rate: bool,
+    /// The daily token budget (when a turn is created).
+    tokens: bool,
+}
+
+impl Limits {
+    /// Builds the limiters; must run inside the runtime (it starts the task
+    /// that forgets idle keys).
+    pub fn new(settings: &LimitSettings, kv: Kv, redis_timeout: Duration) -> Self {
+        let key_quota = Gcra::new(settings.key_requests_per_s, settings.key_burst);
+        let keys = key_quota.and_then(|quota| {
+            let limiter =
+                Quota::with_period(quota.interval())?.allow_burst(NonZeroU32::new(quota.burst)?);
+            let limiter = Arc::new(
+                RateLimiter::keyed(limiter).with_middleware::<StateInformationMiddleware>(),
+            );
+            tokio::spawn(forget_idle_keys(Arc::downgrade(&limiter)));
+            Some(limiter)
+        });
+        let user_quota = Gcra::new(settings.user_requests_per_s, settings.user_burst);
+        let mut policies: Vec<String> = [("key", key_quota), ("user", user_quota)]
+            .into_iter()
+            .filter_map(|(name, quota)| {
+                let quota = quota?;
+                Some(format!(
+                    "\"{name}\";q={};w={}",
+                    quota.burst,
+                    ceil_s(quota.window())
+                ))
+            })
+            .collect();
+        let policy = header_list(&policies);
+        let policy_admin = header_list(&policies[..usize::from(key_quota.is_some())]);
+        if settings.daily_tokens_per_user > 0 {
+            policies.push(format!(
+                "\"tokens\";q={};qu=\"tokens\";w=86400",
+                settings.daily_tokens_per_user
+            ));
+        }
+        let policy_creating_turn = header_list(&policies);
+        let users =
+            user_quota.map(|quota| Arc::new(UserRate::new(kv.clone(), quota, redis_timeout)));
+        Self {
+            settings: settings.clone(),
+            kv,
+            key_quota,
+            keys,
+            user_quota,
+            users,
+            breaker: Breaker::new(Duration::from_millis(settings.redis_breaker_ms)),
+            policy,
+            policy_creating_turn,
+            policy_admin,
+        }
+    }
+
+    /// Checks one request; on success, the RateLimit fields to answer with.
+    async fn check(&self, principal: &Principal, needs: Needs) -> Result<HeaderMap, ApiError> {
+        let mut remaining: Vec<String> = Vec::with_capacity(3);
+        if let (Some(keys), Some(quota)) = (&self.keys, self.key_quota) {
+            match keys.check_key(&principal.key_id) {
+                Ok(snapshot) => remaining.push(format!(
+                    "\"key\";r={};t={}",
+                    snapshot.remaining_burst_capacity(),
+                    ceil_s(quota.interval())
+                )),
+                Err(refused) => {
+                    let wait = refused.wait_time_from(keys.clock().now());
+                    return Err(rate_limited("key", quota, wait));
+                }
+            }
+        }
+        let user_quota = self.user_quota.filter(|_| needs.user_rate);
+        let budget = Some(self.settings.daily_tokens_per_user).filter(|b| *b > 0 && needs.tokens);
+        if user_quota.is_some() || budget.is_some() {
+            let day = UtcDay::of(SystemTime::now());
+            let checked = if self.breaker.is_open() {
+                None
+            } else {
+                let result = match (&self.users, budget) {
+                    // The common case, coalesced with the user's concurrent requests.
+                    (Some(users), None) => users
+                        .check(principal.user_id)
+                        .await
+                        .map(|rate| (Some(rate), None)),
+                    _ => {
+                        let date = budget.map(|_| day.date());
+                        let user = principal.user_id;
+                        state::check_user(&self.kv, user, user_quota, 1, date.as_deref())
+                            .await
+                            .map(|c| (c.rate.map(|r| r.decision(0)), c.tokens_today))
+                            .map_err(Arc::new)
+                    }
+                };
+                match result {
+                    Ok(checked) => Some(checked),
+                    Err(e) => {
+                        // Once per episode: a storm of failing requests logs one line.
+                        if self.breaker.trip() {
+                            tracing::warn!(error = %e, policy = ?self.settings.redis_failure_policy,
+                                "rate limits: redis unavailable; applying the failure policy");
+                        } else {
+                            tracing::debug!(error = %e, "rate limits: redis unavailable");
+                        }
+                        None
+                    }
+                }
+            };
+            match checked {
+                None => self.redis_failed()?,
+                Some((rate, tokens_today)) => {
+                    if let (Some(quota), Some(rate)) = (user_quota, rate) {
+                        if !rate.allowed {
+                            return Err(rate_limited("user", quota, rate.retry_after));
+                        }
+                        remaining.push(format!(
+                            "\"user\";r={};t={}",
+                            rate.remaining,
+                            ceil_s(rate.next_unit)
+                        ));
+                    }
+                    if let (Some(budget), Some(used)) = (budget, tokens_today) {
+                        if used >= budget {
+                            return Err(tokens_exhausted(budget, day.left()));
+                        }
+                        remaining.push(format!(
+                            "\"tokens\";r={};t={}",
+                            budget - used,
+                            day.left().as_secs()
+                        ));
+                    }
+                }
+            }
+        }
+        let mut headers = HeaderMap::new();
+        let policy = if needs.tokens {
+            &self.policy_creating_turn
+        } else if needs.user_rate {
+            &self.policy
+        } else {
+            &self.policy_admin
+        };
+        if let Some(policy) = policy {
+            headers.insert(POLICY_HEADER, policy.clone());
+        }
+        if let Some(value) = header_list(&remaining) {
+            headers.insert(STATE_HEADER, value);
+        }
+        Ok(headers)
+    }
+
+    /// Redis did not answer: the configured policy decides.
+    fn redis_failed(&self) -> Result<(), ApiError> {
+        match self.settings.redis_failure_policy {
+            RedisFailurePolicy::FailOpen => {
+                metrics::counter!(REDIS_FAILURE_METRIC, "decision" => "fail_open").increment(1);
+                Ok(())
+            }
+            RedisFailurePolicy::FailClosed => {
+                metrics::counter!(REDIS_FAILURE_METRIC, "decision" => "fail_closed").increment(1);
+                let mut e = ApiError::unavailable(
+                    "Rate limits cannot be checked right now, so requests are refused. Retry shortly.",
+                    1,
+                );
+                e.code = Some("rate_limits_unavailable");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The layer: authenticates `/v1/` requests (handing the caller on, so
+/// handlers do not look the key up again) and applies the limits. Requests
+/// that fail authentication pass through untouched: the handler answers
+/// them as it would without this layer.
+pub async fn layer(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if !path.starts_with("/v1/") {
+        return next.run(request).await;
+    }
+    let needs = Needs {
+        user_rate: !path.starts_with("/v1/admin/"),
+        tokens: request.method() == Method::POST && path == "/v1/responses",
+    };
+    let (mut parts, body) = request.into_parts();
+    let Ok(Auth(principal)) = Auth::from_request_parts(&mut parts, &app).await else {
+        return next.run(Request::from_parts(parts, body)).await;
+    };
+    parts.extensions.insert(Authenticated(principal));
+    match app.limits.check(&principal, needs).await {
+        Err(refused) => refused.into_response(),
+        Ok(headers) => {
+            let mut response = next.run(Request::from_parts(parts, body)).await;
+            let fields = response.headers_mut();
+            // Appended: a refusal from inside (too many active turns) keeps its own items.
+            for (name, value) in &headers {
+                fields.append(name, value.clone());
+            }
+            response
+        }
+    }
+}
+
+/// Refuses a new turn when the user already has `active_turns_per_user`
+/// queued or running. Runs in the creating transaction on the primary,
+/// under a per-user lock, so concurrent creates cannot overshoot the cap.
+pub async fn check_active_turns(
+    app: &AppState,
+    tx: &mut impl DbConn,
+    user: Uuid,
+) -> Result<(), ApiError> {
+    let cap = app.settings.limits.active_turns_per_user;
+    if cap == 0 {
+        return Ok(());
+    }
+    state::lock_user_turns(tx, user).await?;
+    let active = state::active_turns(tx, user, i64::from(cap)).await?;
+    if active < i64::from(cap) {
+        return Ok(());
+    }
+    metrics::counter!(REJECTED_METRIC, "limit" => "turns").increment(1);
+    let mut headers = HeaderMap::new();
+    if let Ok(policy) =
+        HeaderValue::try_from(format!("\"turns\";q={cap};qu=\"concurrent-requests\""))
+    {
+        headers.insert(POLICY_HEADER, policy);
+    }
+    headers.insert(STATE_HEADER, HeaderValue::from_static("\"turns\";r=0"));
+    Err(too_many(
+        format!(
+            "You have {cap} responses queued or in progress, the most allowed at once. \
+             Wait for one to finish (or cancel one) and retry."
+        ),
+        "too_many_active_turns",
+        ACTIVE_TURNS_RETRY_S,
+    )
+    .with_headers(headers))
+}
+
+/// 429 for a spent request rate (`limit` is `key` or `user`).
+fn rate_limited(limit: &'static str, quota: Gcra, wait: Duration) -> ApiError {
+    metrics::counter!(REJECTED_METRIC, "limit" => limit).increment(1);
+    let retry_after = ceil_s(wait).max(1);
+    let whom = if limit == "key" {
+        "this API key"
+    } else {
+        "your account"
+    };
+    let mut headers = HeaderMap::new();
+    if let Ok(policy) = HeaderValue::try_from(format!(
+        "\"{limit}\";q={};w={}",
+        quota.burst,
+        ceil_s(quota.window())
+    )) {
+        headers.insert(POLICY_HEADER, policy);
+    }
+    if let Ok(state) = HeaderValue::try_from(format!("\"{limit}\";r=0;t={retry_after}")) {
+        headers.insert(STATE_HEADER, state);
+    }
+    too_many(
+        format!(
+            "Rate limit reached for {whom}: {} requests per second (bursts of {}). \
+             Retry after {retry_after} s.",
+            quota.per_s, quota.burst
+        ),
+        "rate_limited",
+        retry_after,
+    )
+    .with_headers(headers)
+}
+
+/// 429 for a spent daily token budget; it comes back at midnight UTC.
+fn tokens_exhausted(budget: u64, left: Duration) -> ApiError {
+    metrics::counter!(REJECTED_METRIC, "limit" => "tokens").increment(1);
+    let mut headers = HeaderMap::new();
+    if let Ok(policy) =
+        HeaderValue::try_from(format!("\"tokens\";q={budget};qu=\"tokens\";w=86400"))
+    {
+        headers.insert(POLICY_HEADER, policy);
+    }
+    if let Ok(state) = HeaderValue::try_from(format!("\"tokens\";r=0;t={}", left.as_secs())) {
+        headers.insert(STATE_HEADER, state);
+    }
+    too_many(
+        format!("Your daily budget of {budget} tokens is spent; it is renewed at midnight UTC."),
+        "token_budget_exhausted",
+        left.as_secs().max(1),
+    )
+    .with_headers(headers)
+}
+
+fn too_many(message: String, code: &'static str, retry_after_s: u64) -> ApiError {
+    let mut e = ApiError::with_status(StatusCode::TOO_MANY_REQUESTS, message, code);
+    e.kind = ErrorType::RateLimitError;
+    e.retry_after = Some(retry_after_s);
+    e
+}
+
+/// A Structured Fields list of the items, or `None` for none.
+fn header_list(items: &[String]) -> Option<HeaderValue> {
+    if items.is_empty() {
+        return None;
+    }
+    HeaderValue::try_from(items.join(", ")).ok()
+}
+
+/// Whole seconds, rounded up (the fields carry no fractions).
+fn ceil_s(duration: Duration) -> u64 {
+    let secs = duration.as_secs();
+    if duration.subsec_nanos() > 0 {
+        secs + 1
+    } else {
+        secs
+    }
+}
+
+/// What one round of a user's coalesced rate checks tells each request.
+type RoundResult = Result<RateDecision, Arc<KvError>>;
+
+/// Coalesces the concurrent per-user rate checks of this process: while one
+/// Redis call for a user is in flight, that user's new requests wait for the
+/// next, which checks them all at once (the script admits as many as fit,
+/// in arrival order). Exact, like one call per request, but a busy user
+/// costs one round trip per round instead of one per request.
+struct UserRate {
+    kv: Kv,
+    quota: Gcra,
+    /// Past this a waiting request counts as a Redis failure (a round takes
+    /// at most one Redis timeout, and a request waits for at most two).
+    wait_limit: Duration,
+    /// Users whose rounds are being driven, with the requests waiting for
+    /// the next round.
+    waiting: Mutex<HashMap<Uuid, Vec<oneshot::Sender<RoundResult>>>>,
+}
+
+impl UserRate {
+    fn new(kv: Kv, quota: Gcra, redis_timeout: Duration) -> Self {
+        Self {
+            kv,
+            quota,
+            wait_limit: redis_timeout * 2 + Duration::from_millis(50),
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn check(self: &Arc<Self>, user: Uuid) -> RoundResult {
+        let (sender, receiver) = oneshot::channel();
+        let first = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+            match waiting.entry(user) {
+                Entry::Occupied(mut queued) => {
+                    queued.get_mut().push(sender);
+                    false
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(vec![sender]);
+                    true
+                }
+            }
+        };
+        // Rounds run on their own task: a request that goes away (its client
+        // hung up) must not strand the others waiting on its round.
+        if first {
+            tokio::spawn(Arc::clone(self).drive(user));
+        }
+        match tokio::time::timeout(self.wait_limit, receiver).await {
+            Ok(Ok(result)) => result,
+            _ => Err(Arc::new(KvError::Timeout)),
+        }
+    }
+
+    /// Runs rounds for `user` until no request waits.
+    async fn drive(self: Arc<Self>, user: Uuid) {
+        loop {
+            let round = {
+                let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                match waiting.get_mut(&user) {
+                    Some(queued) if !queued.is_empty() => std::mem::take(queued),
+                    _ => {
+                        waiting.remove(&user);
+                        return;
+                    }
+                }
+            };
+            let cost = u64::try_from(round.len()).unwrap_or(u64::MAX);
+            match state::check_user(&self.kv, user, Some(self.quota), cost, None).await {
+                Ok(checked) => {
+                    for (index, sender) in (0..).zip(round) {
+                        let decision = checked.rate.map_or(
+                            RateDecision {
+                                allowed: true,
+                                remaining: 0,
+                                retry_after: Duration::ZERO,
+                                next_unit: Duration::ZERO,
+                            },
+                            |rate| rate.decision(index),
+                        );
+                        let _ = sender.send(Ok(decision));
+                    }
+                }
+                Err(e) => {
+                    let e = Arc::new(e);
+                    for sender in round {
+                        let _ = sender.send(Err(Arc::clone(&e)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps a dead Redis from costing every request a timeout: after an
+/// error, the Redis-backed limits skip Redis (and apply the failure policy)
+/// for `redis_breaker_ms`, then try again.
+struct Breaker {
+    started: Instant,
+    period: Duration,
+    /// Milliseconds after `started` until which Redis is not asked.
+    open_until_ms: AtomicU64,
+}
+
+impl Breaker {
+    fn new(period: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            period,
+            open_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn is_open(&self) -> bool {
+        self.now_ms() < self.open_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Opens the breaker; true when it was closed (a new episode).
+    fn trip(&self) -> bool {
+        let now = self.now_ms();
+        let until = now.saturating_add(u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX));
+        self.open_until_ms.swap(until, Ordering::Relaxed) <= now
+    }
+}
+
+/// Drops the state of keys idle long enough to have their whole burst
+/// back, so the per-key table holds only recently active keys. Ends with
+/// the limiter.
+async fn forget_idle_keys(limiter: Weak<KeyLimiter>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(limiter) = limiter.upgrade() else {
+            return;
+        };
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+    }
+}
+
+/// Documents, on every `/v1/` operation of the OpenAPI document, the 429
+/// any of them may answer and the fields it carries.
+pub struct RateLimitedResponses;
+
+impl utoipa::Modify for RateLimitedResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::{Content, HeaderBuilder, Ref, ResponseBuilder};
+        let header = |kind: Type, description: &str| {
+            HeaderBuilder::new()
+                .schema(ObjectBuilder::new().schema_type(kind))
+                .description(Some(description))
+                .build()
+        };
+        let refused = ResponseBuilder::new()
+            .description(
+                "A rate limit refused the request; `code` says which: `rate_limited` \
+                 (per key or per user), `too_many_active_turns`, `token_budget_exhausted`.",
+            )
+            .header("Retry-After", header(Type::Integer, "Seconds to wait."))
+            .header(
+                "RateLimit-Policy",
+                header(
+                    Type::String,
+                    "The policy that refused, e.g. `\"user\";q=20000;w=2`.",
+                ),
+            )
+            .header(
+                "RateLimit",
+                header(Type::String, "What is left of it, e.g. `\"user\";r=0;t=1`."),
+            )
+            .content(
+                "application/json",
+                Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+            )
+            .build();
+        for (path, item) in &mut openapi.paths.paths {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                operation
+                    .responses
+                    .responses
+                    .entry("429".to_owned())
+                    .or_insert_with(|| refused.clone().into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_up_to_whole_seconds() {
+        assert_eq!(ceil_s(Duration::ZERO), 0);
+        assert_eq!(ceil_s(Duration::from_millis(1)), 1);
+        assert_eq!(ceil_s(Duration::from_secs(2)), 2);
+        assert_eq!(ceil_s(Duration::from_millis(2_001)), 3);
+    }
+
+    #[test]
+    fn lists_join_items_as_structured_fields() {
+        let items = vec!["\"key\";r=1;t=1".to_owned(), "\"user\";r=2;t=1".to_owned()];
+        assert_eq!(
+            header_list(&items).as_ref().and_then(|v| v.to_str().ok()),
+            Some("\"key\";r=1;t=1, \"user\";r=2;t=1")
+        );
+        assert_eq!(header_list(&[]), None);
+    }
+}

@@ -1,0 +1,550 @@
+//! Rate limits at every layer, each lowered for the test: a key's burst in
+//! one process, a user's rate across two api processes sharing Redis, the
+//! cap on a user's active turns, the daily token budget fed by turn usage,
+//! and a Redis outage under both failure policies. Each limit answers 429
+//! with `Retry-After` and the RateLimit fields at its threshold, then
+//! recovers.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::HeaderMap;
+use serde_json::json;
+use turnpike_core::Settings;
+use turnpike_core::config::RedisFailurePolicy;
+use turnpike_core::limits::{UtcDay, tokens_key};
+use turnpike_testkit::{Agents, Paths, Reply, Stack, TestApp, User, eventually};
+use uuid::Uuid;
+
+both_paths!(active_turns_are_capped_per_user_exactly);
+
+/// A header's field lines joined into one list, as Structured Fields reads them.
+fn field(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn retry_after(reply: &Reply) -> u64 {
+    reply
+        .headers
+        .get("retry-after")
+        .expect("a 429 carries Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Asserts a 429 in the one error shape with `code`.
+#[track_caller]
+fn assert_refused(reply: &Reply, code: &str) {
+    let error = reply.error(429);
+    assert_eq!(error["type"], "rate_limit_error", "{}", reply.body);
+    assert_eq!(error["code"], code, "{}", reply.body);
+    assert!(retry_after(reply) >= 1);
+}
+
+/// Another key for the same user, and the user's id.
+async fn another_key(app: &TestApp, user: &User) -> (User, Uuid) {
+    let router = turnpike_core::db::Router::new(&app.settings.database).unwrap();
+    let mut tx = router.write().await.unwrap();
+    let key = turnpike_core::auth::create_key(&mut tx, &user.name, false)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    (
+        User {
+            key: key.secret,
+            ..user.clone()
+        },
+        key.user_id,
+    )
+}
+
+/// `redis-cli` against the stack's Redis; its answer, trimmed.
+fn redis_cli(stack: &Stack, args: &[&str]) -> String {
+    let port = stack.env["TURNPIKE__REDIS__URL"]
+        .rsplit(':')
+        .next()
+        .unwrap();
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", port])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+async fn metrics(app: &TestApp) -> String {
+    app.http
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Settings with every limit off, for a test to turn on the one it is about.
+fn without_limits(mut settings: Settings) -> Settings {
+    settings.limits.key_requests_per_s = 0;
+    settings.limits.user_requests_per_s = 0;
+    settings.limits.active_turns_per_user = 0;
+    settings.limits.daily_tokens_per_user = 0;
+    settings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_gets_its_burst_then_429_then_recovers() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    // One request a second, three at once; the per-user rate keeps its default.
+    settings.limits.key_requests_per_s = 1;
+    settings.limits.key_burst = 3;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let reply = user.call("GET", "/v1/conversations", None).await;
+        reply.ok();
+        assert_eq!(
+            field(&reply.headers, "ratelimit-policy"),
+            r#""key";q=3;w=3, "user";q=20000;w=2"#
+        );
+        let state = field(&reply.headers, "ratelimit");
+        remaining.push(state.split(", ").next().unwrap().to_owned());
+        assert!(state.contains(r#""user";r="#), "{state}");
+    }
+    assert_eq!(
+        remaining,
+        [r#""key";r=2;t=1"#, r#""key";r=1;t=1"#, r#""key";r=0;t=1"#]
+    );
+
+    let refused = user.call("GET", "/v1/conversations", None).await;
+    assert_refused(&refused, "rate_limited");
+    assert_eq!(retry_after(&refused), 1);
+    assert_eq!(
+        field(&refused.headers, "ratelimit-policy"),
+        r#""key";q=3;w=3"#
+    );
+    assert_eq!(field(&refused.headers, "ratelimit"), r#""key";r=0;t=1"#);
+
+    // Per key: the same user's other key is not held back.
+    let (other, _) = another_key(&app, &user).await;
+    other.call("GET", "/v1/conversations", None).await.ok();
+    // Only authenticated callers are counted; a bad key is still a 401.
+    let stranger = User {
+        key: "tp_unknown".into(),
+        ..user.clone()
+    };
+    stranger
+        .call("GET", "/v1/conversations", None)
+        .await
+        .error(401);
+
+    // The emission interval later, one more request goes through.
+    let recovered = eventually(
+        "the key's limit to let a request through again",
+        Duration::from_secs(5),
+        || async {
+            let reply = user.call("GET", "/v1/conversations", None).await;
+            (reply.status == 200).then_some(reply)
+        },
+    )
+    .await;
+    assert!(field(&recovered.headers, "ratelimit").starts_with(r#""key";r="#));
+    assert!(
+        metrics(&app)
+            .await
+            .contains(r#"turnpike_rate_limited_total{limit="key"}"#)
+    );
+
+    // Every /v1/ operation documents its 429.
+    let doc: serde_json::Value = app
+        .http
+        .get(format!("{}/openapi.json", app.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let refused =
+        &doc["paths"]["/v1/conversations/{conversation_id}/items"]["get"]["responses"]["429"];
+    for header in ["Retry-After", "RateLimit-Policy", "RateLimit"] {
+        assert!(refused["headers"][header].is_object(), "{refused}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_is_limited_across_two_api_processes_then_recovers() {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(Paths::DIRECT));
+    settings.limits.user_requests_per_s = 1;
+    settings.limits.user_burst = 4;
+    let first = TestApp::spawn_with(settings.clone()).await;
+    let second = TestApp::spawn_with(settings).await;
+    let user = first.new_user().await;
+    let (other_key, _) = another_key(&first, &user).await;
+    let on_second = other_key.on(&second);
+
+    // Four requests in all, alternating processes and keys, share one quota.
+    let mut states = Vec::new();
+    for caller in [&user, &on_second, &user, &on_second] {
+        let reply = caller.call("GET", "/v1/conversations", None).await;
+        reply.ok();
+        assert_eq!(
+            field(&reply.headers, "ratelimit-policy"),
+            r#""user";q=4;w=4"#
+        );
+        states.push(field(&reply.headers, "ratelimit"));
+    }
+    assert_eq!(
+        states,
+        [
+            r#""user";r=3;t=1"#,
+            r#""user";r=2;t=1"#,
+            r#""user";r=1;t=1"#,
+            r#""user";r=0;t=1"#
+        ]
+    );
+
+    for caller in [&user, &on_second] {
+        let refused = caller.call("GET", "/v1/conversations", None).await;
+        assert_refused(&refused, "rate_limited");
+        assert_eq!(retry_after(&refused), 1);
+        assert_eq!(
+            field(&refused.headers, "ratelimit-policy"),
+            r#""user";q=4;w=4"#
+        );
+        assert_eq!(field(&refused.headers, "ratelimit"), r#""user";r=0;t=1"#);
+    }
+    // Another user is not affected.
+    first
+        .new_user()
+        .await
+        .on(&second)
+        .call("GET", "/v1/conversations", None)
+        .await
+        .ok();
+
+    // One emission interval later the user may send one more, on either process.
+    eventually(
+        "the user's limit to let a request through again",
+        Duration::from_secs(5),
+        || async {
+            (on_second
+                .call("GET", "/v1/conversations", None)
+                .await
+                .status
+                == 200)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_refused(
+        &user.call("GET", "/v1/conversations", None).await,
+        "rate_limited",
+    );
+    assert!(
+        metrics(&first)
+            .await
+            .contains(r#"turnpike_rate_limited_total{limit="user"}"#)
+    );
+
+    // Concurrent requests are checked in batches per process: still exact.
+    // 40 at once over both processes, with a burst of 4: 4 pass (plus one
+    // per second the storm lasts).
+    let storm = first.new_user().await;
+    let started = std::time::Instant::now();
+    let mut racing = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let caller = if i % 2 == 0 {
+            storm.clone()
+        } else {
+            storm.on(&second)
+        };
+        racing.spawn(async move { caller.call("GET", "/v1/conversations", None).await });
+    }
+    let mut admitted = 0;
+    while let Some(reply) = racing.join_next().await {
+        let reply = reply.unwrap();
+        if reply.status == 200 {
+            admitted += 1;
+        } else {
+            assert_refused(&reply, "rate_limited");
+        }
+    }
+    let refilled = started.elapsed().as_secs();
+    assert!(
+        (4..=4 + refilled).contains(&admitted),
+        "{admitted} admitted in {:?}",
+        started.elapsed()
+    );
+}
+
+async fn active_turns_are_capped_per_user_exactly(paths: Paths) {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(paths));
+    settings.limits.active_turns_per_user = 2;
+    // Answers that take minutes: turns stay in progress until cancelled.
+    let _agents = Agents::spawn_slow(&mut settings, 5, 1_000).await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let turn = json!({"input": "tell me a long story", "background": true});
+
+    let first = user.create_background(turn.clone()).await;
+    let second = user.create_background(turn.clone()).await;
+    for id in [&first, &second] {
+        eventually(
+            "the turn to be in progress",
+            Duration::from_secs(20),
+            || async {
+                let reply = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+                (reply.body["status"] == "in_progress").then_some(())
+            },
+        )
+        .await;
+    }
+
+    let refused = user.call("POST", "/v1/responses", Some(turn.clone())).await;
+    assert_refused(&refused, "too_many_active_turns");
+    assert_eq!(retry_after(&refused), 1);
+    assert_eq!(
+        field(&refused.headers, "ratelimit-policy"),
+        r#""turns";q=2;qu="concurrent-requests""#
+    );
+    assert_eq!(field(&refused.headers, "ratelimit"), r#""turns";r=0"#);
+    // A refusal is not kept for an Idempotency-Key: the retry runs again.
+    let keyed = [("idempotency-key", "turn-after-cancel")];
+    let refused = user
+        .call_with("POST", "/v1/responses", Some(turn.clone()), &keyed)
+        .await;
+    assert_refused(&refused, "too_many_active_turns");
+
+    // One slot frees up; of six racing creates exactly one gets it.
+    user.call("POST", &format!("/v1/responses/{first}/cancel"), None)
+        .await
+        .ok();
+    let mut racing = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (user, turn) = (user.clone(), turn.clone());
+        racing.spawn(async move { user.call("POST", "/v1/responses", Some(turn)).await });
+    }
+    let mut created = Vec::new();
+    while let Some(reply) = racing.join_next().await {
+        let reply = reply.unwrap();
+        if reply.status == 200 {
+            created.push(reply.body["id"].as_str().unwrap().to_owned());
+        } else {
+            assert_refused(&reply, "too_many_active_turns");
+        }
+    }
+    assert_eq!(created.len(), 1, "exactly one create fits under the cap");
+
+    // A finished turn frees its slot as well: the keyed retry now runs.
+    user.call("POST", &format!("/v1/responses/{second}/cancel"), None)
+        .await
+        .ok();
+    let third = user
+        .call_with("POST", "/v1/responses", Some(turn), &keyed)
+        .await;
+    assert_eq!(third.ok()["status"], "queued");
+    for id in created
+        .iter()
+        .chain([third.body["id"].as_str().unwrap().to_owned()].iter())
+    {
+        user.call("POST", &format!("/v1/responses/{id}/cancel"), None)
+            .await
+            .ok();
+    }
+    assert!(
+        metrics(&app)
+            .await
+            .contains(r#"turnpike_rate_limited_total{limit="turns"}"#)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_token_budget_is_fed_by_turn_usage() {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(Paths::DIRECT));
+    settings.limits.daily_tokens_per_user = 50;
+    let _agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings).await;
+    let (user, user_id) = another_key(&app, &app.new_user().await).await;
+
+    let done = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "/echo a budget is a plan"})),
+        )
+        .await;
+    assert_eq!(done.ok()["status"], "completed");
+    assert_eq!(
+        field(&done.headers, "ratelimit-policy"),
+        r#""tokens";q=50;qu="tokens";w=86400"#
+    );
+    let state = field(&done.headers, "ratelimit");
+    assert!(state.starts_with(r#""tokens";r=50;t="#), "{state}");
+    let spent = done.body["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(spent > 0);
+
+    // The worker counted the turn's tokens before it announced the end.
+    let key = tokens_key(user_id, &UtcDay::of(SystemTime::now()).date());
+    assert_eq!(redis_cli(&stack, &["GET", &key]), spent.to_string());
+
+    // Spend the rest: turns go on until the budget is used up, then 429.
+    let mut used = spent;
+    while used < 50 {
+        let reply = user
+            .call(
+                "POST",
+                "/v1/responses",
+                Some(json!({"input": "/echo more words to count"})),
+            )
+            .await;
+        let state = field(&reply.headers, "ratelimit");
+        assert!(
+            state.starts_with(&format!(r#""tokens";r={};"#, 50 - used)),
+            "{state}"
+        );
+        used += reply.ok()["usage"]["total_tokens"].as_u64().unwrap();
+    }
+    let refused = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "/echo one more"})),
+        )
+        .await;
+    assert_refused(&refused, "token_budget_exhausted");
+    let until_midnight = UtcDay::of(SystemTime::now()).left().as_secs();
+    assert!(retry_after(&refused).abs_diff(until_midnight) <= 2);
+    assert_eq!(
+        field(&refused.headers, "ratelimit"),
+        format!(r#""tokens";r=0;t={}"#, retry_after(&refused))
+    );
+    // Only new turns are refused: reading goes on.
+    user.call("GET", "/v1/conversations", None).await.ok();
+
+    // A new day starts with a fresh counter.
+    assert_eq!(redis_cli(&stack, &["DEL", &key]), "1");
+    let again = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "/echo tomorrow"})),
+        )
+        .await;
+    assert_eq!(again.ok()["status"], "completed");
+    assert!(
+        metrics(&app)
+            .await
+            .contains(r#"turnpike_rate_limited_total{limit="tokens"}"#)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_follows_the_failure_policy_and_recovers() {
+    let stack = Stack::private().await;
+    let mut settings = without_limits(stack.settings(Paths::DIRECT));
+    settings.limits.user_requests_per_s = 1;
+    settings.limits.user_burst = 1;
+    settings.limits.redis_breaker_ms = 200;
+    // Fail closed, with the per-user limit only.
+    let mut closed_settings = settings.clone();
+    closed_settings.limits.redis_failure_policy = RedisFailurePolicy::FailClosed;
+    let closed = TestApp::spawn_with(closed_settings).await;
+    // Fail open (the default), with a per-key limit looser than the per-user one.
+    settings.limits.key_requests_per_s = 1;
+    settings.limits.key_burst = 3;
+    let open = TestApp::spawn_with(settings).await;
+    let user = open.new_user().await;
+    let closed_user = open.new_user().await.on(&closed);
+    let list = |user: &User| {
+        let user = user.clone();
+        async move { user.call("GET", "/v1/conversations", None).await }
+    };
+    // Both keys are known to their process before Redis goes.
+    let before = list(&user).await;
+    assert_eq!(
+        field(&before.headers, "ratelimit-policy"),
+        r#""key";q=3;w=3, "user";q=1;w=1"#
+    );
+    assert_eq!(
+        field(&before.headers, "ratelimit"),
+        r#""key";r=2;t=1, "user";r=0;t=1"#
+    );
+    list(&closed_user).await.ok();
+
+    stack.stop("redis").await;
+
+    // Fail open: the per-user limit is not applied (it would refuse a
+    // second request within its one-second interval), and the per-key
+    // limit goes on in process until its burst is spent.
+    let mut admitted = 0;
+    let refused = loop {
+        let reply = list(&user).await;
+        if reply.status != 200 {
+            break reply;
+        }
+        assert!(!field(&reply.headers, "ratelimit").contains("user"));
+        admitted += 1;
+        assert!(admitted <= 6, "the per-key limit holds while Redis is down");
+    };
+    assert!(admitted >= 2, "{admitted} requests admitted");
+    assert_refused(&refused, "rate_limited");
+    assert_eq!(field(&refused.headers, "ratelimit"), r#""key";r=0;t=1"#);
+
+    // Fail closed: a fast 503 with Retry-After, in the one error shape.
+    let started = std::time::Instant::now();
+    let unavailable = list(&closed_user).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let error = unavailable.error(503);
+    assert_eq!(error["code"], "rate_limits_unavailable");
+    assert_eq!(retry_after(&unavailable), 1);
+    let seen = metrics(&open).await;
+    for decision in ["fail_open", "fail_closed"] {
+        assert!(
+            seen.contains(&format!(
+                r#"turnpike_rate_limit_redis_failures_total{{decision="{decision}"}}"#
+            )),
+            "{seen}"
+        );
+    }
+
+    stack.start("redis").await;
+
+    // No restart: the fail-closed process admits requests again, and the
+    // per-user limit counts (and refuses) again in both.
+    eventually(
+        "the fail-closed process to admit requests again",
+        Duration::from_secs(20),
+        || async { (list(&closed_user).await.status == 200).then_some(()) },
+    )
+    .await;
+    let refused = list(&closed_user).await;
+    assert_refused(&refused, "rate_limited");
+    assert_eq!(field(&refused.headers, "ratelimit"), r#""user";r=0;t=1"#);
+    eventually(
+        "the fail-open process to count the user in Redis again",
+        Duration::from_secs(20),
+        || async {
+            field(&list(&user).await.headers, "ratelimit")
+                .contains(r#""user";r="#)
+                .then_some(())
+        },
+    )
+    .await;
+}
