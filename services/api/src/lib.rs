@@ -83,6 +83,7 @@ impl AppState {
         let auth = Authenticator::new(
             Arc::clone(&router),
             Duration::from_millis(settings.api.auth_cache_ttl_ms),
+            Some(kv.clone()),
         );
         let last_writes = LastWrites::new(
             kv.clone(),

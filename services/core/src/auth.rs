@@ -3,18 +3,20 @@
 //! A key is `tp_` followed by 64 hex digits of randomness; only its SHA-256
 //! is stored. Lookups read a replica and fall back to the primary on a miss
 //! (a key created a moment ago may not have replicated yet); results are
-//! cached in process for `api.auth_cache_ttl_ms`, which is also how long a
-//! revoked key may keep working on a process that saw it.
+//! cached in process and in Redis for `api.auth_cache_ttl_ms`, which is also
+//! how long a revoked key may keep working.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::sync::Cache;
+use std::num::NonZeroU32;
+
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::db::{Consistency, DbConn, DbError, Router};
+use crate::kv::Kv;
 
 /// Who is calling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,38 +103,97 @@ pub async fn create_key(
     })
 }
 
-/// Resolves bearer keys to principals, with an in-process cache.
-#[derive(Debug, Clone)]
+/// Resolves bearer keys to principals through two cache levels: in process
+/// (moka, concurrent lookups of one key share one load) and Redis
+/// (`tp:key:<sha256>`), then Postgres. Unknown keys are cached briefly at
+/// both levels. A key missing on the replica is looked up on the primary (it
+/// may have been created a moment ago), but at most
+/// `PRIMARY_CHECKS_PER_S` times a second per process: a flood of made-up
+/// keys cannot reach the primary.
+#[derive(Clone)]
 pub struct Authenticator {
     router: Arc<Router>,
-    known: Cache<[u8; 32], Principal>,
-    unknown: Cache<[u8; 32], ()>,
+    kv: Option<Kv>,
+    known_ttl: Duration,
+    keys: moka::future::Cache<[u8; 32], Option<Principal>>,
+    primary_checks: Arc<governor::DefaultDirectRateLimiter>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").finish_non_exhaustive()
+    }
+}
+
+/// How long an unknown key stays unknown: short, so that a key created on
+/// another process starts working quickly.
+const UNKNOWN_TTL: Duration = Duration::from_secs(1);
+
+/// Primary look-ups of keys the replica does not know, per second and process.
+const PRIMARY_CHECKS_PER_S: u32 = 50;
+
+struct KeyExpiry {
+    known: Duration,
+}
+
+impl moka::Expiry<[u8; 32], Option<Principal>> for KeyExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Option<Principal>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(if value.is_some() {
+            self.known
+        } else {
+            UNKNOWN_TTL
+        })
+    }
 }
 
 impl Authenticator {
-    pub fn new(router: Arc<Router>, ttl: Duration) -> Self {
+    /// `kv`: the Redis level; `None` keeps lookups in process.
+    pub fn new(router: Arc<Router>, ttl: Duration, kv: Option<Kv>) -> Self {
+        let per_second = NonZeroU32::new(PRIMARY_CHECKS_PER_S).unwrap_or(NonZeroU32::MIN);
         Self {
             router,
-            known: Cache::builder()
+            kv,
+            known_ttl: ttl,
+            keys: moka::future::Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(ttl)
+                .expire_after(KeyExpiry { known: ttl })
                 .build(),
-            // Short: a key created on another process must start working quickly.
-            unknown: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(1))
-                .build(),
+            primary_checks: Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                per_second,
+            ))),
         }
     }
 
     /// The principal for a presented key, or `None` for an unknown or revoked key.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, DbError> {
         let hash = hash_key(secret);
-        if let Some(principal) = self.known.get(&hash) {
-            return Ok(Some(principal));
+        if let Some(known) = self.keys.get(&hash).await {
+            return Ok(known);
         }
-        if self.unknown.contains_key(&hash) {
-            return Ok(None);
+        let this = self.clone();
+        self.keys
+            .try_get_with(hash, async move { this.load(hash).await })
+            .await
+            .map_err(|shared| Arc::try_unwrap(shared).unwrap_or(DbError::NoNodeAvailable))
+    }
+
+    async fn load(&self, hash: [u8; 32]) -> Result<Option<Principal>, DbError> {
+        let l2_key = format!("tp:key:{}", hex::encode(hash));
+        if let Some(kv) = &self.kv {
+            let key = l2_key.clone();
+            let cached: Result<Option<String>, _> =
+                kv.run(|mut conn| async move {
+                    redis::cmd("GET").arg(key).query_async(&mut conn).await
+                })
+                .await;
+            if let Ok(Some(text)) = cached {
+                return Ok(decode_principal(&text));
+            }
         }
         let mut found = self
             .router
@@ -140,7 +201,7 @@ impl Authenticator {
                 Box::pin(async move { find_key(db, &hash).await })
             })
             .await?;
-        if found.is_none() {
+        if found.is_none() && self.primary_checks.check().is_ok() {
             found = self
                 .router
                 .read(Consistency::Strong, move |db| {
@@ -148,10 +209,71 @@ impl Authenticator {
                 })
                 .await?;
         }
-        match found {
-            Some(principal) => self.known.insert(hash, principal),
-            None => self.unknown.insert(hash, ()),
+        if let Some(kv) = &self.kv {
+            let ttl = if found.is_some() {
+                self.known_ttl
+            } else {
+                UNKNOWN_TTL
+            };
+            let text = encode_principal(found.as_ref());
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            // Best effort: a failed write only costs a later lookup.
+            let _ = kv
+                .run(|mut conn| async move {
+                    redis::cmd("SET")
+                        .arg(l2_key)
+                        .arg(text)
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .query_async::<()>(&mut conn)
+                        .await
+                })
+                .await;
         }
         Ok(found)
+    }
+}
+
+/// The Redis form of a lookup: `<user>:<key>:<admin 0|1>`, or `-` for unknown.
+fn encode_principal(principal: Option<&Principal>) -> String {
+    match principal {
+        Some(p) => format!(
+            "{}:{}:{}",
+            p.user_id.simple(),
+            p.key_id.simple(),
+            u8::from(p.admin)
+        ),
+        None => "-".to_owned(),
+    }
+}
+
+fn decode_principal(text: &str) -> Option<Principal> {
+    let mut parts = text.split(':');
+    let user_id = Uuid::try_parse(parts.next()?).ok()?;
+    let key_id = Uuid::try_parse(parts.next()?).ok()?;
+    let admin = parts.next()? == "1";
+    Some(Principal {
+        user_id,
+        key_id,
+        admin,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principals_round_trip_through_their_redis_form() {
+        let principal = Principal {
+            user_id: Uuid::now_v7(),
+            key_id: Uuid::now_v7(),
+            admin: true,
+        };
+        assert_eq!(
+            decode_principal(&encode_principal(Some(&principal))),
+            Some(principal)
+        );
+        assert_eq!(decode_principal(&encode_principal(None)), None);
     }
 }
