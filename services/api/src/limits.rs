@@ -406,14 +406,32 @@ fn ceil_s(duration: Duration) -> u64 {
 /// What one round of a user's coalesced rate checks tells each request.
 type RoundResult = Result<RateDecision, Arc<KvError>>;
 
+/// Quota a round takes from Redis ahead of the requests that will follow,
+/// as this much of the sustained rate (at most a quarter of the burst).
+/// Unused, it expires after the same time: the fleet-wide limit is never
+/// exceeded (the quota was taken in Redis), and a process can under-use it
+/// by at most this much. Small quotas round to no prefetch at all.
+const PREFETCH: Duration = Duration::from_millis(10);
+
+/// Quota this process already took from Redis for a user.
+struct Credit {
+    left: u64,
+    until: Instant,
+    decision: RateDecision,
+}
+
 /// Coalesces the concurrent per-user rate checks of this process: while one
 /// Redis call for a user is in flight, that user's new requests wait for the
 /// next, which checks them all at once (the script admits as many as fit,
-/// in arrival order). Exact, like one call per request, but a busy user
-/// costs one round trip per round instead of one per request.
+/// in arrival order). A busy user costs one round trip per round instead of
+/// one per request; a round also takes `PREFETCH` worth of quota ahead, which
+/// the next requests spend without asking Redis.
 struct UserRate {
     kv: Kv,
     quota: Gcra,
+    /// Requests a round asks for beyond those waiting.
+    prefetch: u64,
+    credits: Mutex<HashMap<Uuid, Credit>>,
     /// Past this a waiting request counts as a Redis failure (a round takes
     /// at most one Redis timeout, and a request waits for at most two).
     wait_limit: Duration,
@@ -424,15 +442,32 @@ struct UserRate {
 
 impl UserRate {
     fn new(kv: Kv, quota: Gcra, redis_timeout: Duration) -> Self {
+        let ahead =
+            u64::from(quota.per_s) * u64::try_from(PREFETCH.as_micros()).unwrap_or(0) / 1_000_000;
         Self {
             kv,
             quota,
+            prefetch: ahead.min(u64::from(quota.burst) / 4),
+            credits: Mutex::new(HashMap::new()),
             wait_limit: redis_timeout * 2 + Duration::from_millis(50),
             waiting: Mutex::new(HashMap::new()),
         }
     }
 
     async fn check(self: &Arc<Self>, user: Uuid) -> RoundResult {
+        if let Some(credit) = self
+            .credits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&user)
+            .filter(|c| c.left > 0 && c.until > Instant::now())
+        {
+            credit.left -= 1;
+            return Ok(RateDecision {
+                remaining: credit.decision.remaining + credit.left,
+                ..credit.decision
+            });
+        }
         let (sender, receiver) = oneshot::channel();
         let first = {
             let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
@@ -471,9 +506,32 @@ impl UserRate {
                     }
                 }
             };
-            let cost = u64::try_from(round.len()).unwrap_or(u64::MAX);
+            let waiting = u64::try_from(round.len()).unwrap_or(u64::MAX);
+            let cost = waiting.saturating_add(self.prefetch);
             match state::check_user(&self.kv, user, Some(self.quota), cost, None).await {
                 Ok(checked) => {
+                    let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
+                    if credits.len() > 10_000 {
+                        // Idle users' expired credits.
+                        let now = Instant::now();
+                        credits.retain(|_, c| c.until > now);
+                    }
+                    match checked.rate {
+                        Some(rate) if rate.admitted > waiting => {
+                            credits.insert(
+                                user,
+                                Credit {
+                                    left: rate.admitted - waiting,
+                                    until: Instant::now() + PREFETCH,
+                                    decision: rate.decision(rate.admitted - 1),
+                                },
+                            );
+                        }
+                        _ => {
+                            credits.remove(&user);
+                        }
+                    }
+                    drop(credits);
                     for (index, sender) in (0..).zip(round) {
                         let decision = checked.rate.map_or(
                             RateDecision {

@@ -20,7 +20,8 @@ use tokio::sync::mpsc::Sender;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    MockState, Plan, TOKEN_BYTES, Usage, error, fnv, latest_user_text, plan, prompt_tokens,
+    MockState, Plan, TOKEN_BYTES, Usage, cached_tokens, error, fnv, injected_fault,
+    latest_user_text, plan, prompt_tokens,
 };
 
 pub(crate) async fn chat_completions(
@@ -44,23 +45,8 @@ pub(crate) async fn chat_completions(
     let request = responses_form(messages, body.get("tools"));
     let text = latest_user_text(&request["input"]);
     let directive = text.trim();
-    if directive == "/fail 500" {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "injected failure",
-            "server_error",
-        );
-    }
-    if directive == "/fail 429" {
-        let mut response = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "injected rate limit",
-            "rate_limit_error",
-        );
-        response
-            .headers_mut()
-            .insert("retry-after-ms", axum::http::HeaderValue::from_static("50"));
-        return response;
+    if let Some(fault) = injected_fault(directive) {
+        return fault;
     }
     let disconnect = directive == "/fail disconnect";
 
@@ -209,21 +195,6 @@ fn text_of(content: &Value) -> String {
             .collect(),
         _ => String::new(),
     }
-}
-
-/// The longest common prefix with the previous prompt under `key`, which
-/// this prompt replaces.
-fn cached_tokens(state: &MockState, key: &str, tokens: Vec<u64>) -> usize {
-    let mut prompts = state.prompts.lock().unwrap_or_else(|p| p.into_inner());
-    let cached = prompts.get(key).map_or(0, |previous| {
-        previous
-            .iter()
-            .zip(&tokens)
-            .take_while(|(a, b)| a == b)
-            .count()
-    });
-    prompts.insert(key.to_owned(), tokens);
-    cached
 }
 
 fn chat_usage(usage: &Usage, output_tokens: usize) -> Value {

@@ -322,23 +322,8 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
     };
     let text = latest_user_text(body.get("input").unwrap_or(&Value::Null));
     let directive = text.trim();
-    if directive == "/fail 500" {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "injected failure",
-            "server_error",
-        );
-    }
-    if directive == "/fail 429" {
-        let mut response = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "injected rate limit",
-            "rate_limit_error",
-        );
-        response
-            .headers_mut()
-            .insert("retry-after-ms", axum::http::HeaderValue::from_static("50"));
-        return response;
+    if let Some(fault) = injected_fault(directive) {
+        return fault;
     }
     let disconnect = directive == "/fail disconnect";
 
@@ -347,20 +332,9 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
         .get("prompt_cache_key")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let cached = match &key {
-        Some(key) => {
-            let mut prompts = state.prompts.lock().unwrap_or_else(|p| p.into_inner());
-            let previous = prompts
-                .insert(key.clone(), tokens.clone())
-                .unwrap_or_default();
-            previous
-                .iter()
-                .zip(&tokens)
-                .take_while(|(a, b)| a == b)
-                .count()
-        }
-        None => 0,
-    };
+    let cached = key
+        .as_deref()
+        .map_or(0, |key| cached_tokens(&state, key, tokens.clone()));
     if let Some(key) = &key {
         let mut requests = state.requests.lock().unwrap_or_else(|p| p.into_inner());
         let log = requests.entry(key.clone()).or_default();
@@ -391,6 +365,45 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
         }
     });
     Sse::new(ReceiverStream::new(rx)).into_response()
+}
+
+/// The answer to a `/fail 500` or `/fail 429` directive (a disconnect is
+/// injected mid-stream by the streaming code).
+pub(crate) fn injected_fault(directive: &str) -> Option<Response> {
+    match directive {
+        "/fail 500" => Some(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "injected failure",
+            "server_error",
+        )),
+        "/fail 429" => {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "injected rate limit",
+                "rate_limit_error",
+            );
+            response
+                .headers_mut()
+                .insert("retry-after-ms", axum::http::HeaderValue::from_static("50"));
+            Some(response)
+        }
+        _ => None,
+    }
+}
+
+/// Tokens of `tokens` cached by the previous request with the same key (the
+/// longest common prefix), remembering this prompt for the next.
+pub(crate) fn cached_tokens(state: &MockState, key: &str, tokens: Vec<u64>) -> usize {
+    let mut prompts = state.prompts.lock().unwrap_or_else(|p| p.into_inner());
+    let cached = prompts.get(key).map_or(0, |previous| {
+        previous
+            .iter()
+            .zip(&tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+    });
+    prompts.insert(key.to_owned(), tokens);
+    cached
 }
 
 /// Prompt-side usage of a request.

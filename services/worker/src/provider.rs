@@ -72,6 +72,17 @@ impl Provider {
         Ok(Self { http, settings })
     }
 
+    /// The delay before retry `attempt`: exponential from `retry_base_ms`,
+    /// with up to half again of jitter so retrying workers spread out.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self
+            .settings
+            .retry_base_ms
+            .saturating_mul(1 << attempt.min(10));
+        let jitter = rand::rng().random_range(0..=base / 2);
+        Duration::from_millis(base + jitter)
+    }
+
     /// Streams one model call, retrying transient failures. `on_progress`
     /// sees every attempt's deltas; `on_retry` is told before a retry so the
     /// caller can discard the partial attempt.
@@ -88,12 +99,7 @@ impl Provider {
                 Ok(output) => return Ok(output),
                 Err(e) if e.is_retryable() && attempt < self.settings.max_retries => {
                     attempt += 1;
-                    let base = self
-                        .settings
-                        .retry_base_ms
-                        .saturating_mul(1 << attempt.min(10));
-                    let jitter = rand::rng().random_range(0..=base / 2);
-                    let delay = retry_after.unwrap_or(Duration::from_millis(base + jitter));
+                    let delay = retry_after.unwrap_or_else(|| self.backoff(attempt));
                     tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "model call failed; retrying");
                     on_retry(&e);
                     tokio::time::sleep(delay).await;
@@ -337,12 +343,7 @@ impl Provider {
                 return Err(error);
             }
             attempt += 1;
-            let base = self
-                .settings
-                .retry_base_ms
-                .saturating_mul(1 << attempt.min(10));
-            let jitter = rand::rng().random_range(0..=base / 2);
-            tokio::time::sleep(delay.unwrap_or(Duration::from_millis(base + jitter))).await;
+            tokio::time::sleep(delay.unwrap_or_else(|| self.backoff(attempt))).await;
         }
     }
 }
