@@ -55,6 +55,15 @@ try {
   await page.press("#message", "Enter");
   await page.waitForSelector(".item.tool .text:text-is('get_weather({\"city\":\"Oslo\"})')");
 
+  // A server-side tool runs inside the turn: its call, its output, then the answer.
+  await page.fill("#message", '/call conversation_search {"query":"Oslo"}');
+  await page.press("#message", "Enter");
+  await page.waitForSelector(".item.tool .text:text-is('conversation_search({\"query\":\"Oslo\"})')");
+  await page.waitForFunction(() => [...document.querySelectorAll(".item.tool .text")]
+    .some((el) => el.textContent.includes('"matches"') && el.textContent.includes("Oslo")));
+  await page.waitForFunction(() => document.querySelector(".item.assistant:last-child .text")?.textContent.startsWith("tool said:")
+    && document.getElementById("status").textContent === "");
+
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`web demo: ok (screenshot ${screenshot})`);
 } finally {
