@@ -69,7 +69,7 @@ pub async fn create(
     let metadata = body.metadata.clone().unwrap_or_default();
     check_metadata(&metadata)?;
     if let Some(tools) = &body.tools {
-        check_tools(tools, app.settings.tools.http_fetch.enabled)?;
+        check_tools(tools, &app.settings.tools)?;
     }
     if let Some(entries) = &body.context_management {
         check_context_management(entries)?;
@@ -515,10 +515,14 @@ async fn list_inputs(db: &mut impl DbConn, page: &InputPage) -> Result<Vec<ItemR
 
 /// Tool types a response may offer: client-side `function` tools, and the
 /// server-side tools the workers run.
-const TOOL_TYPES: &str = "function, conversation_search, http_fetch";
+const TOOL_TYPES: &str = "function, conversation_search, http_fetch, mcp";
 
-/// Checks a request's tools: known types, named functions, no duplicates.
-fn check_tools(tools: &[serde_json::Value], http_fetch_enabled: bool) -> Result<(), ApiError> {
+/// Checks a request's tools: known types, named functions, configured MCP
+/// servers, no duplicates.
+fn check_tools(
+    tools: &[serde_json::Value],
+    settings: &turnpike_core::config::ToolSettings,
+) -> Result<(), ApiError> {
     let mut names = std::collections::BTreeSet::new();
     for (i, tool) in tools.iter().enumerate() {
         let Some(kind) = tool.get("type").and_then(|t| t.as_str()) else {
@@ -536,6 +540,17 @@ fn check_tools(tools: &[serde_json::Value], http_fetch_enabled: bool) -> Result<
                             .chars()
                             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
                 {
+                    // `<label>__` names belong to the MCP server with that label.
+                    if let Some((label, _)) = name.split_once("__")
+                        && settings.mcp_servers.contains_key(label)
+                    {
+                        return Err(ApiError::invalid(
+                            format!("tools[{i}].name"),
+                            format!(
+                                "function names starting with '{label}__' are reserved for the MCP server '{label}'."
+                            ),
+                        ));
+                    }
                     name
                 }
                 _ => {
@@ -545,8 +560,18 @@ fn check_tools(tools: &[serde_json::Value], http_fetch_enabled: bool) -> Result<
                     ));
                 }
             },
+            "mcp" => {
+                let label = check_mcp_tool(i, tool, settings)?;
+                if !names.insert(format!("mcp:{label}")) {
+                    return Err(ApiError::invalid(
+                        format!("tools[{i}]"),
+                        format!("the MCP server '{label}' is offered twice."),
+                    ));
+                }
+                continue;
+            }
             "conversation_search" => kind,
-            "http_fetch" if http_fetch_enabled => kind,
+            "http_fetch" if settings.http_fetch.enabled => kind,
             "http_fetch" => {
                 return Err(ApiError::invalid(
                     format!("tools[{i}].type"),
@@ -568,6 +593,58 @@ fn check_tools(tools: &[serde_json::Value], http_fetch_enabled: bool) -> Result<
         }
     }
     Ok(())
+}
+
+/// Checks an `mcp` tool entry against the configured servers and returns
+/// its label. Servers come from the
+/// configuration only, so a request cannot send the worker anywhere else.
+fn check_mcp_tool<'a>(
+    i: usize,
+    tool: &'a serde_json::Value,
+    settings: &turnpike_core::config::ToolSettings,
+) -> Result<&'a str, ApiError> {
+    let label = tool
+        .get("server_label")
+        .and_then(|l| l.as_str())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                format!("tools[{i}].server_label"),
+                "an mcp tool needs a server_label.",
+            )
+        })?;
+    let Some(server) = settings.mcp_servers.get(label) else {
+        return Err(ApiError::invalid(
+            format!("tools[{i}].server_label"),
+            format!("no MCP server labelled '{label}' is configured on this server."),
+        ));
+    };
+    if let Some(url) = tool.get("server_url")
+        && url.as_str() != Some(server.url.as_str())
+    {
+        return Err(ApiError::invalid(
+            format!("tools[{i}].server_url"),
+            format!("server_url must be omitted or equal the configured URL of '{label}'."),
+        ));
+    }
+    if let Some(approval) = tool.get("require_approval")
+        && approval.as_str() != Some("never")
+    {
+        return Err(ApiError::invalid(
+            format!("tools[{i}].require_approval"),
+            "only require_approval: \"never\" is supported.",
+        ));
+    }
+    if let Some(allowed) = tool.get("allowed_tools")
+        && !allowed
+            .as_array()
+            .is_some_and(|names| names.iter().all(serde_json::Value::is_string))
+    {
+        return Err(ApiError::invalid(
+            format!("tools[{i}].allowed_tools"),
+            "allowed_tools must be a list of tool names.",
+        ));
+    }
+    Ok(label)
 }
 
 /// Checks `context_management`: compaction entries with a positive threshold.

@@ -80,6 +80,7 @@ impl Settings {
         }
         self.database.validate_budgets()?;
         self.overload.validate()?;
+        self.tools.validate()?;
         Ok(())
     }
 }
@@ -498,6 +499,10 @@ pub struct ToolSettings {
     /// Tool outputs are cut to this many bytes, with a marker saying so.
     pub max_output_bytes: usize,
     pub http_fetch: HttpFetchSettings,
+    /// MCP servers whose tools a request may offer with
+    /// `{"type": "mcp", "server_label": LABEL}`, by label. Only the operator
+    /// names servers: a request cannot point the worker at a URL of its own.
+    pub mcp_servers: BTreeMap<String, McpServerSettings>,
 }
 
 impl Default for ToolSettings {
@@ -506,7 +511,50 @@ impl Default for ToolSettings {
             timeout_ms: 10_000,
             max_output_bytes: 16 * 1024,
             http_fetch: HttpFetchSettings::default(),
+            mcp_servers: BTreeMap::new(),
         }
+    }
+}
+
+/// One MCP server reached over streamable HTTP. Its tools reach the model
+/// as functions named `<label>__<tool>`; calls are bounded by
+/// `tools.timeout_ms` and capped by `tools.max_output_bytes`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerSettings {
+    /// The server's MCP endpoint (`http` or `https`).
+    pub url: String,
+    /// Headers sent with every request, e.g. `Authorization`; secrets, never logged.
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretString>,
+    /// The only tools of the server a request may use; all of them when unset.
+    #[serde(default)]
+    pub allowed_tools: Option<Vec<String>>,
+}
+
+impl ToolSettings {
+    /// Labels become tool-name prefixes, so they must be usable in a
+    /// function name and unambiguous before the `__` separator.
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (label, server) in &self.mcp_servers {
+            let usable = !label.is_empty()
+                && label.len() <= 32
+                && !label.contains("__")
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !usable {
+                return Err(ConfigError::Invalid(format!(
+                    "tools.mcp_servers: the label '{label}' must be 1 to 32 letters, digits, '_' or '-', without '__'"
+                )));
+            }
+            if !(server.url.starts_with("http://") || server.url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "tools.mcp_servers.{label}.url must be an http or https URL"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

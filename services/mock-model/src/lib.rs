@@ -13,6 +13,9 @@
 //!   round's outputs came back (a multi-step tool loop);
 //! - anything else gets a deterministic answer of `answer_tokens` words.
 //!
+//! `POST /mcp` is a small MCP server (tools `add` and `shout`) for the
+//! worker's MCP client.
+//!
 //! A request with `reasoning.effort` gets a `reasoning` item first, whose
 //! `encrypted_content` is derived from the prompt. `GET /v1/mock/requests
 //! ?prompt_cache_key=K` lists the latest requests made with that key, so
@@ -42,6 +45,7 @@ use turnpike_core::config::MockSettings;
 
 mod chat;
 mod compact;
+mod mcp;
 
 /// Requests kept per prompt_cache_key for inspection.
 const LOGGED_REQUESTS: usize = 64;
@@ -117,6 +121,7 @@ impl MockModel {
             .route("/v1/mock/requests", get(logged_requests))
             .route("/v1/chat/completions", post(chat::chat_completions))
             .route("/chat/completions", post(chat::chat_completions))
+            .route("/mcp", post(mcp::mcp))
             .with_state(state);
         Ok(Self {
             listener,

@@ -361,11 +361,22 @@ impl Agents {
 
     /// Starts the mock model, points `settings.model` at it, and starts one worker.
     pub async fn spawn(settings: &mut Settings) -> Agents {
+        Self::spawn_configured(settings, |_, _| {}).await
+    }
+
+    /// As [`Agents::spawn`], letting `configure` change the settings once
+    /// the mock model's URL (`…/v1`) is known and before the worker starts:
+    /// for settings that point at the mock's other endpoints.
+    pub async fn spawn_configured(
+        settings: &mut Settings,
+        configure: impl FnOnce(&mut Settings, &str),
+    ) -> Agents {
         let mock = turnpike_mock_model::MockModel::build(settings.mock.clone())
             .await
             .expect("bind the mock model");
         let mock_url = format!("http://127.0.0.1:{}/v1", mock.port());
         settings.model.base_url = mock_url.clone();
+        configure(settings, &mock_url);
         let (mock_stop, mock_stopped) = oneshot::channel::<()>();
         let mock_task = tokio::spawn(async move {
             let _ = mock

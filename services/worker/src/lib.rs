@@ -9,6 +9,7 @@
 mod cancel;
 mod chat;
 mod compact;
+mod mcp;
 mod prompt;
 pub mod provider;
 mod reconcile;
@@ -39,6 +40,9 @@ pub enum WorkerError {
     Redis(#[from] KvError),
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// The HTTP client for MCP servers could not be built (no TLS backend); not retryable.
+    #[error("MCP http client: {0}")]
+    McpClient(#[source] reqwest::Error),
 }
 
 /// What every turn of this process shares.
@@ -50,6 +54,7 @@ pub(crate) struct Context {
     pub provider: Provider,
     pub consumer_name: String,
     pub cancels: cancel::Registry,
+    pub mcp: mcp::Registry,
 }
 
 /// A worker process.
@@ -68,6 +73,7 @@ impl Worker {
         );
         let provider = Provider::new(settings.model.clone())?;
         let consumer_name = format!("worker-{}", uuid::Uuid::now_v7().simple());
+        let mcp = mcp::Registry::new().map_err(WorkerError::McpClient)?;
         Ok(Self {
             context: Arc::new(Context {
                 settings,
@@ -77,6 +83,7 @@ impl Worker {
                 provider,
                 consumer_name,
                 cancels: cancel::Registry::default(),
+                mcp,
             }),
         })
     }

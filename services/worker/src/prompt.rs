@@ -24,8 +24,10 @@ pub(crate) fn tool_name(tool: &Value) -> &str {
 }
 
 /// A request's tools as the model sees them: function tools as given,
-/// Turnpike's server-side tools as the function definitions the worker runs.
-pub(crate) fn model_tools(request_tools: &[Value]) -> Vec<Value> {
+/// Turnpike's server-side tools as the function definitions the worker runs,
+/// and the definitions its `mcp` entries were resolved to (listing a server
+/// is I/O, so the caller does it and passes them in).
+pub(crate) fn model_tools(request_tools: &[Value], mcp_tools: &[Value]) -> Vec<Value> {
     request_tools
         .iter()
         .filter_map(|tool| match ServerTool::from_request(tool) {
@@ -34,6 +36,7 @@ pub(crate) fn model_tools(request_tools: &[Value]) -> Vec<Value> {
                 (tool.get("type").and_then(Value::as_str) == Some("function")).then(|| tool.clone())
             }
         })
+        .chain(mcp_tools.iter().cloned())
         .collect()
 }
 
@@ -44,8 +47,9 @@ pub(crate) fn refreeze(
     frozen: Option<Frozen>,
     instructions: Option<&str>,
     request_tools: &[Value],
+    mcp_tools: &[Value],
 ) -> (Option<Frozen>, Option<String>) {
-    let mut offered = model_tools(request_tools);
+    let mut offered = model_tools(request_tools, mcp_tools);
     offered.sort_by(|a, b| tool_name(a).cmp(tool_name(b)));
     let offered_names: BTreeSet<String> = offered.iter().map(|t| tool_name(t).to_owned()).collect();
     let Some(before) = frozen else {
@@ -198,7 +202,7 @@ mod tests {
 
     #[test]
     fn the_first_turn_freezes_sorted_tools() {
-        let (frozen, note) = refreeze(None, Some("be brief"), &[function("b"), function("a")]);
+        let (frozen, note) = refreeze(None, Some("be brief"), &[function("b"), function("a")], &[]);
         let frozen = frozen.unwrap();
         assert_eq!(note, None);
         assert_eq!(frozen.instructions.as_deref(), Some("be brief"));
@@ -208,13 +212,14 @@ mod tests {
 
     #[test]
     fn later_changes_append_and_explain_never_edit() {
-        let (first, _) = refreeze(None, Some("be brief"), &[function("b"), function("a")]);
+        let (first, _) = refreeze(None, Some("be brief"), &[function("b"), function("a")], &[]);
         let first = first.unwrap();
         // Same settings in another order: nothing changes.
         let (same, note) = refreeze(
             Some(first.clone()),
             Some("be brief"),
             &[function("a"), function("b")],
+            &[],
         );
         assert_eq!((same, note), (None, None));
         // New instructions, one tool dropped, one added.
@@ -222,6 +227,7 @@ mod tests {
             Some(first.clone()),
             Some("be verbose"),
             &[function("c"), function("a")],
+            &[],
         );
         let changed = changed.unwrap();
         assert_eq!(changed.instructions.as_deref(), Some("be brief"));
@@ -237,8 +243,22 @@ mod tests {
             Some(changed),
             Some("be verbose"),
             &[function("a"), function("b"), function("c")],
+            &[],
         );
         assert!(note.unwrap().contains("available again: b"));
         assert_eq!(again.unwrap().tools.len(), 3);
+    }
+
+    #[test]
+    fn resolved_mcp_tools_are_frozen_with_the_others() {
+        let mcp = [function("calc__shout"), function("calc__add")];
+        let request = [
+            json!({"type": "mcp", "server_label": "calc"}),
+            function("b"),
+        ];
+        let (frozen, _) = refreeze(None, None, &request, &mcp);
+        let frozen = frozen.unwrap();
+        let names: Vec<&str> = frozen.tools.iter().map(tool_name).collect();
+        assert_eq!(names, ["b", "calc__add", "calc__shout"]);
     }
 }

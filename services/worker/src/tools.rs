@@ -11,6 +11,8 @@
 //!   addresses unless their host is allow-listed, pins the connection to the
 //!   address it checked (no DNS rebinding), follows no redirects, and caps
 //!   the body read and the time taken.
+//! - MCP tools (`{"type": "mcp", "server_label": …}`) are run by [`crate::mcp`]
+//!   through the same time bound and output cap.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -102,16 +104,29 @@ pub(crate) async fn run(
     arguments: &str,
     scope: &CallScope<'_>,
 ) -> String {
+    bounded(
+        settings,
+        tool.name(),
+        dispatch(settings, tool, arguments, scope),
+    )
+    .await
+}
+
+/// Runs one call of the tool `name` within `tools.timeout_ms` and caps its
+/// output; an error or a timeout becomes an `{"error": …}` output. Every
+/// server-side call (built-in or MCP) goes through here, so all are bounded
+/// alike.
+pub(crate) async fn bounded(
+    settings: &ToolSettings,
+    name: &str,
+    call: impl std::future::Future<Output = Result<String, String>>,
+) -> String {
     let timeout = Duration::from_millis(settings.timeout_ms);
-    let output = match tokio::time::timeout(timeout, dispatch(settings, tool, arguments, scope))
-        .await
-    {
+    let output = match tokio::time::timeout(timeout, call).await {
         Ok(Ok(output)) => output,
         Ok(Err(message)) => json!({"error": message}).to_string(),
-        Err(_) => {
-            json!({"error": format!("{} timed out after {} ms", tool.name(), settings.timeout_ms)})
-                .to_string()
-        }
+        Err(_) => json!({"error": format!("{name} timed out after {} ms", settings.timeout_ms)})
+            .to_string(),
     };
     cap(output, settings.max_output_bytes)
 }

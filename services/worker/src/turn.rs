@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use turnpike_core::db::{Consistency, Lsn};
@@ -90,6 +91,9 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         tracing::warn!(response = %delivery.response, "queue entry names no response; dropping it");
         return Ok(());
     };
+    // Listed before the start's transaction, which locks the conversation:
+    // a slow MCP server must not hold that lock.
+    let mcp_tools = mcp_tools(ctx, id, delivery.lsn).await?;
     let mut tx = ctx.router.write().await?;
     let started = turns::start(&mut tx, id, delivery.deliveries > 1).await?;
     let Some((mut row, appended)) = started else {
@@ -116,6 +120,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         before.clone(),
         request.instructions.as_deref(),
         &request.tools,
+        &mcp_tools,
     );
     if let Some(frozen) = &refrozen {
         steps::freeze(&mut tx, row.conversation_id, frozen).await?;
@@ -181,6 +186,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     let mut turn = Loop::new(
         ctx,
         &row,
+        &mcp_tools,
         frozen,
         prompt::window_of(&history),
         events_tx.clone(),
@@ -242,6 +248,29 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     }
 }
 
+/// The function definitions of the MCP tools the turn's request offers.
+/// Only read when MCP servers are configured (the api refuses `mcp` tools
+/// otherwise), so other deployments pay nothing for it; a request's tools
+/// never change, so a replica that has the response serves.
+async fn mcp_tools(ctx: &Context, id: Uuid, lsn: Lsn) -> Result<Vec<Value>, TurnError> {
+    if ctx.settings.tools.mcp_servers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let row = ctx
+        .router
+        .read(Consistency::Session(Some(lsn)), move |db| {
+            Box::pin(async move { turns::find_any(db, id).await })
+        })
+        .await?;
+    let Some(row) = row else {
+        return Ok(Vec::new());
+    };
+    Ok(ctx
+        .mcp
+        .definitions(&ctx.settings.tools, &row.request.0.tools)
+        .await)
+}
+
 /// Why the loop stopped without an answer.
 #[derive(Debug, thiserror::Error)]
 enum LoopError {
@@ -272,6 +301,9 @@ impl From<sqlx::Error> for LoopError {
 enum Call {
     /// A server-side tool this turn offers: the worker runs it.
     Server(ServerTool, String, String),
+    /// An MCP tool this turn offers (call id, `<label>__<tool>`, arguments):
+    /// the worker calls its server.
+    Mcp(String, String, String),
     /// A client-side function this turn offers: the turn ends with it.
     Client,
     /// A tool this turn does not offer: answered with an error at once.
@@ -287,6 +319,8 @@ struct Loop<'a> {
     frozen: Frozen,
     /// Tool names this turn offers.
     offered: BTreeSet<String>,
+    /// The offered names that are MCP tools.
+    mcp_offered: BTreeSet<String>,
     /// The prompt input so far.
     window: Vec<Value>,
     /// The response's output so far.
@@ -309,12 +343,17 @@ impl<'a> Loop<'a> {
     fn new(
         ctx: &'a Context,
         row: &'a ResponseRow,
+        mcp_tools: &[Value],
         frozen: Frozen,
         window: Vec<Value>,
         events: mpsc::UnboundedSender<Value>,
         lsn: Lsn,
     ) -> Self {
-        let offered = prompt::model_tools(&row.request.0.tools)
+        let offered = prompt::model_tools(&row.request.0.tools, mcp_tools)
+            .iter()
+            .map(|t| prompt::tool_name(t).to_owned())
+            .collect();
+        let mcp_offered = mcp_tools
             .iter()
             .map(|t| prompt::tool_name(t).to_owned())
             .collect();
@@ -323,6 +362,7 @@ impl<'a> Loop<'a> {
             row,
             frozen,
             offered,
+            mcp_offered,
             window,
             output: Vec::new(),
             prompts: Vec::new(),
@@ -421,6 +461,9 @@ impl<'a> Loop<'a> {
                 } => Some(match ServerTool::from_call(name) {
                     Some(tool) if self.offered.contains(name) => {
                         Call::Server(tool, call_id.clone(), arguments.clone())
+                    }
+                    None if self.mcp_offered.contains(name) => {
+                        Call::Mcp(call_id.clone(), name.clone(), arguments.clone())
                     }
                     _ if self.offered.contains(name) => Call::Client,
                     _ => Call::Unavailable(call_id.clone(), name.clone()),
@@ -539,24 +582,32 @@ impl<'a> Loop<'a> {
             lsn: self.lsn,
         };
         let settings = &self.ctx.settings.tools;
+        let mcp = &self.ctx.mcp;
         let runs = calls.iter().filter_map(|call| match call {
             Call::Server(tool, call_id, arguments) => {
                 let scope = &scope;
-                Some(futures_util::future::Either::Left(async move {
-                    (
-                        call_id.clone(),
-                        tools::run(settings, *tool, arguments, scope).await,
-                    )
-                }))
+                Some(
+                    async move {
+                        (
+                            call_id.clone(),
+                            tools::run(settings, *tool, arguments, scope).await,
+                        )
+                    }
+                    .boxed(),
+                )
             }
+            Call::Mcp(call_id, name, arguments) => Some(
+                async move {
+                    let call = mcp.call(settings, name, arguments);
+                    (call_id.clone(), tools::bounded(settings, name, call).await)
+                }
+                .boxed(),
+            ),
             Call::Unavailable(call_id, name) => {
                 let output =
                     json!({"error": format!("the tool {name} is not available in this response")})
                         .to_string();
-                Some(futures_util::future::Either::Right(std::future::ready((
-                    call_id.clone(),
-                    output,
-                ))))
+                Some(std::future::ready((call_id.clone(), output)).boxed())
             }
             Call::Client => None,
         });

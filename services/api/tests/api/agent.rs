@@ -431,3 +431,75 @@ async fn a_redelivered_turn_resumes_after_its_last_stored_step() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_tools_of_a_configured_server_run_in_the_loop() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    let agents = Agents::spawn_configured(&mut settings, |settings, mock_url| {
+        let server: turnpike_core::config::McpServerSettings = serde_json::from_value(
+            json!({"url": format!("{}/mcp", mock_url.trim_end_matches("/v1"))}),
+        )
+        .unwrap();
+        settings.tools.mcp_servers.insert("calc".into(), server);
+    })
+    .await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let conversation = new_conversation(&user, json!([])).await;
+
+    let reply = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({
+                "conversation": conversation,
+                "tools": [{"type": "mcp", "server_label": "calc", "require_approval": "never"}],
+                "input": "/call calc__add {\"a\":2,\"b\":3}"
+            })),
+        )
+        .await;
+    let response = reply.ok();
+    assert_eq!(response["status"], "completed", "{response}");
+    let output = response["output"].as_array().unwrap().clone();
+    assert_eq!(
+        kinds(&output),
+        ["function_call", "function_call_output", "message"]
+    );
+    assert_eq!(output[0]["name"], "calc__add");
+    assert_eq!(output[1]["call_id"], output[0]["call_id"]);
+    assert_eq!(output[1]["output"], "5");
+    assert_eq!(output[2]["content"][0]["text"], "tool said: 5");
+    // The model was offered the server's tools, as functions, sorted.
+    let requests = agents.model_requests(&conversation).await;
+    let offered: Vec<&str> = requests[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(offered, ["calc__add", "calc__shout"]);
+    assert_eq!(
+        requests[0]["tools"][0]["parameters"]["required"],
+        json!(["a", "b"])
+    );
+
+    // Only configured servers can be offered, and only as configured.
+    let refused = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"tools": [{"type": "mcp", "server_label": "elsewhere"}], "input": "hi"})),
+        )
+        .await;
+    assert_eq!(refused.error(400)["param"], "tools[0].server_label");
+    let refused = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"tools": [{"type": "mcp", "server_label": "calc",
+                "server_url": "http://169.254.169.254/"}], "input": "hi"})),
+        )
+        .await;
+    assert_eq!(refused.error(400)["param"], "tools[0].server_url");
+}
