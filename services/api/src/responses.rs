@@ -74,6 +74,7 @@ pub async fn create(
     if let Some(entries) = &body.context_management {
         check_context_management(entries)?;
     }
+    check_passed_through(body.reasoning.as_ref(), body.text.as_ref())?;
     let model = body
         .model
         .clone()
@@ -664,6 +665,48 @@ fn check_context_management(entries: &[serde_json::Value]) -> Result<(), ApiErro
                 "compact_threshold must be a positive number of tokens.",
             ));
         }
+    }
+    Ok(())
+}
+
+/// `reasoning` and `text` go to the model as given: refuse what no provider
+/// would take, so the mistake is a 400 now rather than a failed turn later.
+fn check_passed_through(
+    reasoning: Option<&serde_json::Value>,
+    text: Option<&serde_json::Value>,
+) -> Result<(), ApiError> {
+    const EFFORTS: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
+    const SUMMARIES: [&str; 3] = ["auto", "concise", "detailed"];
+    if let Some(reasoning) = reasoning {
+        let Some(fields) = reasoning.as_object() else {
+            return Err(ApiError::invalid(
+                "reasoning",
+                "reasoning must be an object.",
+            ));
+        };
+        for (name, value) in fields {
+            let allowed: &[&str] = match name.as_str() {
+                "effort" => &EFFORTS,
+                "summary" | "generate_summary" => &SUMMARIES,
+                other => {
+                    return Err(ApiError::invalid(
+                        format!("reasoning.{other}"),
+                        format!("unknown field `{other}`; expected `effort` or `summary`."),
+                    ));
+                }
+            };
+            if !value.is_null() && !value.as_str().is_some_and(|v| allowed.contains(&v)) {
+                return Err(ApiError::invalid(
+                    format!("reasoning.{name}"),
+                    format!("reasoning.{name} must be one of {}.", allowed.join(", ")),
+                ));
+            }
+        }
+    }
+    if let Some(text) = text
+        && !text.is_object()
+    {
+        return Err(ApiError::invalid("text", "text must be an object."));
     }
     Ok(())
 }

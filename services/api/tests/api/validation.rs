@@ -235,3 +235,56 @@ async fn oversized_post(base: &str, path: &str, auth: &str) -> String {
     assert!(text.contains("\"error\""), "413 in the error shape: {text}");
     text
 }
+
+/// The response fields passed through to the model are checked at the edge:
+/// a bad one is a 400 naming it, and no turn is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_parameters_are_checked_before_a_turn_exists() {
+    let stack = Stack::shared().await;
+    let app = TestApp::spawn(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let cases = [
+        (json!({"reasoning": "high"}), "reasoning"),
+        (
+            json!({"reasoning": {"effort": "maximal"}}),
+            "reasoning.effort",
+        ),
+        (json!({"reasoning": {"budget": 3}}), "reasoning.budget"),
+        (json!({"text": "json"}), "text"),
+        (json!({"tools": [{"type": "web_search"}]}), "tools[0].type"),
+        (json!({"tools": [{"type": "function"}]}), "tools[0].name"),
+        (
+            json!({"tools": [{"type": "conversation_search"}, {"type": "conversation_search"}]}),
+            "tools[1]",
+        ),
+        (json!({"tools": [{"type": "http_fetch"}]}), "tools[0].type"),
+        (
+            json!({"context_management": [{"type": "truncate"}]}),
+            "context_management[0].type",
+        ),
+        (
+            json!({"context_management": [{"type": "compaction", "compact_threshold": 0}]}),
+            "context_management[0].compact_threshold",
+        ),
+    ];
+    for (extra, param) in cases {
+        let mut body = json!({"input": "hello", "background": true});
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        let reply = user.call("POST", "/v1/responses", Some(body)).await;
+        assert_eq!(reply.error(400)["param"], param, "{extra}");
+    }
+    let listed = user.call("GET", "/v1/conversations", None).await;
+    assert_eq!(listed.ok()["data"], json!([]), "no turn, no conversation");
+    // Good values pass.
+    let ok = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "hello", "background": true,
+                "reasoning": {"effort": "low", "summary": "auto"}, "text": {"format": {"type": "text"}}})),
+        )
+        .await;
+    assert_eq!(ok.ok()["status"], "queued");
+}
