@@ -105,6 +105,47 @@ answered = client.responses.create(
 )
 assert answered.output_text == "tool said: sunny", answered
 
+# A server-side tool runs inside the turn (offered by type, like OpenAI's
+# hosted tools): streamed and waited for, the SDK reads the whole loop.
+searched = client.responses.create(
+    model="mock-1",
+    conversation=conversation.id,
+    tools=tools + [{"type": "conversation_search"}],
+    input='/call conversation_search {"query":"Oslo"}',
+)
+kinds = [item.type for item in searched.output]
+assert kinds == ["function_call", "function_call_output", "message"], kinds
+assert searched.output_text.startswith("tool said: "), searched.output_text
+with client.responses.stream(
+    model="mock-1",
+    conversation=conversation.id,
+    tools=tools + [{"type": "conversation_search"}],
+    input='/call conversation_search {"query":"sunny"}',
+) as streamed:
+    for _ in streamed:
+        pass
+    final = streamed.get_final_response()
+assert [item.type for item in final.output] == kinds, final.output
+assert "sunny" in final.output_text, final.output_text
+
+# Compaction (OpenAI's context_management): the second turn compacts first;
+# the SDK parses the compaction item and the stream's announcement.
+compacting = client.conversations.create()
+long = "The toll road runs north past quiet fields. " * 40
+client.responses.create(model="mock-1", conversation=compacting.id, input="/echo " + long)
+events = list(client.responses.create(
+    model="mock-1",
+    conversation=compacting.id,
+    input="and then?",
+    stream=True,
+    extra_body={"context_management": [{"type": "compaction", "compact_threshold": 300}]},
+))
+types = [event.type for event in events]
+assert "response.compaction.compacting" in types, types
+compacted = events[-1].response
+assert [item.type for item in compacted.output] == ["compaction", "message"], compacted.output
+assert compacted.output[0].encrypted_content, compacted.output[0]
+
 deleted = client.conversations.delete(conversation.id)
 assert deleted.deleted is True and deleted.id == conversation.id, deleted
 print("openai sdk: ok")
