@@ -1,10 +1,11 @@
 //! Token estimates for prompts the provider has not measured yet, with
-//! OpenAI's `o200k_base` encoding (tiktoken). The provider's own usage wins
-//! wherever it exists; this only covers what was appended since.
+//! OpenAI's `o200k_base` encoding (tiktoken), counted over the prompt's JSON
+//! text (a slight overestimate: keys and punctuation count too, which errs
+//! on the side of compacting early). The provider's own usage wins wherever
+//! it exists; this only covers what was appended since.
 
 use std::sync::OnceLock;
 
-use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
 fn encoding() -> Option<&'static CoreBPE> {
@@ -25,13 +26,6 @@ pub(crate) fn count_text(text: &str) -> u64 {
         Some(bpe) => bpe.encode_ordinary(text).len() as u64,
         None => text.len().div_ceil(4) as u64,
     }
-}
-
-/// Tokens in prompt values, counted over their JSON text (a slight
-/// overestimate: keys and punctuation count too, which errs on the side of
-/// compacting early).
-pub(crate) fn count(values: &[Value]) -> u64 {
-    values.iter().map(|v| count_text(&v.to_string())).sum()
 }
 
 #[cfg(test)]

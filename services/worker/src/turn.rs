@@ -440,7 +440,7 @@ impl<'a> Loop<'a> {
             if self.model_calls >= self.ctx.settings.worker.max_steps {
                 return Err(LoopError::TooManySteps(self.model_calls));
             }
-            if self.last != Some(StepKind::Compaction) && self.over_threshold() {
+            if self.last != Some(StepKind::Compaction) && self.over_threshold().await {
                 self.compact().await?;
                 continue;
             }
@@ -482,26 +482,42 @@ impl<'a> Loop<'a> {
 
     /// Whether the next prompt passes the compaction threshold: the
     /// provider's measure of the prompt so far plus an estimate of what was
-    /// appended since, or an estimate of the whole.
-    fn over_threshold(&self) -> bool {
+    /// appended since, or an estimate of the whole. A token covers at least
+    /// one byte, so a prompt with fewer bytes than the threshold is under it
+    /// without tokenizing; a long one is tokenized off the async threads.
+    async fn over_threshold(&self) -> bool {
         if self.window.len() < 2 {
             return false;
         }
-        let tokens = match self.measured {
-            Some((measured, covered)) => {
-                measured + tokens::count(self.window.get(covered..).unwrap_or_default())
-            }
+        let threshold = self.threshold();
+        let (measured, pending): (u64, Vec<Value>) = match self.measured {
+            Some((measured, covered)) => (
+                measured,
+                self.window.get(covered..).unwrap_or_default().to_vec(),
+            ),
             None => {
-                let fixed = self
+                let mut whole: Vec<Value> = self
                     .frozen
                     .instructions
-                    .as_deref()
-                    .map_or(0, tokens::count_text)
-                    + tokens::count(&self.frozen.tools);
-                fixed + tokens::count(&self.window)
+                    .iter()
+                    .map(|text| Value::String(text.clone()))
+                    .collect();
+                whole.extend(self.frozen.tools.iter().cloned());
+                whole.extend(self.window.iter().cloned());
+                (0, whole)
             }
         };
-        tokens > self.threshold()
+        let texts: Vec<String> = pending.iter().map(Value::to_string).collect();
+        let bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
+        if measured + bytes <= threshold {
+            return false;
+        }
+        let counted = tokio::task::spawn_blocking(move || {
+            texts.iter().map(|t| tokens::count_text(t)).sum::<u64>()
+        })
+        .await
+        .unwrap_or(bytes);
+        measured + counted > threshold
     }
 
     fn request(&self) -> Value {
