@@ -164,6 +164,9 @@ struct Inner {
     epoch: Instant,
     /// Invalidations Redis did not take yet: retried in the background.
     pending: Mutex<HashMap<Uuid, Lsn>>,
+    /// Whether this process hears invalidations now. Until it does (at
+    /// start, after a lost subscription) L1 is neither read nor filled.
+    listening: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cache {
@@ -194,6 +197,7 @@ impl Cache {
                 breaker_until_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
                 pending: Mutex::new(HashMap::new()),
+                listening: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         tokio::spawn(listen(client, Arc::downgrade(&cache.inner)));
@@ -263,6 +267,13 @@ impl Cache {
                 body,
                 stamp,
             }));
+        }
+        if !self.inner.listening.load(Ordering::Acquire) {
+            // Another process's invalidation could not reach L1: L2 only.
+            return self
+                .load_shared(lookup.conversation, lookup.field, load)
+                .await
+                .map_err(Arc::new);
         }
         let key = format!("{}:{}", lookup.conversation.simple(), lookup.field);
         if let Some(entry) = self.inner.l1.get(&key).await {
@@ -556,6 +567,7 @@ async fn listen(client: redis::Client, cache: std::sync::Weak<Inner>) {
                     backoff = Duration::from_millis(100);
                     if let Some(inner) = cache.upgrade() {
                         inner.l1.invalidate_all();
+                        inner.listening.store(true, Ordering::Release);
                     }
                     let mut messages = pubsub.on_message();
                     while let Some(message) = messages.next().await {
@@ -573,6 +585,7 @@ async fn listen(client: redis::Client, cache: std::sync::Weak<Inner>) {
         }
         if let Some(inner) = cache.upgrade() {
             // Invalidations may be missed until we are back.
+            inner.listening.store(false, Ordering::Release);
             inner.l1.invalidate_all();
         }
         tokio::time::sleep(backoff).await;
