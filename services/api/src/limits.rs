@@ -291,8 +291,12 @@ pub async fn layer(State(app): State<AppState>, request: Request, next: Next) ->
 }
 
 /// Refuses a new turn when the user already has `active_turns_per_user`
-/// queued or running. Runs in the creating transaction on the primary,
-/// under a per-user lock, so concurrent creates cannot overshoot the cap.
+/// queued or running. Runs in the creating transaction on the primary. Far
+/// from the cap (more than a quarter of it left) the count alone decides:
+/// the per-user lock would serialize every create of a busy user for
+/// nothing. Near it, the count is taken again under the lock, so concurrent
+/// creates cannot overshoot (only more than a quarter of the cap racing at
+/// once from far below could).
 pub async fn check_active_turns(
     app: &AppState,
     tx: &mut impl DbConn,
@@ -301,6 +305,13 @@ pub async fn check_active_turns(
     let cap = app.settings.limits.active_turns_per_user;
     if cap == 0 {
         return Ok(());
+    }
+    let headroom = i64::from(cap / 4);
+    if headroom > 0 {
+        let active = state::active_turns(tx, user, i64::from(cap)).await?;
+        if active < i64::from(cap) - headroom {
+            return Ok(());
+        }
     }
     state::lock_user_turns(tx, user).await?;
     let active = state::active_turns(tx, user, i64::from(cap)).await?;
