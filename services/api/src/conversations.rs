@@ -76,8 +76,7 @@ pub async fn create(
     let row = insert(&mut tx, principal.user_id, &metadata, inputs.len()).await?;
     items::append(&mut tx, row.id, 1, &inputs, None).await?;
     let lsn = tx.commit().await?;
-    app.wrote(&principal, lsn).await;
-    app.changed(row.id, lsn).await;
+    app.wrote_to(&principal, row.id, lsn).await;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 
@@ -180,8 +179,7 @@ pub async fn update(
         .await?
         .ok_or_else(|| ApiError::not_found("conversation", &conversation_id))?;
     let lsn = tx.commit().await?;
-    app.wrote(&principal, lsn).await;
-    app.changed(id, lsn).await;
+    app.wrote_to(&principal, id, lsn).await;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 
@@ -201,8 +199,7 @@ pub async fn delete(
         return Err(ApiError::not_found("conversation", &conversation_id));
     }
     let lsn = tx.commit().await?;
-    app.wrote(&principal, lsn).await;
-    app.changed(id, lsn).await;
+    app.wrote_to(&principal, id, lsn).await;
     let body = ConversationDeleted {
         id: conversation_id,
         object: "conversation.deleted".into(),

@@ -165,8 +165,7 @@ pub async fn create(
     };
     let items = append(&mut tx, conversation, first_seq, &body.items, None).await?;
     let lsn = tx.commit().await?;
-    app.wrote(&principal, lsn).await;
-    app.changed(conversation, lsn).await;
+    app.wrote_to(&principal, conversation, lsn).await;
     let list = List::new(items, false, |i: &Item| i.id().to_owned());
     Ok(written(lsn, StatusCode::OK, &list))
 }
@@ -218,8 +217,7 @@ pub async fn delete(
         return Err(ApiError::not_found("item", &item_id));
     }
     let lsn = tx.commit().await?;
-    app.wrote(&principal, lsn).await;
-    app.changed(conversation, lsn).await;
+    app.wrote_to(&principal, conversation, lsn).await;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 

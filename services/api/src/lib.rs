@@ -185,11 +185,15 @@ impl AppState {
         Ok(entry.body.clone())
     }
 
-    /// A committed write changed `conversation`: its cached answers go, here
-    /// at once and in every other process through Redis, before the write
-    /// is answered.
-    pub async fn changed(&self, conversation: uuid::Uuid, lsn: Lsn) {
-        self.cache.invalidate(conversation, lsn).await;
+    /// A committed write by the caller that changed `conversation`: the
+    /// caller's session window records it and the conversation's cached
+    /// answers go (here at once, in every other process through Redis),
+    /// both before the write is answered, in parallel (different keys).
+    pub async fn wrote_to(&self, principal: &Principal, conversation: uuid::Uuid, lsn: Lsn) {
+        tokio::join!(
+            self.last_writes.record(principal.user_id, lsn),
+            self.cache.invalidate(conversation, lsn),
+        );
     }
 }
 

@@ -170,8 +170,7 @@ pub async fn create(
     )
     .await?;
     let lsn = tx.commit().await?;
-    app.wrote(&principal, lsn).await;
-    app.changed(conversation, lsn).await;
+    app.wrote_to(&principal, conversation, lsn).await;
     let public = row.public_id();
     // Subscribe before the turn can start, so a fast turn's end is not missed.
     let waiting = (body.stream != Some(true) && !background).then(|| app.hub.subscribe(&public));

@@ -164,6 +164,8 @@ struct Inner {
     epoch: Instant,
     /// Invalidations Redis did not take yet: retried in the background.
     pending: Mutex<HashMap<Uuid, Lsn>>,
+    /// Whether `pending` has anything: reads skip its lock while it does not.
+    any_pending: std::sync::atomic::AtomicBool,
     /// Whether this process hears invalidations now. Until it does (at
     /// start, after a lost subscription) L1 is neither read nor filled.
     listening: std::sync::atomic::AtomicBool,
@@ -197,6 +199,7 @@ impl Cache {
                 breaker_until_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
                 pending: Mutex::new(HashMap::new()),
+                any_pending: std::sync::atomic::AtomicBool::new(false),
                 listening: std::sync::atomic::AtomicBool::new(false),
             }),
         };
@@ -249,12 +252,13 @@ impl Cache {
         F: FnOnce(Lsn) -> Fut + Send,
         Fut: Future<Output = Result<Option<bytes::Bytes>, E>> + Send,
     {
-        let unsettled = self
-            .inner
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&lookup.conversation);
+        let unsettled = self.inner.any_pending.load(Ordering::Acquire)
+            && self
+                .inner
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&lookup.conversation);
         // Bypassed while Redis fails, and for a conversation whose
         // invalidation Redis has not taken yet (L2 may hold its old answers).
         if !self.inner.settings.enabled || unsettled || self.l2_open() {
@@ -475,6 +479,7 @@ impl Cache {
             let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
             let entry = pending.entry(conversation).or_insert(lsn);
             *entry = (*entry).max(lsn);
+            self.inner.any_pending.store(true, Ordering::Release);
         }
     }
 
@@ -610,11 +615,14 @@ async fn retry_pending(cache: std::sync::Weak<Inner>) {
                 .await
                 .is_ok()
             {
-                inner
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&conversation);
+                let mut pending = inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+                // A later write's invalidation may have been queued meanwhile.
+                if pending.get(&conversation) == Some(&lsn) {
+                    pending.remove(&conversation);
+                }
+                if pending.is_empty() {
+                    inner.any_pending.store(false, Ordering::Release);
+                }
             } else {
                 break;
             }

@@ -9,7 +9,6 @@
 //! clients use for the same purpose.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -20,8 +19,8 @@ use tokio::sync::mpsc::Sender;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    MockState, Plan, TOKEN_BYTES, Usage, cached_tokens, error, fnv, injected_fault,
-    latest_user_text, plan, prompt_tokens,
+    MockState, Plan, TOKEN_BYTES, Usage, cached_tokens, error, first_token_wait, fnv,
+    injected_fault, latest_user_text, plan, prompt_tokens,
 };
 
 pub(crate) async fn chat_completions(
@@ -290,11 +289,7 @@ impl Chunks {
         {
             return false;
         }
-        if settings.ttft_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(settings.ttft_ms)).await;
-        }
-        let gap = (settings.tokens_per_s > 0)
-            .then(|| Duration::from_micros(1_000_000 / settings.tokens_per_s));
+        let gap = first_token_wait(settings).await;
         for (i, piece) in pieces.iter().enumerate() {
             if disconnect && i == pieces.len() / 2 {
                 // Drop the connection mid-stream: no finish_reason, no [DONE].

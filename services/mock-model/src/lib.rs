@@ -411,6 +411,15 @@ pub(crate) fn cached_tokens(state: &MockState, key: &str, tokens: Vec<u64>) -> u
     cached
 }
 
+/// Waits the configured time to first token, then returns the pause to
+/// keep between tokens (`None`: as fast as possible).
+pub(crate) async fn first_token_wait(settings: &MockSettings) -> Option<Duration> {
+    if settings.ttft_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(settings.ttft_ms)).await;
+    }
+    (settings.tokens_per_s > 0).then(|| Duration::from_micros(1_000_000 / settings.tokens_per_s))
+}
+
 /// Prompt-side usage of a request.
 struct Usage {
     input_tokens: usize,
@@ -580,11 +589,7 @@ async fn stream_answer(
             return;
         }
     }
-    if settings.ttft_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(settings.ttft_ms)).await;
-    }
-    let gap = (settings.tokens_per_s > 0)
-        .then(|| Duration::from_micros(1_000_000 / settings.tokens_per_s));
+    let gap = first_token_wait(settings).await;
     for (i, piece) in pieces.iter().enumerate() {
         if disconnect && i == pieces.len() / 2 {
             // Drop the connection mid-stream, without the completion event.

@@ -830,13 +830,18 @@ async fn finish(
     let finished = turns::finish(&mut tx, row, outcome).await?;
     let next = turns::next_queued(&mut tx, row.conversation_id).await?;
     let lsn: Lsn = tx.commit().await?;
-    ctx.last_writes.record(row.user_id, lsn).await;
-    // Before the terminal event: a client that saw the turn end sees its
-    // tokens counted against the daily budget.
-    record_usage(ctx, row.user_id, outcome.usage).await;
-    if !outcome.output.is_empty() {
-        changed(ctx, row.conversation_id, lsn).await;
-    }
+    // All before the terminal event, in parallel (independent Redis keys): a
+    // client that saw the turn end reads its own write, finds no cached page
+    // without the output, and sees its tokens counted against the budget.
+    tokio::join!(
+        ctx.last_writes.record(row.user_id, lsn),
+        record_usage(ctx, row.user_id, outcome.usage),
+        async {
+            if !outcome.output.is_empty() {
+                changed(ctx, row.conversation_id, lsn).await;
+            }
+        },
+    );
     dispatch(ctx, next, lsn).await;
     match finished {
         Some(done) => {
