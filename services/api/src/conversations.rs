@@ -71,7 +71,7 @@ pub async fn create(
     let metadata = body.metadata.unwrap_or_default();
     check_metadata(&metadata)?;
     let inputs = body.items.unwrap_or_default();
-    items::check_items("items", &inputs, 0)?;
+    items::check_items("items", &inputs, 0, items::MAX_ITEMS_PER_CALL)?;
     let mut tx = app.router.write().await?;
     let row = insert(&mut tx, principal.user_id, &metadata, inputs.len()).await?;
     items::append(&mut tx, row.id, 1, &inputs, None).await?;

@@ -76,6 +76,12 @@ impl ApiError {
         e
     }
 
+    /// The same error, naming the request parameter it is about.
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
     /// 404 for a path no route serves.
     pub fn no_route(method: &str, path: &str) -> Self {
         let mut e = Self::new(

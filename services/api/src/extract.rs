@@ -59,8 +59,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     }
 }
 
-/// Parses JSON, reporting the JSON path of the first problem.
+/// Parses JSON, reporting the JSON path of the first problem. Text that
+/// PostgreSQL cannot store (U+0000) is refused here, for every body, with
+/// the path of the field that holds it.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // JSON can carry U+0000 only as an escape, so a body without one needs
+    // no further look.
+    if bytes.windows(6).any(|w| w == b"\\u0000")
+        && let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes)
+        && let Some(path) = nul_path(&value, String::new())
+    {
+        let param = if path.is_empty() {
+            ".".to_owned()
+        } else {
+            path
+        };
+        return Err(ApiError::bad_body(
+            Some(param.clone()),
+            format!(
+                "Invalid request body: {param}: text must not contain the NUL character (U+0000)."
+            ),
+            "invalid_text",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -84,6 +105,29 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         )
     })?;
     Ok(value)
+}
+
+/// The path (`items[0].content`) of the first string or key holding U+0000.
+fn nul_path(value: &serde_json::Value, at: String) -> Option<String> {
+    match value {
+        serde_json::Value::String(text) => text.contains('\0').then_some(at),
+        serde_json::Value::Array(values) => values
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_path(v, format!("{at}[{i}]"))),
+        serde_json::Value::Object(fields) => fields.iter().find_map(|(key, v)| {
+            let path = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            if key.contains('\0') {
+                return Some(path);
+            }
+            nul_path(v, path)
+        }),
+        _ => None,
+    }
 }
 
 /// A query string, with errors naming the parameter.

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use turnpike_core::db::DbConn;
-use turnpike_protocol::item::{ContentPart, CreateItems, InputItem, Item, ItemContent, Role};
+use turnpike_protocol::item::{
+    ContentPart, CreateItems, Extra, InputItem, Item, ItemContent, OPENAI_PART_TYPES, Role,
+};
 use turnpike_protocol::{Conversation, List, ids as prefixes};
 use uuid::Uuid;
 
@@ -22,6 +24,11 @@ use crate::{AppState, Path, written};
 
 /// Most items one call may add.
 pub const MAX_ITEMS_PER_CALL: usize = 20;
+
+/// Most items in a response's `input`: a stateless client resends its whole
+/// history each time, so this is bounded by the body size rather than by a
+/// small count.
+pub const MAX_INPUT_ITEMS: usize = 10_000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -156,7 +163,7 @@ pub async fn create(
     Json(body): Json<CreateItems>,
 ) -> Result<Response, ApiError> {
     let conversation = ids::decode(prefixes::CONVERSATION, "conversation", &conversation_id)?;
-    check_items("items", &body.items, 1)?;
+    check_items("items", &body.items, 1, MAX_ITEMS_PER_CALL)?;
     let mut tx = app.router.write().await?;
     let Some(first_seq) =
         reserve_seqs(&mut tx, conversation, principal.user_id, body.items.len()).await?
@@ -221,21 +228,24 @@ pub async fn delete(
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 
-/// Checks an item batch: `min..=20` items, each with sensible content.
-pub fn check_items(param: &str, items: &[InputItem], min: usize) -> Result<(), ApiError> {
+/// Checks an item batch: `min..=max` items, each with sensible content
+/// and OpenAI's part kinds only.
+pub fn check_items(
+    param: &str,
+    items: &[InputItem],
+    min: usize,
+    max: usize,
+) -> Result<(), ApiError> {
     if items.len() < min {
         return Err(ApiError::invalid(
             param,
             format!("{param} must hold at least {min} item."),
         ));
     }
-    if items.len() > MAX_ITEMS_PER_CALL {
+    if items.len() > max {
         return Err(ApiError::invalid(
             param,
-            format!(
-                "{param} may hold at most {MAX_ITEMS_PER_CALL} items; got {}.",
-                items.len()
-            ),
+            format!("{param} may hold at most {max} items; got {}.", items.len()),
         ));
     }
     for (i, item) in items.iter().enumerate() {
@@ -263,6 +273,27 @@ pub fn check_items(param: &str, items: &[InputItem], min: usize) -> Result<(), A
                     "a function_call_output needs the call_id it answers.",
                 ));
             }
+            InputItem::Message {
+                content: ItemContent::Parts(parts),
+                ..
+            } => {
+                for (j, part) in parts.iter().enumerate() {
+                    if let ContentPart::Other(fields) = part
+                        && !OPENAI_PART_TYPES.contains(&part.kind())
+                    {
+                        let kind = fields
+                            .get("type")
+                            .map_or_else(String::new, |t| t.to_string());
+                        return Err(ApiError::invalid(
+                            format!("{param}[{i}].content[{j}].type"),
+                            format!(
+                                "unsupported content part type {kind}; supported: input_text, output_text, input_image, refusal, {}.",
+                                OPENAI_PART_TYPES.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -279,14 +310,12 @@ pub fn to_item(input: &InputItem, id: Uuid) -> Item {
             role: *role,
             content: match content {
                 ItemContent::Text(text) if *role == Role::Assistant => {
-                    vec![ContentPart::OutputText {
-                        text: text.clone(),
-                        annotations: Vec::new(),
-                    }]
+                    vec![ContentPart::output_text(text.clone())]
                 }
                 ItemContent::Text(text) => vec![ContentPart::InputText { text: text.clone() }],
                 ItemContent::Parts(parts) => parts.clone(),
             },
+            extra: Extra::new(),
         },
         InputItem::FunctionCall {
             call_id,
@@ -298,6 +327,7 @@ pub fn to_item(input: &InputItem, id: Uuid) -> Item {
             call_id: call_id.clone(),
             name: name.clone(),
             arguments: arguments.clone(),
+            extra: Extra::new(),
         },
         InputItem::FunctionCallOutput { call_id, output } => Item::FunctionCallOutput {
             id: ids::encode(prefixes::FUNCTION_CALL_OUTPUT, id),
@@ -305,6 +335,24 @@ pub fn to_item(input: &InputItem, id: Uuid) -> Item {
             call_id: call_id.clone(),
             output: output.clone(),
         },
+        // Kept as sent, under Turnpike's id: it goes back to the provider
+        // as it came (ids are not sent), and out to clients likewise.
+        InputItem::Other(fields) => {
+            let mut fields = fields.clone();
+            let kind = fields
+                .get("type")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            fields.insert(
+                "id".into(),
+                serde_json::Value::String(ids::encode(ids::item_prefix(&kind), id)),
+            );
+            let value = serde_json::Value::Object(
+                fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            );
+            serde_json::from_value(value).unwrap_or(Item::Other(fields))
+        }
     }
 }
 

@@ -51,10 +51,17 @@ pub async fn create(
     Auth(principal): Auth,
     Json(body): Json<CreateResponse>,
 ) -> Result<HttpResponse, ApiError> {
-    if body.previous_response_id.is_some() {
+    if body.previous_response_id.is_some() && body.conversation.is_some() {
         return Err(ApiError::invalid(
             "previous_response_id",
-            "previous_response_id is not supported: pass `conversation` to continue a conversation.",
+            "pass either conversation or previous_response_id, not both.",
+        ));
+    }
+    let store = body.store.unwrap_or(true);
+    if !store && (body.conversation.is_some() || body.previous_response_id.is_some()) {
+        return Err(ApiError::invalid(
+            "store",
+            "store: false keeps nothing after the response, so it cannot add to a conversation; leave out conversation and previous_response_id, or store the response.",
         ));
     }
     let inputs = match body.input.clone() {
@@ -65,16 +72,17 @@ pub async fn create(
         Some(ResponseInput::Items(items)) => items,
         None => Vec::new(),
     };
-    items::check_items("input", &inputs, 1)?;
+    items::check_items("input", &inputs, 1, items::MAX_INPUT_ITEMS)?;
     let metadata = body.metadata.clone().unwrap_or_default();
     check_metadata(&metadata)?;
     if let Some(tools) = &body.tools {
-        check_tools(tools, &app.settings.tools)?;
+        check_tools(tools, &app.settings.tools, app.settings.model.provider)?;
     }
     if let Some(entries) = &body.context_management {
         check_context_management(entries)?;
     }
     check_passed_through(body.reasoning.as_ref(), body.text.as_ref())?;
+    let provider_params = provider_params(&body)?;
     let model = body
         .model
         .clone()
@@ -94,11 +102,21 @@ pub async fn create(
         context_management: body.context_management.clone(),
         reasoning: body.reasoning.clone(),
         text: body.text.clone(),
+        previous_response_id: body.previous_response_id.clone(),
+        max_tool_calls: body.max_tool_calls,
+        prompt_cache_key: body.prompt_cache_key.clone(),
+        include_obfuscation: body
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_obfuscation"))
+            .and_then(serde_json::Value::as_bool),
+        provider_params,
     };
 
     let mut tx = app.router.write().await?;
-    let conversation = match &body.conversation {
-        Some(reference) => {
+    let conversation = match (&body.conversation, &body.previous_response_id) {
+        (None, Some(previous)) => continue_from(&mut tx, principal.user_id, previous).await?,
+        (Some(reference), _) => {
             let id = ids::decode(prefixes::CONVERSATION, "conversation", reference.id())?;
             // Locks the conversation and checks that it is the caller's.
             items::reserve_seqs(&mut tx, id, principal.user_id, 0)
@@ -106,7 +124,7 @@ pub async fn create(
                 .ok_or_else(|| ApiError::not_found("conversation", reference.id()))?;
             id
         }
-        None => {
+        (None, None) => {
             conversations::insert(&mut tx, principal.user_id, &Metadata::new(), 0)
                 .await?
                 .id
@@ -213,6 +231,111 @@ pub async fn create(
         }
     }
     Ok(written(lsn, StatusCode::OK, &row.to_api()))
+}
+
+/// The conversation a `previous_response_id` continues: the response's own
+/// when it is that conversation's latest turn, otherwise a new conversation
+/// holding the items up to and including that response's output. Locks the
+/// conversation it answers. Primary only.
+async fn continue_from(tx: &mut impl DbConn, user: Uuid, previous: &str) -> Result<Uuid, ApiError> {
+    let not_found = || ApiError::not_found("response", previous).with_param("previous_response_id");
+    let id = turnpike_core::ids::parse(prefixes::RESPONSE, previous).ok_or_else(not_found)?;
+    let row = find(tx, id, user).await?.ok_or_else(not_found)?;
+    items::reserve_seqs(tx, row.conversation_id, user, 0)
+        .await?
+        .ok_or_else(not_found)?;
+    if !turns::has_later_turn(tx, row.conversation_id, id).await? {
+        return Ok(row.conversation_id);
+    }
+    Ok(turns::fork_after(tx, row.conversation_id, id).await?)
+}
+
+/// Provider parameters the client set, checked and kept as given; they go
+/// to the provider with every model call of the turn and are echoed back.
+fn provider_params(
+    body: &CreateResponse,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    use serde_json::Value;
+    const TIERS: [&str; 5] = ["auto", "default", "flex", "scale", "priority"];
+    const RETENTIONS: [&str; 2] = ["in_memory", "24h"];
+    if let Some(tier) = &body.service_tier
+        && !TIERS.contains(&tier.as_str())
+    {
+        return Err(ApiError::invalid(
+            "service_tier",
+            format!("service_tier must be one of {}.", TIERS.join(", ")),
+        ));
+    }
+    if let Some(retention) = &body.prompt_cache_retention
+        && !RETENTIONS.contains(&retention.as_str())
+    {
+        return Err(ApiError::invalid(
+            "prompt_cache_retention",
+            "prompt_cache_retention must be in_memory or 24h.",
+        ));
+    }
+    if body.top_logprobs.is_some_and(|n| n > 20) {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs must be between 0 and 20.",
+        ));
+    }
+    if let Some(metadata) = &body.client_metadata
+        && !metadata.as_object().is_some_and(|m| {
+            m.len() <= 64
+                && m.values()
+                    .all(|v| v.as_str().is_some_and(|s| s.len() <= 4096))
+        })
+    {
+        return Err(ApiError::invalid(
+            "client_metadata",
+            "client_metadata must be an object of at most 64 string values.",
+        ));
+    }
+    for (name, value) in [
+        ("prompt_cache_options", &body.prompt_cache_options),
+        ("prompt", &body.prompt),
+        ("moderation", &body.moderation),
+        ("image", &body.image),
+        ("access_programs", &body.access_programs),
+        ("background_options", &body.background_options),
+        ("stream_options", &body.stream_options),
+    ] {
+        if value.as_ref().is_some_and(|v| !v.is_object()) {
+            return Err(ApiError::invalid(
+                name,
+                format!("{name} must be an object."),
+            ));
+        }
+    }
+    let mut params = serde_json::Map::new();
+    let strings = [
+        ("service_tier", &body.service_tier),
+        ("prompt_cache_retention", &body.prompt_cache_retention),
+        ("safety_identifier", &body.safety_identifier),
+        ("user", &body.user),
+    ];
+    for (name, value) in strings {
+        if let Some(value) = value {
+            params.insert(name.into(), Value::String(value.clone()));
+        }
+    }
+    if let Some(n) = body.top_logprobs {
+        params.insert("top_logprobs".into(), Value::from(n));
+    }
+    for (name, value) in [
+        ("prompt_cache_options", &body.prompt_cache_options),
+        ("client_metadata", &body.client_metadata),
+        ("prompt", &body.prompt),
+        ("moderation", &body.moderation),
+        ("image", &body.image),
+        ("access_programs", &body.access_programs),
+    ] {
+        if let Some(value) = value {
+            params.insert(name.into(), value.clone());
+        }
+    }
+    Ok(params)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -513,15 +636,32 @@ async fn list_inputs(db: &mut impl DbConn, page: &InputPage) -> Result<Vec<ItemR
         .collect())
 }
 
-/// Tool types a response may offer: client-side `function` tools, and the
-/// server-side tools the workers run.
-const TOOL_TYPES: &str = "function, conversation_search, http_fetch, mcp";
+/// Tool types a response may offer: Turnpike's server-side tools, then the
+/// client-executed kinds (the turn ends with their call items, which the
+/// client answers in its next request), then the kinds a provider hosts.
+const SERVER_TOOL_TYPES: [&str; 3] = ["conversation_search", "http_fetch", "mcp"];
+const CLIENT_TOOL_TYPES: [&str; 5] = ["function", "custom", "local_shell", "shell", "apply_patch"];
+const HOSTED_TOOL_TYPES: [&str; 11] = [
+    "web_search",
+    "web_search_preview",
+    "web_search_2025_08_26",
+    "web_search_preview_2025_03_11",
+    "file_search",
+    "code_interpreter",
+    "image_generation",
+    "computer_use_preview",
+    "computer",
+    "namespace",
+    "tool_search",
+];
 
 /// Checks a request's tools: known types, named functions, configured MCP
-/// servers, no duplicates.
+/// servers, no duplicates; hosted kinds only with a provider that hosts
+/// them (the Responses API).
 fn check_tools(
     tools: &[serde_json::Value],
     settings: &turnpike_core::config::ToolSettings,
+    provider: turnpike_core::config::ProviderKind,
 ) -> Result<(), ApiError> {
     let mut names = std::collections::BTreeSet::new();
     for (i, tool) in tools.iter().enumerate() {
@@ -532,34 +672,7 @@ fn check_tools(
             ));
         };
         let name = match kind {
-            "function" => match tool.get("name").and_then(|n| n.as_str()) {
-                Some(name)
-                    if !name.is_empty()
-                        && name.len() <= 64
-                        && name
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
-                {
-                    // `<label>__` names belong to the MCP server with that label.
-                    if let Some((label, _)) = name.split_once("__")
-                        && settings.mcp_servers.contains_key(label)
-                    {
-                        return Err(ApiError::invalid(
-                            format!("tools[{i}].name"),
-                            format!(
-                                "function names starting with '{label}__' are reserved for the MCP server '{label}'."
-                            ),
-                        ));
-                    }
-                    name
-                }
-                _ => {
-                    return Err(ApiError::invalid(
-                        format!("tools[{i}].name"),
-                        "a function tool needs a name of 1 to 64 letters, digits, '_' or '-'.",
-                    ));
-                }
-            },
+            "function" | "custom" | "namespace" => check_tool_name(i, kind, tool, settings)?,
             "mcp" => {
                 let label = check_mcp_tool(i, tool, settings)?;
                 if !names.insert(format!("mcp:{label}")) {
@@ -570,21 +683,49 @@ fn check_tools(
                 }
                 continue;
             }
-            "conversation_search" => kind,
-            "http_fetch" if settings.http_fetch.enabled => kind,
-            "http_fetch" => {
+            "http_fetch" if !settings.http_fetch.enabled => {
                 return Err(ApiError::invalid(
                     format!("tools[{i}].type"),
                     "the http_fetch tool is turned off on this server.",
                 ));
             }
+            _ if HOSTED_TOOL_TYPES.contains(&kind)
+                && provider != turnpike_core::config::ProviderKind::Responses =>
+            {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}].type"),
+                    format!(
+                        "the '{kind}' tool is hosted by the model provider, and this server's provider (Chat Completions) hosts none."
+                    ),
+                ));
+            }
+            _ if SERVER_TOOL_TYPES.contains(&kind)
+                || CLIENT_TOOL_TYPES.contains(&kind)
+                || HOSTED_TOOL_TYPES.contains(&kind) =>
+            {
+                kind
+            }
             other => {
                 return Err(ApiError::invalid(
                     format!("tools[{i}].type"),
-                    format!("unsupported tool type '{other}'; supported: {TOOL_TYPES}."),
+                    format!(
+                        "unsupported tool type '{other}'; supported: {}, {}, {}.",
+                        SERVER_TOOL_TYPES.join(", "),
+                        CLIENT_TOOL_TYPES.join(", "),
+                        HOSTED_TOOL_TYPES.join(", ")
+                    ),
                 ));
             }
         };
+        // A client's tool never shadows a server-side one.
+        if kind != name && SERVER_TOOL_TYPES.contains(&name) {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].name"),
+                format!(
+                    "'{name}' is the name of a server-side tool; name the {kind} tool otherwise."
+                ),
+            ));
+        }
         if !names.insert(name.to_owned()) {
             return Err(ApiError::invalid(
                 format!("tools[{i}]"),
@@ -593,6 +734,39 @@ fn check_tools(
         }
     }
     Ok(())
+}
+
+/// The name of a named tool (function, custom, namespace): 1 to 64 letters,
+/// digits, `_`, `-` (and `.` for namespaces); `<label>__` names belong to
+/// the MCP server with that label.
+fn check_tool_name<'a>(
+    i: usize,
+    kind: &str,
+    tool: &'a serde_json::Value,
+    settings: &turnpike_core::config::ToolSettings,
+) -> Result<&'a str, ApiError> {
+    let allowed = |c: char| {
+        c.is_ascii_alphanumeric() || c == '_' || c == '-' || (kind == "namespace" && c == '.')
+    };
+    match tool.get("name").and_then(|n| n.as_str()) {
+        Some(name) if !name.is_empty() && name.len() <= 64 && name.chars().all(allowed) => {
+            if let Some((label, _)) = name.split_once("__")
+                && settings.mcp_servers.contains_key(label)
+            {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}].name"),
+                    format!(
+                        "tool names starting with '{label}__' are reserved for the MCP server '{label}'."
+                    ),
+                ));
+            }
+            Ok(name)
+        }
+        _ => Err(ApiError::invalid(
+            format!("tools[{i}].name"),
+            format!("a {kind} tool needs a name of 1 to 64 letters, digits, '_' or '-'."),
+        )),
+    }
 }
 
 /// Checks an `mcp` tool entry against the configured servers and returns

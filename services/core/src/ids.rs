@@ -23,7 +23,8 @@ pub fn item_prefix(kind: &str) -> &'static str {
         "function_call_output" => ids::FUNCTION_CALL_OUTPUT,
         "reasoning" => ids::REASONING,
         "compaction" => ids::COMPACTION,
-        _ => ids::MESSAGE,
+        "message" => ids::MESSAGE,
+        _ => ids::OTHER_ITEM,
     }
 }
 
@@ -35,6 +36,7 @@ pub fn parse_item(text: &str) -> Option<Uuid> {
         ids::FUNCTION_CALL_OUTPUT,
         ids::REASONING,
         ids::COMPACTION,
+        ids::OTHER_ITEM,
     ]
     .iter()
     .find_map(|prefix| parse(prefix, text))

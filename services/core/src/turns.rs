@@ -33,6 +33,33 @@ pub struct StoredRequest {
     /// Passed to the model as given (`format`, `verbosity`).
     #[serde(default)]
     pub text: Option<serde_json::Value>,
+    /// The response this one continues, as the client named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_response_id: Option<String>,
+    /// The most server-side tool calls the turn runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_calls: Option<u32>,
+    /// The client's cache key; the conversation's id when it gave none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_key: Option<String>,
+    /// Whether streamed deltas keep the provider's `obfuscation` padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_obfuscation: Option<bool>,
+    /// Parameters passed to the provider as given (`service_tier`,
+    /// `safety_identifier`, `user`, `top_logprobs`, `prompt_cache_retention`,
+    /// `client_metadata`, `prompt`, …) and echoed on the response.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub provider_params: serde_json::Map<String, serde_json::Value>,
+}
+
+impl StoredRequest {
+    /// A provider parameter the client set, as a string.
+    pub fn provider_str(&self, key: &str) -> Option<String> {
+        self.provider_params
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    }
 }
 
 /// A response row as stored.
@@ -48,6 +75,8 @@ pub struct ResponseRow {
     pub output: SqlJson<Vec<Item>>,
     pub usage: Option<SqlJson<Usage>>,
     pub error: Option<serde_json::Value>,
+    /// Why the response ended `incomplete`, when it did.
+    pub incomplete_details: Option<serde_json::Value>,
     pub input_first_seq: i64,
     pub input_last_seq: i64,
     /// The input of a turn waiting behind another, appended when it starts.
@@ -85,8 +114,8 @@ impl ResponseRow {
             metadata: request.metadata.clone(),
             usage: self.usage.as_ref().map(|u| u.0.clone()),
             error: self.error.clone(),
-            incomplete_details: None,
-            previous_response_id: None,
+            incomplete_details: self.incomplete_details.clone(),
+            previous_response_id: request.previous_response_id.clone(),
             max_output_tokens: request.max_output_tokens,
             temperature: request.temperature,
             top_p: request.top_p,
@@ -95,13 +124,26 @@ impl ResponseRow {
                 .truncation
                 .clone()
                 .unwrap_or_else(|| "disabled".into()),
+            max_tool_calls: request.max_tool_calls,
+            service_tier: request.provider_str("service_tier"),
+            top_logprobs: request
+                .provider_params
+                .get("top_logprobs")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok()),
+            prompt_cache_key: request.prompt_cache_key.clone(),
+            prompt_cache_retention: request.provider_str("prompt_cache_retention"),
+            safety_identifier: request.provider_str("safety_identifier"),
+            user: request.provider_str("user"),
+            reasoning: request.reasoning.clone(),
+            text: request.text.clone(),
         }
     }
 }
 
 pub const COLUMNS: &str =
     "id, conversation_id, user_id, status, model, background, request, output, usage, error,
-    input_first_seq, input_last_seq, pending_input, extract(epoch FROM created_at)::int8 AS created_at";
+    incomplete_details, input_first_seq, input_last_seq, pending_input, extract(epoch FROM created_at)::int8 AS created_at";
 
 /// A response the user owns. Any node.
 #[tracing::instrument(level = "debug", skip(db))]
@@ -318,6 +360,8 @@ pub struct Outcome<'a> {
     pub prompts: &'a [(String, Vec<serde_json::Value>)],
     pub usage: Option<&'a Usage>,
     pub error: Option<&'a serde_json::Value>,
+    /// With `ResponseStatus::Incomplete`: why.
+    pub incomplete_details: Option<&'a serde_json::Value>,
 }
 
 /// Records a turn's outcome: its output items appended to the conversation
@@ -373,7 +417,8 @@ pub async fn finish(
         }
     }
     sqlx::query_as(&format!(
-        "UPDATE responses SET status = $2, output = $3, usage = $4, error = $5, updated_at = now()
+        "UPDATE responses SET status = $2, output = $3, usage = $4, error = $5,
+             incomplete_details = $6, updated_at = now()
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(response.id)
@@ -381,6 +426,7 @@ pub async fn finish(
     .bind(SqlJson(outcome.output))
     .bind(outcome.usage.map(SqlJson))
     .bind(outcome.error)
+    .bind(outcome.incomplete_details)
     .persistent(prepared)
     .fetch_optional(db.conn())
     .await
@@ -417,15 +463,98 @@ fn item_uuid(item: &Item) -> Uuid {
     ids::parse_item(item.id()).unwrap_or_else(Uuid::now_v7)
 }
 
-/// The stored `kind` of an item.
-pub fn kind_of(item: &Item) -> &'static str {
-    match item {
-        Item::Message { .. } => "message",
-        Item::FunctionCall { .. } => "function_call",
-        Item::FunctionCallOutput { .. } => "function_call_output",
-        Item::Reasoning { .. } => "reasoning",
-        Item::Compaction { .. } => "compaction",
+/// Whether the conversation has a turn created after `response`. Primary
+/// (the caller holds the conversation's lock).
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn has_later_turn(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    response: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let prepared = db.prepared();
+    let (later,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM responses WHERE conversation_id = $1 AND id > $2)",
+    )
+    .bind(conversation)
+    .bind(response)
+    .persistent(prepared)
+    .fetch_one(db.conn())
+    .await?;
+    Ok(later)
+}
+
+/// A new conversation holding `conversation`'s items up to and including
+/// `response`'s (input and output), with its frozen prompt settings, so a
+/// turn continuing from an earlier response sees exactly what that response
+/// saw. Primary only, in the caller's transaction.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn fork_after(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    response: Uuid,
+) -> Result<Uuid, sqlx::Error> {
+    let prepared = db.prepared();
+    let fork = Uuid::now_v7();
+    let (upto,): (Option<i64>,) = sqlx::query_as(
+        "SELECT max(seq) FROM items WHERE conversation_id = $1 AND response_id = $2",
+    )
+    .bind(conversation)
+    .bind(response)
+    .persistent(prepared)
+    .fetch_one(db.conn())
+    .await?;
+    let upto = upto.unwrap_or(0);
+    sqlx::query(
+        "INSERT INTO conversations (id, user_id, metadata, last_seq, frozen)
+         SELECT $1, user_id, '{}', $3, frozen FROM conversations WHERE id = $2",
+    )
+    .bind(fork)
+    .bind(conversation)
+    .bind(upto)
+    .persistent(prepared)
+    .execute(db.conn())
+    .await?;
+    sqlx::query(
+        "INSERT INTO items (conversation_id, seq, id, kind, response_id, body, prompt)
+         SELECT $1, seq, id, kind, response_id, body, prompt FROM items
+         WHERE conversation_id = $2 AND seq <= $3",
+    )
+    .bind(fork)
+    .bind(conversation)
+    .bind(upto)
+    .persistent(prepared)
+    .execute(db.conn())
+    .await?;
+    Ok(fork)
+}
+
+/// Removes a conversation and everything in it, for good: what a
+/// `store: false` response leaves once it has ended. Primary only, in the
+/// caller's transaction.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn purge_conversation(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+) -> Result<(), sqlx::Error> {
+    let prepared = db.prepared();
+    for sql in [
+        "DELETE FROM response_steps WHERE response_id IN (SELECT id FROM responses WHERE conversation_id = $1)",
+        "DELETE FROM items WHERE conversation_id = $1",
+        "DELETE FROM responses WHERE conversation_id = $1",
+        "DELETE FROM conversations WHERE id = $1",
+    ] {
+        sqlx::query(sql)
+            .bind(conversation)
+            .persistent(prepared)
+            .execute(db.conn())
+            .await?;
     }
+    Ok(())
+}
+
+/// The stored `kind` of an item.
+pub fn kind_of(item: &Item) -> &str {
+    item.kind()
 }
 
 /// Inserts items at `first_seq..`. Primary only, in the caller's transaction.

@@ -169,16 +169,16 @@ fn plan(body: &Value, text: &str, answer_tokens: usize) -> Plan {
     let mut rounds: Vec<Vec<String>> = Vec::new();
     let mut in_round = false;
     for item in input.iter().skip(last_user.map_or(0, |i| i + 1)) {
-        let is_output = item.get("type").and_then(Value::as_str) == Some("function_call_output");
+        let is_output = item
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|kind| kind.ends_with("_call_output"));
         if is_output {
             if !in_round {
                 rounds.push(Vec::new());
             }
-            if let (Some(round), Some(output)) = (
-                rounds.last_mut(),
-                item.get("output").and_then(Value::as_str),
-            ) {
-                round.push(output.to_owned());
+            if let Some(round) = rounds.last_mut() {
+                round.push(output_text(item.get("output")));
             }
         }
         in_round = is_output;
@@ -191,16 +191,7 @@ fn plan(body: &Value, text: &str, answer_tokens: usize) -> Plan {
         return Plan::Text(answer(&format!("/echo tool said: {last}"), answer_tokens));
     };
     let text = *group;
-    let offered: Vec<&str> = body
-        .get("tools")
-        .and_then(Value::as_array)
-        .map(|tools| {
-            tools
-                .iter()
-                .filter_map(|t| t.get("name").and_then(Value::as_str))
-                .collect()
-        })
-        .unwrap_or_default();
+    let offered = callable_tools(body);
     let calls: Vec<(String, String)> = text
         .lines()
         .filter_map(|line| line.trim().strip_prefix("/call "))
@@ -210,7 +201,7 @@ fn plan(body: &Value, text: &str, answer_tokens: usize) -> Plan {
                 .split_once(char::is_whitespace)
                 .unwrap_or((rest.trim(), "{}"));
             offered
-                .contains(&name)
+                .contains_key(name)
                 .then(|| (name.to_owned(), args.trim().to_owned()))
         })
         .collect();
@@ -222,6 +213,79 @@ fn plan(body: &Value, text: &str, answer_tokens: usize) -> Plan {
     } else {
         Plan::Calls(calls)
     }
+}
+
+/// A tool output's text: a string, or the text of its parts.
+fn output_text(output: Option<&Value>) -> String {
+    match output {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    }
+}
+
+/// The tools a `/call` directive can call, by name, with their type:
+/// functions (also those inside a `namespace` tool) and custom tools.
+fn callable_tools(body: &Value) -> HashMap<String, String> {
+    let mut named = HashMap::new();
+    let tools = body.get("tools").and_then(Value::as_array);
+    for tool in tools.into_iter().flatten() {
+        let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
+        let nested = tool.get("tools").and_then(Value::as_array);
+        let (kind, tools): (&str, Vec<&Value>) = if kind == "namespace" {
+            ("function", nested.into_iter().flatten().collect())
+        } else {
+            (kind, vec![tool])
+        };
+        if !matches!(kind, "function" | "custom") {
+            continue;
+        }
+        for tool in tools {
+            if let Some(name) = tool.get("name").and_then(Value::as_str) {
+                named.insert(name.to_owned(), kind.to_owned());
+            }
+        }
+    }
+    named
+}
+
+/// Calls of the provider-hosted tools the request offers (`/call web_search
+/// QUERY`, `/call file_search QUERY`): as a provider hosting them would, the
+/// mock runs them itself and reports each as a finished call item.
+fn hosted_calls(body: &Value, directive: &str) -> Vec<Value> {
+    let offered: Vec<&str> = body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("type").and_then(Value::as_str))
+        .collect();
+    directive
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("/call "))
+        .filter_map(|rest| {
+            let (name, query) = rest
+                .trim()
+                .split_once(char::is_whitespace)
+                .unwrap_or((rest.trim(), ""));
+            let id = uuid::Uuid::now_v7().simple();
+            match name {
+                "web_search" if offered.iter().any(|t| t.starts_with("web_search")) => {
+                    Some(json!({
+                    "type": "web_search_call", "id": format!("ws_mock{id}"), "status": "completed",
+                    "action": {"type": "search", "query": query, "sources": []}}))
+                }
+                "file_search" if offered.contains(&"file_search") => Some(json!({
+                    "type": "file_search_call", "id": format!("fs_mock{id}"), "status": "completed",
+                    "queries": [query], "results": null})),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// The text of the latest user message in `input`.
@@ -348,8 +412,22 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
         }
         log.push_back(body.clone());
     }
-    let lead = reasoning_item(&body, &tokens);
-    let plan = plan(&body, directive, state.settings.answer_tokens);
+    let hosted = hosted_calls(&body, directive);
+    let lead: Vec<Value> = reasoning_item(&body, &tokens)
+        .into_iter()
+        .chain(hosted.iter().cloned())
+        .collect();
+    let plan = if hosted.is_empty() {
+        plan(&body, directive, state.settings.answer_tokens)
+    } else {
+        let calls: Vec<String> = hosted.iter().map(|c| c["type"].to_string()).collect();
+        Plan::Text(answer(&format!("/echo hosted: {}", calls.join(", ")), 0))
+    };
+    let custom: Vec<String> = callable_tools(&body)
+        .into_iter()
+        .filter(|(_, kind)| kind == "custom")
+        .map(|(name, _)| name)
+        .collect();
     let model = body
         .get("model")
         .and_then(Value::as_str)
@@ -357,16 +435,23 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
         .to_owned();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     let settings = state.settings.clone();
+    let echo = echoed(&body);
     tokio::spawn(async move {
         let usage = Usage {
             input_tokens: tokens.len(),
             cached_tokens: cached,
         };
+        let answer = Answer {
+            model: &model,
+            echo: &echo,
+            usage: &usage,
+            lead,
+        };
         match plan {
             Plan::Text(pieces) => {
-                stream_answer(tx, &settings, &model, &pieces, &usage, disconnect, lead).await;
+                stream_answer(tx, &settings, answer, &pieces, disconnect).await;
             }
-            Plan::Calls(calls) => stream_calls(tx, &model, &calls, &usage, lead).await,
+            Plan::Calls(calls) => stream_calls(tx, answer, &calls, &custom).await,
         }
     });
     Sse::new(ReceiverStream::new(rx)).into_response()
@@ -421,16 +506,20 @@ pub(crate) async fn first_token_wait(settings: &MockSettings) -> Option<Duration
 }
 
 /// Prompt-side usage of a request.
-struct Usage {
-    input_tokens: usize,
-    cached_tokens: usize,
+pub(crate) struct Usage {
+    pub(crate) input_tokens: usize,
+    pub(crate) cached_tokens: usize,
 }
 
 impl Usage {
+    /// OpenAI's usage object; what was not read from the cache was written to it.
     fn json(&self, output_tokens: usize) -> Value {
         json!({
             "input_tokens": self.input_tokens,
-            "input_tokens_details": {"cached_tokens": self.cached_tokens},
+            "input_tokens_details": {
+                "cached_tokens": self.cached_tokens,
+                "cache_write_tokens": self.input_tokens.saturating_sub(self.cached_tokens),
+            },
             "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": self.input_tokens + output_tokens,
@@ -460,12 +549,18 @@ fn reasoning_item(body: &Value, tokens: &[u64]) -> Option<Value> {
     )
 }
 
-/// The events announcing a finished reasoning item at output index 0.
-fn lead_events(item: &Value) -> [Value; 2] {
-    [
-        json!({"type": "response.output_item.added", "output_index": 0, "item": item}),
-        json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
-    ]
+/// The events announcing finished items (reasoning, hosted tool calls) at
+/// the first output indexes.
+fn lead_events(lead: &[Value]) -> Vec<Value> {
+    (0usize..)
+        .zip(lead)
+        .flat_map(|(index, item)| {
+            [
+                json!({"type": "response.output_item.added", "output_index": index, "item": item}),
+                json!({"type": "response.output_item.done", "output_index": index, "item": item}),
+            ]
+        })
+        .collect()
 }
 
 /// `GET /v1/mock/requests?prompt_cache_key=K`: the latest requests made
@@ -483,111 +578,186 @@ async fn logged_requests(
     axum::Json(json!({"object": "list", "data": data}))
 }
 
-/// A mock response object with no output yet.
-fn skeleton(id: &str, model: &str, status: &str) -> Value {
-    json!({"id": id, "object": "response", "created_at": 0, "status": status,
-           "model": model, "output": [], "usage": null})
+/// The request's settings as OpenAI's response object echoes them.
+fn echoed(body: &Value) -> Value {
+    let field = |key: &str, default: Value| body.get(key).cloned().unwrap_or(default);
+    json!({
+        "background": field("background", json!(false)),
+        "error": null,
+        "incomplete_details": null,
+        "instructions": field("instructions", Value::Null),
+        "max_output_tokens": field("max_output_tokens", Value::Null),
+        "max_tool_calls": field("max_tool_calls", Value::Null),
+        "metadata": field("metadata", json!({})),
+        "parallel_tool_calls": field("parallel_tool_calls", json!(true)),
+        "previous_response_id": null,
+        "prompt_cache_key": field("prompt_cache_key", Value::Null),
+        "prompt_cache_retention": field("prompt_cache_retention", Value::Null),
+        "reasoning": {"effort": body.pointer("/reasoning/effort").cloned().unwrap_or(Value::Null),
+                      "summary": body.pointer("/reasoning/summary").cloned().unwrap_or(Value::Null)},
+        "safety_identifier": field("safety_identifier", Value::Null),
+        "service_tier": field("service_tier", json!("default")),
+        "store": field("store", json!(true)),
+        "temperature": field("temperature", json!(1.0)),
+        "text": field("text", json!({"format": {"type": "text"}, "verbosity": "medium"})),
+        "tool_choice": field("tool_choice", json!("auto")),
+        "tools": field("tools", json!([])),
+        "top_logprobs": field("top_logprobs", json!(0)),
+        "top_p": field("top_p", json!(1.0)),
+        "truncation": field("truncation", json!("disabled")),
+        "user": field("user", Value::Null),
+    })
 }
 
-/// Streams function calls: one output item per call, arguments in one delta.
+/// What every answer shares: the model, the request's echoed settings,
+/// the prompt's usage and the finished items that come first.
+struct Answer<'a> {
+    model: &'a str,
+    echo: &'a Value,
+    usage: &'a Usage,
+    lead: Vec<Value>,
+}
+
+impl Answer<'_> {
+    /// The whole response object, as OpenAI's events carry it.
+    fn response(&self, id: &str, status: &str, output: &[Value], usage: Option<Value>) -> Value {
+        let mut response = self.echo.clone();
+        response["id"] = json!(id);
+        response["object"] = json!("response");
+        response["created_at"] = json!(0);
+        response["status"] = json!(status);
+        response["model"] = json!(self.model);
+        response["output"] = json!(output);
+        response["usage"] = usage.unwrap_or(Value::Null);
+        response
+    }
+}
+
+/// Padding OpenAI adds to each delta so that its length says nothing about
+/// the token's.
+fn obfuscation(delta: &str) -> String {
+    let pad = 16usize.saturating_sub(delta.len()).max(1);
+    "x".repeat(pad)
+}
+
+/// Sends events numbered from `*seq`; false when the client has gone.
+async fn send_all(
+    tx: &tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
+    seq: &mut u64,
+    events: Vec<Value>,
+) -> bool {
+    for mut event in events {
+        event["sequence_number"] = json!(*seq);
+        *seq += 1;
+        if tx.send(Ok(sse(&event))).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Streams tool calls: one output item per call (a function call, or a
+/// custom tool call for a custom tool), its arguments in one delta.
 async fn stream_calls(
     tx: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
-    model: &str,
+    answer: Answer<'_>,
     calls: &[(String, String)],
-    usage: &Usage,
-    lead: Option<Value>,
+    custom: &[String],
 ) {
     let response_id = format!("resp_mock{}", uuid::Uuid::now_v7().simple());
-    let base = |status: &str| skeleton(&response_id, model, status);
     let mut events = vec![
-        json!({"type": "response.created", "response": base("in_progress")}),
-        json!({"type": "response.in_progress", "response": base("in_progress")}),
+        json!({"type": "response.created", "response": answer.response(&response_id, "in_progress", &[], None)}),
+        json!({"type": "response.in_progress", "response": answer.response(&response_id, "in_progress", &[], None)}),
     ];
-    let mut items = Vec::new();
-    if let Some(lead) = lead {
-        events.extend(lead_events(&lead));
-        items.push(lead);
-    }
+    events.extend(lead_events(&answer.lead));
+    let mut items = answer.lead.clone();
     let first = items.len();
     for (index, (name, arguments)) in calls.iter().enumerate() {
         let index = index + first;
-        let item_id = format!("fc_mock{}", uuid::Uuid::now_v7().simple());
         let call_id = format!(
             "call_{:016x}",
             fnv(&format!("{response_id}/{index}/{name}"))
         );
-        let item = json!({"type": "function_call", "id": item_id, "call_id": call_id, "name": name,
-                          "arguments": arguments, "status": "completed"});
-        let mut added = item.clone();
-        added["arguments"] = json!("");
-        added["status"] = json!("in_progress");
-        events.push(
-            json!({"type": "response.output_item.added", "output_index": index, "item": added}),
-        );
-        events.push(
-            json!({"type": "response.function_call_arguments.delta", "item_id": item_id,
-                           "output_index": index, "delta": arguments}),
-        );
-        events.push(
-            json!({"type": "response.function_call_arguments.done", "item_id": item_id,
-                           "output_index": index, "arguments": arguments}),
-        );
+        let is_custom = custom.contains(name);
+        let item = if is_custom {
+            let item_id = format!("ctc_mock{}", uuid::Uuid::now_v7().simple());
+            let item = json!({"type": "custom_tool_call", "id": item_id, "call_id": call_id, "name": name,
+                              "input": arguments, "status": "completed"});
+            let mut added = item.clone();
+            added["input"] = json!("");
+            added["status"] = json!("in_progress");
+            events.push(
+                json!({"type": "response.output_item.added", "output_index": index, "item": added}),
+            );
+            events.push(json!({"type": "response.custom_tool_call_input.delta", "item_id": item_id,
+                               "output_index": index, "delta": arguments, "obfuscation": obfuscation(arguments)}));
+            events.push(
+                json!({"type": "response.custom_tool_call_input.done", "item_id": item_id,
+                               "output_index": index, "input": arguments}),
+            );
+            item
+        } else {
+            let item_id = format!("fc_mock{}", uuid::Uuid::now_v7().simple());
+            let item = json!({"type": "function_call", "id": item_id, "call_id": call_id, "name": name,
+                              "arguments": arguments, "status": "completed"});
+            let mut added = item.clone();
+            added["arguments"] = json!("");
+            added["status"] = json!("in_progress");
+            events.push(
+                json!({"type": "response.output_item.added", "output_index": index, "item": added}),
+            );
+            events.push(json!({"type": "response.function_call_arguments.delta", "item_id": item_id,
+                               "output_index": index, "delta": arguments, "obfuscation": obfuscation(arguments)}));
+            events.push(
+                json!({"type": "response.function_call_arguments.done", "item_id": item_id,
+                               "output_index": index, "name": name, "arguments": arguments}),
+            );
+            item
+        };
         events.push(
             json!({"type": "response.output_item.done", "output_index": index, "item": item}),
         );
         items.push(item);
     }
-    let mut done = base("completed");
-    done["output"] = json!(items);
-    done["usage"] = usage.json(
-        calls
-            .iter()
-            .map(|(_, a)| a.len().div_ceil(TOKEN_BYTES))
-            .sum(),
+    let output_tokens = calls
+        .iter()
+        .map(|(_, a)| a.len().div_ceil(TOKEN_BYTES))
+        .sum();
+    let done = answer.response(
+        &response_id,
+        "completed",
+        &items,
+        Some(answer.usage.json(output_tokens)),
     );
     events.push(json!({"type": "response.completed", "response": done}));
-    for (seq, mut event) in (0u64..).zip(events) {
-        event["sequence_number"] = json!(seq);
-        if tx.send(Ok(sse(&event))).await.is_err() {
-            return;
-        }
-    }
+    let mut seq = 0;
+    send_all(&tx, &mut seq, events).await;
 }
 
 async fn stream_answer(
     tx: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
     settings: &MockSettings,
-    model: &str,
+    answer: Answer<'_>,
     pieces: &[String],
-    usage: &Usage,
     disconnect: bool,
-    lead: Option<Value>,
 ) {
     let response_id = format!("resp_mock{}", uuid::Uuid::now_v7().simple());
     let item_id = format!("msg_mock{}", uuid::Uuid::now_v7().simple());
     let mut seq = 0u64;
-    let send = |value: Value| sse(&value);
-    let base = |status: &str| skeleton(&response_id, model, status);
-    let at = usize::from(lead.is_some());
+    let at = answer.lead.len();
     let mut events = vec![
-        json!({"type": "response.created", "response": base("in_progress")}),
-        json!({"type": "response.in_progress", "response": base("in_progress")}),
+        json!({"type": "response.created", "response": answer.response(&response_id, "in_progress", &[], None)}),
+        json!({"type": "response.in_progress", "response": answer.response(&response_id, "in_progress", &[], None)}),
     ];
-    if let Some(lead) = &lead {
-        events.extend(lead_events(lead));
-    }
+    events.extend(lead_events(&answer.lead));
     events.extend([
         json!({"type": "response.output_item.added", "output_index": at,
                "item": {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
         json!({"type": "response.content_part.added", "item_id": item_id, "output_index": at, "content_index": 0,
-               "part": {"type": "output_text", "text": "", "annotations": []}}),
+               "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
     ]);
-    for mut event in events.drain(..) {
-        event["sequence_number"] = json!(seq);
-        seq += 1;
-        if tx.send(Ok(send(event))).await.is_err() {
-            return;
-        }
+    if !send_all(&tx, &mut seq, events).await {
+        return;
     }
     let gap = first_token_wait(settings).await;
     for (i, piece) in pieces.iter().enumerate() {
@@ -596,9 +766,8 @@ async fn stream_answer(
             return;
         }
         let event = json!({"type": "response.output_text.delta", "item_id": item_id, "output_index": at,
-                           "content_index": 0, "delta": piece, "sequence_number": seq});
-        seq += 1;
-        if tx.send(Ok(send(event))).await.is_err() {
+                           "content_index": 0, "delta": piece, "logprobs": [], "obfuscation": obfuscation(piece)});
+        if !send_all(&tx, &mut seq, vec![event]).await {
             return;
         }
         if let Some(gap) = gap {
@@ -606,26 +775,25 @@ async fn stream_answer(
         }
     }
     let text: String = pieces.concat();
-    let output_tokens = pieces.len();
+    let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
     let item = json!({"id": item_id, "type": "message", "status": "completed", "role": "assistant",
-                      "content": [{"type": "output_text", "text": text, "annotations": []}]});
-    let mut done = base("completed");
-    done["output"] = json!(lead.into_iter().chain([item.clone()]).collect::<Vec<_>>());
-    done["usage"] = usage.json(output_tokens);
+                      "content": [part]});
+    let output: Vec<Value> = answer.lead.iter().cloned().chain([item.clone()]).collect();
+    let done = answer.response(
+        &response_id,
+        "completed",
+        &output,
+        Some(answer.usage.json(pieces.len())),
+    );
     let tail = vec![
-        json!({"type": "response.output_text.done", "item_id": item_id, "output_index": at, "content_index": 0, "text": text}),
+        json!({"type": "response.output_text.done", "item_id": item_id, "output_index": at, "content_index": 0,
+               "text": text, "logprobs": []}),
         json!({"type": "response.content_part.done", "item_id": item_id, "output_index": at, "content_index": 0,
-               "part": {"type": "output_text", "text": text, "annotations": []}}),
+               "part": part}),
         json!({"type": "response.output_item.done", "output_index": at, "item": item}),
         json!({"type": "response.completed", "response": done}),
     ];
-    for mut event in tail {
-        event["sequence_number"] = json!(seq);
-        seq += 1;
-        if tx.send(Ok(send(event))).await.is_err() {
-            return;
-        }
-    }
+    send_all(&tx, &mut seq, tail).await;
 }
 
 #[cfg(test)]

@@ -13,5 +13,8 @@ pub const FUNCTION_CALL_OUTPUT: &str = "fco";
 pub const REASONING: &str = "rs";
 /// Compaction items: `cmp_…`.
 pub const COMPACTION: &str = "cmp";
+/// Items of the kinds Turnpike keeps verbatim (hosted tool calls, custom,
+/// shell and patch calls and their outputs, …): `item_…`.
+pub const OTHER_ITEM: &str = "item";
 /// Responses (turns): `resp_…`.
 pub const RESPONSE: &str = "resp";

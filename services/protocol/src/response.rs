@@ -100,9 +100,57 @@ pub struct CreateResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<Object>>)]
     pub context_management: Option<Vec<serde_json::Value>>,
-    /// Refused: Turnpike chains turns through conversations.
+    /// Continue from this response: in its conversation when it is that
+    /// conversation's latest turn, else in a new conversation forked after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_response_id: Option<String>,
+    /// The most server-side tool calls the turn runs; further calls are
+    /// answered with an error instead of running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_calls: Option<u32>,
+    /// `stream_options.include_obfuscation: false` leaves the `obfuscation`
+    /// padding out of the streamed deltas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub stream_options: Option<serde_json::Value>,
+    /// Passed to the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<String>,
+    /// Passed to the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
+    /// Passed to the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_retention: Option<String>,
+    /// Passed to the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub prompt_cache_options: Option<serde_json::Value>,
+    /// Stored with the response and passed to the provider (string values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub client_metadata: Option<serde_json::Value>,
+    /// A stored prompt template of the provider's, passed to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub prompt: Option<serde_json::Value>,
+    /// Passed to the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub moderation: Option<serde_json::Value>,
+    /// Passed to the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub image: Option<serde_json::Value>,
+    /// Passed to the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub access_programs: Option<serde_json::Value>,
+    /// `completion_window`: every window is met (turns run as soon as a
+    /// worker is free).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub background_options: Option<serde_json::Value>,
     /// Extension: behaviour when the conversation already has an active turn.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multitask: Option<Multitask>,
@@ -162,6 +210,8 @@ impl Usage {
     pub fn add(&mut self, other: &Usage) {
         self.input_tokens += other.input_tokens;
         self.input_tokens_details.cached_tokens += other.input_tokens_details.cached_tokens;
+        self.input_tokens_details.cache_write_tokens +=
+            other.input_tokens_details.cache_write_tokens;
         self.output_tokens += other.output_tokens;
         self.output_tokens_details.reasoning_tokens += other.output_tokens_details.reasoning_tokens;
         self.total_tokens += other.total_tokens;
@@ -173,6 +223,8 @@ impl Usage {
 pub struct InputTokensDetails {
     /// Input tokens served from the provider's prompt cache.
     pub cached_tokens: u64,
+    /// Input tokens the provider wrote to its prompt cache.
+    pub cache_write_tokens: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -218,4 +270,24 @@ pub struct Response {
     pub top_p: Option<f64>,
     pub store: bool,
     pub truncation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_calls: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_retention: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety_identifier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub reasoning: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub text: Option<serde_json::Value>,
 }

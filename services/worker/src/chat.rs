@@ -41,7 +41,8 @@ pub(crate) async fn attempt(
     let response = match call.send().await {
         Ok(response) => response,
         Err(e) => {
-            let error = ProviderError::Transient(format!("model request failed: {e}"));
+            let error =
+                ProviderError::Transient(format!("model request failed: {}", e.without_url()));
             return (Err(error), None);
         }
     };
@@ -63,7 +64,7 @@ pub(crate) async fn attempt(
             // Some servers close the stream after the finish_reason without
             // `[DONE]`; the answer is whole by then.
             Ok(None) | Ok(Some(Err(_))) if assembly.finished => {
-                return (Ok(assembly.into_output()), None);
+                return (Ok(assembly.finish(on_progress)), None);
             }
             Ok(None) => {
                 let error = ProviderError::Transient(
@@ -71,14 +72,14 @@ pub(crate) async fn attempt(
                 );
                 return (Err(error), None);
             }
-            Ok(Some(Err(e))) => {
-                let error = ProviderError::Transient(format!("model stream: {e}"));
+            Ok(Some(Err(_))) => {
+                let error = ProviderError::Transient("the model stream broke off".to_owned());
                 return (Err(error), None);
             }
             Ok(Some(Ok(event))) => event,
         };
         if event.data.trim() == "[DONE]" {
-            return (Ok(assembly.into_output()), None);
+            return (Ok(assembly.finish(on_progress)), None);
         }
         let Ok(chunk) = serde_json::from_str::<Value>(&event.data) else {
             continue;
@@ -131,7 +132,14 @@ pub(crate) fn chat_request(request: &Value) -> Value {
     if let Some(max) = request.get("max_output_tokens").filter(|v| v.is_number()) {
         body.insert("max_tokens".into(), max.clone());
     }
-    for key in ["temperature", "top_p", "prompt_cache_key"] {
+    for key in [
+        "temperature",
+        "top_p",
+        "prompt_cache_key",
+        "service_tier",
+        "safety_identifier",
+        "user",
+    ] {
         if let Some(value) = request.get(key).filter(|v| !v.is_null()) {
             body.insert(key.into(), value.clone());
         }
@@ -364,10 +372,9 @@ fn responses_usage(usage: &Value) -> Value {
 
 /// One Responses output item being assembled from chunk deltas.
 enum Slot {
-    Message {
-        text: String,
-        refusal: String,
-    },
+    /// The assistant message: its parts (`output_text`, `refusal`) in the
+    /// order their first delta came, each with its text so far.
+    Message { parts: Vec<(PartKind, String)> },
     Call {
         call_id: String,
         name: String,
@@ -375,9 +382,28 @@ enum Slot {
     },
 }
 
-/// The answer being assembled from `chat.completion.chunk`s. Each output
-/// item (the text message, each tool call) takes the next output index when
-/// its first delta arrives, as the Responses API numbers them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    Text,
+    Refusal,
+}
+
+impl PartKind {
+    /// The part as OpenAI's Responses API shows it, with `text` in it.
+    fn part(self, text: &str) -> Value {
+        match self {
+            Self::Text => {
+                json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+            }
+            Self::Refusal => json!({"type": "refusal", "refusal": text}),
+        }
+    }
+}
+
+/// The answer being assembled from `chat.completion.chunk`s, streamed on as
+/// the Responses API's events. Each output item (the message, each tool
+/// call) takes the next output index when its first delta arrives, as the
+/// Responses API numbers them.
 #[derive(Default)]
 struct Assembly {
     slots: Vec<Slot>,
@@ -387,6 +413,8 @@ struct Assembly {
     calls: HashMap<u64, usize>,
     /// A finish_reason arrived: the answer is whole.
     finished: bool,
+    /// Why the answer stopped short (`length`, `content_filter`), if it did.
+    cut_short: Option<&'static str>,
     usage: Option<Value>,
 }
 
@@ -404,28 +432,13 @@ impl Assembly {
             .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0);
         let Some(choice) = choice else { return };
         if let Some(delta) = choice.get("delta") {
-            if let Some(text) = delta
-                .get("content")
-                .and_then(Value::as_str)
-                .filter(|t| !t.is_empty())
-            {
-                let index = self.message_slot(on_progress);
-                if let Some(Slot::Message { text: all, .. }) = self.slots.get_mut(index) {
-                    all.push_str(text);
-                }
-                on_progress(Progress::TextDelta {
-                    output_index: index as u64,
-                    delta: text,
-                });
-            }
-            if let Some(refusal) = delta
-                .get("refusal")
-                .and_then(Value::as_str)
-                .filter(|t| !t.is_empty())
-            {
-                let index = self.message_slot(on_progress);
-                if let Some(Slot::Message { refusal: all, .. }) = self.slots.get_mut(index) {
-                    all.push_str(refusal);
+            for (key, kind) in [("content", PartKind::Text), ("refusal", PartKind::Refusal)] {
+                if let Some(text) = delta
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty())
+                {
+                    self.apply_text(kind, text, on_progress);
                 }
             }
             for call in delta
@@ -437,11 +450,13 @@ impl Assembly {
                 self.apply_call(call, on_progress);
             }
         }
-        if choice
-            .get("finish_reason")
-            .is_some_and(|reason| reason.is_string())
-        {
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
             self.finished = true;
+            self.cut_short = match reason {
+                "length" => Some("max_output_tokens"),
+                "content_filter" => Some("content_filter"),
+                _ => None,
+            };
         }
     }
 
@@ -450,10 +465,7 @@ impl Assembly {
             return index;
         }
         let index = self.slots.len();
-        self.slots.push(Slot::Message {
-            text: String::new(),
-            refusal: String::new(),
-        });
+        self.slots.push(Slot::Message { parts: Vec::new() });
         self.message = Some(index);
         let item =
             json!({"type": "message", "role": "assistant", "status": "in_progress", "content": []});
@@ -462,6 +474,46 @@ impl Assembly {
             item: &item,
         });
         index
+    }
+
+    /// A text or refusal delta: the message and its part start on the
+    /// first one, as the Responses API announces them.
+    fn apply_text(
+        &mut self,
+        kind: PartKind,
+        delta: &str,
+        on_progress: &mut impl FnMut(Progress<'_>),
+    ) {
+        let index = self.message_slot(on_progress);
+        let Some(Slot::Message { parts }) = self.slots.get_mut(index) else {
+            return;
+        };
+        let content_index = match parts.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                parts.push((kind, String::new()));
+                let event = json!({"type": "response.content_part.added", "output_index": index,
+                    "content_index": parts.len() - 1, "part": kind.part("")});
+                on_progress(Progress::Event {
+                    output_index: index as u64,
+                    event: &event,
+                });
+                parts.len() - 1
+            }
+        };
+        if let Some((_, all)) = parts.get_mut(content_index) {
+            all.push_str(delta);
+        }
+        let event = match kind {
+            PartKind::Text => json!({"type": "response.output_text.delta", "output_index": index,
+                "content_index": content_index, "delta": delta, "logprobs": []}),
+            PartKind::Refusal => json!({"type": "response.refusal.delta", "output_index": index,
+                "content_index": content_index, "delta": delta}),
+        };
+        on_progress(Progress::Event {
+            output_index: index as u64,
+            event: &event,
+        });
     }
 
     fn apply_call(&mut self, call: &Value, on_progress: &mut impl FnMut(Progress<'_>)) {
@@ -529,51 +581,97 @@ impl Assembly {
             }
         }
         if let Some(delta) = arguments {
-            on_progress(Progress::ArgumentsDelta {
+            let event = json!({"type": "response.function_call_arguments.delta",
+                "output_index": index, "delta": delta});
+            on_progress(Progress::Event {
                 output_index: index as u64,
-                delta,
+                event: &event,
             });
+        }
+    }
+
+    /// The events that close each item's parts and arguments, as the
+    /// Responses API sends them before an item is done.
+    fn close(&self, on_progress: &mut impl FnMut(Progress<'_>)) {
+        for (index, slot) in self.slots.iter().enumerate() {
+            let mut events = Vec::new();
+            match slot {
+                Slot::Message { parts } => {
+                    for (content_index, (kind, text)) in parts.iter().enumerate() {
+                        events.push(match kind {
+                            PartKind::Text => json!({"type": "response.output_text.done",
+                                "output_index": index, "content_index": content_index,
+                                "text": text, "logprobs": []}),
+                            PartKind::Refusal => json!({"type": "response.refusal.done",
+                                "output_index": index, "content_index": content_index,
+                                "refusal": text}),
+                        });
+                        events.push(json!({"type": "response.content_part.done",
+                            "output_index": index, "content_index": content_index,
+                            "part": kind.part(text)}));
+                    }
+                }
+                Slot::Call { arguments, .. } => {
+                    events.push(json!({"type": "response.function_call_arguments.done",
+                        "output_index": index, "arguments": call_arguments(arguments)}));
+                }
+            }
+            for event in &events {
+                on_progress(Progress::Event {
+                    output_index: index as u64,
+                    event,
+                });
+            }
         }
     }
 
     /// The Responses-shaped output items, in output-index order.
     fn into_output(self) -> ModelOutput {
+        let status = if self.cut_short.is_some() {
+            "incomplete"
+        } else {
+            "completed"
+        };
         let items = self
             .slots
             .into_iter()
             .map(|slot| match slot {
-                Slot::Message { text, refusal } => {
-                    let mut content = Vec::new();
-                    if !text.is_empty() || refusal.is_empty() {
-                        content.push(
-                            json!({"type": "output_text", "text": text, "annotations": []}),
-                        );
+                Slot::Message { parts } => {
+                    let mut content: Vec<Value> =
+                        parts.iter().map(|(kind, text)| kind.part(text)).collect();
+                    if content.is_empty() {
+                        content.push(PartKind::Text.part(""));
                     }
-                    if !refusal.is_empty() {
-                        content.push(json!({"type": "refusal", "refusal": refusal}));
-                    }
-                    json!({"type": "message", "role": "assistant", "status": "completed", "content": content})
+                    json!({"type": "message", "role": "assistant", "status": status, "content": content})
                 }
                 Slot::Call {
                     call_id,
                     name,
                     arguments,
-                } => {
-                    // A call without arguments still has a JSON object of them.
-                    let arguments = if arguments.trim().is_empty() {
-                        "{}".to_owned()
-                    } else {
-                        arguments
-                    };
-                    json!({"type": "function_call", "call_id": call_id, "name": name,
-                        "arguments": arguments, "status": "completed"})
-                }
+                } => json!({"type": "function_call", "call_id": call_id, "name": name,
+                        "arguments": call_arguments(&arguments), "status": "completed"}),
             })
             .collect();
         ModelOutput {
             items,
             usage: self.usage,
+            incomplete: self.cut_short.map(|reason| json!({"reason": reason})),
         }
+    }
+
+    /// Closes the items and hands the answer over.
+    fn finish(self, on_progress: &mut impl FnMut(Progress<'_>)) -> ModelOutput {
+        self.close(on_progress);
+        self.into_output()
+    }
+}
+
+/// A call's arguments; one without any still has a JSON object of them.
+fn call_arguments(arguments: &str) -> String {
+    if arguments.trim().is_empty() {
+        "{}".to_owned()
+    } else {
+        arguments.to_owned()
     }
 }
 
@@ -685,21 +783,21 @@ mod tests {
                 Progress::ItemAdded { output_index, item } => {
                     json!({"added": output_index, "item": item})
                 }
-                Progress::TextDelta {
+                Progress::Event {
                     output_index,
-                    delta,
-                } => json!({"text": output_index, "delta": delta}),
-                Progress::ArgumentsDelta {
-                    output_index,
-                    delta,
-                } => json!({"arguments": output_index, "delta": delta}),
+                    event,
+                } => {
+                    assert_eq!(event["output_index"], output_index);
+                    event.clone()
+                }
             });
         };
         for chunk in chunks {
             assembly.apply(chunk, &mut on_progress);
         }
         let finished = assembly.finished;
-        (seen, assembly.into_output(), finished)
+        let output = assembly.finish(&mut on_progress);
+        (seen, output, finished)
     }
 
     fn chunk(delta: Value, finish_reason: Value) -> Value {
@@ -721,17 +819,23 @@ mod tests {
             seen,
             [
                 json!({"added": 0, "item": {"type": "message", "role": "assistant", "status": "in_progress", "content": []}}),
-                json!({"text": 0, "delta": "Hel"}),
-                json!({"text": 0, "delta": "lo"}),
+                json!({"type": "response.content_part.added", "output_index": 0, "content_index": 0,
+                    "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
+                json!({"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "Hel", "logprobs": []}),
+                json!({"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "lo", "logprobs": []}),
+                json!({"type": "response.output_text.done", "output_index": 0, "content_index": 0, "text": "Hello", "logprobs": []}),
+                json!({"type": "response.content_part.done", "output_index": 0, "content_index": 0,
+                    "part": {"type": "output_text", "text": "Hello", "annotations": [], "logprobs": []}}),
             ]
         );
         assert_eq!(
             output.items,
             [
                 json!({"type": "message", "role": "assistant", "status": "completed",
-                "content": [{"type": "output_text", "text": "Hello", "annotations": []}]})
+                "content": [{"type": "output_text", "text": "Hello", "annotations": [], "logprobs": []}]})
             ]
         );
+        assert_eq!(output.incomplete, None);
         assert_eq!(
             output.usage,
             Some(
@@ -768,9 +872,11 @@ mod tests {
             seen,
             [
                 json!({"added": 0, "item": {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "", "status": "in_progress"}}),
-                json!({"arguments": 0, "delta": "{\"city\":"}),
+                json!({"type": "response.function_call_arguments.delta", "output_index": 0, "delta": "{\"city\":"}),
                 json!({"added": 1, "item": {"type": "function_call", "call_id": "c2", "name": "time", "arguments": "", "status": "in_progress"}}),
-                json!({"arguments": 0, "delta": "\"Oslo\"}"}),
+                json!({"type": "response.function_call_arguments.delta", "output_index": 0, "delta": "\"Oslo\"}"}),
+                json!({"type": "response.function_call_arguments.done", "output_index": 0, "arguments": "{\"city\":\"Oslo\"}"}),
+                json!({"type": "response.function_call_arguments.done", "output_index": 1, "arguments": "{}"}),
             ]
         );
         assert_eq!(
@@ -781,6 +887,35 @@ mod tests {
             ]
         );
         assert_eq!(output.usage, None);
+    }
+
+    #[test]
+    fn a_refusal_and_an_answer_cut_at_its_length_are_kept() {
+        let (seen, output, _) = assemble(&[
+            chunk(json!({"refusal": "I can't"}), Value::Null),
+            chunk(json!({"content": "Par"}), Value::Null),
+            chunk(json!({}), json!("length")),
+        ]);
+        assert_eq!(
+            output.items,
+            [
+                json!({"type": "message", "role": "assistant", "status": "incomplete", "content": [
+                {"type": "refusal", "refusal": "I can't"},
+                {"type": "output_text", "text": "Par", "annotations": [], "logprobs": []}]})
+            ]
+        );
+        assert_eq!(
+            output.incomplete,
+            Some(json!({"reason": "max_output_tokens"}))
+        );
+        assert!(
+            seen.contains(&json!({"type": "response.refusal.delta", "output_index": 0,
+            "content_index": 0, "delta": "I can't"}))
+        );
+        assert!(seen.contains(
+            &json!({"type": "response.output_text.delta", "output_index": 0,
+            "content_index": 1, "delta": "Par", "logprobs": []})
+        ));
     }
 
     /// Serves one canned HTTP response to the first connection.

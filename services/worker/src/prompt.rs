@@ -18,23 +18,27 @@ use turnpike_protocol::item::Item;
 
 use crate::tools::ServerTool;
 
-/// The name of a tool as the model sees it.
+/// The name of a tool as the model sees it: a named tool's name (function,
+/// custom, namespace), else its type (`web_search`, `local_shell`, …), of
+/// which a request offers one each.
 pub(crate) fn tool_name(tool: &Value) -> &str {
-    tool.get("name").and_then(Value::as_str).unwrap_or("")
+    tool.get("name")
+        .and_then(Value::as_str)
+        .or_else(|| tool.get("type").and_then(Value::as_str))
+        .unwrap_or("")
 }
 
-/// A request's tools as the model sees them: function tools as given,
-/// Turnpike's server-side tools as the function definitions the worker runs,
-/// and the definitions its `mcp` entries were resolved to (listing a server
-/// is I/O, so the caller does it and passes them in).
+/// A request's tools as the model sees them: Turnpike's server-side tools as
+/// the function definitions the worker runs, the definitions its `mcp`
+/// entries were resolved to (listing a server is I/O, so the caller does it
+/// and passes them in), and every other tool (client-executed and
+/// provider-hosted kinds) as given.
 pub(crate) fn model_tools(request_tools: &[Value], mcp_tools: &[Value]) -> Vec<Value> {
     request_tools
         .iter()
         .filter_map(|tool| match ServerTool::from_request(tool) {
             Some(server) => Some(server.definition()),
-            None => {
-                (tool.get("type").and_then(Value::as_str) == Some("function")).then(|| tool.clone())
-            }
+            None => (tool.get("type").and_then(Value::as_str) != Some("mcp")).then(|| tool.clone()),
         })
         .chain(mcp_tools.iter().cloned())
         .collect()
@@ -145,8 +149,12 @@ pub(crate) fn request(
         "input": input,
         "stream": true,
         "store": false,
-        "prompt_cache_key": ids::encode(prefixes::CONVERSATION, row.conversation_id),
+        "prompt_cache_key": stored.prompt_cache_key.clone()
+            .unwrap_or_else(|| ids::encode(prefixes::CONVERSATION, row.conversation_id)),
     });
+    for (key, value) in &stored.provider_params {
+        body[key.as_str()] = value.clone();
+    }
     if let Some(instructions) = &frozen.instructions {
         body["instructions"] = json!(instructions);
     }

@@ -43,16 +43,22 @@ pub struct ModelOutput {
     /// Output items as the provider returned them.
     pub items: Vec<Value>,
     pub usage: Option<Value>,
+    /// Set when the provider ended the response `incomplete` (its
+    /// `incomplete_details`, e.g. `{"reason": "max_output_tokens"}`).
+    pub incomplete: Option<Value>,
 }
 
-/// What the turn sees while the model streams.
+/// What the turn sees while the model streams: OpenAI's streaming events
+/// for one output item, as the provider sent them (or, for a provider that
+/// speaks another protocol, as OpenAI would have).
 pub enum Progress<'a> {
-    /// A text delta of the output item at `output_index`.
-    TextDelta { output_index: u64, delta: &'a str },
-    /// An output item started.
+    /// An output item started (`response.output_item.added`).
     ItemAdded { output_index: u64, item: &'a Value },
-    /// A function call's arguments grew.
-    ArgumentsDelta { output_index: u64, delta: &'a str },
+    /// Any other event about the item at `output_index`: content parts,
+    /// text, refusal and argument deltas, reasoning summaries, a hosted
+    /// tool's progress. `response.output_item.done` is not one of them: the
+    /// turn announces an item done once it is stored.
+    Event { output_index: u64, event: &'a Value },
 }
 
 /// A Responses API client.
@@ -131,7 +137,8 @@ impl Provider {
             Err(e) => {
                 return (
                     Err(ProviderError::Transient(format!(
-                        "model request failed: {e}"
+                        "model request failed: {}",
+                        e.without_url()
                     ))),
                     None,
                 );
@@ -164,9 +171,11 @@ impl Provider {
                         None,
                     );
                 }
-                Ok(Some(Err(e))) => {
+                Ok(Some(Err(_))) => {
                     return (
-                        Err(ProviderError::Transient(format!("model stream: {e}"))),
+                        Err(ProviderError::Transient(
+                            "the model stream broke off".to_owned(),
+                        )),
                         None,
                     );
                 }
@@ -179,60 +188,52 @@ impl Provider {
                 .get("type")
                 .and_then(Value::as_str)
                 .unwrap_or(event.event.as_str());
-            let index = data
-                .get("output_index")
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
-            match kind {
-                "response.output_item.added" => {
+            let index = data.get("output_index").and_then(Value::as_u64);
+            match (kind, index) {
+                ("response.output_item.added", Some(output_index)) => {
                     if let Some(item) = data.get("item") {
-                        on_progress(Progress::ItemAdded {
-                            output_index: index,
-                            item,
-                        });
+                        on_progress(Progress::ItemAdded { output_index, item });
                     }
                 }
-                "response.output_text.delta" => {
-                    let delta = data.get("delta").and_then(Value::as_str).unwrap_or("");
-                    on_progress(Progress::TextDelta {
-                        output_index: index,
-                        delta,
-                    });
-                }
-                "response.function_call_arguments.delta" => {
-                    let delta = data.get("delta").and_then(Value::as_str).unwrap_or("");
-                    on_progress(Progress::ArgumentsDelta {
-                        output_index: index,
-                        delta,
-                    });
-                }
-                "response.output_item.done" => {
+                ("response.output_item.done", Some(_)) => {
                     if let Some(item) = data.get("item") {
                         output.items.push(item.clone());
                     }
                 }
-                "response.completed" | "response.incomplete" => {
+                ("response.completed" | "response.incomplete", _) => {
                     output.usage = data
                         .pointer("/response/usage")
                         .cloned()
                         .filter(|u| !u.is_null());
-                    if output.items.is_empty()
-                        && let Some(items) =
-                            data.pointer("/response/output").and_then(Value::as_array)
+                    // The final response object is the whole truth: items
+                    // streamed without their `done` event are in it too.
+                    if let Some(items) = data.pointer("/response/output").and_then(Value::as_array)
+                        && items.len() >= output.items.len()
                     {
                         output.items = items.clone();
                     }
+                    if kind == "response.incomplete" {
+                        output.incomplete = Some(
+                            data.pointer("/response/incomplete_details")
+                                .cloned()
+                                .filter(|d| !d.is_null())
+                                .unwrap_or_else(|| serde_json::json!({"reason": "unknown"})),
+                        );
+                    }
                     return (Ok(output), None);
                 }
-                "response.failed" | "error" => {
-                    let message = data
-                        .pointer("/response/error/message")
-                        .or_else(|| data.pointer("/error/message"))
-                        .or_else(|| data.get("message"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("the model failed")
-                        .to_owned();
-                    return (Err(ProviderError::Transient(message)), None);
+                ("response.failed" | "error", _) => {
+                    let error = data
+                        .pointer("/response/error")
+                        .or_else(|| data.get("error"))
+                        .unwrap_or(&data);
+                    return (Err(stream_error(error)), None);
+                }
+                (_, Some(output_index)) if kind.starts_with("response.") => {
+                    on_progress(Progress::Event {
+                        output_index,
+                        event: &data,
+                    });
                 }
                 _ => {}
             }
@@ -240,22 +241,74 @@ impl Provider {
     }
 }
 
-/// A 429's requested delay: `retry-after-ms` or `retry-after` (seconds).
+/// Error codes a provider reports in a failed response or an `error` event
+/// that a retry may fix; every other code (an invalid prompt, a content
+/// policy refusal, the context window, the quota) fails the turn at once.
+const RETRYABLE_CODES: [&str; 4] = [
+    "server_error",
+    "rate_limit_exceeded",
+    "vector_store_timeout",
+    "internal_error",
+];
+
+/// The failure a provider reported inside its stream. Only its code and
+/// message reach the turn's error: the message is the provider's own text
+/// about the request, not transport detail.
+fn stream_error(error: &Value) -> ProviderError {
+    let code = error
+        .get("code")
+        .and_then(Value::as_str)
+        .or_else(|| error.get("type").and_then(Value::as_str));
+    let message = error
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("the model failed");
+    let message: String = message.chars().take(300).collect();
+    let message = match code {
+        Some(code) => format!("the model failed ({code}): {message}"),
+        None => format!("the model failed: {message}"),
+    };
+    if code.is_none_or(|c| RETRYABLE_CODES.contains(&c)) {
+        ProviderError::Transient(message)
+    } else {
+        ProviderError::Fatal(message)
+    }
+}
+
+/// The longest delay a provider's `Retry-After` is honoured for; a longer
+/// one is cut to this, so a confused provider cannot park a turn for hours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// A 429's requested delay: `retry-after-ms` or `retry-after` (seconds),
+/// at most `MAX_RETRY_AFTER`.
 pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let read = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
-    if let Some(ms) = read("retry-after-ms") {
-        return Some(Duration::from_millis(ms.max(0.0) as u64));
-    }
-    read("retry-after").map(|s| Duration::from_millis((s.max(0.0) * 1000.0) as u64))
+    let delay = if let Some(ms) = read("retry-after-ms") {
+        Duration::from_millis(ms.clamp(0.0, 1e9) as u64)
+    } else {
+        Duration::from_millis((read("retry-after")?.clamp(0.0, 1e6) * 1000.0) as u64)
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
 }
 
 /// A refused request: 5xx and 429 are transient, unless the body names a
 /// context-length or quota error, which no retry can fix; the rest is fatal.
+/// The message names the status and the provider's error code, never the
+/// provider's body (which can echo the prompt or carry internals).
 pub(crate) fn http_error(status: reqwest::StatusCode, body: &str) -> ProviderError {
-    let message = format!(
-        "model answered {status}: {}",
-        body.chars().take(500).collect::<String>()
-    );
+    let code = serde_json::from_str::<Value>(body).ok().and_then(|v| {
+        v.pointer("/error/code")
+            .or_else(|| v.pointer("/error/type"))
+            .and_then(Value::as_str)
+            .filter(|c| {
+                c.len() <= 64 && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            })
+            .map(str::to_owned)
+    });
+    let message = match &code {
+        Some(code) => format!("the model answered {status} ({code})"),
+        None => format!("the model answered {status}"),
+    };
     let fatal_kind =
         body.contains("context_length_exceeded") || body.contains("insufficient_quota");
     if (status.is_server_error() || status.as_u16() == 429) && !fatal_kind {
@@ -295,10 +348,9 @@ impl Provider {
             }
             let (error, delay) = match call.send().await {
                 Ok(response) if response.status().is_success() => {
-                    let body: Value = response
-                        .json()
-                        .await
-                        .map_err(|e| ProviderError::Transient(format!("compaction answer: {e}")))?;
+                    let body: Value = response.json().await.map_err(|e| {
+                        ProviderError::Transient(format!("compaction answer: {}", e.without_url()))
+                    })?;
                     let output = body
                         .get("output")
                         .and_then(Value::as_array)
@@ -324,10 +376,7 @@ impl Provider {
                     let status = response.status();
                     let delay = retry_after(response.headers());
                     let body = response.text().await.unwrap_or_default();
-                    let message = format!(
-                        "compaction answered {status}: {}",
-                        body.chars().take(500).collect::<String>()
-                    );
+                    let message = format!("compaction: {}", http_error(status, &body));
                     if status.is_server_error() || status.as_u16() == 429 {
                         (ProviderError::Transient(message), delay)
                     } else {
@@ -335,7 +384,10 @@ impl Provider {
                     }
                 }
                 Err(e) => (
-                    ProviderError::Transient(format!("compaction request failed: {e}")),
+                    ProviderError::Transient(format!(
+                        "compaction request failed: {}",
+                        e.without_url()
+                    )),
                     None,
                 ),
             };

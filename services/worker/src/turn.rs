@@ -23,6 +23,10 @@ use crate::provider::{ModelOutput, Progress, ProviderError};
 use crate::tools::{self, CallScope, ServerTool};
 use crate::{Context, compact, prompt, tokens};
 
+/// How long the event log of a `store: false` turn is kept after its last
+/// event.
+const UNSTORED_EVENTS_RETENTION: Duration = Duration::from_secs(60);
+
 /// Runs a delivered turn to its end; never panics the worker.
 pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
     let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
@@ -134,6 +138,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
             status: "completed".into(),
             role: Role::Developer,
             content: vec![ContentPart::InputText { text: note.clone() }],
+            extra: Default::default(),
         };
         turns::insert_items(&mut tx, row.conversation_id, seq, &[item], Some(row.id)).await?;
         turns::extend_input(&mut tx, row.id, seq).await?;
@@ -160,7 +165,13 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         .ok()
         .flatten();
     let first_seq = logged.map_or(0, |s| s + 1);
-    let (emitter, events_tx) = Emitter::start(ctx, delivery.response.clone(), first_seq);
+    // A `store: false` turn's events outlive it only long enough for a
+    // client that lost its connection at the end to resume.
+    let mut retention = Duration::from_millis(ctx.settings.events.retention_ms);
+    if row.request.0.store == Some(false) {
+        retention = retention.min(UNSTORED_EVENTS_RETENTION);
+    }
+    let (emitter, events_tx) = Emitter::start(ctx, delivery.response.clone(), first_seq, retention);
 
     if delivery.deliveries > ctx.settings.worker.max_deliveries {
         let error = json!({"code": "too_many_deliveries",
@@ -209,6 +220,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         prompts,
         usage,
         events,
+        incomplete,
         ..
     } = turn;
     drop(events);
@@ -218,22 +230,19 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
             fail(ctx, &row, emitter, events_tx, &error).await
         }
         Some(Ok(())) => {
+            let (status, terminal) = match incomplete {
+                Some(_) => (ResponseStatus::Incomplete, "response.incomplete"),
+                None => (ResponseStatus::Completed, "response.completed"),
+            };
             let outcome = Outcome {
-                status: ResponseStatus::Completed,
+                status,
                 output: &output,
                 prompts: &prompts,
                 usage: usage.as_ref(),
                 error: None,
+                incomplete_details: incomplete.as_ref(),
             };
-            finish(
-                ctx,
-                &row,
-                emitter,
-                events_tx,
-                &outcome,
-                "response.completed",
-            )
-            .await
+            finish(ctx, &row, emitter, events_tx, &outcome, terminal).await
         }
         Some(Err(LoopError::Provider(e))) => {
             let error = json!({"code": e.code(), "message": e.to_string()});
@@ -298,6 +307,7 @@ impl From<sqlx::Error> for LoopError {
 }
 
 /// A function call in the model's output, and who answers it.
+#[derive(Clone)]
 enum Call {
     /// A server-side tool this turn offers: the worker runs it.
     Server(ServerTool, String, String),
@@ -308,6 +318,9 @@ enum Call {
     Client,
     /// A tool this turn does not offer: answered with an error at once.
     Unavailable(String, String),
+    /// A server-side call past the request's `max_tool_calls`: answered
+    /// with an error, not run.
+    Refused(String),
 }
 
 /// The agent loop of one turn: model call, tool calls, model call, … until
@@ -337,6 +350,10 @@ struct Loop<'a> {
     measured: Option<(u64, usize)>,
     events: mpsc::UnboundedSender<Value>,
     lsn: Lsn,
+    /// Set when the model ended its answer `incomplete`: the turn ends so.
+    incomplete: Option<Value>,
+    /// Server-side tool calls answered so far (`max_tool_calls` bounds them).
+    tool_calls: u32,
 }
 
 impl<'a> Loop<'a> {
@@ -349,8 +366,13 @@ impl<'a> Loop<'a> {
         events: mpsc::UnboundedSender<Value>,
         lsn: Lsn,
     ) -> Self {
+        // Functions inside a client's `namespace` tools are offered too.
         let offered = prompt::model_tools(&row.request.0.tools, mcp_tools)
             .iter()
+            .flat_map(|t| {
+                let nested = t.get("tools").and_then(Value::as_array);
+                std::iter::once(t).chain(nested.into_iter().flatten())
+            })
             .map(|t| prompt::tool_name(t).to_owned())
             .collect();
         let mcp_offered = mcp_tools
@@ -374,6 +396,8 @@ impl<'a> Loop<'a> {
             measured: None,
             events,
             lsn,
+            incomplete: None,
+            tool_calls: 0,
         }
     }
 
@@ -401,6 +425,9 @@ impl<'a> Loop<'a> {
             StepKind::Tools => {
                 self.window
                     .extend(step.items.iter().filter_map(prompt::input_of));
+                self.tool_calls = self
+                    .tool_calls
+                    .saturating_add(u32::try_from(step.items.len()).unwrap_or(u32::MAX));
             }
         }
         if let Some(usage) = &step.usage {
@@ -427,6 +454,9 @@ impl<'a> Loop<'a> {
     async fn run(&mut self) -> Result<(), LoopError> {
         loop {
             if self.last == Some(StepKind::Model) {
+                if self.incomplete.is_some() {
+                    return Ok(());
+                }
                 let calls = self.calls_to_answer();
                 if calls.iter().any(|c| !matches!(c, Call::Client)) {
                     self.run_tools(&calls).await?;
@@ -448,7 +478,9 @@ impl<'a> Loop<'a> {
         }
     }
 
-    /// The function calls of the latest model step.
+    /// The calls of the latest model step: function calls, and the other
+    /// call kinds a client executes (custom, shell, patch calls), which end
+    /// the turn like a client's function call.
     fn calls_to_answer(&self) -> Vec<Call> {
         self.output[self.last_model_from..]
             .iter()
@@ -465,10 +497,12 @@ impl<'a> Loop<'a> {
                     None if self.mcp_offered.contains(name) => {
                         Call::Mcp(call_id.clone(), name.clone(), arguments.clone())
                     }
-                    _ if self.offered.contains(name) => Call::Client,
+                    _ if self.offered.contains(name) || item_namespace(item).is_some() => {
+                        Call::Client
+                    }
                     _ => Call::Unavailable(call_id.clone(), name.clone()),
                 }),
-                _ => None,
+                other => other.client_call_id().map(|_| Call::Client),
             })
             .collect()
     }
@@ -559,17 +593,27 @@ impl<'a> Loop<'a> {
         let request = self.request();
         let offset = self.output.len() as u64;
         let events = self.events.clone();
-        let mut item_ids: HashMap<u64, Uuid> = HashMap::new();
+        let mut item_ids = ItemIds::new();
+        let include_obfuscation = self.row.request.0.include_obfuscation != Some(false);
         let output = self
             .ctx
             .provider
             .stream(
                 &request,
-                |progress| relay(&events, &mut item_ids, offset, progress),
+                |progress| {
+                    relay(
+                        &events,
+                        &mut item_ids,
+                        offset,
+                        include_obfuscation,
+                        progress,
+                    )
+                },
                 |_error: &ProviderError| {},
             )
             .await?;
         let items = to_items(&output, &item_ids);
+        self.incomplete = output.incomplete;
         let usage: Option<Usage> = output.usage.and_then(|u| serde_json::from_value(u).ok());
         self.commit(Step {
             index: self.next_step,
@@ -580,9 +624,7 @@ impl<'a> Loop<'a> {
         })
         .await?;
         for (index, item) in (offset..).zip(&items) {
-            for event in done_events(index, item) {
-                self.emit(event);
-            }
+            self.emit(done_event(index, item));
         }
         Ok(())
     }
@@ -599,6 +641,26 @@ impl<'a> Loop<'a> {
         };
         let settings = &self.ctx.settings.tools;
         let mcp = &self.ctx.mcp;
+        // Calls past the request's `max_tool_calls` are answered, not run.
+        let mut budget = self
+            .row
+            .request
+            .0
+            .max_tool_calls
+            .map(|max| max.saturating_sub(self.tool_calls));
+        let calls: Vec<Call> = calls
+            .iter()
+            .map(|call| match (call, budget.as_mut()) {
+                (Call::Server(_, call_id, _) | Call::Mcp(call_id, _, _), Some(0)) => {
+                    Call::Refused(call_id.clone())
+                }
+                (Call::Server(..) | Call::Mcp(..), Some(left)) => {
+                    *left -= 1;
+                    call.clone()
+                }
+                _ => call.clone(),
+            })
+            .collect();
         let runs = calls.iter().filter_map(|call| match call {
             Call::Server(tool, call_id, arguments) => {
                 let scope = &scope;
@@ -619,6 +681,11 @@ impl<'a> Loop<'a> {
                 }
                 .boxed(),
             ),
+            Call::Refused(call_id) => {
+                let output =
+                    json!({"error": "max_tool_calls reached: this call was not run"}).to_string();
+                Some(std::future::ready((call_id.clone(), output)).boxed())
+            }
             Call::Unavailable(call_id, name) => {
                 let output =
                     json!({"error": format!("the tool {name} is not available in this response")})
@@ -634,7 +701,7 @@ impl<'a> Loop<'a> {
                 id: ids::encode(prefixes::FUNCTION_CALL_OUTPUT, Uuid::now_v7()),
                 status: "completed".into(),
                 call_id,
-                output,
+                output: output.into(),
             })
             .collect();
         let offset = self.output.len() as u64;
@@ -659,12 +726,27 @@ impl<'a> Loop<'a> {
     }
 }
 
-/// Forwards the model's progress as the response's events, numbering items
-/// after the response's earlier output.
+/// The namespace a function call names (a function inside a `namespace`
+/// tool the client offered), if any.
+fn item_namespace(item: &Item) -> Option<&str> {
+    match item {
+        Item::FunctionCall { extra, .. } => extra.get("namespace").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+/// The ids Turnpike gives the output items of one model call, by the
+/// provider's output index: the row id and the public id announced.
+type ItemIds = HashMap<u64, (Uuid, String)>;
+
+/// Forwards the model's progress as the response's events: the provider's
+/// own events, with Turnpike's item ids and output indexes numbered after
+/// the response's earlier output.
 fn relay(
     events: &mpsc::UnboundedSender<Value>,
-    item_ids: &mut HashMap<u64, Uuid>,
+    item_ids: &mut ItemIds,
     offset: u64,
+    include_obfuscation: bool,
     progress: Progress<'_>,
 ) {
     match progress {
@@ -673,129 +755,81 @@ fn relay(
                 .get("type")
                 .and_then(Value::as_str)
                 .unwrap_or("message");
-            let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
+            let uuid = Uuid::now_v7();
             let public = ids::encode(ids::item_prefix(kind), uuid);
             let mut added = item.clone();
             added["id"] = json!(public);
-            let index = offset + output_index;
-            let _ = events.send(
-                json!({"type": "response.output_item.added", "output_index": index, "item": added}),
-            );
-            if kind == "message" {
-                let _ = events.send(
-                    json!({"type": "response.content_part.added", "item_id": public,
-                    "output_index": index, "content_index": 0,
-                    "part": {"type": "output_text", "text": "", "annotations": []}}),
-                );
+            item_ids.insert(output_index, (uuid, public));
+            let _ = events.send(json!({"type": "response.output_item.added",
+                "output_index": offset + output_index, "item": added}));
+        }
+        Progress::Event {
+            output_index,
+            event,
+        } => {
+            let Some(fields) = event.as_object() else {
+                return;
+            };
+            let (_, public) = item_ids.entry(output_index).or_insert_with(|| {
+                let uuid = Uuid::now_v7();
+                (uuid, ids::encode(prefixes::MESSAGE, uuid))
+            });
+            let mut forwarded = fields.clone();
+            forwarded.remove("sequence_number");
+            if !include_obfuscation {
+                forwarded.remove("obfuscation");
             }
-        }
-        Progress::ArgumentsDelta {
-            output_index,
-            delta,
-        } => {
-            let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
-            let _ = events.send(json!({"type": "response.function_call_arguments.delta",
-                "item_id": ids::encode(prefixes::FUNCTION_CALL, uuid),
-                "output_index": offset + output_index, "delta": delta}));
-        }
-        Progress::TextDelta {
-            output_index,
-            delta,
-        } => {
-            let uuid = *item_ids.entry(output_index).or_insert_with(Uuid::now_v7);
-            let _ = events.send(json!({"type": "response.output_text.delta",
-                "item_id": ids::encode(prefixes::MESSAGE, uuid),
-                "output_index": offset + output_index, "content_index": 0, "delta": delta}));
+            forwarded.insert("item_id".into(), json!(public));
+            forwarded.insert("output_index".into(), json!(offset + output_index));
+            let _ = events.send(Value::Object(forwarded));
         }
     }
 }
 
-/// The events that close an output item.
-fn done_events(index: u64, item: &Item) -> Vec<Value> {
-    let mut out = Vec::new();
-    match item {
-        Item::Message { id, content, .. } => {
-            let text: String = content.iter().filter_map(ContentPart::text).collect();
-            out.push(json!({"type": "response.output_text.done", "item_id": id,
-                "output_index": index, "content_index": 0, "text": text}));
-            out.push(json!({"type": "response.content_part.done", "item_id": id,
-                "output_index": index, "content_index": 0,
-                "part": content.first().map_or(Value::Null, |p| serde_json::to_value(p).unwrap_or(Value::Null))}));
-        }
-        Item::FunctionCall { id, arguments, .. } => {
-            out.push(json!({"type": "response.function_call_arguments.done",
-                "item_id": id, "output_index": index, "arguments": arguments}));
-        }
-        _ => {}
-    }
-    out.push(
-        json!({"type": "response.output_item.done", "output_index": index,
-        "item": serde_json::to_value(item).unwrap_or(Value::Null)}),
-    );
-    out
+/// The event that closes an output item, sent once the item is stored.
+fn done_event(index: u64, item: &Item) -> Value {
+    json!({"type": "response.output_item.done", "output_index": index,
+        "item": serde_json::to_value(item).unwrap_or(Value::Null)})
 }
 
 /// The provider's output items as stored items, with the ids announced in
-/// the stream.
-fn to_items(output: &ModelOutput, item_ids: &HashMap<u64, Uuid>) -> Vec<Item> {
-    let mut items = Vec::new();
-    for (index, raw) in (0u64..).zip(&output.items) {
-        let uuid = item_ids.get(&index).copied().unwrap_or_else(Uuid::now_v7);
-        let field = |name: &str| {
-            raw.get(name)
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned()
-        };
-        match raw.get("type").and_then(Value::as_str) {
-            Some("message") => {
-                let role = raw
-                    .get("role")
-                    .and_then(|r| serde_json::from_value::<Role>(r.clone()).ok())
-                    .unwrap_or(Role::Assistant);
-                let content: Vec<ContentPart> = raw
-                    .get("content")
-                    .and_then(Value::as_array)
-                    .map(|parts| {
-                        parts
-                            .iter()
-                            .filter_map(|p| serde_json::from_value(p.clone()).ok())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                items.push(Item::Message {
-                    id: ids::encode(prefixes::MESSAGE, uuid),
-                    status: "completed".into(),
-                    role,
-                    content,
-                });
-            }
-            Some("function_call") => items.push(Item::FunctionCall {
-                id: ids::encode(prefixes::FUNCTION_CALL, uuid),
-                status: "completed".into(),
-                call_id: field("call_id"),
-                name: field("name"),
-                arguments: field("arguments"),
-            }),
-            // Kept exactly as received: it goes back to the provider.
-            Some("reasoning") => items.push(Item::Reasoning {
-                id: ids::encode(prefixes::REASONING, uuid),
-                summary: raw
-                    .get("summary")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default(),
-                encrypted_content: raw
-                    .get("encrypted_content")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
-            }),
-            other => {
-                tracing::debug!(kind = ?other, "skipping an output item kind Turnpike does not store yet")
-            }
-        }
+/// the stream. Nothing is dropped: an item Turnpike cannot model is kept
+/// whole.
+fn to_items(output: &ModelOutput, item_ids: &ItemIds) -> Vec<Item> {
+    (0u64..)
+        .zip(&output.items)
+        .map(|(index, raw)| {
+            let uuid = item_ids
+                .get(&index)
+                .map_or_else(Uuid::now_v7, |(uuid, _)| *uuid);
+            stored_item(raw, uuid)
+        })
+        .collect()
+}
+
+/// One provider output item as Turnpike stores it: Turnpike's id in place
+/// of the provider's (which means nothing once `store` is false), a status
+/// when the provider gave none, everything else as received.
+pub(crate) fn stored_item(raw: &Value, uuid: Uuid) -> Item {
+    let mut fields = raw.as_object().cloned().unwrap_or_default();
+    let kind = fields
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("message")
+        .to_owned();
+    fields.insert("type".into(), json!(kind));
+    fields.insert(
+        "id".into(),
+        json!(ids::encode(ids::item_prefix(&kind), uuid)),
+    );
+    if matches!(kind.as_str(), "message" | "function_call") && !fields.contains_key("status") {
+        fields.insert("status".into(), json!("completed"));
     }
-    items
+    if kind == "message" && !fields.contains_key("role") {
+        fields.insert("role".into(), json!("assistant"));
+    }
+    serde_json::from_value(Value::Object(fields.clone()))
+        .unwrap_or_else(|_| Item::Other(fields.into_iter().collect()))
 }
 
 async fn fail(
@@ -811,6 +845,7 @@ async fn fail(
         prompts: &[],
         usage: None,
         error: Some(error),
+        incomplete_details: None,
     };
     finish(ctx, row, emitter, events_tx, &outcome, "response.failed").await
 }
@@ -828,6 +863,12 @@ async fn finish(
 ) -> Result<(), TurnError> {
     let mut tx = ctx.router.write().await?;
     let finished = turns::finish(&mut tx, row, outcome).await?;
+    // `store: false`: the turn ran and streamed; nothing of it is kept.
+    // Such a turn always has a conversation of its own.
+    let unstored = row.request.0.store == Some(false);
+    if unstored {
+        turns::purge_conversation(&mut tx, row.conversation_id).await?;
+    }
     let next = turns::next_queued(&mut tx, row.conversation_id).await?;
     let lsn: Lsn = tx.commit().await?;
     // All before the terminal event, in parallel (independent Redis keys): a
@@ -837,7 +878,7 @@ async fn finish(
         ctx.last_writes.record(row.user_id, lsn),
         record_usage(ctx, row.user_id, outcome.usage),
         async {
-            if !outcome.output.is_empty() {
+            if !outcome.output.is_empty() || unstored {
                 changed(ctx, row.conversation_id, lsn).await;
             }
         },
@@ -915,10 +956,10 @@ impl Emitter {
         ctx: &Context,
         response: String,
         first_seq: u64,
+        retention: Duration,
     ) -> (tokio::task::JoinHandle<()>, mpsc::UnboundedSender<Value>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
         let kv = ctx.kv.clone();
-        let retention = Duration::from_millis(ctx.settings.events.retention_ms);
         let task = tokio::spawn(async move {
             let mut seq = first_seq;
             while let Some(mut event) = rx.recv().await {

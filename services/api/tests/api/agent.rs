@@ -181,12 +181,12 @@ async fn tool_calls_are_bounded_in_time_and_size_and_fetch_refuses_private_targe
     assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
     drop(silent);
 
-    // A tool the request does not offer is never run.
+    // A tool type no provider or server knows is refused by name.
     let refused = user
         .call(
             "POST",
             "/v1/responses",
-            Some(json!({"tools": [{"type": "web_search"}], "input": "hi"})),
+            Some(json!({"tools": [{"type": "telepathy"}], "input": "hi"})),
         )
         .await;
     assert_eq!(refused.error(400)["param"], "tools[0].type");

@@ -92,7 +92,7 @@ async fn a_streamed_echo_arrives_exactly_and_is_stored() {
         stored["output"][0],
         json!({
             "type": "message", "id": stored["output"][0]["id"], "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": "Turnpikes charge tolls.", "annotations": []}]
+            "content": [{"type": "output_text", "text": "Turnpikes charge tolls.", "annotations": [], "logprobs": []}]
         })
     );
     let items = user.list_items(&conversation, "?order=asc").await;

@@ -71,6 +71,37 @@ async fn bad_bodies_are_refused_by_name(paths: Paths) {
         .add_items(&id, json!([{"role": "wizard", "content": "x"}]))
         .await;
     bad_role.error(400);
+
+    // U+0000, which PostgreSQL text and jsonb cannot hold, is a 400 naming
+    // the field, in items and metadata alike; nothing is stored.
+    let nul = user
+        .call(
+            "POST",
+            "/v1/conversations",
+            Some(json!({"items": [{"role": "user", "content": "a\u{0}b"}]})),
+        )
+        .await;
+    let error = nul.error(400);
+    assert_eq!(error["param"], "items[0].content");
+    assert!(
+        error["message"].as_str().unwrap().contains("U+0000"),
+        "{error}"
+    );
+    let nul_metadata = user
+        .call(
+            "POST",
+            "/v1/conversations",
+            Some(json!({"metadata": {"note": "a\u{0}b"}})),
+        )
+        .await;
+    assert_eq!(nul_metadata.error(400)["param"], "metadata.note");
+    let nul_item = user
+        .add_items(
+            &id,
+            json!([{"role": "user", "content": [{"type": "input_text", "text": "\u{0}"}]}]),
+        )
+        .await;
+    assert_eq!(nul_item.error(400)["param"], "items[0].content[0].text");
     let bad_type = user
         .add_items(&id, json!([{"type": "telegram", "text": "x"}]))
         .await;
@@ -251,7 +282,37 @@ async fn model_parameters_are_checked_before_a_turn_exists() {
         ),
         (json!({"reasoning": {"budget": 3}}), "reasoning.budget"),
         (json!({"text": "json"}), "text"),
-        (json!({"tools": [{"type": "web_search"}]}), "tools[0].type"),
+        (json!({"tools": [{"type": "telepathy"}]}), "tools[0].type"),
+        // A client's tool never shadows a server-side one.
+        (
+            json!({"tools": [{"type": "function", "name": "conversation_search"}]}),
+            "tools[0].name",
+        ),
+        (json!({"service_tier": "turbo"}), "service_tier"),
+        (json!({"top_logprobs": 21}), "top_logprobs"),
+        (
+            json!({"prompt_cache_retention": "forever"}),
+            "prompt_cache_retention",
+        ),
+        (json!({"client_metadata": {"n": 1}}), "client_metadata"),
+        (json!({"moderation": "strict"}), "moderation"),
+        (
+            json!({"store": false, "conversation": "conv_0198c0de000070008000000000000001"}),
+            "store",
+        ),
+        (
+            json!({"previous_response_id": "resp_0198c0de000070008000000000000001",
+                   "conversation": "conv_0198c0de000070008000000000000001"}),
+            "previous_response_id",
+        ),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "input_hologram"}]}]}),
+            "input[0].content[0].type",
+        ),
+        // PostgreSQL cannot store U+0000: named, not a 500.
+        (json!({"input": "a\u{0}b"}), "input"),
+        (json!({"metadata": {"k": "a\u{0}b"}}), "metadata.k"),
+        (json!({"instructions": "be\u{0}brief"}), "instructions"),
         (json!({"tools": [{"type": "function"}]}), "tools[0].name"),
         (
             json!({"tools": [{"type": "conversation_search"}, {"type": "conversation_search"}]}),
