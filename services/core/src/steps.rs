@@ -51,6 +51,9 @@ pub struct Step {
     pub kind: StepKind,
     pub items: Vec<Item>,
     pub usage: Option<Usage>,
+    /// A compaction step: the prompt window it stands for. A model step:
+    /// its output items exactly as the provider sent them (what goes back
+    /// to the provider), one per item.
     pub prompt: Option<Vec<serde_json::Value>>,
 }
 

@@ -356,7 +356,8 @@ pub async fn cancel(
 pub struct Outcome<'a> {
     pub status: ResponseStatus,
     pub output: &'a [Item],
-    /// Prompt windows of compaction items in `output`, by item id.
+    /// The prompt input standing for items of `output`, by item id: a
+    /// compaction's window, a provider's item exactly as it was sent.
     pub prompts: &'a [(String, Vec<serde_json::Value>)],
     pub usage: Option<&'a Usage>,
     pub error: Option<&'a serde_json::Value>,
@@ -395,26 +396,15 @@ pub async fn finish(
         )
         .await?
         .unwrap_or(response.input_last_seq + 1);
-        insert_items(
+        insert_items_with_prompts(
             db,
             response.conversation_id,
             first,
             outcome.output,
+            outcome.prompts,
             Some(response.id),
         )
         .await?;
-        for (item, prompt) in outcome.prompts {
-            let Some(id) = ids::parse_item(item) else {
-                continue;
-            };
-            sqlx::query("UPDATE items SET prompt = $3 WHERE conversation_id = $1 AND id = $2")
-                .bind(response.conversation_id)
-                .bind(id)
-                .bind(SqlJson(prompt))
-                .persistent(prepared)
-                .execute(db.conn())
-                .await?;
-        }
     }
     sqlx::query_as(&format!(
         "UPDATE responses SET status = $2, output = $3, usage = $4, error = $5,
@@ -552,13 +542,27 @@ pub async fn purge_conversation(
     Ok(())
 }
 
+/// Makes text from a model or a tool storable: PostgreSQL's text and jsonb
+/// cannot hold U+0000, so each one becomes the six characters `\u0000`,
+/// escaped rather than dropped. Clients, which can be told, get a 400
+/// instead (the api refuses such text).
+pub fn escape_nul(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => {
+            *text = text.replace('\0', "\\u0000");
+        }
+        serde_json::Value::Array(values) => values.iter_mut().for_each(escape_nul),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(escape_nul),
+        _ => {}
+    }
+}
+
 /// The stored `kind` of an item.
 pub fn kind_of(item: &Item) -> &str {
     item.kind()
 }
 
 /// Inserts items at `first_seq..`. Primary only, in the caller's transaction.
-#[tracing::instrument(level = "debug", skip(db, items))]
 pub async fn insert_items(
     db: &mut impl DbConn,
     conversation: Uuid,
@@ -566,6 +570,31 @@ pub async fn insert_items(
     items: &[Item],
     response: Option<Uuid>,
 ) -> Result<(), sqlx::Error> {
+    insert_items_with_prompts(db, conversation, first_seq, items, &[], response).await
+}
+
+/// Inserts items at `first_seq..`, each with the prompt input that stands
+/// for it when that is not the item itself (by item id: a compaction's
+/// window, a provider's output item exactly as the provider sent it).
+/// Primary only, in the caller's transaction.
+#[tracing::instrument(level = "debug", skip(db, items, prompts))]
+pub async fn insert_items_with_prompts(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+    first_seq: i64,
+    items: &[Item],
+    prompts: &[(String, Vec<serde_json::Value>)],
+    response: Option<Uuid>,
+) -> Result<(), sqlx::Error> {
+    let mut prompt_of: Vec<Option<serde_json::Value>> = Vec::with_capacity(items.len());
+    for item in items {
+        prompt_of.push(
+            prompts
+                .iter()
+                .find(|(id, _)| id == item.id())
+                .map(|(_, prompt)| serde_json::Value::from(prompt.clone())),
+        );
+    }
     let mut seqs = Vec::with_capacity(items.len());
     let mut uuids = Vec::with_capacity(items.len());
     let mut kinds = Vec::with_capacity(items.len());
@@ -578,9 +607,10 @@ pub async fn insert_items(
     }
     let prepared = db.prepared();
     sqlx::query(
-        "INSERT INTO items (conversation_id, seq, id, kind, body, response_id)
-         SELECT $1, seq, id, kind, body, $6
-         FROM UNNEST($2::int8[], $3::uuid[], $4::text[], $5::jsonb[]) AS t (seq, id, kind, body)",
+        "INSERT INTO items (conversation_id, seq, id, kind, body, response_id, prompt)
+         SELECT $1, seq, id, kind, body, $6, prompt
+         FROM UNNEST($2::int8[], $3::uuid[], $4::text[], $5::jsonb[], $7::jsonb[])
+              AS t (seq, id, kind, body, prompt)",
     )
     .bind(conversation)
     .bind(&seqs)
@@ -588,6 +618,7 @@ pub async fn insert_items(
     .bind(&kinds)
     .bind(&bodies)
     .bind(response)
+    .bind(&prompt_of)
     .persistent(prepared)
     .execute(db.conn())
     .await?;
@@ -595,7 +626,8 @@ pub async fn insert_items(
 }
 
 /// One item of a turn's history, with the prompt input that stands for it
-/// when that differs from the item (a compaction item's window).
+/// when that differs from the item (a compaction item's window, a
+/// provider's output item as the provider sent it).
 #[derive(Debug, Clone)]
 pub struct HistoryItem {
     pub item: Item,

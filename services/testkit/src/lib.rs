@@ -395,6 +395,21 @@ impl Agents {
         agents
     }
 
+    /// Workers only, on `settings` as they are (their model provider
+    /// included): for tests that bring their own provider.
+    pub async fn workers(settings: &Settings) -> Agents {
+        // `stop_workers` takes the first stop to be the mock model's.
+        let (placeholder, _) = oneshot::channel::<()>();
+        let mut agents = Agents {
+            mock_url: String::new(),
+            stops: vec![placeholder],
+            tasks: Vec::new(),
+            workers: Vec::new(),
+        };
+        agents.add_worker(settings).await;
+        agents
+    }
+
     /// The mock model's latest requests made with `prompt_cache_key`
     /// (a conversation id), oldest first.
     pub async fn model_requests(&self, prompt_cache_key: &str) -> Vec<Value> {
@@ -461,6 +476,76 @@ impl Drop for Agents {
         for task in self.tasks.iter().chain(&self.workers) {
             task.abort();
         }
+    }
+}
+
+/// A model provider that plays recorded transcripts: each request, to
+/// `/responses` or `/chat/completions`, gets the next transcript's body as
+/// the provider sent it (SSE); a request past the last one gets a 500.
+/// Every request's body is kept for the test to read.
+pub struct Replay {
+    /// The provider's base URL (`…/v1`).
+    pub url: String,
+    requests: Arc<std::sync::Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Replay {
+    pub async fn start(transcripts: Vec<String>) -> Replay {
+        use axum::response::IntoResponse;
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let queue = Arc::new(std::sync::Mutex::new(
+            transcripts
+                .into_iter()
+                .collect::<std::collections::VecDeque<_>>(),
+        ));
+        let log = requests.clone();
+        let answer = move |body: axum::Json<Value>| {
+            let log = log.clone();
+            let queue = queue.clone();
+            async move {
+                log.lock().unwrap().push(body.0);
+                match queue.lock().unwrap().pop_front() {
+                    Some(transcript) => (
+                        [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+                        transcript,
+                    )
+                        .into_response(),
+                    None => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        axum::Json(
+                            serde_json::json!({"error": {"message": "no more transcripts",
+                            "type": "server_error", "code": "server_error", "param": null}}),
+                        ),
+                    )
+                        .into_response(),
+                }
+            }
+        };
+        let app = axum::Router::new()
+            .route("/v1/responses", axum::routing::post(answer.clone()))
+            .route("/v1/chat/completions", axum::routing::post(answer));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Replay {
+            url,
+            requests,
+            task,
+        }
+    }
+
+    /// The request bodies received so far, oldest first.
+    pub fn requests(&self) -> Vec<Value> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -380,6 +380,9 @@ enum Slot {
         name: String,
         arguments: String,
     },
+    /// The model's reasoning, as servers that show it send it
+    /// (`reasoning_content` from vLLM, `reasoning` from Ollama and others).
+    Reasoning { text: String },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -409,6 +412,8 @@ struct Assembly {
     slots: Vec<Slot>,
     /// The text message's output index, once it has started.
     message: Option<usize>,
+    /// The reasoning item's output index, once it has started.
+    reasoning: Option<usize>,
     /// Output indexes by the chunk's tool-call index.
     calls: HashMap<u64, usize>,
     /// A finish_reason arrived: the answer is whole.
@@ -432,6 +437,15 @@ impl Assembly {
             .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0);
         let Some(choice) = choice else { return };
         if let Some(delta) = choice.get("delta") {
+            for key in ["reasoning_content", "reasoning"] {
+                if let Some(text) = delta
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty())
+                {
+                    self.apply_reasoning(text, on_progress);
+                }
+            }
             for (key, kind) in [("content", PartKind::Text), ("refusal", PartKind::Refusal)] {
                 if let Some(text) = delta
                     .get(key)
@@ -510,6 +524,35 @@ impl Assembly {
             PartKind::Refusal => json!({"type": "response.refusal.delta", "output_index": index,
                 "content_index": content_index, "delta": delta}),
         };
+        on_progress(Progress::Event {
+            output_index: index as u64,
+            event: &event,
+        });
+    }
+
+    /// A reasoning delta: the reasoning item starts on the first one.
+    fn apply_reasoning(&mut self, delta: &str, on_progress: &mut impl FnMut(Progress<'_>)) {
+        let index = match self.reasoning {
+            Some(index) => index,
+            None => {
+                let index = self.slots.len();
+                self.slots.push(Slot::Reasoning {
+                    text: String::new(),
+                });
+                self.reasoning = Some(index);
+                let item = json!({"type": "reasoning", "summary": [], "content": [], "status": "in_progress"});
+                on_progress(Progress::ItemAdded {
+                    output_index: index as u64,
+                    item: &item,
+                });
+                index
+            }
+        };
+        if let Some(Slot::Reasoning { text }) = self.slots.get_mut(index) {
+            text.push_str(delta);
+        }
+        let event = json!({"type": "response.reasoning_text.delta", "output_index": index,
+            "content_index": 0, "delta": delta});
         on_progress(Progress::Event {
             output_index: index as u64,
             event: &event,
@@ -615,6 +658,10 @@ impl Assembly {
                     events.push(json!({"type": "response.function_call_arguments.done",
                         "output_index": index, "arguments": call_arguments(arguments)}));
                 }
+                Slot::Reasoning { text } => {
+                    events.push(json!({"type": "response.reasoning_text.done",
+                        "output_index": index, "content_index": 0, "text": text}));
+                }
             }
             for event in &events {
                 on_progress(Progress::Event {
@@ -650,6 +697,8 @@ impl Assembly {
                     arguments,
                 } => json!({"type": "function_call", "call_id": call_id, "name": name,
                         "arguments": call_arguments(&arguments), "status": "completed"}),
+                Slot::Reasoning { text } => json!({"type": "reasoning", "summary": [],
+                    "content": [{"type": "reasoning_text", "text": text}], "status": "completed"}),
             })
             .collect();
         ModelOutput {

@@ -124,13 +124,14 @@ pub(crate) fn input_of(item: &Item) -> Option<Value> {
 }
 
 /// The prompt input of a turn's history: from the latest compaction's
-/// window on.
+/// window on; a provider's output item as the provider sent it.
 pub(crate) fn window_of(history: &[HistoryItem]) -> Vec<Value> {
     let mut window = Vec::new();
     for entry in history {
         match (&entry.item, &entry.prompt) {
             (Item::Compaction { .. }, Some(prompt)) => window.clone_from(prompt),
-            (item, _) => window.extend(input_of(item)),
+            (_, Some(prompt)) => window.extend(prompt.iter().cloned()),
+            (item, None) => window.extend(input_of(item)),
         }
     }
     window

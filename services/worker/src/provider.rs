@@ -22,17 +22,50 @@ pub enum ProviderError {
     /// The provider refused the request (4xx, context length, quota). Not retried.
     #[error("{0}")]
     Fatal(String),
+    /// The provider failed the response with one of OpenAI's error codes
+    /// that no retry can fix (an invalid prompt, a policy violation, a bad
+    /// image). Not retried; the code reaches the client as it came.
+    #[error("{message}")]
+    Refused { code: &'static str, message: String },
 }
+
+/// The error codes of OpenAI's response object (`ResponseError.code`): the
+/// only codes a failed response carries, so that SDKs can read them.
+pub const OPENAI_ERROR_CODES: [&str; 21] = [
+    "server_error",
+    "rate_limit_exceeded",
+    "invalid_prompt",
+    "data_residency_mismatch",
+    "bio_policy",
+    "misalignment_policy_violation",
+    "vector_store_timeout",
+    "invalid_image",
+    "invalid_image_format",
+    "invalid_base64_image",
+    "invalid_image_url",
+    "image_too_large",
+    "image_too_small",
+    "image_parse_error",
+    "image_content_policy_violation",
+    "invalid_image_mode",
+    "image_file_too_large",
+    "unsupported_image_media_type",
+    "empty_image_file",
+    "failed_to_download_image",
+    "image_file_not_found",
+];
 
 impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Transient(_))
     }
 
+    /// The failed response's `error.code`: the provider's own when it is
+    /// one of OpenAI's, else `server_error` (the message says more).
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Transient(_) => "model_unavailable",
-            Self::Fatal(_) => "model_error",
+            Self::Refused { code, .. } => code,
+            Self::Transient(_) | Self::Fatal(_) => "server_error",
         }
     }
 }
@@ -268,10 +301,13 @@ fn stream_error(error: &Value) -> ProviderError {
         Some(code) => format!("the model failed ({code}): {message}"),
         None => format!("the model failed: {message}"),
     };
-    if code.is_none_or(|c| RETRYABLE_CODES.contains(&c)) {
-        ProviderError::Transient(message)
-    } else {
-        ProviderError::Fatal(message)
+    match code {
+        None => ProviderError::Transient(message),
+        Some(c) if RETRYABLE_CODES.contains(&c) => ProviderError::Transient(message),
+        Some(c) => match OPENAI_ERROR_CODES.iter().find(|known| **known == c) {
+            Some(code) => ProviderError::Refused { code, message },
+            None => ProviderError::Fatal(message),
+        },
     }
 }
 

@@ -174,8 +174,8 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     let (emitter, events_tx) = Emitter::start(ctx, delivery.response.clone(), first_seq, retention);
 
     if delivery.deliveries > ctx.settings.worker.max_deliveries {
-        let error = json!({"code": "too_many_deliveries",
-            "message": format!("The turn was interrupted {} times and will not be retried.", delivery.deliveries - 1)});
+        let error = json!({"code": "server_error",
+            "message": format!("too_many_deliveries: the turn was interrupted {} times and will not be retried.", delivery.deliveries - 1)});
         return fail(ctx, &row, emitter, events_tx, &error).await;
     }
 
@@ -249,8 +249,8 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
             fail(ctx, &row, emitter, events_tx, &error).await
         }
         Some(Err(LoopError::TooManySteps(n))) => {
-            let error = json!({"code": "max_steps_exceeded",
-                "message": format!("The turn made {n} model calls without reaching an answer (worker.max_steps).")});
+            let error = json!({"code": "server_error",
+                "message": format!("max_steps_exceeded: the turn made {n} model calls without reaching an answer (worker.max_steps).")});
             fail(ctx, &row, emitter, events_tx, &error).await
         }
         Some(Err(LoopError::Turn(e))) => Err(e),
@@ -414,8 +414,18 @@ impl<'a> Loop<'a> {
             }
             StepKind::Model => {
                 self.last_model_from = self.output.len();
-                self.window
-                    .extend(step.items.iter().filter_map(prompt::input_of));
+                // The provider's items go back to it as it sent them.
+                match &step.prompt {
+                    Some(raw) if raw.len() == step.items.len() => {
+                        self.window.extend(raw.iter().cloned());
+                        for (item, raw) in step.items.iter().zip(raw) {
+                            self.prompts.push((item.id().to_owned(), vec![raw.clone()]));
+                        }
+                    }
+                    _ => self
+                        .window
+                        .extend(step.items.iter().filter_map(prompt::input_of)),
+                }
                 self.model_calls += 1;
                 self.measured = step
                     .usage
@@ -612,6 +622,8 @@ impl<'a> Loop<'a> {
                 |_error: &ProviderError| {},
             )
             .await?;
+        let mut output = output;
+        output.items.iter_mut().for_each(turns::escape_nul);
         let items = to_items(&output, &item_ids);
         self.incomplete = output.incomplete;
         let usage: Option<Usage> = output.usage.and_then(|u| serde_json::from_value(u).ok());
@@ -620,7 +632,7 @@ impl<'a> Loop<'a> {
             kind: StepKind::Model,
             items: items.clone(),
             usage,
-            prompt: None,
+            prompt: Some(output.items),
         })
         .await?;
         for (index, item) in (offset..).zip(&items) {
@@ -701,7 +713,8 @@ impl<'a> Loop<'a> {
                 id: ids::encode(prefixes::FUNCTION_CALL_OUTPUT, Uuid::now_v7()),
                 status: "completed".into(),
                 call_id,
-                output: output.into(),
+                // Tools may answer with text PostgreSQL cannot store.
+                output: output.replace('\0', "\\u0000").into(),
             })
             .collect();
         let offset = self.output.len() as u64;
@@ -759,6 +772,7 @@ fn relay(
             let public = ids::encode(ids::item_prefix(kind), uuid);
             let mut added = item.clone();
             added["id"] = json!(public);
+            turns::escape_nul(&mut added);
             item_ids.insert(output_index, (uuid, public));
             let _ = events.send(json!({"type": "response.output_item.added",
                 "output_index": offset + output_index, "item": added}));
@@ -779,9 +793,20 @@ fn relay(
             if !include_obfuscation {
                 forwarded.remove("obfuscation");
             }
+            // OpenAI always sends logprobs on text events; some compatible
+            // servers leave them out, and SDKs expect them.
+            if matches!(
+                forwarded.get("type").and_then(Value::as_str),
+                Some("response.output_text.delta" | "response.output_text.done")
+            ) {
+                forwarded.entry("logprobs").or_insert_with(|| json!([]));
+            }
             forwarded.insert("item_id".into(), json!(public));
             forwarded.insert("output_index".into(), json!(offset + output_index));
-            let _ = events.send(Value::Object(forwarded));
+            // Streamed as it is stored.
+            let mut forwarded = Value::Object(forwarded);
+            turns::escape_nul(&mut forwarded);
+            let _ = events.send(forwarded);
         }
     }
 }

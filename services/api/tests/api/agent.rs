@@ -208,7 +208,7 @@ async fn compaction_run(
         .repeat(16);
     let turn = |input: String| {
         json!({"conversation": conversation, "input": input, "stream": true,
-               "context_management": [{"type": "compaction", "compact_threshold": 450}]})
+               "context_management": [{"type": "compaction", "compact_threshold": 520}]})
     };
     let mut streams = Vec::new();
     for input in [format!("/echo {long}"), "hello".into(), "and now?".into()] {
@@ -367,9 +367,19 @@ async fn reasoning_and_frozen_prompt_settings_are_passed_back_unchanged() {
         b["input"].as_array().unwrap(),
     );
     assert_eq!(bi[..ai.len()], ai[..]);
+    // As the mock sent it: its own id included.
+    let reasoning = &bi[ai.len()];
     assert_eq!(
-        bi[ai.len()],
-        json!({"type": "reasoning", "summary": [], "encrypted_content": encrypted})
+        (
+            &reasoning["type"],
+            &reasoning["summary"],
+            &reasoning["encrypted_content"]
+        ),
+        (&json!("reasoning"), &json!([]), &json!(encrypted))
+    );
+    assert!(
+        reasoning["id"].as_str().unwrap().starts_with("rs_mock"),
+        "{reasoning}"
     );
     assert_eq!(bi[ai.len() + 2]["content"][0]["text"], "/echo ok");
     let note = bi[ai.len() + 3]["content"][0]["text"].as_str().unwrap();

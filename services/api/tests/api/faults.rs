@@ -146,7 +146,14 @@ async fn a_turn_delivered_too_often_fails_with_a_clear_error() {
     let events = stream.read_to_end().await;
     let last = &events.last().unwrap().data;
     assert_eq!(last["type"], "response.failed", "{last}");
-    assert_eq!(last["response"]["error"]["code"], "too_many_deliveries");
+    assert_eq!(last["response"]["error"]["code"], "server_error");
+    assert!(
+        last["response"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("too_many_deliveries"),
+        "{last}"
+    );
     let stored = user.call("GET", &format!("/v1/responses/{id}"), None).await;
     assert_eq!(stored.ok()["status"], "failed");
 }

@@ -29,6 +29,7 @@ mod limits;
 mod openapi;
 mod overload;
 mod processes;
+mod providers;
 mod routing;
 mod sdk;
 mod turns;
