@@ -157,6 +157,14 @@ impl ApiError {
         e
     }
 
+    /// 502: the model failed the request; `message` is the turn's
+    /// (sanitized) error, which names no internals.
+    pub fn upstream(message: &str) -> Self {
+        let mut e = Self::new(StatusCode::BAD_GATEWAY, ErrorType::ServerError, message);
+        e.code = Some("model_error");
+        e
+    }
+
     /// 500; `cause` is logged and not shown.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

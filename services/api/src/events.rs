@@ -48,25 +48,47 @@ fn header(data: &str) -> Option<(String, u64)> {
     Some((header.kind.to_owned(), header.sequence_number))
 }
 
+/// One event of a response's stream, as logged.
+pub struct Logged {
+    pub kind: String,
+    pub seq: u64,
+    /// The event's JSON.
+    pub data: String,
+}
+
+/// `row`'s events after `after`, in order, ending with the terminal event;
+/// dropping the receiver stops the stream.
+pub fn follow(app: &AppState, row: ResponseRow, after: Option<u64>) -> mpsc::Receiver<Logged> {
+    let (tx, rx) = mpsc::channel::<Logged>(256);
+    tokio::spawn(pump(app.clone(), row, after, tx));
+    rx
+}
+
 /// An SSE response streaming `row`'s events after `after`.
 pub fn stream(app: &AppState, row: ResponseRow, after: Option<u64>) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(256);
+    use tokio_stream::StreamExt;
     let keepalive = Duration::from_millis(app.settings.events.keepalive_ms);
-    tokio::spawn(pump(app.clone(), row, after, tx));
-    Sse::new(ReceiverStream::new(rx))
+    let events = ReceiverStream::new(follow(app, row, after)).map(|logged| {
+        Ok::<_, Infallible>(
+            Event::default()
+                .event(logged.kind)
+                .id(logged.seq.to_string())
+                .data(logged.data),
+        )
+    });
+    Sse::new(events)
         .keep_alive(KeepAlive::new().interval(keepalive))
         .into_response()
 }
 
 /// Sends one logged event; false when the client is gone.
-async fn send(
-    tx: &mpsc::Sender<Result<Event, Infallible>>,
-    kind: &str,
-    seq: u64,
-    data: &str,
-) -> bool {
-    let event = Event::default().event(kind).id(seq.to_string()).data(data);
-    tx.send(Ok(event)).await.is_ok()
+async fn send(tx: &mpsc::Sender<Logged>, kind: &str, seq: u64, data: &str) -> bool {
+    let logged = Logged {
+        kind: kind.to_owned(),
+        seq,
+        data: data.to_owned(),
+    };
+    tx.send(logged).await.is_ok()
 }
 
 enum Step {
@@ -81,7 +103,7 @@ async fn replay(
     app: &AppState,
     response: &str,
     last: Option<u64>,
-    tx: &mpsc::Sender<Result<Event, Infallible>>,
+    tx: &mpsc::Sender<Logged>,
 ) -> Step {
     let logged = match events::read_after(&app.kv, response, last).await {
         Ok(logged) => logged,
@@ -116,12 +138,7 @@ async fn replay(
     Step::Continue(last)
 }
 
-async fn pump(
-    app: AppState,
-    row: ResponseRow,
-    after: Option<u64>,
-    tx: mpsc::Sender<Result<Event, Infallible>>,
-) {
+async fn pump(app: AppState, row: ResponseRow, after: Option<u64>, tx: mpsc::Sender<Logged>) {
     let response = row.public_id();
     // Subscribe before reading the log: nothing published in between is lost.
     let mut subscription = app.hub.subscribe(&response).await;
@@ -179,7 +196,7 @@ async fn finished_without_log(
     app: &AppState,
     row: &ResponseRow,
     after: Option<u64>,
-    tx: &mpsc::Sender<Result<Event, Infallible>>,
+    tx: &mpsc::Sender<Logged>,
 ) -> bool {
     let (id, user) = (row.id, row.user_id);
     let current = app
@@ -224,29 +241,38 @@ pub fn synthesize(row: &ResponseRow) -> Vec<Value> {
     ];
     for (index, item) in api.output.iter().enumerate() {
         let mut added = serde_json::to_value(item).unwrap_or(Value::Null);
-        if let Item::Message { id, content, .. } = item {
-            added["status"] = json!("in_progress");
-            added["content"] = json!([]);
-            out.push(
+        match item {
+            Item::Message { id, content, .. } => {
+                added["status"] = json!("in_progress");
+                added["content"] = json!([]);
+                out.push(json!({"type": "response.output_item.added", "output_index": index, "item": added}));
+                for (part_index, part) in content.iter().enumerate() {
+                    let at =
+                        json!({"item_id": id, "output_index": index, "content_index": part_index});
+                    out.extend(part_events(&at, part));
+                }
+            }
+            Item::FunctionCall {
+                id,
+                name,
+                arguments,
+                ..
+            } => {
+                added["status"] = json!("in_progress");
+                added["arguments"] = json!("");
+                out.push(json!({"type": "response.output_item.added", "output_index": index, "item": added}));
+                out.push(
+                    json!({"type": "response.function_call_arguments.delta", "item_id": id,
+                    "output_index": index, "delta": arguments}),
+                );
+                out.push(
+                    json!({"type": "response.function_call_arguments.done", "item_id": id,
+                    "output_index": index, "name": name, "arguments": arguments}),
+                );
+            }
+            _ => out.push(
                 json!({"type": "response.output_item.added", "output_index": index, "item": added}),
-            );
-            let text: String = content.iter().filter_map(ContentPart::text).collect();
-            out.push(json!({"type": "response.content_part.added", "item_id": id, "output_index": index,
-                "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}));
-            out.push(
-                json!({"type": "response.output_text.delta", "item_id": id, "output_index": index,
-                "content_index": 0, "delta": text}),
-            );
-            out.push(
-                json!({"type": "response.output_text.done", "item_id": id, "output_index": index,
-                "content_index": 0, "text": text}),
-            );
-            out.push(json!({"type": "response.content_part.done", "item_id": id, "output_index": index,
-                "content_index": 0, "part": {"type": "output_text", "text": text, "annotations": []}}));
-        } else {
-            out.push(
-                json!({"type": "response.output_item.added", "output_index": index, "item": added}),
-            );
+            ),
         }
         out.push(
             json!({"type": "response.output_item.done", "output_index": index,
@@ -261,6 +287,44 @@ pub fn synthesize(row: &ResponseRow) -> Vec<Value> {
     };
     out.push(json!({"type": terminal, "response": snapshot}));
     out
+}
+
+/// The events that stream one stored content part, as OpenAI sends them;
+/// `at` holds the part's `item_id`, `output_index` and `content_index`.
+fn part_events(at: &Value, part: &ContentPart) -> Vec<Value> {
+    let with = |fields: Value| {
+        let mut event = at.clone();
+        if let (Some(event), Some(fields)) = (event.as_object_mut(), fields.as_object()) {
+            event.extend(fields.clone());
+        }
+        event
+    };
+    let done_part = serde_json::to_value(part).unwrap_or(Value::Null);
+    let (empty, middle) = match part {
+        ContentPart::OutputText { text, .. } => (
+            json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []}),
+            vec![
+                json!({"type": "response.output_text.delta", "delta": text, "logprobs": []}),
+                json!({"type": "response.output_text.done", "text": text, "logprobs": []}),
+            ],
+        ),
+        ContentPart::Refusal { refusal } => (
+            json!({"type": "refusal", "refusal": ""}),
+            vec![
+                json!({"type": "response.refusal.delta", "delta": refusal}),
+                json!({"type": "response.refusal.done", "refusal": refusal}),
+            ],
+        ),
+        _ => (done_part.clone(), Vec::new()),
+    };
+    let mut events = vec![with(
+        json!({"type": "response.content_part.added", "part": empty}),
+    )];
+    events.extend(middle.into_iter().map(with));
+    events.push(with(
+        json!({"type": "response.content_part.done", "part": done_part}),
+    ));
+    events
 }
 
 /// Waits up to `timeout` for the response's terminal event and returns the

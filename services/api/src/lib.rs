@@ -4,6 +4,7 @@
 //! so tests can ask for port 0 and read the real port.
 
 pub mod admin;
+pub mod chat;
 pub mod conversations;
 pub mod error;
 pub mod events;
@@ -244,6 +245,7 @@ pub fn routes(state: AppState) -> axum::Router {
         .merge(conversations::router())
         .merge(items::router())
         .merge(responses::router())
+        .merge(chat::router())
         .merge(admin::router())
         .merge(health::router())
         .merge(openapi::router())

@@ -51,6 +51,64 @@ pub async fn create(
     Auth(principal): Auth,
     Json(body): Json<CreateResponse>,
 ) -> Result<HttpResponse, ApiError> {
+    let started = start(&app, &principal, &body).await?;
+    let (row, lsn) = (started.row, started.lsn);
+    if body.stream == Some(true) {
+        let mut response = events::stream(&app, row, None);
+        if let Ok(value) = axum::http::HeaderValue::from_str(&lsn.to_string()) {
+            response
+                .headers_mut()
+                .insert(crate::extract::CONSISTENCY_HEADER, value);
+        }
+        return Ok(response);
+    }
+    if started.waiting.is_some() {
+        let done = wait(&app, &row).await;
+        return Ok(written(lsn, StatusCode::OK, &done));
+    }
+    Ok(written(lsn, StatusCode::OK, &row.to_api()))
+}
+
+/// A turn created and queued.
+pub(crate) struct Started {
+    pub row: ResponseRow,
+    /// The consistency token of the create.
+    pub lsn: turnpike_core::db::Lsn,
+    /// Held from before the turn could start when the caller will wait for
+    /// its end, so a fast turn's end is not missed.
+    pub waiting: Option<turnpike_core::events::Subscription>,
+}
+
+/// Waits for a turn's end (up to `api.response_wait_ms`) and returns the
+/// response as it then is.
+pub(crate) async fn wait(app: &AppState, row: &ResponseRow) -> serde_json::Value {
+    let public = row.public_id();
+    let timeout = Duration::from_millis(app.settings.api.response_wait_ms);
+    if let Some(done) = events::wait_for_end(app, &public, timeout).await {
+        return done;
+    }
+    let (id, user) = (row.id, row.user_id);
+    let current = app
+        .router
+        .read(Consistency::Strong, move |db| {
+            Box::pin(async move { find(db, id, user).await })
+        })
+        .await;
+    let api = match current {
+        Ok(Some(current)) => current.to_api(),
+        _ => row.to_api(),
+    };
+    serde_json::to_value(api).unwrap_or_default()
+}
+
+/// Checks a create request, stores the turn (its input items and a
+/// `queued` response, in one transaction on the primary) and queues it:
+/// what `POST /v1/responses` and the Chat Completions front door share.
+pub(crate) async fn start(
+    app: &AppState,
+    principal: &turnpike_core::auth::Principal,
+    body: &CreateResponse,
+) -> Result<Started, ApiError> {
     if body.previous_response_id.is_some() && body.conversation.is_some() {
         return Err(ApiError::invalid(
             "previous_response_id",
@@ -82,7 +140,7 @@ pub async fn create(
         check_context_management(entries)?;
     }
     check_passed_through(body.reasoning.as_ref(), body.text.as_ref())?;
-    let provider_params = provider_params(&body)?;
+    let provider_params = provider_params(body)?;
     let model = body
         .model
         .clone()
@@ -148,7 +206,7 @@ pub async fn create(
         }
     };
     // Counted after an interrupt has cancelled the turn it replaces.
-    crate::limits::check_active_turns(&app, &mut tx, principal.user_id).await?;
+    crate::limits::check_active_turns(app, &mut tx, principal.user_id).await?;
     let id = Uuid::now_v7();
     // A turn that runs now appends its input at once; one waiting behind the
     // active turn keeps it pending, so it lands after that turn's output.
@@ -188,16 +246,16 @@ pub async fn create(
     )
     .await?;
     let lsn = tx.commit().await?;
-    app.wrote_to(&principal, conversation, lsn).await;
+    app.wrote_to(principal, conversation, lsn).await;
     let public = row.public_id();
     // Subscribe before the turn can start, so a fast turn's end is not missed.
-    let waiting = (body.stream != Some(true) && !background).then(|| app.hub.subscribe(&public));
-    let waiting = match waiting {
-        Some(subscribing) => Some(subscribing.await),
-        None => None,
+    let waiting = if body.stream != Some(true) && !background {
+        Some(app.hub.subscribe(&public).await)
+    } else {
+        None
     };
     for (id, previous) in interrupted {
-        announce_cancel(&app, &ids::encode(prefixes::RESPONSE, id), &previous).await;
+        announce_cancel(app, &ids::encode(prefixes::RESPONSE, id), &previous).await;
     }
     // A turn behind an active one is dispatched by the worker that finishes the active one.
     if dispatch_now
@@ -205,32 +263,7 @@ pub async fn create(
     {
         tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
     }
-    if body.stream == Some(true) {
-        let mut response = events::stream(&app, row, None);
-        if let Ok(value) = axum::http::HeaderValue::from_str(&lsn.to_string()) {
-            response
-                .headers_mut()
-                .insert(crate::extract::CONSISTENCY_HEADER, value);
-        }
-        return Ok(response);
-    }
-    if waiting.is_some() {
-        let timeout = Duration::from_millis(app.settings.api.response_wait_ms);
-        if let Some(done) = events::wait_for_end(&app, &public, timeout).await {
-            return Ok(written(lsn, StatusCode::OK, &done));
-        }
-        let (id, user) = (row.id, row.user_id);
-        if let Ok(Some(current)) = app
-            .router
-            .read(Consistency::Strong, move |db| {
-                Box::pin(async move { find(db, id, user).await })
-            })
-            .await
-        {
-            return Ok(written(lsn, StatusCode::OK, &current.to_api()));
-        }
-    }
-    Ok(written(lsn, StatusCode::OK, &row.to_api()))
+    Ok(Started { row, lsn, waiting })
 }
 
 /// The conversation a `previous_response_id` continues: the response's own

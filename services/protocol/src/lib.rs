@@ -5,6 +5,7 @@
 //! serializes them, the tests and the load test deserialize them: one
 //! definition keeps both sides honest.
 
+pub mod chat;
 pub mod conversation;
 pub mod error;
 pub mod ids;

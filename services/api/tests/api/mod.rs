@@ -20,6 +20,7 @@ macro_rules! both_paths {
 mod agent;
 mod cache;
 mod chat_provider;
+mod clients;
 mod conversations;
 mod failover;
 mod faults;
