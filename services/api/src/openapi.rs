@@ -30,6 +30,8 @@ use crate::limits::RateLimitedResponses;
         crate::responses::retrieve,
         crate::responses::input_items,
         crate::responses::cancel,
+        crate::responses::delete,
+        crate::responses::input_tokens,
         crate::chat::create,
         crate::chat::models,
         crate::chat::model,

@@ -33,7 +33,8 @@ use crate::{AppState, Path, ids, written};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/responses", post(create))
-        .route("/v1/responses/{response_id}", get(retrieve))
+        .route("/v1/responses/input_tokens", post(input_tokens))
+        .route("/v1/responses/{response_id}", get(retrieve).delete(delete))
         .route("/v1/responses/{response_id}/input_items", get(input_items))
         .route("/v1/responses/{response_id}/cancel", post(cancel))
 }
@@ -538,6 +539,163 @@ pub async fn cancel(
     app.wrote(&principal, lsn).await;
     announce_cancel(&app, &row.public_id(), &previous).await;
     Ok(written(lsn, StatusCode::OK, &row.to_api()))
+}
+
+/// Delete a response. An active one is cancelled first; the items it
+/// added stay in its conversation.
+#[utoipa::path(delete, path = "/v1/responses/{response_id}", tag = "responses",
+    params(("response_id" = String, Path)),
+    responses((status = 200, description = "`{id, object: \"response.deleted\", deleted: true}`"),
+        (status = 401, body = turnpike_protocol::ErrorBody),
+        (status = 404, body = turnpike_protocol::ErrorBody), (status = 503, body = turnpike_protocol::ErrorBody)))]
+pub async fn delete(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Path(response_id): Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = ids::decode(prefixes::RESPONSE, "response", &response_id)?;
+    let mut tx = app.router.write().await?;
+    let (row, previous) = turns::cancel(&mut tx, id, principal.user_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("response", &response_id))?;
+    turns::delete(&mut tx, id, principal.user_id).await?;
+    let lsn = tx.commit().await?;
+    app.wrote(&principal, lsn).await;
+    if matches!(previous.as_str(), "queued" | "in_progress") {
+        announce_cancel(&app, &row.public_id(), &previous).await;
+    }
+    Ok(written(
+        lsn,
+        StatusCode::OK,
+        &serde_json::json!({"id": response_id, "object": "response.deleted", "deleted": true}),
+    ))
+}
+
+/// `POST /v1/responses/input_tokens`: what a `responses.create` with these
+/// fields would send the model, counted before it runs.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputTokensRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub input: Option<ResponseInput>,
+    #[serde(default)]
+    pub instructions: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    pub conversation: Option<turnpike_protocol::response::ConversationRef>,
+    #[serde(default)]
+    pub previous_response_id: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub reasoning: Option<serde_json::Value>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub text: Option<serde_json::Value>,
+    #[serde(default)]
+    pub truncation: Option<String>,
+}
+
+/// Count a prompt's input tokens (OpenAI's `o200k_base` encoding over the
+/// prompt's instructions, tools, history and input, as the worker would
+/// send them).
+#[utoipa::path(post, path = "/v1/responses/input_tokens", tag = "responses", request_body = InputTokensRequest,
+    responses((status = 200, description = "`{object: \"response.input_tokens\", input_tokens}`"),
+        (status = 400, body = turnpike_protocol::ErrorBody), (status = 401, body = turnpike_protocol::ErrorBody),
+        (status = 404, body = turnpike_protocol::ErrorBody)))]
+pub async fn input_tokens(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    read: ReadConsistency,
+    Json(body): Json<InputTokensRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let inputs = match body.input.clone() {
+        Some(ResponseInput::Text(text)) => vec![InputItem::Message {
+            role: Role::User,
+            content: ItemContent::Text(text),
+        }],
+        Some(ResponseInput::Items(items)) => items,
+        None => Vec::new(),
+    };
+    items::check_items("input", &inputs, 0, items::MAX_INPUT_ITEMS)?;
+    let user = principal.user_id;
+    // The history the prompt would start with.
+    let conversation = match (&body.conversation, &body.previous_response_id) {
+        (Some(reference), _) => Some(ids::decode(
+            prefixes::CONVERSATION,
+            "conversation",
+            reference.id(),
+        )?),
+        (None, Some(previous)) => {
+            let id = ids::decode(prefixes::RESPONSE, "previous_response_id", previous)?;
+            let consistency = app.consistency(&principal, read.clone()).await;
+            let row = app
+                .router
+                .read(consistency, move |db| {
+                    Box::pin(async move { find(db, id, user).await })
+                })
+                .await?
+                .ok_or_else(|| ApiError::not_found("response", previous))?;
+            Some(row.conversation_id)
+        }
+        (None, None) => None,
+    };
+    let mut texts: Vec<String> = Vec::new();
+    if let Some(conversation) = conversation {
+        let consistency = app.consistency(&principal, read).await;
+        let history = app
+            .router
+            .read(consistency, move |db| {
+                Box::pin(async move {
+                    if conversations::find(db, conversation, user).await?.is_none() {
+                        return Ok(None);
+                    }
+                    turns::history(db, conversation, i64::MAX).await.map(Some)
+                })
+            })
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "conversation",
+                    &ids::encode(prefixes::CONVERSATION, conversation),
+                )
+            })?;
+        texts.extend(history.iter().map(|h| match &h.prompt {
+            Some(prompt) => serde_json::to_string(prompt).unwrap_or_default(),
+            None => serde_json::to_string(&h.item).unwrap_or_default(),
+        }));
+    }
+    texts.extend(body.instructions.clone());
+    texts.extend(
+        body.tools
+            .iter()
+            .map(|t| serde_json::to_string(t).unwrap_or_default()),
+    );
+    texts.extend(
+        inputs
+            .iter()
+            .map(|i| serde_json::to_string(i).unwrap_or_default()),
+    );
+    let count = tokio::task::spawn_blocking(move || {
+        texts
+            .iter()
+            .map(|t| turnpike_core::tokens::count_text(t))
+            .sum::<u64>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?;
+    Ok(
+        axum::Json(serde_json::json!({"object": "response.input_tokens", "input_tokens": count}))
+            .into_response(),
+    )
 }
 
 /// Makes a cancellation visible: a running turn's worker is told to stop

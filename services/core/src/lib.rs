@@ -15,6 +15,7 @@ pub mod queue;
 pub mod steps;
 pub mod switches;
 pub mod telemetry;
+pub mod tokens;
 pub mod turns;
 
 pub use config::Settings;

@@ -518,6 +518,29 @@ pub async fn fork_after(
     Ok(fork)
 }
 
+/// Deletes one response (and its stored steps) of the user's; the items
+/// it added stay in its conversation. The caller cancels it first if it is
+/// active. Returns whether it existed. Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn delete(db: &mut impl DbConn, id: Uuid, user: Uuid) -> Result<bool, sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query(
+        "DELETE FROM response_steps WHERE response_id = (SELECT id FROM responses WHERE id = $1 AND user_id = $2)",
+    )
+    .bind(id)
+    .bind(user)
+    .persistent(prepared)
+    .execute(db.conn())
+    .await?;
+    let deleted = sqlx::query("DELETE FROM responses WHERE id = $1 AND user_id = $2")
+        .bind(id)
+        .bind(user)
+        .persistent(prepared)
+        .execute(db.conn())
+        .await?;
+    Ok(deleted.rows_affected() == 1)
+}
+
 /// Removes a conversation and everything in it, for good: what a
 /// `store: false` response leaves once it has ended. Primary only, in the
 /// caller's transaction.

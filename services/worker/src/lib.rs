@@ -13,7 +13,6 @@ mod mcp;
 mod prompt;
 pub mod provider;
 mod reconcile;
-mod tokens;
 mod tools;
 mod turn;
 

@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 use crate::provider::{ModelOutput, Progress, ProviderError};
 use crate::tools::{self, CallScope, ServerTool};
-use crate::{Context, compact, prompt, tokens};
+use crate::{Context, compact, prompt};
+use turnpike_core::tokens;
 
 /// How long the event log of a `store: false` turn is kept after its last
 /// event.

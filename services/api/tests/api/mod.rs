@@ -33,6 +33,7 @@ mod processes;
 mod providers;
 mod routing;
 mod sdk;
+mod surface;
 mod turns;
 mod validation;
 mod web;

@@ -21,7 +21,7 @@ fn encoding() -> Option<&'static CoreBPE> {
 }
 
 /// Tokens in `text`.
-pub(crate) fn count_text(text: &str) -> u64 {
+pub fn count_text(text: &str) -> u64 {
     match encoding() {
         Some(bpe) => bpe.encode_ordinary(text).len() as u64,
         None => text.len().div_ceil(4) as u64,

@@ -1,0 +1,229 @@
+//! The `responses.create` surface beyond the basics: continuing with
+//! `previous_response_id` (and forking from an earlier turn), `store:
+//! false`, `max_tool_calls`, client-executed custom tools and their outputs,
+//! provider-hosted tools, deleting a response and counting input tokens.
+
+use serde_json::{Value, json};
+use turnpike_testkit::{Paths, Stack, TestApp, User};
+
+async fn create(user: &User, body: Value) -> Value {
+    user.call("POST", "/v1/responses", Some(body))
+        .await
+        .ok()
+        .clone()
+}
+
+async fn texts_of(user: &User, conversation: &Value) -> Vec<String> {
+    let conversation = conversation.as_str().unwrap();
+    let page = user
+        .call(
+            "GET",
+            &format!("/v1/conversations/{conversation}/items?order=asc&consistency=strong"),
+            None,
+        )
+        .await;
+    page.ok()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["content"][0]["text"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+fn output_text(response: &Value) -> String {
+    response["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "message")
+        .flat_map(|i| i["content"].as_array().unwrap().iter())
+        .filter_map(|p| p["text"].as_str())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previous_response_id_continues_the_latest_turn_and_forks_an_earlier_one() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let one = create(&user, json!({"input": "/echo one"})).await;
+    let two = create(
+        &user,
+        json!({"previous_response_id": one["id"], "input": "/echo two"}),
+    )
+    .await;
+    assert_eq!(two["conversation"], one["conversation"]);
+    assert_eq!(two["previous_response_id"], one["id"]);
+    // `one` is no longer its conversation's latest turn: a new conversation
+    // holds what `one` saw and answered, then this turn.
+    let three = create(
+        &user,
+        json!({"previous_response_id": one["id"], "input": "/echo three"}),
+    )
+    .await;
+    assert_ne!(three["conversation"], one["conversation"]);
+    assert_eq!(
+        texts_of(&user, &three["conversation"]["id"]).await,
+        ["/echo one", "one", "/echo three", "three"]
+    );
+    assert_eq!(
+        texts_of(&user, &one["conversation"]["id"]).await,
+        ["/echo one", "one", "/echo two", "two"]
+    );
+    // Another user's response is not there to continue.
+    let other = app.new_user().await;
+    let refused = other
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"previous_response_id": one["id"], "input": "hi"})),
+        )
+        .await;
+    assert_eq!(refused.error(404)["param"], "previous_response_id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_false_runs_the_turn_and_keeps_nothing() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let done = create(&user, json!({"input": "/echo not kept", "store": false})).await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["store"], false);
+    assert_eq!(output_text(&done), "not kept");
+    let id = done["id"].as_str().unwrap();
+    let gone = user
+        .call(
+            "GET",
+            &format!("/v1/responses/{id}?consistency=strong"),
+            None,
+        )
+        .await;
+    gone.error(404);
+    let listed = user
+        .call("GET", "/v1/conversations?consistency=strong", None)
+        .await;
+    assert_eq!(listed.ok()["data"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tool_calls_bounds_the_server_side_calls() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let calls = "/call conversation_search {\"query\": \"a\"}\n/call conversation_search {\"query\": \"b\"}\n/call conversation_search {\"query\": \"c\"}";
+    let done = create(
+        &user,
+        json!({"input": calls, "tools": [{"type": "conversation_search"}], "max_tool_calls": 1}),
+    )
+    .await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["max_tool_calls"], 1);
+    let outputs: Vec<&str> = done["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "function_call_output")
+        .map(|i| i["output"].as_str().unwrap())
+        .collect();
+    assert_eq!(outputs.len(), 3);
+    let refused = outputs
+        .iter()
+        .filter(|o| o.contains("max_tool_calls reached"))
+        .count();
+    assert_eq!(refused, 2, "{outputs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_tool_call_ends_the_turn_and_its_output_continues_it() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let tools = json!([{"type": "custom", "name": "apply_patch", "description": "Apply a patch."}]);
+    let first = create(
+        &user,
+        json!({"input": "/call apply_patch *** Begin Patch", "tools": tools}),
+    )
+    .await;
+    assert_eq!(first["status"], "completed");
+    let call = &first["output"][0];
+    assert_eq!(call["type"], "custom_tool_call");
+    assert_eq!(call["input"], "*** Begin Patch");
+    let second = create(
+        &user,
+        json!({"previous_response_id": first["id"], "tools": tools,
+               "input": [{"type": "custom_tool_call_output", "call_id": call["call_id"], "output": "Patched."}]}),
+    )
+    .await;
+    assert_eq!(output_text(&second), "tool said: Patched.");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosted_tool_runs_at_the_provider_and_its_item_is_kept() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let done = create(
+        &user,
+        json!({"input": "/call web_search toll roads", "tools": [{"type": "web_search"}]}),
+    )
+    .await;
+    let kinds: Vec<&str> = done["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["web_search_call", "message"]);
+    assert_eq!(done["output"][0]["action"]["query"], "toll roads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_removes_a_response_and_input_tokens_counts_a_prompt() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let done = create(&user, json!({"input": "/echo short-lived"})).await;
+    let id = done["id"].as_str().unwrap();
+    let deleted = user
+        .call("DELETE", &format!("/v1/responses/{id}"), None)
+        .await;
+    assert_eq!(
+        deleted.ok(),
+        &json!({"id": id, "object": "response.deleted", "deleted": true})
+    );
+    user.call(
+        "GET",
+        &format!("/v1/responses/{id}?consistency=strong"),
+        None,
+    )
+    .await
+    .error(404);
+    user.call("DELETE", &format!("/v1/responses/{id}"), None)
+        .await
+        .error(404);
+
+    let count = |body: Value| {
+        let user = &user;
+        async move {
+            user.call("POST", "/v1/responses/input_tokens", Some(body))
+                .await
+                .ok()
+                .clone()
+        }
+    };
+    let short = count(json!({"input": "hello", "instructions": "Be brief."})).await;
+    assert_eq!(short["object"], "response.input_tokens");
+    let short = short["input_tokens"].as_u64().unwrap();
+    let long = count(json!({"input": "hello ".repeat(200), "instructions": "Be brief."})).await;
+    assert!(
+        long["input_tokens"].as_u64().unwrap() > short + 150,
+        "{long}"
+    );
+    // With a conversation, its history counts too.
+    let conversation = done["conversation"]["id"].clone();
+    let with_history =
+        count(json!({"input": "hello", "instructions": "Be brief.", "conversation": conversation}))
+            .await;
+    assert!(with_history["input_tokens"].as_u64().unwrap() > short);
+}
