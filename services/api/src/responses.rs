@@ -636,7 +636,7 @@ pub async fn input_tokens(
         )?),
         (None, Some(previous)) => {
             let id = ids::decode(prefixes::RESPONSE, "previous_response_id", previous)?;
-            let consistency = app.consistency(&principal, read.clone()).await;
+            let consistency = app.consistency(&principal, read).await;
             let row = app
                 .router
                 .read(consistency, move |db| {
