@@ -165,6 +165,19 @@ impl ApiError {
         e
     }
 
+    /// 504 with `Retry-After`: this request's query ran out of time (a lock,
+    /// a slow plan); other requests are unaffected.
+    pub fn query_timeout() -> Self {
+        let mut e = Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorType::ServiceUnavailable,
+            "The database did not answer this request in time. Retry shortly.",
+        );
+        e.code = Some("query_timeout");
+        e.retry_after = Some(1);
+        e
+    }
+
     /// 500; `cause` is logged and not shown.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -216,6 +229,8 @@ impl From<DbError> for ApiError {
                 e.code = Some("overloaded");
                 e
             }
+            DbError::Timeout { .. } => Self::query_timeout(),
+            DbError::Query(e) if turnpike_core::db::is_query_timeout(&e) => Self::query_timeout(),
             e if e.is_retryable() => {
                 tracing::warn!(error = %e, "database unavailable");
                 Self::unavailable("The database is temporarily unavailable. Retry shortly.", 1)

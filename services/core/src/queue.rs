@@ -63,7 +63,13 @@ pub struct Delivery {
     pub deliveries: u64,
 }
 
-/// A worker's consumer: a dedicated connection for its blocking reads.
+/// How much longer than its `BLOCK` a blocking read may take to answer
+/// before the connection is taken for lost.
+const BLOCK_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A worker's consumer: a dedicated connection for its blocking reads,
+/// whose response timeout outlives the longest block it is used for (a
+/// shorter one fails every empty read and reconnects).
 pub struct Consumer {
     conn: redis::aio::MultiplexedConnection,
     stream: String,
@@ -71,10 +77,21 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Connects and makes sure the group exists.
-    pub async fn connect(redis_url: &str, stream: &str, name: &str) -> Result<Self, KvError> {
+    /// Connects for blocking reads of up to `block_ms` and makes sure the
+    /// group exists.
+    pub async fn connect(
+        redis_url: &str,
+        stream: &str,
+        name: &str,
+        block_ms: u64,
+    ) -> Result<Self, KvError> {
         let client = redis::Client::open(redis_url).map_err(|e| KvError::Config(e.to_string()))?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(
+            std::time::Duration::from_millis(block_ms) + BLOCK_MARGIN,
+        ));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
         let created: redis::RedisResult<String> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(stream)

@@ -124,6 +124,7 @@ impl Worker {
                     ctx.settings.redis.url(),
                     &settings.queue,
                     &ctx.consumer_name,
+                    settings.block_ms,
                 )
                 .await
                 {

@@ -203,3 +203,95 @@ async fn a_stopped_primary_keeps_reads_and_fails_writes_fast(paths: Paths) {
         "nothing was lost, the refused write was not stored"
     );
 }
+
+/// A strong read stuck behind a lock on the primary (as a migration's DDL
+/// would hold) fails alone with a 504: the primary stays `up`, and writes
+/// to other tables, running the whole time, all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_query_fails_alone_and_never_takes_the_primary_down() {
+    let stack = Stack::private().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.database.read_attempt_timeout_ms = 500;
+    settings.cache.enabled = false;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let admin = app.new_admin().await;
+    let mut conversations = Vec::new();
+    for _ in 0..4 {
+        let reply = user
+            .create_conversation(json!({"items": [{"role": "user", "content": "hello"}]}))
+            .await;
+        conversations.push(reply.ok()["id"].as_str().unwrap().to_owned());
+    }
+
+    // A session holds the items table exclusively for three seconds.
+    let holder = stack.superuser("primary").await;
+    let mut lock = holder.begin().await.unwrap();
+    sqlx::query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let held_until = Instant::now() + Duration::from_secs(3);
+
+    let writer = {
+        let (user, id) = (user.clone(), conversations[0].clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, Vec::new());
+            let mut n = 0;
+            while Instant::now() < held_until {
+                n += 1;
+                let reply = user
+                    .call(
+                        "POST",
+                        &format!("/v1/conversations/{id}"),
+                        Some(json!({"metadata": {"n": n.to_string()}})),
+                    )
+                    .await;
+                if reply.status == 200 {
+                    ok += 1;
+                } else {
+                    failed.push((reply.status, reply.body.clone()));
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let mut readers = Vec::new();
+    for id in &conversations {
+        let (user, id) = (user.clone(), id.clone());
+        readers.push(tokio::spawn(async move {
+            user.call(
+                "GET",
+                &format!("/v1/conversations/{id}/items?consistency=strong"),
+                None,
+            )
+            .await
+        }));
+    }
+    for reader in readers {
+        let reply = reader.await.unwrap();
+        let error = reply.error(504);
+        assert_eq!(error["code"], "query_timeout");
+    }
+    assert_eq!(node_state(&admin, "primary").await, "up");
+    tokio::time::sleep_until(tokio::time::Instant::from_std(held_until)).await;
+    lock.rollback().await.unwrap();
+    let (ok, failed) = writer.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "writes failed beside the slow reads: {failed:?}"
+    );
+    assert!(ok > 10, "only {ok} writes");
+    assert_eq!(node_state(&admin, "primary").await, "up");
+    // Once the lock is gone, the same reads answer.
+    user.call(
+        "GET",
+        &format!(
+            "/v1/conversations/{}/items?consistency=strong",
+            conversations[0]
+        ),
+        None,
+    )
+    .await
+    .ok();
+}

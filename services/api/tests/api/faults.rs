@@ -157,3 +157,24 @@ async fn a_turn_delivered_too_often_fails_with_a_clear_error() {
     let stored = user.call("GET", &format!("/v1/responses/{id}"), None).await;
     assert_eq!(stored.ok()["status"], "failed");
 }
+
+/// An idle worker's blocking queue read lives within its own timeout: an
+/// empty read of the whole block answers "nothing" instead of failing (and
+/// reconnecting) when the Redis client's default response timeout passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_blocking_queue_read_is_not_an_error() {
+    let stack = Stack::shared().await;
+    let settings = stack.settings(Paths::DIRECT);
+    let mut consumer = turnpike_core::queue::Consumer::connect(
+        settings.redis.url(),
+        &settings.worker.queue,
+        "idle-test",
+        1_500,
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let read = consumer.next(1_500).await;
+    assert!(matches!(read, Ok(None)), "{read:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1_400));
+}

@@ -101,6 +101,12 @@ pub enum DbError {
     /// after a moment (503 + `Retry-After`, code `overloaded`).
     #[error("database node {node} is over its {} budget; query shed", class.as_str())]
     Overloaded { node: String, class: QueryClass },
+    /// The query did not finish in time (it waited on a lock, or ran
+    /// long): this request fails, the node is not blamed. Health comes
+    /// from the probes and from connection errors, so one slow query never
+    /// takes a node out for everyone. Retry later (504).
+    #[error("the query on {node} did not finish in time")]
+    Timeout { node: String },
     /// A query failed on a healthy node: a bug or a constraint the caller did not handle.
     #[error(transparent)]
     Query(#[from] sqlx::Error),
@@ -110,8 +116,11 @@ impl DbError {
     /// Whether the same operation may succeed if retried later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::PrimaryUnavailable | Self::NoNodeAvailable | Self::Overloaded { .. } => true,
-            Self::Query(e) => is_connection_error(e),
+            Self::PrimaryUnavailable
+            | Self::NoNodeAvailable
+            | Self::Overloaded { .. }
+            | Self::Timeout { .. } => true,
+            Self::Query(e) => is_connection_error(e) || is_query_timeout(e),
         }
     }
 
@@ -122,6 +131,13 @@ impl DbError {
             _ => None,
         }
     }
+}
+
+/// Errors that say the query ran out of time on a healthy node: the
+/// server's `statement_timeout` (57014) or `lock_timeout` (55P03).
+pub fn is_query_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|code| matches!(code.as_ref(), "57014" | "55P03")))
 }
 
 /// Errors that say the node (or the path to it) failed, not the query:

@@ -114,8 +114,10 @@ impl Router {
     /// satisfies `consistency`, within the node's budget for the class: a
     /// read that finds the budget full and no slot freed within the queue
     /// wait fails at once with [`DbError::Overloaded`]. After a connection
-    /// error (or a timeout) the node is banned and the read runs once more
-    /// on another node, so `op` must be idempotent: reads are.
+    /// error the node is banned and the read runs once more on another
+    /// node, so `op` must be idempotent: reads are. A read that runs past
+    /// `read_attempt_timeout_ms` fails alone ([`DbError::Timeout`]): a slow
+    /// query says nothing about the node's health.
     #[tracing::instrument(level = "debug", skip(self, op), fields(node))]
     pub async fn read_as<T, F>(
         &self,
@@ -135,9 +137,14 @@ impl Router {
         let result = self.attempt(&first, &op).await;
         drop(admission);
         let error = match result {
-            Ok(value) => return Ok(value),
-            Err(e) if is_connection_error(&e) => e,
-            Err(e) => return Err(DbError::Query(e)),
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) if is_connection_error(&e) => e,
+            Ok(Err(e)) => return Err(DbError::Query(e)),
+            Err(_elapsed) => {
+                return Err(DbError::Timeout {
+                    node: first.name.clone(),
+                });
+            }
         };
         tracing::warn!(node = %first.name, error = %error, "read failed on node; retrying once elsewhere");
         self.ban(&first, &error);
@@ -148,12 +155,15 @@ impl Router {
             .ok_or(DbError::NoNodeAvailable)?;
         let _admission = self.admit(&second, class).await?;
         match self.attempt(&second, &op).await {
-            Ok(value) => Ok(value),
-            Err(e) if is_connection_error(&e) => {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if is_connection_error(&e) => {
                 self.ban(&second, &e);
                 Err(DbError::NoNodeAvailable)
             }
-            Err(e) => Err(DbError::Query(e)),
+            Ok(Err(e)) => Err(DbError::Query(e)),
+            Err(_elapsed) => Err(DbError::Timeout {
+                node: second.name.clone(),
+            }),
         }
     }
 
@@ -184,14 +194,11 @@ impl Router {
                 Err(DbError::PrimaryUnavailable)
             }
             Ok(Err(e)) => Err(DbError::Query(e)),
-            Err(_elapsed) => {
-                node.record_failure(
-                    "timed out opening a transaction",
-                    self.settings.ban_base_ms,
-                    self.settings.ban_max_ms,
-                );
-                Err(DbError::PrimaryUnavailable)
-            }
+            // Busy (every connection taken by slow work), not necessarily
+            // dead: the probes tell which, so the node is not blamed here.
+            Err(_elapsed) => Err(DbError::Timeout {
+                node: node.name.clone(),
+            }),
         }
     }
 
@@ -221,7 +228,13 @@ impl Router {
         );
     }
 
-    async fn attempt<T, F>(&self, node: &Arc<Node>, op: &F) -> Result<T, sqlx::Error>
+    /// One try of a read on `node`, bounded by `read_attempt_timeout_ms`
+    /// (the outer error: it ran out of time).
+    async fn attempt<T, F>(
+        &self,
+        node: &Arc<Node>,
+        op: &F,
+    ) -> Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>
     where
         F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
     {
@@ -232,13 +245,7 @@ impl Router {
             Ok(value)
         };
         let limit = Duration::from_millis(self.settings.read_attempt_timeout_ms);
-        match tokio::time::timeout(limit, run).await {
-            Ok(result) => result,
-            Err(_elapsed) => Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "read attempt timed out",
-            ))),
-        }
+        tokio::time::timeout(limit, run).await
     }
 
     /// Chooses the node for a read of `class`. Replicas of the class's
