@@ -123,14 +123,7 @@ pub(crate) async fn start(
             "store: false keeps nothing after the response, so it cannot add to a conversation; leave out conversation and previous_response_id, or store the response.",
         ));
     }
-    let inputs = match body.input.clone() {
-        Some(ResponseInput::Text(text)) => vec![InputItem::Message {
-            role: Role::User,
-            content: ItemContent::Text(text),
-        }],
-        Some(ResponseInput::Items(items)) => items,
-        None => Vec::new(),
-    };
+    let inputs = items_of_input(body.input.clone());
     items::check_items("input", &inputs, 1, items::MAX_INPUT_ITEMS)?;
     let metadata = body.metadata.clone().unwrap_or_default();
     check_metadata(&metadata)?;
@@ -265,6 +258,18 @@ pub(crate) async fn start(
         tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
     }
     Ok(Started { row, lsn, waiting })
+}
+
+/// A request's `input` as items: a plain string is one user message.
+fn items_of_input(input: Option<ResponseInput>) -> Vec<InputItem> {
+    match input {
+        Some(ResponseInput::Text(text)) => vec![InputItem::Message {
+            role: Role::User,
+            content: ItemContent::Text(text),
+        }],
+        Some(ResponseInput::Items(items)) => items,
+        None => Vec::new(),
+    }
 }
 
 /// The conversation a `previous_response_id` continues: the response's own
@@ -617,14 +622,7 @@ pub async fn input_tokens(
     read: ReadConsistency,
     Json(body): Json<InputTokensRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let inputs = match body.input.clone() {
-        Some(ResponseInput::Text(text)) => vec![InputItem::Message {
-            role: Role::User,
-            content: ItemContent::Text(text),
-        }],
-        Some(ResponseInput::Items(items)) => items,
-        None => Vec::new(),
-    };
+    let inputs = items_of_input(body.input.clone());
     items::check_items("input", &inputs, 0, items::MAX_INPUT_ITEMS)?;
     let user = principal.user_id;
     // The history the prompt would start with.
