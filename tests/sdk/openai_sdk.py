@@ -146,6 +146,24 @@ compacted = events[-1].response
 assert [item.type for item in compacted.output] == ["compaction", "message"], compacted.output
 assert compacted.output[0].encrypted_content, compacted.output[0]
 
+# responses.compact: a stateless client's history, compacted; the window
+# goes back as the next input.
+history = [
+    {"role": "user", "content": "/echo " + long},
+    {"role": "assistant", "content": long},
+    {"role": "user", "content": "and then?"},
+]
+window = client.responses.compact(model="mock-1", input=history)
+assert window.object == "response.compaction", window
+assert [item.type for item in window.output] == ["message", "message", "compaction"], window.output
+assert window.usage.input_tokens > 0, window.usage
+resumed = client.responses.create(
+    model="mock-1",
+    input=[item.model_dump(exclude_none=True) for item in window.output]
+    + [{"role": "user", "content": "/echo resumed"}],
+)
+assert resumed.output_text == "resumed", resumed
+
 deleted = client.conversations.delete(conversation.id)
 assert deleted.deleted is True and deleted.id == conversation.id, deleted
 print("openai sdk: ok")

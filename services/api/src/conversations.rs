@@ -74,7 +74,15 @@ pub async fn create(
     items::check_items("items", &inputs, 0, items::MAX_ITEMS_PER_CALL)?;
     let mut tx = app.router.write().await?;
     let row = insert(&mut tx, principal.user_id, &metadata, inputs.len()).await?;
-    items::append(&mut tx, row.id, 1, &inputs, None).await?;
+    let resolved = items::resolve_references(&mut tx, principal.user_id, "items", &inputs).await?;
+    items::append(
+        &mut tx,
+        row.id,
+        1,
+        resolved.as_deref().unwrap_or(&inputs),
+        None,
+    )
+    .await?;
     let lsn = tx.commit().await?;
     app.wrote_to(&principal, row.id, lsn).await;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))

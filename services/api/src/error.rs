@@ -178,6 +178,19 @@ impl ApiError {
         e
     }
 
+    /// 504: a turn the request waits for did not end within
+    /// `api.response_wait_ms`.
+    pub fn turn_timeout(message: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorType::ServiceUnavailable,
+            message,
+        );
+        e.code = Some("timeout");
+        e.retry_after = Some(1);
+        e
+    }
+
     /// 500; `cause` is logged and not shown.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

@@ -170,7 +170,9 @@ pub async fn create(
     else {
         return Err(ApiError::not_found("conversation", &conversation_id));
     };
-    let items = append(&mut tx, conversation, first_seq, &body.items, None).await?;
+    let resolved = resolve_references(&mut tx, principal.user_id, "items", &body.items).await?;
+    let inputs = resolved.as_deref().unwrap_or(&body.items);
+    let items = append(&mut tx, conversation, first_seq, inputs, None).await?;
     let lsn = tx.commit().await?;
     app.wrote_to(&principal, conversation, lsn).await;
     let list = List::new(items, false, |i: &Item| i.id().to_owned());
@@ -298,6 +300,76 @@ pub fn check_items(
         }
     }
     Ok(())
+}
+
+/// The id an `item_reference` input names, if it is one.
+fn reference_of(item: &InputItem) -> Option<&str> {
+    match item {
+        InputItem::Other(fields)
+            if fields.get("type").and_then(serde_json::Value::as_str) == Some("item_reference") =>
+        {
+            fields.get("id").and_then(serde_json::Value::as_str)
+        }
+        _ => None,
+    }
+}
+
+/// `item_reference` inputs replaced by the items they name, as stored (in
+/// the provider's own form when the model wrote them), so a client that
+/// replays its history by reference sends the model what it saw. `None`
+/// when there is none. Only the caller's items are found; primary, in the
+/// caller's transaction.
+pub async fn resolve_references(
+    db: &mut impl DbConn,
+    user: Uuid,
+    param: &str,
+    inputs: &[InputItem],
+) -> Result<Option<Vec<InputItem>>, ApiError> {
+    let named: Vec<(usize, &str)> = inputs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| reference_of(item).map(|id| (i, id)))
+        .collect();
+    if named.is_empty() {
+        return Ok(None);
+    }
+    let missing =
+        |i: usize, id: &str| ApiError::not_found("item", id).with_param(format!("{param}[{i}].id"));
+    let mut uuids = Vec::with_capacity(named.len());
+    for (i, id) in &named {
+        uuids.push(turnpike_core::ids::parse_item(id).ok_or_else(|| missing(*i, id))?);
+    }
+    type Row = (
+        Uuid,
+        sqlx::types::Json<serde_json::Value>,
+        Option<sqlx::types::Json<Vec<serde_json::Value>>>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT DISTINCT ON (i.id) i.id, i.body, i.prompt
+           FROM items i JOIN conversations c ON c.id = i.conversation_id
+          WHERE i.id = ANY($1) AND c.user_id = $2 AND c.deleted_at IS NULL",
+    )
+    .bind(&uuids)
+    .bind(user)
+    .persistent(db.prepared())
+    .fetch_all(db.conn())
+    .await?;
+    let found: std::collections::HashMap<Uuid, serde_json::Value> = rows
+        .into_iter()
+        .map(|(id, body, prompt)| {
+            let value = match prompt.map(|p| p.0) {
+                Some(mut raw) if raw.len() == 1 => raw.remove(0),
+                _ => body.0,
+            };
+            (id, value)
+        })
+        .collect();
+    let mut resolved = inputs.to_vec();
+    for ((i, id), uuid) in named.into_iter().zip(uuids) {
+        let value = found.get(&uuid).ok_or_else(|| missing(i, id))?;
+        resolved[i] = serde_json::from_value(value.clone()).map_err(|e| ApiError::internal(&e))?;
+    }
+    Ok(Some(resolved))
 }
 
 /// The stored form of an input item, with its new id.

@@ -32,6 +32,7 @@ use crate::limits::RateLimitedResponses;
         crate::responses::cancel,
         crate::responses::delete,
         crate::responses::input_tokens,
+        crate::responses::compact,
         crate::chat::create,
         crate::chat::models,
         crate::chat::model,

@@ -11,7 +11,9 @@ use serde::Deserialize;
 use sqlx::types::Json as SqlJson;
 use turnpike_core::db::DbConn;
 use turnpike_protocol::item::{InputItem, Item, ItemContent, Role};
-use turnpike_protocol::response::{CreateResponse, Multitask, Response, ResponseInput};
+use turnpike_protocol::response::{
+    CompactRequest, CompactedResponse, CreateResponse, Multitask, Response, ResponseInput,
+};
 use turnpike_protocol::{List, Metadata, ids as prefixes};
 use uuid::Uuid;
 
@@ -34,6 +36,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/responses", post(create))
         .route("/v1/responses/input_tokens", post(input_tokens))
+        .route("/v1/responses/compact", post(compact))
         .route("/v1/responses/{response_id}", get(retrieve).delete(delete))
         .route("/v1/responses/{response_id}/input_items", get(input_items))
         .route("/v1/responses/{response_id}/cancel", post(cancel))
@@ -110,6 +113,18 @@ pub(crate) async fn start(
     principal: &turnpike_core::auth::Principal,
     body: &CreateResponse,
 ) -> Result<Started, ApiError> {
+    begin(app, principal, body, false).await
+}
+
+/// `start`, for a turn (`compact: false`) or a compaction (`compact: true`:
+/// unstored, in a conversation of its own, forked at `previous_response_id`
+/// when given, its input optional then).
+async fn begin(
+    app: &AppState,
+    principal: &turnpike_core::auth::Principal,
+    body: &CreateResponse,
+    compact: bool,
+) -> Result<Started, ApiError> {
     if body.previous_response_id.is_some() && body.conversation.is_some() {
         return Err(ApiError::invalid(
             "previous_response_id",
@@ -117,14 +132,15 @@ pub(crate) async fn start(
         ));
     }
     let store = body.store.unwrap_or(true);
-    if !store && (body.conversation.is_some() || body.previous_response_id.is_some()) {
+    if !store && !compact && (body.conversation.is_some() || body.previous_response_id.is_some()) {
         return Err(ApiError::invalid(
             "store",
             "store: false keeps nothing after the response, so it cannot add to a conversation; leave out conversation and previous_response_id, or store the response.",
         ));
     }
     let inputs = items_of_input(body.input.clone());
-    items::check_items("input", &inputs, 1, items::MAX_INPUT_ITEMS)?;
+    let least = usize::from(!(compact && body.previous_response_id.is_some()));
+    items::check_items("input", &inputs, least, items::MAX_INPUT_ITEMS)?;
     let metadata = body.metadata.clone().unwrap_or_default();
     check_metadata(&metadata)?;
     if let Some(tools) = &body.tools {
@@ -163,11 +179,14 @@ pub(crate) async fn start(
             .and_then(|o| o.get("include_obfuscation"))
             .and_then(serde_json::Value::as_bool),
         provider_params,
+        compact,
     };
 
     let mut tx = app.router.write().await?;
     let conversation = match (&body.conversation, &body.previous_response_id) {
-        (None, Some(previous)) => continue_from(&mut tx, principal.user_id, previous).await?,
+        (None, Some(previous)) => {
+            continue_from(&mut tx, principal.user_id, previous, compact).await?
+        }
         (Some(reference), _) => {
             let id = ids::decode(prefixes::CONVERSATION, "conversation", reference.id())?;
             // Locks the conversation and checks that it is the caller's.
@@ -182,6 +201,8 @@ pub(crate) async fn start(
                 .id
         }
     };
+    let resolved = items::resolve_references(&mut tx, principal.user_id, "input", &inputs).await?;
+    let inputs = resolved.unwrap_or(inputs);
     let mut interrupted = Vec::new();
     let dispatch_now = match body.multitask.unwrap_or_default() {
         Multitask::Enqueue => !turns::has_active_turn(&mut tx, conversation).await?,
@@ -273,17 +294,22 @@ fn items_of_input(input: Option<ResponseInput>) -> Vec<InputItem> {
 }
 
 /// The conversation a `previous_response_id` continues: the response's own
-/// when it is that conversation's latest turn, otherwise a new conversation
-/// holding the items up to and including that response's output. Locks the
-/// conversation it answers. Primary only.
-async fn continue_from(tx: &mut impl DbConn, user: Uuid, previous: &str) -> Result<Uuid, ApiError> {
+/// when it is that conversation's latest turn (and `fork` is false),
+/// otherwise a new conversation holding the items up to and including that
+/// response's output. Locks the conversation it answers. Primary only.
+async fn continue_from(
+    tx: &mut impl DbConn,
+    user: Uuid,
+    previous: &str,
+    fork: bool,
+) -> Result<Uuid, ApiError> {
     let not_found = || ApiError::not_found("response", previous).with_param("previous_response_id");
     let id = turnpike_core::ids::parse(prefixes::RESPONSE, previous).ok_or_else(not_found)?;
     let row = find(tx, id, user).await?.ok_or_else(not_found)?;
     items::reserve_seqs(tx, row.conversation_id, user, 0)
         .await?
         .ok_or_else(not_found)?;
-    if !turns::has_later_turn(tx, row.conversation_id, id).await? {
+    if !fork && !turns::has_later_turn(tx, row.conversation_id, id).await? {
         return Ok(row.conversation_id);
     }
     Ok(turns::fork_after(tx, row.conversation_id, id).await?)
@@ -609,6 +635,50 @@ pub struct InputTokensRequest {
     pub truncation: Option<String>,
 }
 
+/// Compact a context: the model replaces it with the user messages it keeps
+/// and one `compaction` item standing for the rest, to send as the next
+/// input instead of the whole history. Runs as an unstored turn through the
+/// same limits, queue and workers as any other.
+#[utoipa::path(post, path = "/v1/responses/compact", tag = "responses", request_body = CompactRequest,
+    responses((status = 200, body = CompactedResponse),
+        (status = 400, body = turnpike_protocol::ErrorBody), (status = 401, body = turnpike_protocol::ErrorBody),
+        (status = 404, body = turnpike_protocol::ErrorBody), (status = 429, body = turnpike_protocol::ErrorBody),
+        (status = 502, body = turnpike_protocol::ErrorBody), (status = 504, body = turnpike_protocol::ErrorBody)))]
+pub async fn compact(
+    State(app): State<AppState>,
+    Auth(principal): Auth,
+    Json(body): Json<CompactRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let started = begin(&app, &principal, &body.as_turn(), true).await?;
+    let done = wait(&app, &started.row).await;
+    let status = done["status"].as_str().unwrap_or_default();
+    match status {
+        "completed" => {}
+        "queued" | "in_progress" => {
+            return Err(ApiError::turn_timeout(
+                "The compaction did not finish in time; try again.",
+            ));
+        }
+        _ => {
+            let message = done["error"]["message"]
+                .as_str()
+                .or_else(|| done["incomplete_details"]["reason"].as_str())
+                .unwrap_or(status);
+            return Err(ApiError::upstream(&format!(
+                "The model could not compact the context: {message}"
+            )));
+        }
+    }
+    let compacted = CompactedResponse {
+        id: started.row.public_id(),
+        object: "response.compaction".into(),
+        created_at: done["created_at"].as_i64().unwrap_or_default(),
+        output: serde_json::from_value(done["output"].clone()).unwrap_or_default(),
+        usage: serde_json::from_value(done["usage"].clone()).unwrap_or_default(),
+    };
+    Ok(axum::Json(compacted).into_response())
+}
+
 /// Count a prompt's input tokens (OpenAI's `o200k_base` encoding over the
 /// prompt's instructions, tools, history and input, as the worker would
 /// send them).
@@ -830,8 +900,9 @@ async fn list_inputs(db: &mut impl DbConn, page: &InputPage) -> Result<Vec<ItemR
 /// client answers in its next request), then the kinds a provider hosts.
 const SERVER_TOOL_TYPES: [&str; 3] = ["conversation_search", "http_fetch", "mcp"];
 const CLIENT_TOOL_TYPES: [&str; 5] = ["function", "custom", "local_shell", "shell", "apply_patch"];
-const HOSTED_TOOL_TYPES: [&str; 11] = [
+const HOSTED_TOOL_TYPES: [&str; 12] = [
     "web_search",
+    "programmatic_tool_calling",
     "web_search_preview",
     "web_search_2025_08_26",
     "web_search_preview_2025_03_11",

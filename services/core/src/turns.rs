@@ -50,6 +50,10 @@ pub struct StoredRequest {
     /// `client_metadata`, `prompt`, …) and echoed on the response.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub provider_params: serde_json::Map<String, serde_json::Value>,
+    /// A `POST /v1/responses/compact` turn: its one step compacts the
+    /// context; its output is the compacted window.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compact: bool,
 }
 
 impl StoredRequest {
@@ -658,7 +662,9 @@ pub struct HistoryItem {
 }
 
 /// A conversation's items up to `last_seq`, oldest first, from its latest
-/// compaction on (what came before is summed up in it): a turn's history.
+/// compaction on (what came before is summed up in its window): a turn's
+/// history. A compaction a client sent (without a window) cuts nothing:
+/// the client sent what it keeps beside it.
 /// Any node that has replayed the turn's input.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn history(
@@ -671,7 +677,8 @@ pub async fn history(
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT body, prompt FROM items WHERE conversation_id = $1 AND seq <= $2
            AND seq >= coalesce((SELECT max(seq) FROM items
-                                WHERE conversation_id = $1 AND seq <= $2 AND kind = 'compaction'), 0)
+                                WHERE conversation_id = $1 AND seq <= $2 AND kind = 'compaction'
+                                  AND prompt IS NOT NULL), 0)
          ORDER BY seq",
     )
     .bind(conversation)

@@ -215,13 +215,38 @@ fn plan(body: &Value, text: &str, answer_tokens: usize) -> Plan {
     }
 }
 
+/// A `local_shell_call`, `shell_call` or `apply_patch_call` item for a
+/// directive's JSON (the call's `action`, or the patch's `operation`);
+/// `None` for other kinds.
+fn shell_call(kind: &str, call_id: &str, arguments: &str) -> Option<Value> {
+    let given: Value = serde_json::from_str(arguments).unwrap_or_else(|_| json!({}));
+    let id = uuid::Uuid::now_v7().simple();
+    Some(match kind {
+        "local_shell" => {
+            let mut action = json!({"type": "exec", "command": [], "env": {}});
+            if let (Some(action), Some(given)) = (action.as_object_mut(), given.as_object()) {
+                action.extend(given.clone());
+            }
+            json!({"type": "local_shell_call", "id": format!("lsh_mock{id}"), "call_id": call_id,
+                   "action": action, "status": "completed"})
+        }
+        "shell" => json!({"type": "shell_call", "id": format!("sh_mock{id}"), "call_id": call_id,
+                          "action": given, "status": "completed"}),
+        "apply_patch" => json!({"type": "apply_patch_call", "id": format!("apc_mock{id}"),
+                                "call_id": call_id, "operation": given, "status": "completed"}),
+        _ => return None,
+    })
+}
+
 /// A tool output's text: a string, or the text of its parts.
 fn output_text(output: Option<&Value>) -> String {
     match output {
         Some(Value::String(text)) => text.clone(),
+        // Text parts, or a shell call's outputs (their stdout).
         Some(Value::Array(parts)) => parts
             .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .filter_map(|p| p.get("text").or_else(|| p.get("stdout")))
+            .filter_map(Value::as_str)
             .collect(),
         Some(other) => other.to_string(),
         None => String::new(),
@@ -229,7 +254,8 @@ fn output_text(output: Option<&Value>) -> String {
 }
 
 /// The tools a `/call` directive can call, by name, with their type:
-/// functions (also those inside a `namespace` tool) and custom tools.
+/// functions (also those inside a `namespace` tool) and custom tools by
+/// their names; `local_shell`, `shell` and `apply_patch` by their type.
 fn callable_tools(body: &Value) -> HashMap<String, String> {
     let mut named = HashMap::new();
     let tools = body.get("tools").and_then(Value::as_array);
@@ -241,6 +267,10 @@ fn callable_tools(body: &Value) -> HashMap<String, String> {
         } else {
             (kind, vec![tool])
         };
+        if matches!(kind, "local_shell" | "shell" | "apply_patch") {
+            named.insert(kind.to_owned(), kind.to_owned());
+            continue;
+        }
         if !matches!(kind, "function" | "custom") {
             continue;
         }
@@ -423,11 +453,7 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
         let calls: Vec<String> = hosted.iter().map(|c| c["type"].to_string()).collect();
         Plan::Text(answer(&format!("/echo hosted: {}", calls.join(", ")), 0))
     };
-    let custom: Vec<String> = callable_tools(&body)
-        .into_iter()
-        .filter(|(_, kind)| kind == "custom")
-        .map(|(name, _)| name)
-        .collect();
+    let kinds = callable_tools(&body);
     let model = body
         .get("model")
         .and_then(Value::as_str)
@@ -451,7 +477,7 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
             Plan::Text(pieces) => {
                 stream_answer(tx, &settings, answer, &pieces, disconnect).await;
             }
-            Plan::Calls(calls) => stream_calls(tx, answer, &calls, &custom).await,
+            Plan::Calls(calls) => stream_calls(tx, answer, &calls, &kinds).await,
         }
     });
     Sse::new(ReceiverStream::new(rx)).into_response()
@@ -657,12 +683,13 @@ async fn send_all(
 }
 
 /// Streams tool calls: one output item per call (a function call, or a
-/// custom tool call for a custom tool), its arguments in one delta.
+/// custom tool call for a custom tool, its arguments in one delta; a shell
+/// or patch call whose action is the directive's JSON).
 async fn stream_calls(
     tx: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
     answer: Answer<'_>,
     calls: &[(String, String)],
-    custom: &[String],
+    kinds: &HashMap<String, String>,
 ) {
     let response_id = format!("resp_mock{}", uuid::Uuid::now_v7().simple());
     let mut events = vec![
@@ -678,8 +705,15 @@ async fn stream_calls(
             "call_{:016x}",
             fnv(&format!("{response_id}/{index}/{name}"))
         );
-        let is_custom = custom.contains(name);
-        let item = if is_custom {
+        let kind = kinds.get(name).map_or("function", String::as_str);
+        let item = if let Some(item) = shell_call(kind, &call_id, arguments) {
+            let mut added = item.clone();
+            added["status"] = json!("in_progress");
+            events.push(
+                json!({"type": "response.output_item.added", "output_index": index, "item": added}),
+            );
+            item
+        } else if kind == "custom" {
             let item_id = format!("ctc_mock{}", uuid::Uuid::now_v7().simple());
             let item = json!({"type": "custom_tool_call", "id": item_id, "call_id": call_id, "name": name,
                               "input": arguments, "status": "completed"});

@@ -193,7 +193,13 @@ impl FunctionOutput {
 
 /// Item kinds OpenAI defines that clients send back in their history and
 /// that Turnpike keeps verbatim (`InputItem::Other`).
-pub const OPENAI_ITEM_TYPES: [&str; 24] = [
+pub const OPENAI_ITEM_TYPES: [&str; 30] = [
+    "item_reference",
+    "additional_tools",
+    "configuration_update",
+    "compaction_trigger",
+    "program",
+    "program_output",
     "reasoning",
     "compaction",
     "custom_tool_call",
@@ -266,6 +272,10 @@ impl<'de> Deserialize<'de> for InputItem {
         };
         if !object.contains_key("type") && object.contains_key("role") {
             object.insert("type".into(), "message".into());
+        }
+        // OpenAI's item reference may leave its type out: `{"id": …}`.
+        if !object.contains_key("type") && object.len() == 1 && object.contains_key("id") {
+            object.insert("type".into(), "item_reference".into());
         }
         if let Some(kind) = object.get("type").and_then(serde_json::Value::as_str)
             && OPENAI_ITEM_TYPES.contains(&kind)

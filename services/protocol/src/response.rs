@@ -291,3 +291,65 @@ pub struct Response {
     #[schema(value_type = Option<Object>)]
     pub text: Option<serde_json::Value>,
 }
+
+/// `POST /v1/responses/compact`: the context a stateless client would send
+/// next (its `input`, or the history up to `previous_response_id` followed
+/// by `input`), compacted by the model. Nothing of it is stored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompactRequest {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<ResponseInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_response_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_key: Option<String>,
+    /// Passed to the provider as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub prompt_cache_options: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_retention: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<String>,
+    /// Passed to the provider as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub image: Option<serde_json::Value>,
+}
+
+impl CompactRequest {
+    /// The turn that computes the compaction: unstored, with these settings.
+    pub fn as_turn(&self) -> CreateResponse {
+        CreateResponse {
+            model: Some(self.model.clone()),
+            input: self.input.clone(),
+            instructions: self.instructions.clone(),
+            previous_response_id: self.previous_response_id.clone(),
+            prompt_cache_key: self.prompt_cache_key.clone(),
+            prompt_cache_options: self.prompt_cache_options.clone(),
+            prompt_cache_retention: self.prompt_cache_retention.clone(),
+            service_tier: self.service_tier.clone(),
+            image: self.image.clone(),
+            store: Some(false),
+            ..CreateResponse::default()
+        }
+    }
+}
+
+/// The answer to `POST /v1/responses/compact`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompactedResponse {
+    /// `resp_…`
+    pub id: String,
+    /// Always `response.compaction`.
+    pub object: String,
+    pub created_at: i64,
+    /// The user messages kept, then one `compaction` item standing for the
+    /// rest: the input to send next instead of the whole history.
+    pub output: Vec<Item>,
+    pub usage: Usage,
+}

@@ -29,6 +29,9 @@ pub(crate) struct Compaction {
     pub item: Item,
     /// The prompt input that replaces everything before the item.
     pub window: Vec<Value>,
+    /// The items of the window a client sees beside the compaction item
+    /// (the user messages kept), as the provider sent them.
+    pub kept: Vec<Value>,
     pub usage: Option<Usage>,
 }
 
@@ -61,6 +64,22 @@ pub(crate) async fn compact(ctx: &Context, request: &Value) -> Result<Compaction
     summarise(ctx, request).await
 }
 
+/// What a summary compaction item's `encrypted_content` starts with: the
+/// summary follows, readable, so the item means the same sent back by a
+/// client to any provider.
+const SUMMARY_PREFIX: &str = "turnpike-summary-v1:";
+
+/// The summary a compaction item made by summarising carries, if it is one.
+pub(crate) fn summary_of(encrypted_content: &str) -> Option<&str> {
+    encrypted_content.strip_prefix(SUMMARY_PREFIX)
+}
+
+/// The summary as the prompt input that stands for what came before.
+pub(crate) fn summary_message(summary: &str) -> Value {
+    json!({"type": "message", "role": "developer", "content": [{"type": "input_text",
+        "text": format!("Summary of the conversation before this point:\n{summary}")}]})
+}
+
 fn new_id() -> String {
     ids::encode(prefixes::COMPACTION, Uuid::now_v7())
 }
@@ -90,12 +109,18 @@ fn from_endpoint(output: Vec<Value>, usage: Option<Value>) -> Compaction {
             item
         })
         .collect();
+    let kept = window
+        .iter()
+        .filter(|item| item.get("type").and_then(Value::as_str) != Some("compaction"))
+        .cloned()
+        .collect();
     Compaction {
         item: Item::Compaction {
             id: new_id(),
             encrypted_content: encrypted,
         },
         window,
+        kept,
         usage: parse_usage(usage),
     }
 }
@@ -118,16 +143,20 @@ async fn summarise(ctx: &Context, request: &Value) -> Result<Compaction, Provide
         .filter_map(|part| part.get("text").and_then(Value::as_str).map(str::to_owned))
         .collect();
     let keep = ctx.settings.model.compaction_keep_user_messages;
+    let window = summary_window(
+        request["input"].as_array().map_or(&[], Vec::as_slice),
+        keep,
+        &summary,
+    );
+    // The window without the summary (its last item).
+    let kept = window[..window.len() - 1].to_vec();
     Ok(Compaction {
         item: Item::Compaction {
             id: new_id(),
-            encrypted_content: summary.clone(),
+            encrypted_content: format!("{SUMMARY_PREFIX}{summary}"),
         },
-        window: summary_window(
-            request["input"].as_array().map_or(&[], Vec::as_slice),
-            keep,
-            &summary,
-        ),
+        window,
+        kept,
         usage: parse_usage(output.usage),
     })
 }
@@ -145,10 +174,7 @@ fn summary_window(input: &[Value], keep: usize, summary: &str) -> Vec<Value> {
         .iter()
         .map(|v| (*v).clone())
         .collect();
-    window.push(
-        json!({"type": "message", "role": "developer", "content": [{"type": "input_text",
-        "text": format!("Summary of the conversation before this point:\n{summary}")}]}),
-    );
+    window.push(summary_message(summary));
     window
 }
 

@@ -115,6 +115,15 @@ pub(crate) fn refreeze(
 /// An item as prompt input: without Turnpike's ids and statuses (a provider
 /// that stores nothing knows none of them), everything else as stored.
 pub(crate) fn input_of(item: &Item) -> Option<Value> {
+    // A compaction made by summarising stands for its summary, whichever
+    // provider it goes to.
+    if let Item::Compaction {
+        encrypted_content, ..
+    } = item
+        && let Some(summary) = crate::compact::summary_of(encrypted_content)
+    {
+        return Some(crate::compact::summary_message(summary));
+    }
     let mut value = serde_json::to_value(item).ok()?;
     if let Some(object) = value.as_object_mut() {
         object.remove("id");

@@ -407,7 +407,11 @@ impl<'a> Loop<'a> {
         match step.kind {
             StepKind::Compaction => {
                 let window = step.prompt.clone().unwrap_or_default();
-                if let Some(item) = step.items.first() {
+                if let Some(item) = step
+                    .items
+                    .iter()
+                    .find(|item| matches!(item, Item::Compaction { .. }))
+                {
                     self.prompts.push((item.id().to_owned(), window.clone()));
                 }
                 self.window = window;
@@ -463,6 +467,13 @@ impl<'a> Loop<'a> {
     }
 
     async fn run(&mut self) -> Result<(), LoopError> {
+        // A compaction asked for by the client is the turn's only step.
+        if self.row.request.0.compact {
+            if self.last.is_none() {
+                self.compact_only().await?;
+            }
+            return Ok(());
+        }
         loop {
             if self.last == Some(StepKind::Model) {
                 if self.incomplete.is_some() {
@@ -597,6 +608,41 @@ impl<'a> Loop<'a> {
         self.emit(
             json!({"type": "response.output_item.done", "output_index": index, "item": item_json}),
         );
+        Ok(())
+    }
+
+    /// `POST /v1/responses/compact`: the output is the compacted window as
+    /// a client sends it back, the user messages kept and then the
+    /// compaction item.
+    async fn compact_only(&mut self) -> Result<(), LoopError> {
+        self.emit(json!({"type": "response.compaction.compacting", "output_index": 0}));
+        let compaction = compact::compact(self.ctx, &self.request()).await?;
+        let mut items: Vec<Item> = compaction
+            .kept
+            .iter()
+            .map(|raw| stored_item(raw, Uuid::now_v7()))
+            .collect();
+        items.push(compaction.item);
+        let shown: Vec<Value> = items
+            .iter()
+            .map(|item| serde_json::to_value(item).unwrap_or(Value::Null))
+            .collect();
+        self.commit(Step {
+            index: self.next_step,
+            kind: StepKind::Compaction,
+            items,
+            usage: compaction.usage,
+            prompt: Some(compaction.window),
+        })
+        .await?;
+        for (index, item) in shown.into_iter().enumerate() {
+            self.emit(
+                json!({"type": "response.output_item.added", "output_index": index, "item": item}),
+            );
+            self.emit(
+                json!({"type": "response.output_item.done", "output_index": index, "item": item}),
+            );
+        }
         Ok(())
     }
 

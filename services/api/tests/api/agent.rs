@@ -287,6 +287,7 @@ async fn compaction_falls_back_to_a_summary_that_keeps_recent_user_messages() {
             .starts_with("Context checkpoint")
     );
     let summary = second[0]["encrypted_content"].as_str().unwrap();
+    let summary = summary.strip_prefix("turnpike-summary-v1:").unwrap();
     let turn2 = requests[2]["input"].as_array().unwrap();
     assert_eq!(turn2.len(), 3, "two user messages and the summary");
     assert_eq!(turn2[1]["content"][0]["text"], "hello");
@@ -299,6 +300,60 @@ async fn compaction_falls_back_to_a_summary_that_keeps_recent_user_messages() {
     );
     assert_eq!(requests[3]["input"].as_array().unwrap()[..3], turn2[..]);
     assert_eq!(items.len(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_summary_compaction_sent_back_stands_for_its_summary() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.model.compaction = turnpike_core::config::CompactionMode::Summary;
+    settings.model.compaction_keep_user_messages = 1;
+    let agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let history = json!([
+        {"role": "user", "content": "plan the route north"},
+        {"role": "assistant", "content": "Take the toll road past the fields."},
+        {"role": "user", "content": "and the gates?"},
+    ]);
+    let compacted = user
+        .call(
+            "POST",
+            "/v1/responses/compact",
+            Some(json!({"model": "mock-1", "input": history})),
+        )
+        .await;
+    let compacted = compacted.ok();
+    assert_eq!(compacted["object"], "response.compaction");
+    let output = compacted["output"].as_array().unwrap();
+    // The latest user message kept, then the summary's compaction item.
+    assert_eq!(kinds(output), ["message", "compaction"]);
+    assert_eq!(output[0]["content"][0]["text"], "and the gates?");
+    let opaque = output[1]["encrypted_content"].as_str().unwrap();
+    let summary = opaque.strip_prefix("turnpike-summary-v1:").unwrap();
+    assert!(!summary.is_empty());
+    assert!(compacted["usage"]["total_tokens"].as_u64().unwrap() > 0);
+
+    // Sent back as the next input, the item reaches the model as its summary.
+    let mut input = output.clone();
+    input.push(json!({"role": "user", "content": "/echo onwards"}));
+    let next = user
+        .call("POST", "/v1/responses", Some(json!({"input": input})))
+        .await;
+    let next = next.ok();
+    assert_eq!(next["status"], "completed");
+    let conversation = next["conversation"]["id"].as_str().unwrap();
+    let requests = agents.model_requests(conversation).await;
+    let prompt = requests[0]["input"].as_array().unwrap();
+    assert_eq!(prompt.len(), 3);
+    assert_eq!(prompt[1]["role"], "developer");
+    assert!(
+        prompt[1]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .ends_with(summary)
+    );
+    assert_eq!(prompt[2]["content"][0]["text"], "/echo onwards");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

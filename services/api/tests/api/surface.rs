@@ -1,7 +1,8 @@
 //! The `responses.create` surface beyond the basics: continuing with
 //! `previous_response_id` (and forking from an earlier turn), `store:
 //! false`, `max_tool_calls`, client-executed custom tools and their outputs,
-//! provider-hosted tools, deleting a response and counting input tokens.
+//! provider-hosted tools, deleting a response, counting input tokens and
+//! compacting a context.
 
 use serde_json::{Value, json};
 use turnpike_testkit::{Paths, Stack, TestApp, User};
@@ -83,6 +84,56 @@ async fn previous_response_id_continues_the_latest_turn_and_forks_an_earlier_one
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_references_resolve_to_the_callers_stored_items() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let one = create(&user, json!({"input": "/echo one"})).await;
+    let answer = one["output"][0]["id"].as_str().unwrap();
+    let question = user
+        .call(
+            "GET",
+            &format!("/v1/responses/{}/input_items", one["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    let question = question.ok()["data"][0]["id"].as_str().unwrap().to_owned();
+    // A client replaying its history by reference (as the AI SDK does with
+    // `store: true`), the type left out once as OpenAI allows.
+    let two = create(
+        &user,
+        json!({"input": [{"type": "item_reference", "id": question}, {"id": answer},
+                         {"role": "user", "content": "/echo two"}]}),
+    )
+    .await;
+    assert_eq!(output_text(&two), "two");
+    assert_ne!(two["conversation"], one["conversation"]);
+    assert_eq!(
+        texts_of(&user, &two["conversation"]["id"]).await,
+        ["/echo one", "one", "/echo two", "two"]
+    );
+    // An item that is not the caller's, or not there, is a 404 naming it.
+    let other = app.new_user().await;
+    let refused = other
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": [{"type": "item_reference", "id": answer}]})),
+        )
+        .await;
+    assert_eq!(refused.error(404)["param"], "input[0].id");
+    let refused = user
+        .call(
+            "POST",
+            "/v1/conversations",
+            Some(json!({"items": [{"role": "user", "content": "hi"},
+                                  {"type": "item_reference", "id": "msg_nothere"}]})),
+        )
+        .await;
+    assert_eq!(refused.error(404)["param"], "items[1].id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_false_runs_the_turn_and_keeps_nothing() {
     let stack = Stack::shared().await;
     let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
@@ -104,6 +155,100 @@ async fn store_false_runs_the_turn_and_keeps_nothing() {
         .call("GET", "/v1/conversations?consistency=strong", None)
         .await;
     assert_eq!(listed.ok()["data"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_answers_the_window_to_send_next_and_keeps_nothing() {
+    let stack = Stack::shared().await;
+    let (app, agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let one = create(&user, json!({"input": "/echo one"})).await;
+    let two = create(
+        &user,
+        json!({"previous_response_id": one["id"], "input": "/echo two"}),
+    )
+    .await;
+    let compacted = user
+        .call(
+            "POST",
+            "/v1/responses/compact",
+            Some(
+                json!({"model": "mock-1", "previous_response_id": two["id"], "input": "and now?"}),
+            ),
+        )
+        .await;
+    let compacted = compacted.ok().clone();
+    assert_eq!(compacted["object"], "response.compaction");
+    let output = compacted["output"].as_array().unwrap();
+    // Every user message, then the provider's compaction item.
+    let texts: Vec<&str> = output[..3]
+        .iter()
+        .map(|i| i["content"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["/echo one", "/echo two", "and now?"]);
+    assert!(output[..3].iter().all(|i| i["role"] == "user"));
+    assert_eq!(output[3]["type"], "compaction");
+    assert!(output[3]["id"].as_str().unwrap().starts_with("cmp_"));
+    assert!(
+        output[3]["encrypted_content"]
+            .as_str()
+            .unwrap()
+            .starts_with("mock-compaction-")
+    );
+    assert!(compacted["usage"]["input_tokens"].as_u64().unwrap() > 0);
+
+    // Nothing of it is stored, and the compacted conversation is unchanged.
+    let id = compacted["id"].as_str().unwrap();
+    user.call(
+        "GET",
+        &format!("/v1/responses/{id}?consistency=strong"),
+        None,
+    )
+    .await
+    .error(404);
+    let listed = user
+        .call("GET", "/v1/conversations?consistency=strong", None)
+        .await;
+    assert_eq!(listed.ok()["data"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        texts_of(&user, &two["conversation"]["id"]).await,
+        ["/echo one", "one", "/echo two", "two"]
+    );
+
+    // The window goes back as the next input, as a stateless client sends it.
+    let mut input = output.clone();
+    input.push(json!({"role": "user", "content": "/echo onwards"}));
+    let next = create(&user, json!({"input": input})).await;
+    assert_eq!(output_text(&next), "onwards");
+    // The model sees that window as the client sent it, nothing cut.
+    let requests = agents
+        .model_requests(next["conversation"]["id"].as_str().unwrap())
+        .await;
+    let prompt = requests[0]["input"].as_array().unwrap();
+    assert_eq!(prompt.len(), 5);
+    assert_eq!(
+        prompt[3],
+        json!({"type": "compaction", "encrypted_content": output[3]["encrypted_content"]})
+    );
+    assert_eq!(prompt[4]["content"][0]["text"], "/echo onwards");
+
+    // Bad requests are refused by name.
+    let refused = user
+        .call(
+            "POST",
+            "/v1/responses/compact",
+            Some(json!({"model": "mock-1"})),
+        )
+        .await;
+    assert_eq!(refused.error(400)["param"], "input");
+    let refused = user
+        .call(
+            "POST",
+            "/v1/responses/compact",
+            Some(json!({"model": "mock-1", "input": "x", "stream": true})),
+        )
+        .await;
+    refused.error(400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,6 +301,68 @@ async fn a_custom_tool_call_ends_the_turn_and_its_output_continues_it() {
     )
     .await;
     assert_eq!(output_text(&second), "tool said: Patched.");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_and_patch_calls_end_the_turn_and_their_outputs_continue_it() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let tools = json!([{"type": "local_shell"}, {"type": "shell", "environment": {"type": "local"}},
+                       {"type": "apply_patch"}, {"type": "function", "name": "noop", "parameters": {}}]);
+    let cases = [
+        (
+            r#"/call local_shell {"command": ["echo", "hi"]}"#,
+            "local_shell_call",
+            json!({"type": "local_shell_call_output", "output": "hi from local shell"}),
+            "hi from local shell",
+        ),
+        (
+            r#"/call shell {"commands": ["echo hi"]}"#,
+            "shell_call",
+            json!({"type": "shell_call_output", "output": [{"stdout": "hi from shell", "stderr": "",
+                   "outcome": {"type": "exit", "exit_code": 0}}]}),
+            "hi from shell",
+        ),
+        (
+            r#"/call apply_patch {"type": "create_file", "path": "a.txt", "diff": "+a"}"#,
+            "apply_patch_call",
+            json!({"type": "apply_patch_call_output", "status": "completed", "output": "created a.txt"}),
+            "created a.txt",
+        ),
+    ];
+    for (directive, kind, mut output, said) in cases {
+        let first = create(&user, json!({"input": directive, "tools": tools})).await;
+        assert_eq!(first["status"], "completed", "{first}");
+        let call = &first["output"][0];
+        assert_eq!(call["type"], kind, "{first}");
+        assert_eq!(first["output"].as_array().unwrap().len(), 1);
+        // Local shell outputs name the call by `id` (OpenAI's shape), the others by `call_id`.
+        if kind == "local_shell_call" {
+            output["id"] = call["call_id"].clone();
+        } else {
+            output["call_id"] = call["call_id"].clone();
+        }
+        let second = create(
+            &user,
+            json!({"previous_response_id": first["id"], "tools": tools, "input": [output]}),
+        )
+        .await;
+        assert_eq!(output_text(&second), format!("tool said: {said}"));
+        // Call and output are kept as sent, in the conversation.
+        let conversation = second["conversation"]["id"].as_str().unwrap();
+        let items = user
+            .call(
+                "GET",
+                &format!("/v1/conversations/{conversation}/items?order=asc&consistency=strong"),
+                None,
+            )
+            .await;
+        let items = items.ok()["data"].as_array().unwrap().clone();
+        assert_eq!(items[1]["type"], kind);
+        assert_eq!(items[1]["call_id"], call["call_id"]);
+        assert_eq!(items[2]["type"], format!("{kind}_output"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

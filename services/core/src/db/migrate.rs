@@ -28,6 +28,12 @@ pub enum MigrateError {
     /// A migration failed or the applied history differs from this binary's.
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// An index build was interrupted (a concurrent build that failed leaves
+    /// an invalid index behind, which `IF NOT EXISTS` would then skip).
+    #[error(
+        "invalid indexes {0:?}: an index build was interrupted; DROP INDEX CONCURRENTLY each, delete its migration's row from _sqlx_migrations, and migrate again"
+    )]
+    InvalidIndexes(Vec<String>),
 }
 
 /// Applies pending migrations on the primary over a direct connection
@@ -44,13 +50,29 @@ pub async fn run(settings: &DatabaseSettings) -> Result<(), MigrateError> {
     let options = PgConnectOptions::from_str(primary.url.expose_secret())
         .map_err(MigrateError::Url)?
         .application_name("turnpike-migrate")
-        .options([("lock_timeout", "5s")]);
+        // No statement timeout: a concurrent index build on a large table
+        // takes as long as it takes (the role's timeout, set below, would
+        // otherwise apply from the second run on).
+        .options([("lock_timeout", "5s"), ("statement_timeout", "0")]);
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await?;
     MIGRATOR.run(&pool).await?;
+    let invalid: Vec<(String,)> = sqlx::query_as(
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE NOT i.indisvalid AND n.nspname = current_schema()",
+    )
+    .fetch_all(&pool)
+    .await?;
+    if !invalid.is_empty() {
+        pool.close().await;
+        return Err(MigrateError::InvalidIndexes(
+            invalid.into_iter().map(|(name,)| name).collect(),
+        ));
+    }
     let statement_timeout = format!("{}ms", settings.statement_timeout_ms);
     sqlx::raw_sql(&format!(
         "ALTER ROLE CURRENT_USER SET statement_timeout = '{statement_timeout}';
