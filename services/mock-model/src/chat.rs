@@ -385,6 +385,7 @@ mod tests {
             settings: MockSettings::default(),
             prompts: Arc::new(Mutex::new(HashMap::new())),
             requests: Arc::default(),
+            failed_once: Arc::default(),
         }
     }
 

@@ -6,6 +6,8 @@
 //! Directives in the latest user message:
 //! - `/echo TEXT` answers exactly TEXT;
 //! - `/fail 500`, `/fail 429`, `/fail disconnect` inject that fault;
+//!   `/fail disconnect once` cuts the stream mid-answer the first time an
+//!   input is seen and answers it in full the next;
 //! - `/call NAME {json}` (one per line; several lines are parallel calls)
 //!   calls the function tool NAME when the request offers it; once the
 //!   calls' outputs follow in the input, it answers `tool said: …`; a
@@ -95,6 +97,20 @@ struct MockState {
     prompts: Arc<Mutex<HashMap<String, Vec<u64>>>>,
     /// The latest requests per prompt_cache_key, for tests to inspect.
     requests: Arc<Mutex<HashMap<String, VecDeque<Value>>>>,
+    /// Digests of the inputs a `/fail disconnect once` already failed.
+    failed_once: Arc<Mutex<std::collections::HashSet<u64>>>,
+}
+
+impl MockState {
+    /// Whether this is the first request with this input (a `/fail …
+    /// once` fault fails only that one; the retry goes through).
+    fn first_time(&self, body: &Value) -> bool {
+        let digest = fnv(&body.get("input").unwrap_or(&Value::Null).to_string());
+        self.failed_once
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest)
+    }
 }
 
 /// A bound mock model server.
@@ -112,6 +128,7 @@ impl MockModel {
             settings,
             prompts: Arc::new(Mutex::new(HashMap::new())),
             requests: Arc::new(Mutex::new(HashMap::new())),
+            failed_once: Arc::default(),
         };
         let app = Router::new()
             .route("/v1/responses", post(responses))
@@ -424,7 +441,8 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
     if let Some(fault) = injected_fault(directive) {
         return fault;
     }
-    let disconnect = directive == "/fail disconnect";
+    let disconnect = directive == "/fail disconnect"
+        || (directive == "/fail disconnect once" && state.first_time(&body));
 
     let tokens = prompt_tokens(&body);
     let key = body

@@ -777,6 +777,47 @@ pub struct SseEvent {
     pub data: Value,
 }
 
+/// Checks that a response's stream shows exactly what was stored: its
+/// sequence numbers unbroken, each output item announced once (under its
+/// stored id) and done once (as stored), and each item's text deltas adding
+/// up to its stored text — nothing lost, nothing repeated.
+pub fn assert_stream_matches(events: &[SseEvent], output: &[Value]) {
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event.data["sequence_number"], i as u64, "{:?}", event.data);
+    }
+    let of_type = |kind: &str| -> Vec<&Value> {
+        events
+            .iter()
+            .map(|e| &e.data)
+            .filter(|e| e["type"] == kind)
+            .collect()
+    };
+    let added = of_type("response.output_item.added");
+    let done = of_type("response.output_item.done");
+    assert_eq!(added.len(), output.len(), "announced: {added:?}");
+    assert_eq!(done.len(), output.len(), "done: {done:?}");
+    let deltas = of_type("response.output_text.delta");
+    for (index, item) in output.iter().enumerate() {
+        assert_eq!(added[index]["item"]["id"], item["id"]);
+        assert_eq!(added[index]["output_index"], index as u64);
+        assert_eq!(done[index]["item"], *item);
+        if item["type"] == "message" {
+            let streamed: String = deltas
+                .iter()
+                .filter(|d| d["item_id"] == item["id"])
+                .filter_map(|d| d["delta"].as_str())
+                .collect();
+            let stored: String = item["content"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|part| part["text"].as_str())
+                .collect();
+            assert_eq!(streamed, stored, "item {index}");
+        }
+    }
+}
+
 /// Parses a whole SSE body (comments and keepalives skipped).
 pub fn parse_sse(text: &str) -> Vec<SseEvent> {
     text.split("\n\n")

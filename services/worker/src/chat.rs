@@ -839,6 +839,7 @@ mod tests {
                     assert_eq!(event["output_index"], output_index);
                     event.clone()
                 }
+                Progress::Retry => json!("retry"),
             });
         };
         for chunk in chunks {

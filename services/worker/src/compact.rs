@@ -134,7 +134,7 @@ async fn summarise(ctx: &Context, request: &Value) -> Result<Compaction, Provide
     if ask.get("tools").is_some() {
         ask["tool_choice"] = json!("none");
     }
-    let output = ctx.provider.stream(&ask, |_| {}, |_| {}).await?;
+    let output = ctx.provider.stream(&ask, |_| {}).await?;
     let summary: String = output
         .items
         .iter()

@@ -92,6 +92,9 @@ pub enum Progress<'a> {
     /// tool's progress. `response.output_item.done` is not one of them: the
     /// turn announces an item done once it is stored.
     Event { output_index: u64, event: &'a Value },
+    /// The attempt failed and the call is retried: the next attempt's
+    /// events start over from its first item.
+    Retry,
 }
 
 /// A Responses API client.
@@ -123,13 +126,11 @@ impl Provider {
     }
 
     /// Streams one model call, retrying transient failures. `on_progress`
-    /// sees every attempt's deltas; `on_retry` is told before a retry so the
-    /// caller can discard the partial attempt.
+    /// sees every attempt's events, and `Progress::Retry` between attempts.
     pub async fn stream(
         &self,
         request: &Value,
         mut on_progress: impl FnMut(Progress<'_>),
-        mut on_retry: impl FnMut(&ProviderError),
     ) -> Result<ModelOutput, ProviderError> {
         let mut attempt = 0u32;
         loop {
@@ -140,7 +141,7 @@ impl Provider {
                     attempt += 1;
                     let delay = retry_after.unwrap_or_else(|| self.backoff(attempt));
                     tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "model call failed; retrying");
-                    on_retry(&e);
+                    on_progress(Progress::Retry);
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) => return Err(e),

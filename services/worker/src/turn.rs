@@ -207,6 +207,9 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     for step in done {
         turn.apply(step);
     }
+    if logged.is_some() {
+        turn.take_over(&delivery.response).await;
+    }
     // A cancellation drops the loop at once: the model stream and running
     // tools stop with it, and `finish` finds the turn cancelled.
     let result = tokio::select! {
@@ -355,6 +358,8 @@ struct Loop<'a> {
     incomplete: Option<Value>,
     /// Server-side tool calls answered so far (`max_tool_calls` bounds them).
     tool_calls: u32,
+    /// Events an interrupted worker sent of the model call this one redoes.
+    resumed: Vec<Value>,
 }
 
 impl<'a> Loop<'a> {
@@ -399,7 +404,41 @@ impl<'a> Loop<'a> {
             lsn,
             incomplete: None,
             tool_calls: 0,
+            resumed: Vec::new(),
         }
+    }
+
+    /// Picks up from what an interrupted worker sent clients: the stored
+    /// output's items it did not announce done are announced now, and the
+    /// events of the model call it was running are taken in, so that call,
+    /// run again, repeats none of them.
+    async fn take_over(&mut self, response: &str) {
+        let logged = match events::read_after(&self.ctx.kv, response, None).await {
+            Ok(logged) => logged,
+            Err(e) => {
+                tracing::warn!(error = %e, response, "could not read the interrupted turn's events");
+                return;
+            }
+        };
+        let logged: Vec<Value> = logged
+            .iter()
+            .filter_map(|(_, data)| serde_json::from_str(data).ok())
+            .collect();
+        let stored = self.output.len() as u64;
+        let announced: BTreeSet<u64> = logged
+            .iter()
+            .filter(|e| e["type"] == "response.output_item.done")
+            .filter_map(|e| e["output_index"].as_u64())
+            .collect();
+        for (index, item) in (0..stored).zip(&self.output) {
+            if !announced.contains(&index) {
+                self.emit(done_event(index, item));
+            }
+        }
+        self.resumed = logged
+            .into_iter()
+            .filter(|e| e["output_index"].as_u64().is_some_and(|i| i >= stored))
+            .collect();
     }
 
     /// Takes a completed step into the loop's state.
@@ -649,29 +688,17 @@ impl<'a> Loop<'a> {
     async fn call_model(&mut self) -> Result<(), LoopError> {
         let request = self.request();
         let offset = self.output.len() as u64;
-        let events = self.events.clone();
-        let mut item_ids = ItemIds::new();
         let include_obfuscation = self.row.request.0.include_obfuscation != Some(false);
+        let mut relay = Relay::new(&self.events, offset, include_obfuscation);
+        relay.resume(&std::mem::take(&mut self.resumed));
         let output = self
             .ctx
             .provider
-            .stream(
-                &request,
-                |progress| {
-                    relay(
-                        &events,
-                        &mut item_ids,
-                        offset,
-                        include_obfuscation,
-                        progress,
-                    )
-                },
-                |_error: &ProviderError| {},
-            )
+            .stream(&request, |progress| relay.forward(progress))
             .await?;
         let mut output = output;
         output.items.iter_mut().for_each(turns::escape_nul);
-        let items = to_items(&output, &item_ids);
+        let items = to_items(&output, &relay.item_ids);
         self.incomplete = output.incomplete;
         let usage: Option<Usage> = output.usage.and_then(|u| serde_json::from_value(u).ok());
         self.commit(Step {
@@ -799,62 +826,175 @@ fn item_namespace(item: &Item) -> Option<&str> {
 /// provider's output index: the row id and the public id announced.
 type ItemIds = HashMap<u64, (Uuid, String)>;
 
+/// An event's type, output index and part of the item (its other indexes).
+type EventKey = (String, u64, String);
+
 /// Forwards the model's progress as the response's events: the provider's
 /// own events, with Turnpike's item ids and output indexes numbered after
 /// the response's earlier output.
-fn relay(
-    events: &mpsc::UnboundedSender<Value>,
-    item_ids: &mut ItemIds,
+///
+/// A retried call starts its stream over; clients saw the failed attempt's
+/// events already. The retry's items keep the ids they were announced
+/// with, an event already sent is not sent again, and a delta is sent only
+/// for the text beyond what clients have: a retry that repeats the
+/// failed attempt shows each piece of text once.
+struct Relay<'a> {
+    events: &'a mpsc::UnboundedSender<Value>,
     offset: u64,
     include_obfuscation: bool,
-    progress: Progress<'_>,
-) {
-    match progress {
-        Progress::ItemAdded { output_index, item } => {
-            let kind = item
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or("message");
-            let uuid = Uuid::now_v7();
-            let public = ids::encode(ids::item_prefix(kind), uuid);
-            let mut added = item.clone();
-            added["id"] = json!(public);
-            turns::escape_nul(&mut added);
-            item_ids.insert(output_index, (uuid, public));
-            let _ = events.send(json!({"type": "response.output_item.added",
-                "output_index": offset + output_index, "item": added}));
+    item_ids: ItemIds,
+    /// The events other than deltas sent so far (type, output index, part).
+    sent: BTreeSet<EventKey>,
+    /// The text sent so far per delta stream.
+    text: HashMap<EventKey, String>,
+    /// After a retry: the text of the current attempt per delta stream.
+    attempt: Option<HashMap<EventKey, String>>,
+}
+
+/// An event's key: its type, the provider's output index, and which part
+/// of the item (its content, summary, annotation, … indexes).
+fn event_key(fields: &serde_json::Map<String, Value>, output_index: u64) -> EventKey {
+    let kind = fields.get("type").and_then(Value::as_str).unwrap_or("");
+    let part: String = fields
+        .iter()
+        .filter(|(name, _)| name.ends_with("_index") && name.as_str() != "output_index")
+        .map(|(name, value)| format!("{name}={value};"))
+        .collect();
+    (kind.to_owned(), output_index, part)
+}
+
+impl<'a> Relay<'a> {
+    /// Takes in what clients were sent of this model call by a worker that
+    /// was interrupted running it (its logged events at output indexes from
+    /// `offset` on): the call now runs again as a retry of that one.
+    fn resume(&mut self, logged: &[Value]) {
+        if logged.is_empty() {
+            return;
         }
-        Progress::Event {
-            output_index,
-            event,
-        } => {
+        for event in logged {
             let Some(fields) = event.as_object() else {
-                return;
+                continue;
             };
-            let (_, public) = item_ids.entry(output_index).or_insert_with(|| {
-                let uuid = Uuid::now_v7();
-                (uuid, ids::encode(prefixes::MESSAGE, uuid))
-            });
-            let mut forwarded = fields.clone();
-            forwarded.remove("sequence_number");
-            if !include_obfuscation {
-                forwarded.remove("obfuscation");
+            let Some(index) = fields
+                .get("output_index")
+                .and_then(Value::as_u64)
+                .and_then(|i| i.checked_sub(self.offset))
+            else {
+                continue;
+            };
+            if fields.get("type").and_then(Value::as_str) == Some("response.output_item.added") {
+                let public = event["item"]["id"].as_str().unwrap_or_default();
+                if let Some(uuid) = ids::parse_item(public) {
+                    self.item_ids.insert(index, (uuid, public.to_owned()));
+                }
+                continue;
             }
-            // OpenAI always sends logprobs on text events; some compatible
-            // servers leave them out, and SDKs expect them.
-            if matches!(
-                forwarded.get("type").and_then(Value::as_str),
-                Some("response.output_text.delta" | "response.output_text.done")
-            ) {
-                forwarded.entry("logprobs").or_insert_with(|| json!([]));
+            let key = event_key(fields, index);
+            match fields.get("delta").and_then(Value::as_str) {
+                Some(delta) => self.text.entry(key).or_default().push_str(delta),
+                None => {
+                    self.sent.insert(key);
+                }
             }
-            forwarded.insert("item_id".into(), json!(public));
-            forwarded.insert("output_index".into(), json!(offset + output_index));
-            // Streamed as it is stored.
-            let mut forwarded = Value::Object(forwarded);
-            turns::escape_nul(&mut forwarded);
-            let _ = events.send(forwarded);
         }
+        self.attempt = Some(HashMap::new());
+    }
+
+    fn new(
+        events: &'a mpsc::UnboundedSender<Value>,
+        offset: u64,
+        include_obfuscation: bool,
+    ) -> Self {
+        Self {
+            events,
+            offset,
+            include_obfuscation,
+            item_ids: ItemIds::new(),
+            sent: BTreeSet::new(),
+            text: HashMap::new(),
+            attempt: None,
+        }
+    }
+
+    fn forward(&mut self, progress: Progress<'_>) {
+        match progress {
+            Progress::Retry => self.attempt = Some(HashMap::new()),
+            Progress::ItemAdded { output_index, item } => {
+                if self.item_ids.contains_key(&output_index) {
+                    return;
+                }
+                let kind = item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
+                let uuid = Uuid::now_v7();
+                let public = ids::encode(ids::item_prefix(kind), uuid);
+                let mut added = item.clone();
+                added["id"] = json!(public);
+                turns::escape_nul(&mut added);
+                self.item_ids.insert(output_index, (uuid, public));
+                let _ = self
+                    .events
+                    .send(json!({"type": "response.output_item.added",
+                    "output_index": self.offset + output_index, "item": added}));
+            }
+            Progress::Event {
+                output_index,
+                event,
+            } => self.event(output_index, event),
+        }
+    }
+
+    fn event(&mut self, output_index: u64, event: &Value) {
+        let Some(fields) = event.as_object() else {
+            return;
+        };
+        let key = event_key(fields, output_index);
+        let mut forwarded = fields.clone();
+        match fields.get("delta").and_then(Value::as_str) {
+            Some(delta) => {
+                let sent = self.text.entry(key.clone()).or_default();
+                if let Some(attempt) = &mut self.attempt {
+                    let now = attempt.entry(key).or_default();
+                    now.push_str(delta);
+                    if sent.starts_with(now.as_str()) {
+                        return;
+                    }
+                    let new = now.strip_prefix(sent.as_str()).unwrap_or(now);
+                    forwarded.insert("delta".into(), json!(new));
+                    sent.clone_from(now);
+                } else {
+                    sent.push_str(delta);
+                }
+            }
+            None => {
+                if !self.sent.insert(key) && self.attempt.is_some() {
+                    return;
+                }
+            }
+        }
+        let (_, public) = self.item_ids.entry(output_index).or_insert_with(|| {
+            let uuid = Uuid::now_v7();
+            (uuid, ids::encode(prefixes::MESSAGE, uuid))
+        });
+        forwarded.remove("sequence_number");
+        if !self.include_obfuscation {
+            forwarded.remove("obfuscation");
+        }
+        // OpenAI always sends logprobs on text events; some compatible
+        // servers leave them out, and SDKs expect them.
+        if matches!(
+            forwarded.get("type").and_then(Value::as_str),
+            Some("response.output_text.delta" | "response.output_text.done")
+        ) {
+            forwarded.entry("logprobs").or_insert_with(|| json!([]));
+        }
+        forwarded.insert("item_id".into(), json!(public));
+        forwarded.insert("output_index".into(), json!(self.offset + output_index));
+        // Streamed as it is stored.
+        let mut forwarded = Value::Object(forwarded);
+        turns::escape_nul(&mut forwarded);
+        let _ = self.events.send(forwarded);
     }
 }
 

@@ -40,6 +40,37 @@ async fn a_killed_workers_turn_is_finished_by_another() {
     let items = items.ok()["data"].as_array().unwrap().clone();
     assert_eq!(items.len(), 2, "{items:?}");
     assert_eq!(items[1], last["response"]["output"][0]);
+    // What the client saw is what was stored: the model call the second
+    // worker ran again announced nothing twice and repeated no text.
+    turnpike_testkit::assert_stream_matches(&events, &items[1..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_model_call_shows_each_piece_of_text_once() {
+    let stack = Stack::shared().await;
+    let (app, agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    // The model's stream is cut mid-answer; the retry answers in full.
+    let (_, events) = user
+        .stream(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "/fail disconnect once", "stream": true})),
+            &[],
+        )
+        .await;
+    let last = &events.last().unwrap().data;
+    assert_eq!(last["type"], "response.completed", "{last}");
+    let output = last["response"]["output"].as_array().unwrap();
+    assert_eq!(output.len(), 1);
+    let text = output[0]["content"][0]["text"].as_str().unwrap();
+    assert!(text.split(' ').count() > 4, "{text}");
+    // One item announced, once, with the id it is stored under; its
+    // deltas add up to the stored text exactly.
+    turnpike_testkit::assert_stream_matches(&events, output);
+    // The model was called twice: the cut attempt, then the retry.
+    let conversation = last["response"]["conversation"]["id"].as_str().unwrap();
+    assert_eq!(agents.model_requests(conversation).await.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

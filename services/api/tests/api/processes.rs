@@ -98,4 +98,6 @@ async fn a_worker_process_killed_mid_turn_is_replaced_without_duplicates() {
     let items = items.ok()["data"].as_array().unwrap().clone();
     assert_eq!(items.len(), 2, "{items:?}");
     assert_eq!(items[1], last["response"]["output"][0]);
+    // The replacement ran the model call again; the client saw it once.
+    turnpike_testkit::assert_stream_matches(&events, &items[1..]);
 }
