@@ -48,15 +48,14 @@ async fn handle(app: AppState, req: Request, next: Next) -> Result<Response, Api
         })?;
     let (mut parts, body) = req.into_parts();
     let Auth(principal) = Auth::from_request_parts(&mut parts, &app).await?;
-    let bytes = axum::body::to_bytes(body, app.settings.api.body_limit_bytes)
-        .await
-        .map_err(|_| {
-            ApiError::with_status(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "The request body is too large.",
-                "invalid_body",
-            )
-        })?;
+    let limit = crate::body_limit_for(&app.settings.api, parts.uri.path());
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::with_status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "The request body is too large.",
+            "invalid_body",
+        )
+    })?;
     let fingerprint = fingerprint(&parts.method, parts.uri.path(), &bytes);
 
     let mut tx = app.router.write().await?;

@@ -238,14 +238,27 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
     }
 }
 
+/// The largest body a request to `path` may send: requests carrying a
+/// model's input (a stateless client's whole history) get the larger limit.
+pub(crate) fn body_limit_for(settings: &turnpike_core::config::ApiSettings, path: &str) -> usize {
+    if path.starts_with("/v1/responses") || path == "/v1/chat/completions" {
+        settings
+            .input_body_limit_bytes
+            .max(settings.body_limit_bytes)
+    } else {
+        settings.body_limit_bytes
+    }
+}
+
 /// Every route, merged, with the shared layers.
 pub fn routes(state: AppState) -> axum::Router {
     let body_limit = state.settings.api.body_limit_bytes;
+    let input_limit = DefaultBodyLimit::max(body_limit_for(&state.settings.api, "/v1/responses"));
     axum::Router::new()
         .merge(conversations::router())
         .merge(items::router())
-        .merge(responses::router())
-        .merge(chat::router())
+        .merge(responses::router().layer(input_limit))
+        .merge(chat::router().layer(input_limit))
         .merge(admin::router())
         .merge(health::router())
         .merge(openapi::router())
@@ -266,7 +279,7 @@ pub fn routes(state: AppState) -> axum::Router {
         ))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
-            body_limit,
+            state.settings.api.clone(),
             refuse_oversized,
         ))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
@@ -276,10 +289,11 @@ pub fn routes(state: AppState) -> axum::Router {
 /// Refuses a body whose Content-Length is over the limit before reading any
 /// of it (a chunked body is cut off by `DefaultBodyLimit` as it is read).
 async fn refuse_oversized(
-    axum::extract::State(limit): axum::extract::State<usize>,
+    axum::extract::State(settings): axum::extract::State<turnpike_core::config::ApiSettings>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let limit = body_limit_for(&settings, request.uri().path());
     let declared = request
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)

@@ -95,6 +95,10 @@ pub struct ApiSettings {
     pub port: u16,
     /// Largest accepted request body; larger bodies get 413.
     pub body_limit_bytes: usize,
+    /// Largest accepted body of a request that carries a model's input
+    /// (`/v1/responses…`, `/v1/chat/completions`): a stateless client
+    /// resends its whole history, as long as the model's context.
+    pub input_body_limit_bytes: usize,
     /// Model used when a request names none.
     pub default_model: String,
     /// How long an authenticated API key stays cached in process.
@@ -112,6 +116,7 @@ impl Default for ApiSettings {
             host: "127.0.0.1".into(),
             port: 8080,
             body_limit_bytes: 1024 * 1024,
+            input_body_limit_bytes: 32 * 1024 * 1024,
             default_model: "mock-1".into(),
             auth_cache_ttl_ms: 30_000,
             shutdown_grace_ms: 10_000,

@@ -139,6 +139,8 @@ impl MockModel {
             .route("/v1/chat/completions", post(chat::chat_completions))
             .route("/chat/completions", post(chat::chat_completions))
             .route("/mcp", post(mcp::mcp))
+            // Prompts as long as a large context window, as a provider takes.
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(state);
         Ok(Self {
             listener,

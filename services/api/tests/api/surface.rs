@@ -134,6 +134,27 @@ async fn item_references_resolve_to_the_callers_stored_items() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateless_clients_long_history_is_taken_whole() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    // About 4 MiB in 4,000 items: more than other requests may send.
+    let line = "The toll road runs north past quiet fields. ".repeat(23);
+    let mut input: Vec<Value> = (0..3_999)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            json!({"role": role, "content": format!("{i}: {line}")})
+        })
+        .collect();
+    input.push(json!({"role": "user", "content": "/echo all of it"}));
+    let body = json!({"input": input, "store": false});
+    assert!(body.to_string().len() > 4_000_000);
+    let done = create(&user, body).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(output_text(&done), "all of it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_false_runs_the_turn_and_keeps_nothing() {
     let stack = Stack::shared().await;
     let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
