@@ -44,7 +44,7 @@ pub fn router() -> Router<AppState> {
 /// Create a chat completion.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "chat", request_body = CreateChatCompletion,
     responses((status = 200, description = "a `chat.completion`; with `stream: true`, `chat.completion.chunk`s (SSE) ending with `[DONE]`",
-            content((Object = "application/json"), (String = "text/event-stream"))),
+            content((Object = "application/json"), (crate::events::SseEvent = "text/event-stream"))),
         (status = 400, body = turnpike_protocol::ErrorBody), (status = 401, body = turnpike_protocol::ErrorBody),
         (status = 413, body = turnpike_protocol::ErrorBody), (status = 502, body = turnpike_protocol::ErrorBody),
         (status = 503, body = turnpike_protocol::ErrorBody)))]

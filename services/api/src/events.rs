@@ -367,3 +367,16 @@ pub async fn wait_for_end(app: &AppState, response: &str, timeout: Duration) -> 
         }
     }
 }
+
+/// One Server-Sent Event of a stream, as its fields arrive: `data` is one
+/// JSON event (`[DONE]` ends a Chat Completions stream), `event` its type,
+/// `id` its sequence number (send it back as `Last-Event-ID` to resume).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct SseEvent {
+    /// The event as JSON.
+    pub data: String,
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub retry: Option<u64>,
+}

@@ -45,7 +45,7 @@ use crate::limits::RateLimitedResponses;
         crate::health::readyz,
         crate::health::metrics,
     ),
-    components(schemas(turnpike_protocol::ErrorBody)),
+    components(schemas(turnpike_protocol::ErrorBody, crate::items::Order, crate::events::SseEvent)),
     modifiers(&BearerAuth, &RateLimitedResponses),
     security(("bearer" = [])),
 )]

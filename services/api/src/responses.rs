@@ -45,7 +45,7 @@ pub fn router() -> Router<AppState> {
 /// Create a response (a turn) in a conversation.
 #[utoipa::path(post, path = "/v1/responses", tag = "responses", request_body = CreateResponse,
     responses((status = 200, description = "the response; with `stream: true` its events (SSE, one JSON event per `data:` line)",
-            content((Response = "application/json"), (String = "text/event-stream"))),
+            content((Response = "application/json"), (crate::events::SseEvent = "text/event-stream"))),
         (status = 400, body = turnpike_protocol::ErrorBody),
         (status = 401, body = turnpike_protocol::ErrorBody), (status = 404, body = turnpike_protocol::ErrorBody),
         (status = 409, body = turnpike_protocol::ErrorBody), (status = 413, body = turnpike_protocol::ErrorBody),
@@ -423,7 +423,7 @@ pub struct RetrieveParams {
 #[utoipa::path(get, path = "/v1/responses/{response_id}", tag = "responses",
     params(("response_id" = String, Path), RetrieveParams),
     responses((status = 200, description = "the response; with `stream=true` its events (SSE, one JSON event per `data:` line)",
-            content((Response = "application/json"), (String = "text/event-stream"))),
+            content((Response = "application/json"), (crate::events::SseEvent = "text/event-stream"))),
         (status = 400, body = turnpike_protocol::ErrorBody),
         (status = 401, body = turnpike_protocol::ErrorBody),
         (status = 404, body = turnpike_protocol::ErrorBody), (status = 503, body = turnpike_protocol::ErrorBody)))]

@@ -23,7 +23,7 @@ pub struct CreateChatCompletion {
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub tool_choice: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel_tool_calls: Option<bool>,
@@ -86,7 +86,7 @@ pub struct CreateChatCompletion {
     pub seed: Option<i64>,
     /// Refused unless empty: the Responses API has no stop sequences.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub stop: Option<Value>,
     /// Only `["text"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

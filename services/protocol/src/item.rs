@@ -159,7 +159,7 @@ pub enum InputItem {
     /// The client's result for a function call.
     FunctionCallOutput {
         call_id: String,
-        #[schema(value_type = Object)]
+        #[schema(value_type = Value)]
         output: FunctionOutput,
     },
     /// Another of OpenAI's item kinds (reasoning, custom, shell and patch
@@ -365,7 +365,7 @@ pub enum Item {
         id: String,
         status: String,
         call_id: String,
-        #[schema(value_type = Object)]
+        #[schema(value_type = Value)]
         output: FunctionOutput,
     },
     /// The model's reasoning, kept so it can be passed back to the model on

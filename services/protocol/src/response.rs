@@ -63,7 +63,7 @@ pub struct CreateResponse {
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<serde_json::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub tool_choice: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
@@ -255,7 +255,7 @@ pub struct Response {
     pub output: Vec<Item>,
     #[schema(value_type = Vec<Object>)]
     pub tools: Vec<serde_json::Value>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub tool_choice: serde_json::Value,
     pub parallel_tool_calls: bool,
     pub metadata: Metadata,

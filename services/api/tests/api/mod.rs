@@ -24,6 +24,7 @@ mod clients;
 mod conversations;
 mod failover;
 mod faults;
+mod fuzz;
 mod idempotency;
 mod isolation;
 mod limits;
