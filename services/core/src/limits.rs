@@ -194,6 +194,15 @@ pub async fn check_user(
     })
 }
 
+/// The tokens the user has used today (0 when none are counted).
+pub async fn tokens_today(kv: &Kv, user: Uuid, now: SystemTime) -> Result<u64, KvError> {
+    let key = tokens_key(user, &UtcDay::of(now).date());
+    let used: Option<u64> = kv
+        .run(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+        .await?;
+    Ok(used.unwrap_or(0))
+}
+
 /// Adds a finished turn's tokens to its user's counter for today; returns
 /// the new total. One round trip; the counter expires two days later.
 pub async fn record_tokens(

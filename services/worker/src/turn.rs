@@ -177,7 +177,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     if delivery.deliveries > ctx.settings.worker.max_deliveries {
         let error = json!({"code": "server_error",
             "message": format!("too_many_deliveries: the turn was interrupted {} times and will not be retried.", delivery.deliveries - 1)});
-        return fail(ctx, &row, emitter, events_tx, &error).await;
+        return fail(ctx, &row, emitter, events_tx, &error, None).await;
     }
 
     let snapshot = serde_json::to_value(row.to_api()).unwrap_or(Value::Null);
@@ -231,7 +231,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     match result {
         None => {
             let error = json!({"code": "cancelled", "message": "The response was cancelled."});
-            fail(ctx, &row, emitter, events_tx, &error).await
+            fail(ctx, &row, emitter, events_tx, &error, usage.as_ref()).await
         }
         Some(Ok(())) => {
             let (status, terminal) = match incomplete {
@@ -250,12 +250,17 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         }
         Some(Err(LoopError::Provider(e))) => {
             let error = json!({"code": e.code(), "message": e.to_string()});
-            fail(ctx, &row, emitter, events_tx, &error).await
+            fail(ctx, &row, emitter, events_tx, &error, usage.as_ref()).await
         }
         Some(Err(LoopError::TooManySteps(n))) => {
             let error = json!({"code": "server_error",
                 "message": format!("max_steps_exceeded: the turn made {n} model calls without reaching an answer (worker.max_steps).")});
-            fail(ctx, &row, emitter, events_tx, &error).await
+            fail(ctx, &row, emitter, events_tx, &error, usage.as_ref()).await
+        }
+        Some(Err(LoopError::BudgetExhausted)) => {
+            let error = json!({"code": "token_budget_exhausted",
+                "message": "The daily token budget (limits.daily_tokens_per_user) is spent; the turn stopped before its next model call."});
+            fail(ctx, &row, emitter, events_tx, &error, usage.as_ref()).await
         }
         Some(Err(LoopError::Turn(e))) => Err(e),
     }
@@ -293,6 +298,10 @@ enum LoopError {
     /// `worker.max_steps` model calls without an answer: the turn fails.
     #[error("too many steps ({0})")]
     TooManySteps(u32),
+    /// The user's daily token budget is spent: the turn fails before its
+    /// next model call.
+    #[error("token budget exhausted")]
+    BudgetExhausted,
     /// Postgres failed, or another worker took the turn over: left for redelivery.
     #[error(transparent)]
     Turn(#[from] TurnError),
@@ -501,6 +510,9 @@ impl<'a> Loop<'a> {
         if !stored {
             return Err(LoopError::Turn(TurnError::Superseded));
         }
+        // Counted as each step is stored, so every way a turn ends (failed,
+        // cancelled, cut short, taken over) has counted what it spent.
+        record_usage(self.ctx, self.row.user_id, step.usage.as_ref()).await;
         self.apply(step);
         Ok(())
     }
@@ -509,6 +521,7 @@ impl<'a> Loop<'a> {
         // A compaction asked for by the client is the turn's only step.
         if self.row.request.0.compact {
             if self.last.is_none() {
+                self.check_budget().await?;
                 self.compact_only().await?;
             }
             return Ok(());
@@ -531,6 +544,7 @@ impl<'a> Loop<'a> {
             if self.model_calls >= self.ctx.settings.worker.max_steps {
                 return Err(LoopError::TooManySteps(self.model_calls));
             }
+            self.check_budget().await?;
             if self.last != Some(StepKind::Compaction) && self.over_threshold().await {
                 self.compact().await?;
                 continue;
@@ -566,6 +580,25 @@ impl<'a> Loop<'a> {
                 other => other.client_call_id().map(|_| Call::Client),
             })
             .collect()
+    }
+
+    /// Refuses the next model call once the user's daily token budget is
+    /// spent (turns already running included). When Redis cannot say, the
+    /// call goes ahead: a running turn is not failed for a cache outage.
+    async fn check_budget(&self) -> Result<(), LoopError> {
+        let budget = self.ctx.settings.limits.daily_tokens_per_user;
+        if budget == 0 {
+            return Ok(());
+        }
+        let now = std::time::SystemTime::now();
+        match limits::tokens_today(&self.ctx.kv, self.row.user_id, now).await {
+            Ok(used) if used >= budget => Err(LoopError::BudgetExhausted),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the token budget; the model call goes ahead");
+                Ok(())
+            }
+        }
     }
 
     fn threshold(&self) -> u64 {
@@ -1050,12 +1083,13 @@ async fn fail(
     emitter: tokio::task::JoinHandle<()>,
     events_tx: mpsc::UnboundedSender<Value>,
     error: &Value,
+    usage: Option<&Usage>,
 ) -> Result<(), TurnError> {
     let outcome = Outcome {
         status: ResponseStatus::Failed,
         output: &[],
         prompts: &[],
-        usage: None,
+        usage,
         error: Some(error),
         incomplete_details: None,
     };
@@ -1086,15 +1120,11 @@ async fn finish(
     // All before the terminal event, in parallel (independent Redis keys): a
     // client that saw the turn end reads its own write, finds no cached page
     // without the output, and sees its tokens counted against the budget.
-    tokio::join!(
-        ctx.last_writes.record(row.user_id, lsn),
-        record_usage(ctx, row.user_id, outcome.usage),
-        async {
-            if !outcome.output.is_empty() || unstored {
-                changed(ctx, row.conversation_id, lsn).await;
-            }
-        },
-    );
+    tokio::join!(ctx.last_writes.record(row.user_id, lsn), async {
+        if !outcome.output.is_empty() || unstored {
+            changed(ctx, row.conversation_id, lsn).await;
+        }
+    },);
     dispatch(ctx, next, lsn).await;
     match finished {
         Some(done) => {
@@ -1137,8 +1167,8 @@ async fn changed(ctx: &Context, conversation: Uuid, lsn: Lsn) {
     });
 }
 
-/// Adds a finished turn's tokens to its user's daily budget counter. The
-/// tokens were spent even when the turn was cancelled meanwhile. A count
+/// Adds a stored step's tokens to its user's daily budget counter. The
+/// tokens were spent even when the turn is cancelled meanwhile. A count
 /// Redis does not take is lost (logged): the budget errs towards the user.
 async fn record_usage(ctx: &Context, user: Uuid, usage: Option<&Usage>) {
     let Some(tokens) = usage.map(|u| u.total_tokens).filter(|t| *t > 0) else {

@@ -371,6 +371,40 @@ async fn active_turns_are_capped_per_user_exactly(paths: Paths) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_budget_stops_a_turn_between_model_calls_and_a_failed_turn_counts() {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(Paths::DIRECT));
+    settings.limits.daily_tokens_per_user = 10;
+    let _agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings).await;
+    let (user, user_id) = another_key(&app, &app.new_user().await).await;
+    // A tool loop: the first model call spends the whole budget, so the
+    // turn stops before its second.
+    let done = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(
+                json!({"input": "/call conversation_search {\"query\": \"toll\"}",
+                        "tools": [{"type": "conversation_search"}]}),
+            ),
+        )
+        .await;
+    let body = done.ok();
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["error"]["code"], "token_budget_exhausted");
+    // What it spent is on the failed response and counted against the budget.
+    let spent = body["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(spent >= 10, "{body}");
+    let key = tokens_key(user_id, &UtcDay::of(SystemTime::now()).date());
+    assert_eq!(redis_cli(&stack, &["GET", &key]), spent.to_string());
+    let refused = user
+        .call("POST", "/v1/responses", Some(json!({"input": "hi"})))
+        .await;
+    assert_refused(&refused, "token_budget_exhausted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_token_budget_is_fed_by_turn_usage() {
     let stack = Stack::shared().await;
     let mut settings = without_limits(stack.settings(Paths::DIRECT));
