@@ -55,13 +55,17 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let request = to_response_request(&body)?;
     let client_tools = client_tool_names(request.tools.as_deref().unwrap_or_default());
+    // Taken before the turn exists: a refused stream creates nothing.
+    let slot = (body.stream == Some(true))
+        .then(|| crate::limits::open_stream(&app, principal.user_id))
+        .transpose()?;
     let started = responses::start(&app, &principal, &request).await?;
     let conversation = turnpike_core::ids::encode(
         turnpike_protocol::ids::CONVERSATION,
         started.row.conversation_id,
     );
     let model = started.row.model.clone();
-    let mut response = if body.stream == Some(true) {
+    let mut response = if let Some(slot) = slot {
         let include_usage = body
             .stream_options
             .as_ref()
@@ -69,7 +73,7 @@ pub async fn create(
             .and_then(Value::as_bool)
             == Some(true);
         let translation = Translation::new(&started.row, client_tools, include_usage);
-        let mut response = stream(&app, started.row, translation);
+        let mut response = stream(&app, started.row, translation, slot);
         if let Ok(value) = HeaderValue::from_str(&started.lsn.to_string()) {
             response.headers_mut().insert(CONSISTENCY_HEADER, value);
         }
@@ -617,9 +621,10 @@ fn stream(
     app: &AppState,
     row: turnpike_core::turns::ResponseRow,
     mut translation: Translation,
+    slot: crate::limits::StreamSlot,
 ) -> HttpResponse {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(256);
-    let mut events = events::follow(app, row, None);
+    let mut events = events::follow(app, row, None, slot);
     tokio::spawn(async move {
         while let Some(logged) = events.recv().await {
             let Ok(event) = serde_json::from_str::<Value>(&logged.data) else {

@@ -20,6 +20,7 @@ use turnpike_core::turns::{self, ResponseRow};
 use turnpike_protocol::item::{ContentPart, Item};
 
 use crate::AppState;
+use crate::limits::StreamSlot;
 
 /// Event types that end a response's stream.
 const TERMINAL: [&str; 4] = [
@@ -58,17 +59,27 @@ pub struct Logged {
 
 /// `row`'s events after `after`, in order, ending with the terminal event;
 /// dropping the receiver stops the stream.
-pub fn follow(app: &AppState, row: ResponseRow, after: Option<u64>) -> mpsc::Receiver<Logged> {
+/// `slot` is the user's open-stream slot, held until the stream ends.
+pub fn follow(
+    app: &AppState,
+    row: ResponseRow,
+    after: Option<u64>,
+    slot: StreamSlot,
+) -> mpsc::Receiver<Logged> {
     let (tx, rx) = mpsc::channel::<Logged>(256);
-    tokio::spawn(pump(app.clone(), row, after, tx));
+    let app = app.clone();
+    tokio::spawn(async move {
+        pump(app, row, after, tx).await;
+        drop(slot);
+    });
     rx
 }
 
 /// An SSE response streaming `row`'s events after `after`.
-pub fn stream(app: &AppState, row: ResponseRow, after: Option<u64>) -> Response {
+pub fn stream(app: &AppState, row: ResponseRow, after: Option<u64>, slot: StreamSlot) -> Response {
     use tokio_stream::StreamExt;
     let keepalive = Duration::from_millis(app.settings.events.keepalive_ms);
-    let events = ReceiverStream::new(follow(app, row, after)).map(|logged| {
+    let events = ReceiverStream::new(follow(app, row, after, slot)).map(|logged| {
         Ok::<_, Infallible>(
             Event::default()
                 .event(logged.kind)
@@ -146,6 +157,14 @@ async fn pump(app: AppState, row: ResponseRow, after: Option<u64>, tx: mpsc::Sen
         Step::Done => return,
         Step::Continue(last) => last,
     };
+    // Resuming after the log expired: the stored response ends the stream.
+    if after.is_some()
+        && last == after
+        && matches!(events::last_event(&app.kv, &response).await, Ok(None))
+        && ended_elsewhere(&app, &row, last, &tx).await
+    {
+        return;
+    }
     let mut idle_wait = RESYNC_EVERY;
     loop {
         let next = tokio::select! {
@@ -157,6 +176,7 @@ async fn pump(app: AppState, row: ResponseRow, after: Option<u64>, tx: mpsc::Sen
         } else {
             RESYNC_EVERY
         };
+        let idle = next.is_err();
         let resync = match next {
             Ok(Ok(Live::Event(data))) => match header(&data) {
                 Some((kind, seq)) if last.is_none_or(|l| seq == l + 1) => {
@@ -179,15 +199,78 @@ async fn pump(app: AppState, row: ResponseRow, after: Option<u64>, tx: mpsc::Sen
             Err(_idle) => true,
         };
         if resync {
+            let before = last;
             last = match replay(&app, &response, last, &tx).await {
                 Step::Done => return,
                 Step::Continue(last) => last,
             };
+            // Long idle with nothing new: the response may have ended
+            // without its terminal event reaching the log (a worker lost
+            // at the very end), or the log may have expired under a
+            // resuming client. The stored row decides.
+            if idle
+                && last == before
+                && idle_wait >= ROW_CHECK_AFTER
+                && ended_elsewhere(&app, &row, last, &tx).await
+            {
+                return;
+            }
             if last.is_none() && finished_without_log(&app, &row, after, &tx).await {
                 return;
             }
         }
     }
+}
+
+/// How long a stream must have been idle before it asks the database
+/// whether its response ended (a stuck stream ends within about 15 s).
+const ROW_CHECK_AFTER: Duration = Duration::from_secs(8);
+
+/// For an idle stream at `last`: when the stored response has ended, sends
+/// its terminal event (with the whole response) as the next event and
+/// answers true; a stream that has sent nothing yet gets every event,
+/// rebuilt from storage.
+async fn ended_elsewhere(
+    app: &AppState,
+    row: &ResponseRow,
+    last: Option<u64>,
+    tx: &mpsc::Sender<Logged>,
+) -> bool {
+    let Some(last) = last else {
+        return finished_without_log(app, row, None, tx).await;
+    };
+    let Some(current) = stored_if_ended(app, row).await else {
+        return false;
+    };
+    let Some(mut terminal) = synthesize(&current).pop() else {
+        return false;
+    };
+    terminal["sequence_number"] = json!(last + 1);
+    let kind = terminal["type"]
+        .as_str()
+        .unwrap_or("response.completed")
+        .to_owned();
+    send(tx, &kind, last + 1, &terminal.to_string()).await;
+    true
+}
+
+/// The stored response, when it has ended.
+async fn stored_if_ended(app: &AppState, row: &ResponseRow) -> Option<ResponseRow> {
+    let (id, user) = (row.id, row.user_id);
+    let current = app
+        .router
+        .read(Consistency::Eventual, move |db| {
+            Box::pin(async move { turns::find(db, id, user).await })
+        })
+        .await;
+    let Ok(Some(current)) = current else {
+        return None;
+    };
+    matches!(
+        current.status.as_str(),
+        "completed" | "failed" | "incomplete" | "cancelled"
+    )
+    .then_some(current)
 }
 
 /// For a response with no event log (expired, or finished before this
@@ -198,22 +281,9 @@ async fn finished_without_log(
     after: Option<u64>,
     tx: &mpsc::Sender<Logged>,
 ) -> bool {
-    let (id, user) = (row.id, row.user_id);
-    let current = app
-        .router
-        .read(Consistency::Eventual, move |db| {
-            Box::pin(async move { turns::find(db, id, user).await })
-        })
-        .await;
-    let Ok(Some(current)) = current else {
+    let Some(current) = stored_if_ended(app, row).await else {
         return false;
     };
-    if !matches!(
-        current.status.as_str(),
-        "completed" | "failed" | "incomplete" | "cancelled"
-    ) {
-        return false;
-    }
     for (seq, event) in (0u64..).zip(synthesize(&current)) {
         if after.is_some_and(|a| seq <= a) {
             continue;

@@ -72,7 +72,11 @@ pub struct Limits {
     policy: Option<HeaderValue>,
     policy_creating_turn: Option<HeaderValue>,
     policy_admin: Option<HeaderValue>,
+    /// Open event streams per user in this process.
+    streams: OpenStreams,
 }
+
+type OpenStreams = Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, u32>>>;
 
 impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -140,6 +144,7 @@ impl Limits {
             policy,
             policy_creating_turn,
             policy_admin,
+            streams: OpenStreams::default(),
         }
     }
 
@@ -335,6 +340,50 @@ pub async fn check_active_turns(
         ACTIVE_TURNS_RETRY_S,
     )
     .with_headers(headers))
+}
+
+/// One open event stream of a user's, counted against
+/// `limits.open_streams_per_user` in this process until dropped.
+pub struct StreamSlot {
+    open: OpenStreams,
+    user: uuid::Uuid,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Takes one of the user's open-stream slots in this process, or answers
+/// 429 `too_many_streams` when all are held.
+pub fn open_stream(app: &AppState, user: uuid::Uuid) -> Result<StreamSlot, ApiError> {
+    let cap = app.settings.limits.open_streams_per_user;
+    let open = app.limits.streams.clone();
+    {
+        let mut counts = open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(user).or_insert(0);
+        if cap > 0 && *count >= cap {
+            drop(counts);
+            metrics::counter!(REJECTED_METRIC, "limit" => "streams").increment(1);
+            return Err(too_many(
+                format!(
+                    "You have {cap} event streams open on this server, the most allowed at once. \
+                     Close one and retry."
+                ),
+                "too_many_streams",
+                1,
+            ));
+        }
+        *count += 1;
+    }
+    Ok(StreamSlot { open, user })
 }
 
 /// 429 for a spent request rate (`limit` is `key` or `user`).

@@ -55,10 +55,14 @@ pub async fn create(
     Auth(principal): Auth,
     Json(body): Json<CreateResponse>,
 ) -> Result<HttpResponse, ApiError> {
+    // Taken before the turn exists: a refused stream creates nothing.
+    let slot = (body.stream == Some(true))
+        .then(|| crate::limits::open_stream(&app, principal.user_id))
+        .transpose()?;
     let started = start(&app, &principal, &body).await?;
     let (row, lsn) = (started.row, started.lsn);
-    if body.stream == Some(true) {
-        let mut response = events::stream(&app, row, None);
+    if let Some(slot) = slot {
+        let mut response = events::stream(&app, row, None, slot);
         if let Ok(value) = axum::http::HeaderValue::from_str(&lsn.to_string()) {
             response
                 .headers_mut()
@@ -460,10 +464,12 @@ pub async fn retrieve(
                     })
             })
             .transpose()?;
+        let slot = crate::limits::open_stream(&app, principal.user_id)?;
         return Ok(events::stream(
             &app,
             row,
             params.starting_after.or(last_event_id),
+            slot,
         ));
     }
     Ok(axum::Json(row.to_api()).into_response())

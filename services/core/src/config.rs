@@ -612,6 +612,10 @@ pub struct LimitSettings {
     /// Model tokens (`usage.total_tokens`) one user's turns may use per UTC
     /// day; once spent, `POST /v1/responses` gets a 429 until midnight UTC.
     pub daily_tokens_per_user: u64,
+    /// Event streams (SSE) one user may hold open at once on one api
+    /// process; one more gets a 429. Counted in process: each pod bounds
+    /// the connections and memory one user can tie up there.
+    pub open_streams_per_user: u32,
     /// What the Redis-backed limits do while Redis is unreachable.
     pub redis_failure_policy: RedisFailurePolicy,
     /// After a Redis error, how long the Redis-backed limits apply the
@@ -629,6 +633,7 @@ impl Default for LimitSettings {
             user_burst: 20_000,
             active_turns_per_user: 256,
             daily_tokens_per_user: 10_000_000,
+            open_streams_per_user: 64,
             redis_failure_policy: RedisFailurePolicy::FailOpen,
             redis_breaker_ms: 1_000,
         }

@@ -371,6 +371,69 @@ async fn active_turns_are_capped_per_user_exactly(paths: Paths) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_are_capped_per_user_in_each_process() {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(Paths::DIRECT));
+    settings.limits.open_streams_per_user = 2;
+    let _agents = Agents::spawn_slow(&mut settings, 40, 50).await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let created = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "a long answer, please", "background": true})),
+        )
+        .await;
+    let id = created.ok()["id"].as_str().unwrap().to_owned();
+    let first = user.follow_until_answering(&id).await;
+    let second = user.follow_until_answering(&id).await;
+    let refused = user
+        .call("GET", &format!("/v1/responses/{id}?stream=true"), None)
+        .await;
+    assert_refused(&refused, "too_many_streams");
+    // A streamed create is refused before it creates a turn.
+    let refused = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "hi", "stream": true})),
+        )
+        .await;
+    assert_refused(&refused, "too_many_streams");
+    let listed = user
+        .call("GET", "/v1/conversations?consistency=strong", None)
+        .await;
+    assert_eq!(listed.ok()["data"].as_array().unwrap().len(), 1);
+    // Another user is not held back.
+    let other = app.new_user().await;
+    let (status, events) = other
+        .stream(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "/echo mine", "stream": true})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(events.last().unwrap().data["type"], "response.completed");
+    // Streams that end give their slots back.
+    first.read_to_end().await;
+    second.read_to_end().await;
+    eventually(
+        "a stream slot is free again",
+        Duration::from_secs(5),
+        || async {
+            let (status, events) = user
+                .stream("GET", &format!("/v1/responses/{id}?stream=true"), None, &[])
+                .await;
+            (status == 200 && !events.is_empty()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_budget_stops_a_turn_between_model_calls_and_a_failed_turn_counts() {
     let stack = Stack::shared().await;
     let mut settings = without_limits(stack.settings(Paths::DIRECT));

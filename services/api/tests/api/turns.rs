@@ -142,6 +142,22 @@ async fn a_streamed_turn_is_stored_and_resumable(paths: Paths) {
         rebuilt.last().unwrap().data["response"]["status"],
         "completed"
     );
+    // A client resuming from its cursor after the log expired gets the
+    // terminal event, with the whole response, next, and the stream ends.
+    let (_, ended) = user
+        .stream(
+            "GET",
+            &format!("/v1/responses/{id}?stream=true"),
+            None,
+            &[("last-event-id", "3")],
+        )
+        .await;
+    assert_eq!(types(&ended), ["response.completed"]);
+    assert_eq!(ended[0].data["sequence_number"], 4);
+    assert_eq!(
+        ended[0].data["response"]["output"][0]["content"][0]["text"],
+        "Turnpikes charge tolls."
+    );
 
     // Without stream or background the request waits for the answer.
     let waited = user
@@ -319,6 +335,57 @@ async fn slow_agents(stack: &Stack, paths: Paths) -> (TestApp, turnpike_testkit:
     let mut settings = stack.settings(paths);
     let agents = turnpike_testkit::Agents::spawn_slow(&mut settings, 20, 200).await;
     (TestApp::spawn_with(settings).await, agents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_terminal_event_never_came_ends_from_the_stored_response() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let (_, events) = user
+        .stream(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "/echo the end", "stream": true})),
+            &[],
+        )
+        .await;
+    let id = events[0].data["response"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The log loses its terminal event, as when a worker dies between
+    // storing the outcome and logging it.
+    let redis_port = stack.env["TURNPIKE__REDIS__URL"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let terminal = format!("{}-0", events.len());
+    let deleted = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis_port,
+            "XDEL",
+            &format!("tp:{{{id}}}:events"),
+            &terminal,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&deleted.stdout).trim(), "1");
+    // Followed again, the stream replays what is logged, then, idle, finds
+    // the response ended and ends with its terminal event.
+    let (_, again) = user
+        .stream("GET", &format!("/v1/responses/{id}?stream=true"), None, &[])
+        .await;
+    assert_eq!(again.len(), events.len());
+    let last = &again.last().unwrap().data;
+    assert_eq!(last["type"], "response.completed");
+    assert_eq!(last["sequence_number"], events.len() as u64 - 1);
+    assert_eq!(
+        last["response"]["output"],
+        events.last().unwrap().data["response"]["output"]
+    );
 }
 
 async fn status_of(user: &turnpike_testkit::User, id: &str) -> String {
