@@ -74,6 +74,9 @@ pub struct Consumer {
     conn: redis::aio::MultiplexedConnection,
     stream: String,
     name: String,
+    /// Where the next `XAUTOCLAIM` scan of the pending entries starts: each
+    /// scan looks at a bounded window, so it walks the whole list in turns.
+    claim_cursor: String,
 }
 
 impl Consumer {
@@ -109,6 +112,7 @@ impl Consumer {
             conn,
             stream: stream.to_owned(),
             name: name.to_owned(),
+            claim_cursor: "0-0".to_owned(),
         })
     }
 
@@ -135,18 +139,22 @@ impl Consumer {
     }
 
     /// Claims turns another consumer has held for longer than `idle_ms`
-    /// (a crashed worker's), one at a time.
+    /// (a crashed worker's), one at a time. Each call scans the next window
+    /// of pending entries (Redis looks at ten per entry asked for), so
+    /// claims held by running turns never hide a crashed worker's behind
+    /// them.
     pub async fn reclaim(&mut self, idle_ms: u64) -> Result<Option<Delivery>, KvError> {
         let reply: (String, Vec<Entry>, Vec<String>) = redis::cmd("XAUTOCLAIM")
             .arg(&self.stream)
             .arg(GROUP)
             .arg(&self.name)
             .arg(idle_ms)
-            .arg("0-0")
+            .arg(&self.claim_cursor)
             .arg("COUNT")
             .arg(1)
             .query_async(&mut self.conn)
             .await?;
+        self.claim_cursor = reply.0;
         let Some((entry, fields)) = reply.1.into_iter().next() else {
             return Ok(None);
         };
@@ -181,19 +189,46 @@ pub async fn heartbeat(kv: &Kv, stream: &str, consumer: &str, entry: &str) -> Re
     .map(|_| ())
 }
 
-/// Acknowledges a finished turn.
+/// Acknowledges a finished turn and deletes its entry: the stream holds
+/// only turns not yet acknowledged (waiting or running), so it never grows
+/// with history and no unacknowledged entry is ever dropped.
 pub async fn ack(kv: &Kv, stream: &str, entry: &str) -> Result<(), KvError> {
     let (stream, entry) = (stream.to_owned(), entry.to_owned());
     kv.run(|mut conn| async move {
-        redis::cmd("XACK")
-            .arg(stream)
+        redis::pipe()
+            .cmd("XACK")
+            .arg(&stream)
             .arg(GROUP)
-            .arg(entry)
-            .query_async::<i64>(&mut conn)
+            .arg(&entry)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&stream)
+            .arg(&entry)
+            .ignore()
+            .query_async::<()>(&mut conn)
             .await
     })
     .await
-    .map(|_| ())
+}
+
+/// Entries waiting to be delivered for the first time: the stream's
+/// length less the entries delivered and not yet acknowledged (acknowledged
+/// ones are deleted).
+pub async fn undelivered(kv: &Kv, stream: &str) -> Result<u64, KvError> {
+    let stream = stream.to_owned();
+    let (length, pending): (u64, (u64, redis::Value, redis::Value, redis::Value)) = kv
+        .run(|mut conn| async move {
+            redis::pipe()
+                .cmd("XLEN")
+                .arg(&stream)
+                .cmd("XPENDING")
+                .arg(&stream)
+                .arg(GROUP)
+                .query_async(&mut conn)
+                .await
+        })
+        .await?;
+    Ok(length.saturating_sub(pending.0))
 }
 
 fn parse(entry: String, fields: &[(String, String)], deliveries: u64) -> Option<Delivery> {

@@ -27,6 +27,23 @@ pub(crate) async fn run(ctx: Arc<Context>) {
 }
 
 async fn pass(ctx: &Context) -> Result<(), turnpike_core::db::DbError> {
+    // While turns wait in the queue undelivered, a turn queued for long is
+    // most likely among them (the fleet is behind, not the enqueue lost):
+    // adding it again would grow the queue fastest under overload.
+    match queue::undelivered(&ctx.kv, &ctx.settings.worker.queue).await {
+        Ok(0) => {}
+        Ok(waiting) => {
+            tracing::debug!(
+                waiting,
+                "turns wait in the queue; the reconciler skips this pass"
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "queue unreadable; the reconciler skips this pass");
+            return Ok(());
+        }
+    }
     let mut tx = ctx.router.write().await?;
     let stranded = turns::stranded(&mut tx, STRANDED_AFTER_MS, 100).await?;
     let lsn = tx.commit().await?;

@@ -2,6 +2,8 @@
 //! mid-stream resuming on another api process. Nothing is lost and nothing
 //! is repeated.
 
+use std::time::Duration;
+
 use serde_json::json;
 use turnpike_testkit::{Agents, Paths, Stack, TestApp};
 
@@ -208,4 +210,106 @@ async fn an_empty_blocking_queue_read_is_not_an_error() {
     let read = consumer.next(1_500).await;
     assert!(matches!(read, Ok(None)), "{read:?}");
     assert!(started.elapsed() >= std::time::Duration::from_millis(1_400));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaiming_walks_past_claims_of_running_turns() {
+    use turnpike_core::queue::{self, Consumer};
+    let stack = Stack::shared().await;
+    let settings = stack.settings(Paths::DIRECT);
+    let kv = turnpike_core::kv::Kv::new(&settings.redis).unwrap();
+    let url = settings.redis.url().to_owned();
+    let stream = format!("tp:test-reclaim-{}", uuid::Uuid::now_v7().simple());
+    let lsn: turnpike_core::db::Lsn = "0/0".parse().unwrap();
+    // Twelve turns claimed by a worker that keeps them fresh (running),
+    // then three claimed by one that died.
+    let mut live = Consumer::connect(&url, &stream, "live", 100).await.unwrap();
+    let mut dead = Consumer::connect(&url, &stream, "dead", 100).await.unwrap();
+    let mut running = Vec::new();
+    for i in 0..15 {
+        queue::enqueue(&kv, &stream, &format!("resp_{i}"), lsn)
+            .await
+            .unwrap();
+        let claimer = if i < 12 { &mut live } else { &mut dead };
+        let delivery = claimer.next(100).await.unwrap().unwrap();
+        if i < 12 {
+            running.push(delivery.entry);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    for entry in &running {
+        queue::heartbeat(&kv, &stream, "live", entry).await.unwrap();
+    }
+    // A third worker finds the dead one's turns within a few scans.
+    let mut rescuer = Consumer::connect(&url, &stream, "rescuer", 100)
+        .await
+        .unwrap();
+    let mut rescued = Vec::new();
+    for _ in 0..10 {
+        if let Some(delivery) = rescuer.reclaim(50).await.unwrap() {
+            rescued.push(delivery.response);
+        }
+    }
+    rescued.sort();
+    assert_eq!(rescued, ["resp_12", "resp_13", "resp_14"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_turns_leave_the_queue_empty() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.limits.active_turns_per_user = 0;
+    settings.limits.user_requests_per_s = 0;
+    settings.limits.key_requests_per_s = 0;
+    settings.worker.queue = format!("tp:test-turns-{}", uuid::Uuid::now_v7().simple());
+    settings.worker.concurrency = 64;
+    let _agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let mut ids = Vec::new();
+    for chunk in 0..40 {
+        let creates = (0..50).map(|i| {
+            user.call(
+                "POST",
+                "/v1/responses",
+                Some(json!({"input": format!("/echo {chunk}-{i}"), "background": true})),
+            )
+        });
+        for reply in futures_util::future::join_all(creates).await {
+            ids.push(reply.ok()["id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(ids.len(), 2_000);
+    let kv = turnpike_core::kv::Kv::new(&settings.redis).unwrap();
+    let queue = settings.worker.queue.clone();
+    let length = || async {
+        kv.run(|mut conn| {
+            let queue = queue.clone();
+            async move {
+                redis::cmd("XLEN")
+                    .arg(queue)
+                    .query_async::<u64>(&mut conn)
+                    .await
+            }
+        })
+        .await
+        .unwrap()
+    };
+    turnpike_testkit::eventually(
+        "every turn ran and the queue emptied",
+        Duration::from_secs(120),
+        || async { (length().await == 0).then_some(()) },
+    )
+    .await;
+    // Every turn ran once to completion.
+    for id in ids.iter().step_by(97) {
+        let done = user
+            .call(
+                "GET",
+                &format!("/v1/responses/{id}?consistency=strong"),
+                None,
+            )
+            .await;
+        assert_eq!(done.ok()["status"], "completed", "{id}");
+    }
 }
