@@ -1011,6 +1011,8 @@ pub struct Process {
     child: tokio::process::Child,
     /// `http://127.0.0.1:<port>` for an api.
     pub url: String,
+    /// Where its output goes, when kept.
+    log: Option<PathBuf>,
 }
 
 impl Process {
@@ -1084,7 +1086,52 @@ impl Process {
         Process {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            log: None,
         }
+    }
+
+    /// Starts `turnpike worker` with `extra` environment on top of
+    /// `settings`, its output (logs included) kept for [`Process::output`].
+    pub fn worker_logged(
+        stack: &Stack,
+        settings: &Settings,
+        extra: &[(String, String)],
+    ) -> Process {
+        let binary = Self::binary();
+        let log = std::env::temp_dir().join(format!(
+            "turnpike-worker-{}-{}.log",
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        ));
+        let file = std::fs::File::create(&log).expect("create the worker's log file");
+        let child = tokio::process::Command::new(&binary)
+            .arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(Self::env(stack, settings))
+            .envs(extra.iter().cloned())
+            .env("TURNPIKE_CONFIG", "/nonexistent/turnpike.toml")
+            .stdout(std::process::Stdio::from(
+                file.try_clone().expect("clone the log file"),
+            ))
+            .stderr(std::process::Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {} worker: {e}", binary.display()));
+        Process {
+            child,
+            url: String::new(),
+            log: Some(log),
+        }
+    }
+
+    /// Everything the process has written so far (for a process started
+    /// with its output kept).
+    pub fn output(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .unwrap_or_default()
     }
 
     /// Starts `turnpike api` on a free port and waits until it is ready.

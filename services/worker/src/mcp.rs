@@ -41,12 +41,14 @@ const SESSION_HEADER: &str = "mcp-session-id";
 /// turn tries again.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum McpError {
-    /// The server could not be reached or its answer could not be read.
+    /// The server could not be reached or its answer could not be read:
+    /// what went wrong, never the URL (it may carry a token).
     #[error("MCP server unreachable: {0}")]
-    Transport(#[from] reqwest::Error),
-    /// The server answered with an HTTP error status.
-    #[error("MCP server answered HTTP {status}: {body}")]
-    Status { status: u16, body: String },
+    Transport(String),
+    /// The server answered with an HTTP error status. Its body is not kept:
+    /// it may echo the request, token included.
+    #[error("MCP server answered HTTP {status}")]
+    Status { status: u16 },
     /// The server answered with a JSON-RPC error.
     #[error("MCP error {code}: {message}")]
     Rpc { code: i64, message: String },
@@ -56,6 +58,21 @@ pub(crate) enum McpError {
     /// A configured header name or value cannot be sent; fix the configuration.
     #[error("tools.mcp_servers: the header '{0}' is not a valid HTTP header")]
     InvalidHeader(String),
+}
+
+impl From<reqwest::Error> for McpError {
+    fn from(e: reqwest::Error) -> Self {
+        let what = if e.is_timeout() {
+            "timed out"
+        } else if e.is_connect() {
+            "connection failed"
+        } else if e.is_decode() || e.is_body() {
+            "its answer could not be read"
+        } else {
+            "the request failed"
+        };
+        Self::Transport(what.to_owned())
+    }
 }
 
 /// The MCP servers' sessions and tool lists of this worker process.
@@ -319,10 +336,8 @@ impl Registry {
             .await?;
         let status = response.status();
         if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
             return Err(McpError::Status {
                 status: status.as_u16(),
-                body: text.chars().take(500).collect(),
             });
         }
         let session = response
@@ -442,6 +457,22 @@ fn result_text(result: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_transport_error_names_no_url() {
+        // A port nothing listens on, and a token in the URL.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(9);
+        let url = format!("http://user:pw-secret@127.0.0.1:{port}/mcp?token=tok-secret");
+        let Err(error) = reqwest::Client::new().post(&url).send().await else {
+            panic!("nothing listens on port {port}");
+        };
+        let shown = McpError::from(error).to_string();
+        assert_eq!(shown, "MCP server unreachable: connection failed");
+        assert!(!shown.contains("secret") && !shown.contains("127.0.0.1"));
+    }
 
     #[test]
     fn results_become_text() {

@@ -101,3 +101,109 @@ async fn a_worker_process_killed_mid_turn_is_replaced_without_duplicates() {
     // The replacement ran the model call again; the client saw it once.
     turnpike_testkit::assert_stream_matches(&events, &items[1..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_provider_and_mcp_urls_reach_no_user_model_or_log() {
+    const PROVIDER_SECRET: &str = "sk-planted-provider-0e1f";
+    const MCP_SECRET: &str = "mcp-planted-token-7a2b";
+    const DEAD_SECRET: &str = "mcp-planted-dead-9c3d";
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    // The mock model in process; the worker as a process whose output is kept.
+    let mut agents = Agents::spawn(&mut settings).await;
+    agents.kill_workers();
+    let mock = settings.model.base_url.trim_end_matches("/v1").to_owned();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let docs_url = format!("{mock}/mcp?token={MCP_SECRET}");
+    let dead_url = format!("http://127.0.0.1:{closed_port}/mcp?token={DEAD_SECRET}");
+    for (label, url) in [("docs", &docs_url), ("dead", &dead_url)] {
+        let server = serde_json::from_value(json!({ "url": url })).unwrap();
+        settings.tools.mcp_servers.insert(label.into(), server);
+    }
+    settings.log.filter = "info,turnpike_worker=debug,turnpike_core=debug".into();
+    let provider = settings.model.base_url.replacen(
+        "http://",
+        &format!("http://turnpike:{PROVIDER_SECRET}@"),
+        1,
+    );
+    let worker = Process::worker_logged(
+        &stack,
+        &settings,
+        &[
+            ("TURNPIKE__MODEL__BASE_URL".into(), provider),
+            ("TURNPIKE__MODEL__API_KEY".into(), PROVIDER_SECRET.into()),
+            ("TURNPIKE__MODEL__MAX_RETRIES".into(), "1".into()),
+            ("TURNPIKE__TOOLS__MCP_SERVERS__DOCS__URL".into(), docs_url),
+            ("TURNPIKE__TOOLS__MCP_SERVERS__DEAD__URL".into(), dead_url),
+        ],
+    );
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+
+    let mut seen = Vec::new();
+    let added = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"tools": [{"type": "mcp", "server_label": "docs"}],
+                        "input": "/call docs__add {\"a\":2,\"b\":3}"})),
+        )
+        .await;
+    assert_eq!(added.ok()["output"][1]["output"], "5", "{}", added.body);
+    seen.push(added.body.to_string());
+    // A server that cannot be reached, a provider that fails.
+    let unreachable = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"tools": [{"type": "mcp", "server_label": "dead"}],
+                        "input": "/call dead__add {}"})),
+        )
+        .await;
+    seen.push(unreachable.body.to_string());
+    let failed = user
+        .call("POST", "/v1/responses", Some(json!({"input": "/fail 500"})))
+        .await;
+    assert_eq!(failed.ok()["status"], "failed");
+    seen.push(failed.body.to_string());
+    let (_, events) = user
+        .stream(
+            "POST",
+            "/v1/responses",
+            Some(
+                json!({"tools": [{"type": "mcp", "server_label": "docs"}], "stream": true,
+                        "input": "/call docs__shout {\"text\":\"hi\"}"}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(events.last().unwrap().data["type"], "response.completed");
+    seen.extend(events.iter().map(|e| e.data.to_string()));
+    let listed = user
+        .call("GET", "/v1/conversations?consistency=strong", None)
+        .await;
+    for conversation in listed.ok()["data"].as_array().unwrap() {
+        let id = conversation["id"].as_str().unwrap();
+        let items = user.list_items(id, "?order=asc&limit=100").await;
+        seen.push(items.body.to_string());
+        // What the model was sent.
+        seen.push(json!(agents.model_requests(id).await).to_string());
+    }
+    // The worker logged what went wrong (so its log was read)...
+    let log = worker.output();
+    assert!(
+        log.contains("cannot list an MCP server's tools"),
+        "worker log:\n{log}"
+    );
+    seen.push(log);
+    // ...and no secret is in anything a user, the model or the log sees.
+    for text in &seen {
+        for secret in [PROVIDER_SECRET, MCP_SECRET, DEAD_SECRET] {
+            assert!(!text.contains(secret), "{secret} leaked into:\n{text}");
+        }
+    }
+}
