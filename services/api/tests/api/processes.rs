@@ -207,3 +207,70 @@ async fn secrets_in_provider_and_mcp_urls_reach_no_user_model_or_log() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_fetch_goes_direct_whatever_proxy_the_environment_names() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    let mut agents = Agents::spawn(&mut settings).await;
+    agents.kill_workers();
+    // A "proxy" that counts the connections it gets.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let proxied = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&proxied);
+    tokio::spawn(async move {
+        while let Ok((_socket, _)) = proxy.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let port = settings
+        .model
+        .base_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches("/v1")
+        .to_owned();
+    settings.tools.http_fetch.enabled = true;
+    let worker = Process::worker_logged(
+        &stack,
+        &settings,
+        &[
+            ("TURNPIKE__TOOLS__HTTP_FETCH__ENABLED".into(), "true".into()),
+            (
+                "TURNPIKE__TOOLS__HTTP_FETCH__ALLOW_HOSTS".into(),
+                "localhost".into(),
+            ),
+            ("HTTP_PROXY".into(), proxy_url.clone()),
+            ("http_proxy".into(), proxy_url.clone()),
+            ("ALL_PROXY".into(), proxy_url),
+            // The model is reached directly; the fetched URL names another host.
+            ("NO_PROXY".into(), "127.0.0.1".into()),
+        ],
+    );
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let url = format!("http://localhost:{port}/v1/mock/requests?prompt_cache_key=none");
+    let reply = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"tools": [{"type": "http_fetch"}],
+                        "input": format!("/call http_fetch {{\"url\":\"{url}\"}}")})),
+        )
+        .await;
+    let response = reply.ok();
+    assert_eq!(
+        response["status"],
+        "completed",
+        "{response}\n{}",
+        worker.output()
+    );
+    let fetched: serde_json::Value =
+        serde_json::from_str(response["output"][1]["output"].as_str().unwrap()).unwrap();
+    assert_eq!(fetched["status"], 200, "{fetched}");
+    assert_eq!(proxied.load(Ordering::SeqCst), 0);
+}
