@@ -103,6 +103,55 @@ pub async fn create_key(
     })
 }
 
+/// Revokes a key, named by its id or by the key itself. Answers the key's
+/// hash, for [`forget_cached`], or `None` when no such key is in force.
+/// Primary only.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn revoke_key(
+    db: &mut impl DbConn,
+    which: &str,
+) -> Result<Option<[u8; 32]>, sqlx::Error> {
+    let prepared = db.prepared();
+    let row: Option<(Vec<u8>,)> = if which.starts_with("tp_") {
+        sqlx::query_as(
+            "UPDATE api_keys SET revoked_at = now()
+              WHERE key_hash = $1 AND revoked_at IS NULL RETURNING key_hash",
+        )
+        .bind(&hash_key(which)[..])
+        .persistent(prepared)
+        .fetch_optional(db.conn())
+        .await?
+    } else {
+        let Ok(id) = Uuid::parse_str(which) else {
+            return Ok(None);
+        };
+        sqlx::query_as(
+            "UPDATE api_keys SET revoked_at = now()
+              WHERE id = $1 AND revoked_at IS NULL RETURNING key_hash",
+        )
+        .bind(id)
+        .persistent(prepared)
+        .fetch_optional(db.conn())
+        .await?
+    };
+    Ok(row.and_then(|(hash,)| hash.try_into().ok()))
+}
+
+/// Drops a key's shared (Redis) cache entry: a revoked key then stops
+/// working at once in every api process that has not cached it itself,
+/// and within `api.auth_cache_ttl_ms` in those that have.
+pub async fn forget_cached(kv: &Kv, hash: &[u8; 32]) -> Result<(), crate::kv::KvError> {
+    let key = format!("tp:key:{}", hex::encode(hash));
+    kv.run(|mut conn| async move {
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async::<i64>(&mut conn)
+            .await
+    })
+    .await
+    .map(|_| ())
+}
+
 /// Resolves bearer keys to principals through two cache levels: in process
 /// (moka, concurrent lookups of one key share one load) and Redis
 /// (`tp:key:<sha256>`), then Postgres. Unknown keys are cached briefly at

@@ -51,6 +51,14 @@ enum KeysCommand {
         #[arg(long)]
         admin: bool,
     },
+    /// Revoke a key, named by its id or by the key itself (`tp_…`). It
+    /// stops working at once in api processes that have not cached it, and
+    /// within `api.auth_cache_ttl_ms` in those that have.
+    Revoke {
+        /// The key's id (printed when it was created) or the key.
+        #[arg(long)]
+        key: String,
+    },
 }
 
 #[tokio::main]
@@ -79,6 +87,25 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("migrating the primary")?;
             tracing::info!("migrations applied");
+        }
+        Command::Keys {
+            action: KeysCommand::Revoke { key },
+        } => {
+            let router = turnpike_core::db::Router::new(&settings.database)?;
+            let mut tx = router.write().await?;
+            let revoked = turnpike_core::auth::revoke_key(&mut tx, &key).await?;
+            tx.commit().await?;
+            let Some(hash) = revoked else {
+                anyhow::bail!("no key in force matches {key}");
+            };
+            let kv = turnpike_core::kv::Kv::new(&settings.redis)?;
+            if let Err(e) = turnpike_core::auth::forget_cached(&kv, &hash).await {
+                tracing::warn!(error = %e, "could not drop the key's cached entry; it expires by itself");
+            }
+            println!(
+                "revoked; it stops working within {} ms",
+                settings.api.auth_cache_ttl_ms
+            );
         }
         Command::Keys {
             action: KeysCommand::Create { user, admin },

@@ -274,3 +274,55 @@ async fn http_fetch_goes_direct_whatever_proxy_the_environment_names() {
     assert_eq!(fetched["status"], 200, "{fetched}");
     assert_eq!(proxied.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_stops_working_within_the_auth_cache_ttl() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.api.auth_cache_ttl_ms = 1_000;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    // Known, and cached in process and in Redis.
+    user.call("GET", "/v1/conversations", None).await.ok();
+    let binary = std::env::var("TURNPIKE_BIN").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/debug/turnpike").to_owned()
+    });
+    let revoked = std::process::Command::new(binary)
+        .args(["keys", "revoke", "--key", &user.key])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(stack.env.iter().filter(|(k, _)| {
+            k.starts_with("TURNPIKE__DATABASE__") || k.as_str() == "TURNPIKE__REDIS__URL"
+        }))
+        .env("TURNPIKE__API__AUTH_CACHE_TTL_MS", "1000")
+        .env("TURNPIKE_CONFIG", "/nonexistent/turnpike.toml")
+        .output()
+        .unwrap();
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert!(String::from_utf8_lossy(&revoked.stdout).contains("within 1000 ms"));
+    // An api process that has not cached it refuses it at once…
+    let fresh = TestApp::spawn_with(settings).await;
+    let elsewhere = turnpike_testkit::User {
+        base: fresh.url.clone(),
+        ..user.clone()
+    };
+    elsewhere
+        .call("GET", "/v1/conversations", None)
+        .await
+        .error(401);
+    // …and the one that had cached it, once its cache entry expires.
+    let started = std::time::Instant::now();
+    turnpike_testkit::eventually(
+        "the revoked key is refused",
+        std::time::Duration::from_secs(5),
+        || async {
+            (user.call("GET", "/v1/conversations", None).await.status == 401).then_some(())
+        },
+    )
+    .await;
+    assert!(started.elapsed() < std::time::Duration::from_millis(2_500));
+}
