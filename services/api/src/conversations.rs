@@ -206,8 +206,14 @@ pub async fn delete(
     if !soft_delete(&mut tx, id, principal.user_id).await? {
         return Err(ApiError::not_found("conversation", &conversation_id));
     }
+    // Its queued and running turns end with it.
+    let cancelled = turnpike_core::turns::cancel_active(&mut tx, id).await?;
     let lsn = tx.commit().await?;
     app.wrote_to(&principal, id, lsn).await;
+    for (response, previous) in cancelled {
+        let public = ids::encode(prefixes::RESPONSE, response);
+        crate::responses::announce_cancel(&app, &public, &previous).await;
+    }
     let body = ConversationDeleted {
         id: conversation_id,
         object: "conversation.deleted".into(),

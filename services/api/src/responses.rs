@@ -774,7 +774,7 @@ pub async fn input_tokens(
 
 /// Makes a cancellation visible: a running turn's worker is told to stop
 /// (and ends the stream); a queued turn's stream ends here.
-async fn announce_cancel(app: &AppState, response: &str, previous: &str) {
+pub(crate) async fn announce_cancel(app: &AppState, response: &str, previous: &str) {
     if previous == "in_progress" {
         if let Err(e) = queue::announce_cancel(&app.kv, response).await {
             tracing::warn!(error = %e, response, "could not signal a cancellation; the turn runs to its end");

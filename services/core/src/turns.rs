@@ -157,8 +157,11 @@ pub async fn find(
     user: Uuid,
 ) -> Result<Option<ResponseRow>, sqlx::Error> {
     let prepared = db.prepared();
+    // A deleted conversation's responses are gone with it.
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM responses WHERE id = $1 AND user_id = $2"
+        "SELECT {COLUMNS} FROM responses r WHERE id = $1 AND user_id = $2
+           AND EXISTS (SELECT 1 FROM conversations c
+                        WHERE c.id = r.conversation_id AND c.deleted_at IS NULL)"
     ))
     .bind(id)
     .bind(user)
@@ -190,6 +193,19 @@ pub async fn start(
     redelivery: bool,
 ) -> Result<Option<(ResponseRow, bool)>, sqlx::Error> {
     let prepared = db.prepared();
+    // A turn with pending input appends it to the conversation, so it locks
+    // the conversation first, as every other writer does (an interrupting
+    // create locks the conversation, then its responses): one lock order,
+    // no deadlock.
+    sqlx::query(
+        "SELECT 1 FROM conversations WHERE id =
+           (SELECT conversation_id FROM responses WHERE id = $1 AND pending_input IS NOT NULL)
+         FOR NO KEY UPDATE",
+    )
+    .bind(id)
+    .persistent(prepared)
+    .fetch_optional(db.conn())
+    .await?;
     let started: Option<ResponseRow> = sqlx::query_as(&format!(
         "UPDATE responses SET status = 'in_progress', updated_at = now()
          WHERE id = $1 AND (status = 'queued' OR (status = 'in_progress' AND $2)) RETURNING {COLUMNS}"

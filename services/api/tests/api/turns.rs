@@ -592,3 +592,59 @@ async fn prompts_stay_cache_friendly_over_twenty_turns() {
     );
     assert!(ratio >= 0.95, "prompt cache hit ratio {ratio:.3}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_conversation_cancels_its_turns_and_hides_its_responses() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = slow_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let running = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "a long answer, please", "background": true})),
+        )
+        .await;
+    let running = running.ok().clone();
+    let conversation = running["conversation"]["id"].as_str().unwrap().to_owned();
+    let queued = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": "and then?", "background": true})),
+        )
+        .await;
+    let queued = queued.ok()["id"].as_str().unwrap().to_owned();
+    let running = running["id"].as_str().unwrap().to_owned();
+    let stream = user.follow_until_answering(&running).await;
+    user.call("DELETE", &format!("/v1/conversations/{conversation}"), None)
+        .await
+        .ok();
+    // The running turn stops and its stream ends cancelled.
+    let events = stream.read_to_end().await;
+    assert_eq!(
+        events.last().unwrap().data["type"],
+        "response.cancelled",
+        "{:?}",
+        events.last()
+    );
+    // Its responses are gone with it, and cannot be continued.
+    for id in [&running, &queued] {
+        let gone = user
+            .call(
+                "GET",
+                &format!("/v1/responses/{id}?consistency=strong"),
+                None,
+            )
+            .await;
+        gone.error(404);
+    }
+    let refused = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"previous_response_id": running, "input": "hi"})),
+        )
+        .await;
+    refused.error(404);
+}
