@@ -355,6 +355,7 @@ impl Application {
             .map_err(|source| StartError::Bind { addr, source })?
             .port();
         let state = AppState::new(settings).await?;
+        tokio::spawn(idempotency::sweep(state.clone()));
         let app = routes(state.clone());
         Ok(Self {
             listener,

@@ -53,6 +53,7 @@ pub fn router() -> Router<AppState> {
 pub async fn create(
     State(app): State<AppState>,
     Auth(principal): Auth,
+    created: Option<axum::Extension<crate::idempotency::CreatedResponse>>,
     Json(body): Json<CreateResponse>,
 ) -> Result<HttpResponse, ApiError> {
     // Taken before the turn exists: a refused stream creates nothing.
@@ -61,6 +62,10 @@ pub async fn create(
         .transpose()?;
     let started = start(&app, &principal, &body).await?;
     let (row, lsn) = (started.row, started.lsn);
+    // A retry with the same Idempotency-Key attaches to this response.
+    if let Some(axum::Extension(created)) = &created {
+        created.set(&row.public_id());
+    }
     if let Some(slot) = slot {
         let mut response = events::stream(&app, row, None, slot);
         if let Ok(value) = axum::http::HeaderValue::from_str(&lsn.to_string()) {

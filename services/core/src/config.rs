@@ -108,6 +108,12 @@ pub struct ApiSettings {
     /// How long `POST /v1/responses` without `stream` or `background` waits
     /// for the turn to finish before answering with its current status.
     pub response_wait_ms: u64,
+    /// How long an `Idempotency-Key`'s record is kept; after it the key may
+    /// be used again.
+    pub idempotency_retention_ms: u64,
+    /// How long a key claimed by a request that never answered (its
+    /// process died) holds: after it a retry runs again.
+    pub idempotency_claim_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -121,6 +127,8 @@ impl Default for ApiSettings {
             auth_cache_ttl_ms: 30_000,
             shutdown_grace_ms: 10_000,
             response_wait_ms: 120_000,
+            idempotency_retention_ms: 86_400_000,
+            idempotency_claim_ms: 180_000,
         }
     }
 }
