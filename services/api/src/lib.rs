@@ -85,6 +85,7 @@ impl AppState {
             Arc::clone(&router),
             Duration::from_millis(settings.api.auth_cache_ttl_ms),
             Some(kv.clone()),
+            settings.api.key_lookups_per_s,
         );
         let last_writes = LastWrites::new(
             kv.clone(),

@@ -165,7 +165,12 @@ pub struct Authenticator {
     kv: Option<Kv>,
     known_ttl: Duration,
     keys: moka::future::Cache<[u8; 32], Option<Principal>>,
+    /// Keys found unknown, kept apart so that a flood of made-up keys
+    /// never takes the place of real ones.
+    unknown: moka::future::Cache<[u8; 32], ()>,
     primary_checks: Arc<governor::DefaultDirectRateLimiter>,
+    /// Database look-ups of keys neither cache level knows, per process.
+    lookups: Arc<governor::DefaultDirectRateLimiter>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -180,6 +185,9 @@ const UNKNOWN_TTL: Duration = Duration::from_secs(1);
 
 /// Primary look-ups of keys the replica does not know, per second and process.
 const PRIMARY_CHECKS_PER_S: u32 = 50;
+
+/// Unknown keys remembered per process.
+const UNKNOWN_KEYS_CACHED: u64 = 10_000;
 
 struct KeyExpiry {
     known: Duration,
@@ -202,7 +210,10 @@ impl moka::Expiry<[u8; 32], Option<Principal>> for KeyExpiry {
 
 impl Authenticator {
     /// `kv`: the Redis level; `None` keeps lookups in process.
-    pub fn new(router: Arc<Router>, ttl: Duration, kv: Option<Kv>) -> Self {
+    /// `lookups_per_s`: database look-ups of keys no cache knows, per
+    /// second and process (with a burst of as many); past it a request with
+    /// such a key is shed (503) without touching the database.
+    pub fn new(router: Arc<Router>, ttl: Duration, kv: Option<Kv>, lookups_per_s: u32) -> Self {
         let per_second = NonZeroU32::new(PRIMARY_CHECKS_PER_S).unwrap_or(NonZeroU32::MIN);
         Self {
             router,
@@ -212,8 +223,15 @@ impl Authenticator {
                 .max_capacity(100_000)
                 .expire_after(KeyExpiry { known: ttl })
                 .build(),
+            unknown: moka::future::Cache::builder()
+                .max_capacity(UNKNOWN_KEYS_CACHED)
+                .time_to_live(UNKNOWN_TTL)
+                .build(),
             primary_checks: Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
                 per_second,
+            ))),
+            lookups: Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                NonZeroU32::new(lookups_per_s).unwrap_or(NonZeroU32::MIN),
             ))),
         }
     }
@@ -224,11 +242,32 @@ impl Authenticator {
         if let Some(known) = self.keys.get(&hash).await {
             return Ok(known);
         }
+        if self.unknown.contains_key(&hash) {
+            return Ok(None);
+        }
         let this = self.clone();
-        self.keys
+        let found = self
+            .keys
             .try_get_with(hash, async move { this.load(hash).await })
             .await
-            .map_err(|shared| Arc::try_unwrap(shared).unwrap_or(DbError::NoNodeAvailable))
+            .map_err(|shared| {
+                Arc::try_unwrap(shared).unwrap_or_else(|shared| match &*shared {
+                    // Shared by several waiting look-ups: the same kind of error.
+                    DbError::Overloaded { node, class } => DbError::Overloaded {
+                        node: node.clone(),
+                        class: *class,
+                    },
+                    DbError::PrimaryUnavailable => DbError::PrimaryUnavailable,
+                    _ => DbError::NoNodeAvailable,
+                })
+            })?;
+        if found.is_none() {
+            // Remembered apart from the real keys (the shared load above
+            // coalesced concurrent look-ups of it).
+            self.keys.invalidate(&hash).await;
+            self.unknown.insert(hash, ()).await;
+        }
+        Ok(found)
     }
 
     async fn load(&self, hash: [u8; 32]) -> Result<Option<Principal>, DbError> {
@@ -243,6 +282,12 @@ impl Authenticator {
             if let Ok(Some(text)) = cached {
                 return Ok(decode_principal(&text));
             }
+        }
+        if self.lookups.check().is_err() {
+            return Err(DbError::Overloaded {
+                node: "api key look-ups".into(),
+                class: crate::db::QueryClass::Interactive,
+            });
         }
         let mut found = self
             .router

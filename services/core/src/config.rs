@@ -114,6 +114,10 @@ pub struct ApiSettings {
     /// How long a key claimed by a request that never answered (its
     /// process died) holds: after it a retry runs again.
     pub idempotency_claim_ms: u64,
+    /// Database look-ups of API keys that no cache level knows, per second
+    /// and process: a flood of made-up keys is shed past it, and never
+    /// takes the place of real keys in the caches.
+    pub key_lookups_per_s: u32,
 }
 
 impl Default for ApiSettings {
@@ -129,6 +133,7 @@ impl Default for ApiSettings {
             response_wait_ms: 120_000,
             idempotency_retention_ms: 86_400_000,
             idempotency_claim_ms: 180_000,
+            key_lookups_per_s: 1_000,
         }
     }
 }

@@ -645,3 +645,39 @@ async fn a_redis_outage_follows_the_failure_policy_and_recovers() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_made_up_keys_is_shed_and_real_keys_keep_working() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.api.key_lookups_per_s = 20;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    user.call("GET", "/v1/conversations", None).await.ok();
+    // 400 made-up keys at once: the first are looked up (401), the rest
+    // shed without touching the database (503); none is a server error.
+    let strangers: Vec<User> = (0..400)
+        .map(|i| User {
+            key: format!("tp_{i:064x}"),
+            ..user.clone()
+        })
+        .collect();
+    let replies = futures_util::future::join_all(
+        strangers
+            .iter()
+            .map(|s| s.call("GET", "/v1/conversations", None)),
+    )
+    .await;
+    let count = |status: u16| replies.iter().filter(|r| r.status == status).count();
+    assert_eq!(count(401) + count(503), 400, "only 401s and 503s");
+    assert!(count(503) > 0, "the flood was shed");
+    assert!(count(401) >= 20, "keys within the budget were looked up");
+    let shed = replies.iter().find(|r| r.status == 503).unwrap();
+    assert_eq!(shed.body["error"]["code"], "overloaded");
+    assert!(shed.headers.get("retry-after").is_some());
+    // The real key was never displaced, nor held back.
+    user.call("GET", "/v1/conversations", None).await.ok();
+    // A made-up key seen again is refused from memory, not looked up.
+    let again = strangers[0].call("GET", "/v1/conversations", None).await;
+    again.error(401);
+}
