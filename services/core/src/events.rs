@@ -139,8 +139,24 @@ pub struct Hub {
 }
 
 struct HubInner {
-    sink: tokio::sync::Mutex<Option<redis::aio::PubSubSink>>,
+    /// The connection's command side, cloned out for each (un)subscribe so
+    /// that no lock is held across a Redis round trip.
+    sink: Mutex<Option<redis::aio::PubSubSink>>,
     channels: Mutex<HashMap<String, broadcast::Sender<Live>>>,
+}
+
+/// How long a (un)subscribe may wait for Redis; a stream whose subscribe
+/// did not go through polls the log instead.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl HubInner {
+    fn sink(&self) -> Option<redis::aio::PubSubSink> {
+        self.sink.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_sink(&self, sink: Option<redis::aio::PubSubSink>) {
+        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -175,8 +191,9 @@ impl Drop for Subscription {
             let channel = std::mem::take(&mut self.channel);
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    if let Some(sink) = hub.inner.sink.lock().await.as_mut() {
-                        let _ = sink.unsubscribe(&channel).await;
+                    if let Some(mut sink) = hub.inner.sink() {
+                        let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&channel))
+                            .await;
                     }
                 });
             }
@@ -190,7 +207,7 @@ impl Hub {
         let client = redis::Client::open(redis_url).map_err(|e| KvError::Config(e.to_string()))?;
         let hub = Hub {
             inner: Arc::new(HubInner {
-                sink: tokio::sync::Mutex::new(None),
+                sink: Mutex::new(None),
                 channels: Mutex::new(HashMap::new()),
             }),
         };
@@ -223,11 +240,16 @@ impl Hub {
                 }
             }
         };
-        if first
-            && let Some(sink) = self.inner.sink.lock().await.as_mut()
-            && let Err(e) = sink.subscribe(&channel).await
-        {
-            tracing::warn!(error = %e, "pub/sub subscribe failed; the stream will poll the log");
+        if first && let Some(mut sink) = self.inner.sink() {
+            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&channel)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "pub/sub subscribe failed; the stream will poll the log");
+                }
+                Err(_) => {
+                    tracing::warn!("pub/sub subscribe timed out; the stream will poll the log");
+                }
+            }
         }
         Subscription {
             receiver,
@@ -255,7 +277,7 @@ async fn run_connection(client: redis::Client, hub: std::sync::Weak<HubInner>) {
                 for channel in &channels {
                     let _ = sink.subscribe(channel).await;
                 }
-                *inner.sink.lock().await = Some(sink);
+                inner.set_sink(Some(sink));
                 // Anything published while we were away is only in the logs.
                 broadcast_all(&inner, Live::Resync);
                 drop(inner);
@@ -271,7 +293,7 @@ async fn run_connection(client: redis::Client, hub: std::sync::Weak<HubInner>) {
                 }
                 tracing::warn!("pub/sub connection lost; reconnecting");
                 if let Some(inner) = hub.upgrade() {
-                    *inner.sink.lock().await = None;
+                    inner.set_sink(None);
                 }
             }
             Err(e) => {
@@ -288,5 +310,60 @@ fn broadcast_all(inner: &HubInner, live: Live) {
     let channels = inner.channels.lock().unwrap_or_else(|p| p.into_inner());
     for sender in channels.values() {
         let _ = sender.send(live.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers Redis's connection set-up with `+OK` and then
+    /// never answers a (un)subscribe: a Redis that hangs.
+    async fn hanging_redis() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("redis://{}", listener.local_addr().expect("address"));
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    while let Ok(n) = socket.read(&mut buffer).await {
+                        if n == 0 {
+                            return;
+                        }
+                        let text = String::from_utf8_lossy(&buffer[..n]).to_ascii_uppercase();
+                        let commands = text.lines().filter(|l| l.starts_with('*')).count();
+                        if !text.contains("SUBSCRIBE") {
+                            let _ = socket.write_all(&b"+OK\r\n".repeat(commands)).await;
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn subscribes_to_a_hanging_redis_neither_hang_nor_queue_behind_each_other() {
+        let hub = Hub::start(&hanging_redis().await).expect("hub");
+        // Wait for the connection.
+        for _ in 0..100 {
+            if hub.inner.sink().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(hub.inner.sink().is_some(), "connected to the fake Redis");
+        let started = std::time::Instant::now();
+        let names: Vec<String> = (0..8).map(|i| format!("resp_{i}")).collect();
+        let subscriptions =
+            futures_util::future::join_all(names.iter().map(|name| hub.subscribe(name))).await;
+        // Each waited its own timeout, at the same time as the others.
+        let took = started.elapsed();
+        assert!(took >= SUBSCRIBE_TIMEOUT, "{took:?}");
+        assert!(took < SUBSCRIBE_TIMEOUT * 3, "{took:?}");
+        assert_eq!(subscriptions.len(), 8);
     }
 }
