@@ -315,6 +315,7 @@ fn broadcast_all(inner: &HubInner, live: Live) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::expect_used)]
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
