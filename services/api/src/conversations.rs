@@ -73,6 +73,15 @@ pub async fn create(
     let inputs = body.items.unwrap_or_default();
     items::check_items("items", &inputs, 0, items::MAX_ITEMS_PER_CALL)?;
     let mut tx = app.router.write().await?;
+    if !inputs.is_empty() {
+        crate::limits::check_storage(
+            &app,
+            &mut tx,
+            principal.user_id,
+            crate::limits::bytes_of(&inputs),
+        )
+        .await?;
+    }
     let row = insert(&mut tx, principal.user_id, &metadata, inputs.len()).await?;
     let resolved = items::resolve_references(&mut tx, principal.user_id, "items", &inputs).await?;
     items::append(
@@ -368,5 +377,20 @@ async fn soft_delete(db: &mut impl DbConn, id: Uuid, user: Uuid) -> Result<bool,
     .persistent(prepared)
     .execute(db.conn())
     .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    // Its items count against the user's storage no more.
+    sqlx::query(
+        "UPDATE users SET stored_bytes = greatest(stored_bytes - (
+           SELECT coalesce(sum(octet_length(body::text) + coalesce(octet_length(prompt::text), 0)), 0)
+             FROM items WHERE conversation_id = $1), 0)
+         WHERE id = $2",
+    )
+    .bind(id)
+    .bind(user)
+    .persistent(prepared)
+    .execute(db.conn())
+    .await?;
+    Ok(true)
 }

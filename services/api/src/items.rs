@@ -139,10 +139,23 @@ pub async fn list(
     }
 }
 
-/// Turns `limit + 1` rows into a page.
+/// The most bytes of items one page carries: a page of large items stops
+/// early (with `has_more`), so no answer grows with the items' size.
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Turns `limit + 1` rows into a page of at most `MAX_PAGE_BYTES` of items
+/// (always at least one).
 pub fn page_of(mut rows: Vec<ItemRow>, limit: i64) -> StoredJson {
-    let has_more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;
+    let mut has_more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;
     rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let mut bytes = 0usize;
+    if let Some(fit) = rows.iter().position(|row| {
+        bytes += row.body.0.len();
+        bytes > MAX_PAGE_BYTES
+    }) {
+        rows.truncate(fit.max(1));
+        has_more = true;
+    }
     let id = |row: &ItemRow| ids::encode(ids::item_prefix(&row.kind), row.id);
     let first = rows.first().map(id);
     let last = rows.last().map(id);
@@ -165,6 +178,13 @@ pub async fn create(
     let conversation = ids::decode(prefixes::CONVERSATION, "conversation", &conversation_id)?;
     check_items("items", &body.items, 1, MAX_ITEMS_PER_CALL)?;
     let mut tx = app.router.write().await?;
+    crate::limits::check_storage(
+        &app,
+        &mut tx,
+        principal.user_id,
+        crate::limits::bytes_of(&body.items),
+    )
+    .await?;
     let Some(first_seq) =
         reserve_seqs(&mut tx, conversation, principal.user_id, body.items.len()).await?
     else {
@@ -232,6 +252,9 @@ pub async fn delete(
 
 /// Checks an item batch: `min..=max` items, each with sensible content
 /// and OpenAI's part kinds only.
+/// The largest item a client may send, as JSON.
+pub const MAX_ITEM_BYTES: usize = 4 * 1024 * 1024;
+
 pub fn check_items(
     param: &str,
     items: &[InputItem],
@@ -251,6 +274,17 @@ pub fn check_items(
         ));
     }
     for (i, item) in items.iter().enumerate() {
+        let size = serde_json::to_vec(item).map_or(0, |json| json.len());
+        if size > MAX_ITEM_BYTES {
+            return Err(ApiError::with_status(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{param}[{i}] is {size} bytes; an item may be at most {MAX_ITEM_BYTES} bytes."
+                ),
+                "item_too_large",
+            )
+            .with_param(format!("{param}[{i}]")));
+        }
         match item {
             InputItem::Message {
                 content: ItemContent::Parts(parts),

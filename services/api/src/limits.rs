@@ -342,6 +342,48 @@ pub async fn check_active_turns(
     .with_headers(headers))
 }
 
+/// Refuses to store `incoming` more bytes of items for a user whose stored
+/// items would then pass `limits.storage_bytes_per_user`. Primary, in the
+/// caller's transaction.
+pub async fn check_storage(
+    app: &AppState,
+    tx: &mut impl turnpike_core::db::DbConn,
+    user: uuid::Uuid,
+    incoming: usize,
+) -> Result<(), ApiError> {
+    let cap = app.settings.limits.storage_bytes_per_user;
+    if cap == 0 {
+        return Ok(());
+    }
+    let prepared = tx.prepared();
+    let (stored,): (i64,) = sqlx::query_as("SELECT stored_bytes FROM users WHERE id = $1")
+        .bind(user)
+        .persistent(prepared)
+        .fetch_one(tx.conn())
+        .await?;
+    let after = u64::try_from(stored).unwrap_or(0) + incoming as u64;
+    if after <= cap {
+        return Ok(());
+    }
+    metrics::counter!(REJECTED_METRIC, "limit" => "storage").increment(1);
+    Err(ApiError::with_status(
+        StatusCode::FORBIDDEN,
+        format!(
+            "Your conversations hold {stored} bytes of items, and this would bring them past your \
+             storage quota of {cap} bytes. Delete conversations or items to make room."
+        ),
+        "storage_quota_exceeded",
+    ))
+}
+
+/// The bytes a request's items will take, about as stored.
+pub fn bytes_of(items: &[turnpike_protocol::item::InputItem]) -> usize {
+    items
+        .iter()
+        .map(|item| serde_json::to_vec(item).map_or(0, |json| json.len()))
+        .sum()
+}
+
 /// One open event stream of a user's, counted against
 /// `limits.open_streams_per_user` in this process until dropped.
 pub struct StreamSlot {

@@ -231,6 +231,13 @@ async fn begin(
     };
     // Counted after an interrupt has cancelled the turn it replaces.
     crate::limits::check_active_turns(app, &mut tx, principal.user_id).await?;
+    crate::limits::check_storage(
+        app,
+        &mut tx,
+        principal.user_id,
+        crate::limits::bytes_of(&inputs),
+    )
+    .await?;
     let id = Uuid::now_v7();
     // A turn that runs now appends its input at once; one waiting behind the
     // active turn keeps it pending, so it lands after that turn's output.
@@ -728,6 +735,7 @@ pub async fn input_tokens(
         (None, None) => None,
     };
     let mut texts: Vec<String> = Vec::new();
+    let bounds = turns::HistoryBounds::of(&app.settings.worker);
     if let Some(conversation) = conversation {
         let consistency = app.consistency(&principal, read).await;
         let history = app
@@ -737,7 +745,9 @@ pub async fn input_tokens(
                     if conversations::find(db, conversation, user).await?.is_none() {
                         return Ok(None);
                     }
-                    turns::history(db, conversation, i64::MAX).await.map(Some)
+                    turns::history(db, conversation, i64::MAX, bounds)
+                        .await
+                        .map(Some)
                 })
             })
             .await?

@@ -431,6 +431,11 @@ pub struct WorkerSettings {
     pub shutdown_grace_ms: u64,
     /// Model calls one turn may make (tool loops end here with an error).
     pub max_steps: u32,
+    /// The most items a turn's history is read with (the newest since the
+    /// latest compaction; a longer prompt is compacted long before).
+    pub history_max_items: i64,
+    /// The most bytes (as JSON) a turn's history is read with.
+    pub history_max_bytes: i64,
 }
 
 impl Default for WorkerSettings {
@@ -444,6 +449,8 @@ impl Default for WorkerSettings {
             max_deliveries: 5,
             shutdown_grace_ms: 30_000,
             max_steps: 16,
+            history_max_items: 20_000,
+            history_max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -625,6 +632,11 @@ pub struct LimitSettings {
     /// Model tokens (`usage.total_tokens`) one user's turns may use per UTC
     /// day; once spent, `POST /v1/responses` gets a 429 until midnight UTC.
     pub daily_tokens_per_user: u64,
+    /// Bytes of items (as stored) one user may keep in live conversations;
+    /// a request that would add items past it gets a 403
+    /// `storage_quota_exceeded`. Model and tool output of a running turn
+    /// is stored regardless (the check comes before the turn).
+    pub storage_bytes_per_user: u64,
     /// Event streams (SSE) one user may hold open at once on one api
     /// process; one more gets a 429. Counted in process: each pod bounds
     /// the connections and memory one user can tie up there.
@@ -647,6 +659,7 @@ impl Default for LimitSettings {
             active_turns_per_user: 256,
             daily_tokens_per_user: 10_000_000,
             open_streams_per_user: 64,
+            storage_bytes_per_user: 10 * 1024 * 1024 * 1024,
             redis_failure_policy: RedisFailurePolicy::FailOpen,
             redis_breaker_ms: 1_000,
         }

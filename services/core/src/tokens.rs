@@ -22,15 +22,44 @@ fn encoding() -> Option<&'static CoreBPE> {
 
 /// Tokens in `text`.
 pub fn count_text(text: &str) -> u64 {
-    match encoding() {
-        Some(bpe) => bpe.encode_ordinary(text).len() as u64,
-        None => text.len().div_ceil(4) as u64,
+    let Some(bpe) = encoding() else {
+        return text.len().div_ceil(4) as u64;
+    };
+    // In pieces: the encoder's regex recurses along long runs of one
+    // character and overflows its stack on a megabyte of them. A piece
+    // boundary splits at most one token.
+    let mut count = 0u64;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(TOKENIZE_PIECE);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        // Prefer to cut after whitespace, where tokens end anyway.
+        if end < rest.len()
+            && let Some(space) = rest[..end].rfind(char::is_whitespace)
+            && space > end / 2
+        {
+            end = space + 1;
+        }
+        count += bpe.encode_ordinary(&rest[..end]).len() as u64;
+        rest = &rest[end..];
     }
+    count
 }
+
+/// The most bytes tokenized at once.
+const TOKENIZE_PIECE: usize = 1024;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_megabyte_of_one_character_is_counted() {
+        let count = count_text(&"y".repeat(1_572_864));
+        assert!(count > 1_000, "{count}");
+    }
 
     #[test]
     fn counts_grow_with_text() {

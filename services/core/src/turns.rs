@@ -679,34 +679,83 @@ pub struct HistoryItem {
 
 /// A conversation's items up to `last_seq`, oldest first, from its latest
 /// compaction on (what came before is summed up in its window): a turn's
-/// history. A compaction a client sent (without a window) cuts nothing:
-/// the client sent what it keeps beside it.
+/// history, bounded by `bounds` (the newest kept). A compaction a client sent (without a window) cuts
+/// nothing: the client sent what it keeps beside it.
 /// Any node that has replayed the turn's input.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn history(
     db: &mut impl DbConn,
     conversation: Uuid,
     last_seq: i64,
+    bounds: HistoryBounds,
 ) -> Result<Vec<HistoryItem>, sqlx::Error> {
     let prepared = db.prepared();
-    type Row = (SqlJson<Item>, Option<SqlJson<Vec<serde_json::Value>>>);
+    type Row = (SqlJson<Item>, Option<SqlJson<Vec<serde_json::Value>>>, i64);
+    // The newest items that fit the bounds; `total` says whether any were left out.
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT body, prompt FROM items WHERE conversation_id = $1 AND seq <= $2
-           AND seq >= coalesce((SELECT max(seq) FROM items
-                                WHERE conversation_id = $1 AND seq <= $2 AND kind = 'compaction'
-                                  AND prompt IS NOT NULL), 0)
+        "SELECT body, prompt, total FROM (
+           SELECT seq, body, prompt, count(*) OVER () AS total,
+                  row_number() OVER newest AS newer_items,
+                  sum(octet_length(body::text) + coalesce(octet_length(prompt::text), 0)) OVER newest
+                    - octet_length(body::text) - coalesce(octet_length(prompt::text), 0) AS newer_bytes
+             FROM items WHERE conversation_id = $1 AND seq <= $2
+              AND seq >= coalesce((SELECT max(seq) FROM items
+                                   WHERE conversation_id = $1 AND seq <= $2 AND kind = 'compaction'
+                                     AND prompt IS NOT NULL), 0)
+           WINDOW newest AS (ORDER BY seq DESC)) recent
+         WHERE newer_items <= $3 AND newer_bytes < $4
          ORDER BY seq",
     )
     .bind(conversation)
     .bind(last_seq)
+    .bind(bounds.items)
+    .bind(bounds.bytes)
     .persistent(prepared)
     .fetch_all(db.conn())
     .await?;
-    Ok(rows
+    let truncated = rows
+        .first()
+        .is_some_and(|(_, _, total)| usize::try_from(*total).unwrap_or(0) > rows.len());
+    let mut history: Vec<HistoryItem> = rows
         .into_iter()
-        .map(|(item, prompt)| HistoryItem {
+        .map(|(item, prompt, _)| HistoryItem {
             item: item.0,
             prompt: prompt.map(|p| p.0),
         })
-        .collect())
+        .collect();
+    if truncated {
+        // Cut at a user message, so the history starts where a turn did
+        // (no tool output without its call).
+        let start = history
+            .iter()
+            .position(|h| {
+                matches!(
+                    &h.item,
+                    Item::Message {
+                        role: turnpike_protocol::item::Role::User,
+                        ..
+                    }
+                )
+            })
+            .unwrap_or(0);
+        history.drain(..start);
+        tracing::warn!(%conversation, kept = history.len(), "history past its bounds; the oldest items are left out of the prompt");
+    }
+    Ok(history)
+}
+
+/// How much of a conversation a turn's history holds at most.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryBounds {
+    pub items: i64,
+    pub bytes: i64,
+}
+
+impl HistoryBounds {
+    pub fn of(settings: &crate::config::WorkerSettings) -> Self {
+        Self {
+            items: settings.history_max_items,
+            bytes: settings.history_max_bytes,
+        }
+    }
 }

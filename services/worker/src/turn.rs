@@ -188,10 +188,11 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
 
     let conversation = row.conversation_id;
     let last_seq = row.input_last_seq;
+    let bounds = turns::HistoryBounds::of(&ctx.settings.worker);
     let history = ctx
         .router
         .read(Consistency::Session(Some(lsn)), move |db| {
-            Box::pin(async move { turns::history(db, conversation, last_seq).await })
+            Box::pin(async move { turns::history(db, conversation, last_seq, bounds).await })
         })
         .await?;
 

@@ -568,3 +568,39 @@ async fn mcp_tools_of_a_configured_server_run_in_the_loop() {
         .await;
     assert_eq!(refused.error(400)["param"], "tools[0].server_url");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turns_history_is_read_within_its_bounds() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.worker.history_max_items = 4;
+    let agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let conversation = new_conversation(&user, json!([])).await;
+    for n in 0..4 {
+        let reply = user
+            .call(
+                "POST",
+                "/v1/responses",
+                Some(json!({"conversation": conversation, "input": format!("/echo answer {n}")})),
+            )
+            .await;
+        assert_eq!(reply.ok()["status"], "completed");
+    }
+    // The fourth turn's prompt: the newest items within four, from a user
+    // message on (the cut never leaves an answer without its question).
+    let requests = agents.model_requests(&conversation).await;
+    let prompt = requests.last().unwrap()["input"].as_array().unwrap();
+    let texts: Vec<&str> = prompt
+        .iter()
+        .map(|i| i["content"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["/echo answer 2", "answer 2", "/echo answer 3"],
+        "{prompt:?}"
+    );
+    // Everything is still stored and listed.
+    assert_eq!(items_of(&user, &conversation).await.len(), 8);
+}

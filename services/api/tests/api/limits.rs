@@ -8,7 +8,7 @@
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
-use serde_json::json;
+use serde_json::{Value, json};
 use turnpike_core::Settings;
 use turnpike_core::config::RedisFailurePolicy;
 use turnpike_core::limits::{UtcDay, tokens_key};
@@ -680,4 +680,122 @@ async fn a_flood_of_made_up_keys_is_shed_and_real_keys_keep_working() {
     // A made-up key seen again is refused from memory, not looked up.
     let again = strangers[0].call("GET", "/v1/conversations", None).await;
     again.error(401);
+}
+
+async fn stored_bytes(settings: &Settings, user: &User) -> i64 {
+    let router = turnpike_core::db::Router::new(&settings.database).unwrap();
+    let mut tx = router.write().await.unwrap();
+    let (bytes,): (i64,) = sqlx::query_as("SELECT stored_bytes FROM users WHERE name = $1")
+        .bind(&user.name)
+        .fetch_one(turnpike_core::db::DbConn::conn(&mut tx))
+        .await
+        .unwrap();
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_user_stores_up_to_a_quota_and_deleting_makes_room() {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(Paths::DIRECT));
+    settings.limits.storage_bytes_per_user = 200_000;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let item = |n: usize| json!({"role": "user", "content": format!("{n} {}", "x".repeat(50_000))});
+    let created = user.create_conversation(json!({"items": [item(0)]})).await;
+    let conversation = created.ok()["id"].as_str().unwrap().to_owned();
+    let one = stored_bytes(&settings, &user).await;
+    assert!(one > 0, "stored bytes are counted");
+    let mut added = Vec::new();
+    let refused = loop {
+        let reply = user
+            .add_items(&conversation, json!([item(added.len() + 1)]))
+            .await;
+        if reply.status != 200 {
+            break reply;
+        }
+        added.push(reply.ok()["data"][0]["id"].as_str().unwrap().to_owned());
+        assert!(added.len() < 10, "the quota held");
+    };
+    assert_eq!(refused.error(403)["code"], "storage_quota_exceeded");
+    let full = stored_bytes(&settings, &user).await;
+    assert!(full <= 200_000 && full > 100_000, "{full}");
+    // A turn's input counts too.
+    let turn = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": [item(99)], "background": true})),
+        )
+        .await;
+    assert_eq!(turn.error(403)["code"], "storage_quota_exceeded");
+    // Deleting an item makes room for one.
+    user.call(
+        "DELETE",
+        &format!("/v1/conversations/{conversation}/items/{}", added[0]),
+        None,
+    )
+    .await
+    .ok();
+    assert!(stored_bytes(&settings, &user).await < full);
+    user.add_items(&conversation, json!([item(100)])).await.ok();
+    // Deleting the conversation frees all of it.
+    user.call("DELETE", &format!("/v1/conversations/{conversation}"), None)
+        .await
+        .ok();
+    assert_eq!(stored_bytes(&settings, &user).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_and_pages_are_bounded_in_bytes() {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(Paths::DIRECT));
+    settings.limits.storage_bytes_per_user = 0;
+    let _agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    // One item over 4 MiB is refused, naming it.
+    let huge = json!({"role": "user", "content": "x".repeat(4 * 1024 * 1024 + 1)});
+    let refused = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": [{"role": "user", "content": "hi"}, huge]})),
+        )
+        .await;
+    let error = refused.error(413);
+    assert_eq!(error["param"], "input[1]");
+    assert_eq!(error["code"], "item_too_large");
+    // Four items of 1.5 MiB: a page carries at most 4 MiB of them.
+    let big =
+        |n: usize| json!({"role": "user", "content": format!("{n}{}", "y".repeat(1_572_864))});
+    let mut input: Vec<Value> = (0..4).map(big).collect();
+    input.push(json!({"role": "user", "content": "/echo ok"}));
+    let done = user
+        .call("POST", "/v1/responses", Some(json!({"input": input})))
+        .await;
+    let conversation = done.ok()["conversation"]["id"].as_str().unwrap().to_owned();
+    let page = user
+        .list_items(&conversation, "?order=asc&limit=100&consistency=strong")
+        .await;
+    let page = page.ok();
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(page["has_more"], true);
+    let after = page["last_id"].as_str().unwrap();
+    let rest = user
+        .list_items(
+            &conversation,
+            &format!("?order=asc&limit=100&after={after}&consistency=strong"),
+        )
+        .await;
+    // The rest (two more large ones, the question, the answer) fits a page.
+    let rest = rest.ok();
+    assert_eq!(rest["has_more"], false);
+    let texts: Vec<&str> = rest["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["content"][0]["text"].as_str().unwrap_or(""))
+        .collect();
+    assert!(texts[0].starts_with("2y") && texts[1].starts_with("3y"));
+    assert_eq!(texts[texts.len() - 1], "ok");
 }
