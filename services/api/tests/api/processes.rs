@@ -326,3 +326,71 @@ async fn a_revoked_key_stops_working_within_the_auth_cache_ttl() {
     .await;
     assert!(started.elapsed() < std::time::Duration::from_millis(2_500));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_streams_through_a_sigkilled_worker_show_exactly_what_is_stored() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    // The mock model in process; the workers as processes.
+    let mut agents = Agents::spawn_slow(&mut settings, 24, 60).await;
+    agents.kill_workers();
+    let mut doomed = Process::worker(&stack, &settings);
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let mut turns = Vec::new();
+    for n in 0..40 {
+        let created = user
+            .call(
+                "POST",
+                "/v1/responses",
+                Some(json!({"input": format!("tell me story number {n}"), "background": true})),
+            )
+            .await;
+        let created = created.ok();
+        turns.push((
+            created["id"].as_str().unwrap().to_owned(),
+            created["conversation"]["id"].as_str().unwrap().to_owned(),
+        ));
+    }
+    // Every turn is answering when the worker dies.
+    let mut streams = Vec::new();
+    for (id, _) in &turns {
+        streams.push(user.follow_until_answering(id).await);
+    }
+    doomed.kill().await;
+    let replacement = Process::worker_logged(&stack, &settings, &[]);
+    for ((_, conversation), stream) in turns.iter().zip(streams) {
+        let events = stream.read_to_end().await;
+        let last = &events.last().unwrap().data;
+        assert_eq!(last["type"], "response.completed", "{last}");
+        // Each conversation holds exactly its question and its answer, and
+        // the client saw exactly the answer stored.
+        let items = user.list_items(conversation, "?order=asc").await;
+        let items = items.ok()["data"].as_array().unwrap().clone();
+        assert_eq!(items.len(), 2, "{items:?}");
+        turnpike_testkit::assert_stream_matches(&events, &items[1..]);
+    }
+    assert!(
+        !replacement.output().contains("ERROR"),
+        "{}",
+        replacement.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_logs_nothing() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.worker.block_ms = 300;
+    settings.log.filter = "info".into();
+    let worker = Process::worker_logged(&stack, &settings, &[]);
+    // Ten empty blocking reads, and more.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let log = worker.output();
+    let noisy: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .collect();
+    assert!(noisy.is_empty(), "{log}");
+    assert!(log.lines().count() <= 2, "{log}");
+}
