@@ -920,8 +920,16 @@ async fn list_inputs(db: &mut impl DbConn, page: &InputPage) -> Result<Vec<ItemR
 /// client-executed kinds (the turn ends with their call items, which the
 /// client answers in its next request), then the kinds a provider hosts.
 const SERVER_TOOL_TYPES: [&str; 3] = ["conversation_search", "http_fetch", "mcp"];
-const CLIENT_TOOL_TYPES: [&str; 5] = ["function", "custom", "local_shell", "shell", "apply_patch"];
-const HOSTED_TOOL_TYPES: [&str; 12] = [
+const CLIENT_TOOL_TYPES: [&str; 7] = [
+    "function",
+    "custom",
+    "local_shell",
+    "shell",
+    "apply_patch",
+    "computer",
+    "computer_use_preview",
+];
+const HOSTED_TOOL_TYPES: [&str; 10] = [
     "web_search",
     "programmatic_tool_calling",
     "web_search_preview",
@@ -930,8 +938,6 @@ const HOSTED_TOOL_TYPES: [&str; 12] = [
     "file_search",
     "code_interpreter",
     "image_generation",
-    "computer_use_preview",
-    "computer",
     "namespace",
     "tool_search",
 ];

@@ -234,9 +234,9 @@ fn plan(body: &Value, text: &str, answer_tokens: usize) -> Plan {
     }
 }
 
-/// A `local_shell_call`, `shell_call` or `apply_patch_call` item for a
-/// directive's JSON (the call's `action`, or the patch's `operation`);
-/// `None` for other kinds.
+/// A `local_shell_call`, `shell_call`, `apply_patch_call` or
+/// `computer_call` item for a directive's JSON (the call's `action`, or the
+/// patch's `operation`); `None` for other kinds.
 fn shell_call(kind: &str, call_id: &str, arguments: &str) -> Option<Value> {
     let given: Value = serde_json::from_str(arguments).unwrap_or_else(|_| json!({}));
     let id = uuid::Uuid::now_v7().simple();
@@ -253,6 +253,9 @@ fn shell_call(kind: &str, call_id: &str, arguments: &str) -> Option<Value> {
                           "action": given, "status": "completed"}),
         "apply_patch" => json!({"type": "apply_patch_call", "id": format!("apc_mock{id}"),
                                 "call_id": call_id, "operation": given, "status": "completed"}),
+        "computer" => json!({"type": "computer_call", "id": format!("cu_mock{id}"),
+                             "call_id": call_id, "action": given, "pending_safety_checks": [],
+                             "status": "completed"}),
         _ => return None,
     })
 }
@@ -274,7 +277,8 @@ fn output_text(output: Option<&Value>) -> String {
 
 /// The tools a `/call` directive can call, by name, with their type:
 /// functions (also those inside a `namespace` tool) and custom tools by
-/// their names; `local_shell`, `shell` and `apply_patch` by their type.
+/// their names; `local_shell`, `shell`, `apply_patch` and `computer` by
+/// their type.
 fn callable_tools(body: &Value) -> HashMap<String, String> {
     let mut named = HashMap::new();
     let tools = body.get("tools").and_then(Value::as_array);
@@ -288,6 +292,10 @@ fn callable_tools(body: &Value) -> HashMap<String, String> {
         };
         if matches!(kind, "local_shell" | "shell" | "apply_patch") {
             named.insert(kind.to_owned(), kind.to_owned());
+            continue;
+        }
+        if matches!(kind, "computer" | "computer_use_preview") {
+            named.insert("computer".to_owned(), "computer".to_owned());
             continue;
         }
         if !matches!(kind, "function" | "custom") {
@@ -331,6 +339,14 @@ fn hosted_calls(body: &Value, directive: &str) -> Vec<Value> {
                 "file_search" if offered.contains(&"file_search") => Some(json!({
                     "type": "file_search_call", "id": format!("fs_mock{id}"), "status": "completed",
                     "queries": [query], "results": null})),
+                "code_interpreter" if offered.contains(&"code_interpreter") => Some(json!({
+                    "type": "code_interpreter_call", "id": format!("ci_mock{id}"), "status": "completed",
+                    "code": query, "container_id": format!("cntr_mock{id}"),
+                    "outputs": [{"type": "logs", "logs": format!("ran: {query}")}]})),
+                "image_generation" if offered.contains(&"image_generation") => Some(json!({
+                    "type": "image_generation_call", "id": format!("ig_mock{id}"), "status": "completed",
+                    // A 1x1 transparent PNG.
+                    "result": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="})),
                 _ => None,
             }
         })

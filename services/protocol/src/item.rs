@@ -445,11 +445,12 @@ impl Item {
 
 /// Call item kinds that the client executes and answers with an `*_output`
 /// item in its next request.
-pub const CLIENT_CALL_TYPES: [&str; 4] = [
+pub const CLIENT_CALL_TYPES: [&str; 5] = [
     "custom_tool_call",
     "local_shell_call",
     "shell_call",
     "apply_patch_call",
+    "computer_call",
 ];
 
 #[cfg(test)]

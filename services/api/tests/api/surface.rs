@@ -330,7 +330,9 @@ async fn shell_and_patch_calls_end_the_turn_and_their_outputs_continue_it() {
     let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
     let user = app.new_user().await;
     let tools = json!([{"type": "local_shell"}, {"type": "shell", "environment": {"type": "local"}},
-                       {"type": "apply_patch"}, {"type": "function", "name": "noop", "parameters": {}}]);
+                       {"type": "apply_patch"}, {"type": "function", "name": "noop", "parameters": {}},
+                       {"type": "computer_use_preview", "display_width": 1024, "display_height": 768,
+                        "environment": "browser"}]);
     let cases = [
         (
             r#"/call local_shell {"command": ["echo", "hi"]}"#,
@@ -350,6 +352,13 @@ async fn shell_and_patch_calls_end_the_turn_and_their_outputs_continue_it() {
             "apply_patch_call",
             json!({"type": "apply_patch_call_output", "status": "completed", "output": "created a.txt"}),
             "created a.txt",
+        ),
+        (
+            r#"/call computer {"type": "click", "button": "left", "x": 10, "y": 20}"#,
+            "computer_call",
+            json!({"type": "computer_call_output",
+                   "output": {"type": "computer_screenshot", "image_url": "data:image/png;base64,AAAA"}}),
+            r#"{"image_url":"data:image/png;base64,AAAA","type":"computer_screenshot"}"#,
         ),
     ];
     for (directive, kind, mut output, said) in cases {
@@ -404,6 +413,20 @@ async fn a_hosted_tool_runs_at_the_provider_and_its_item_is_kept() {
         .collect();
     assert_eq!(kinds, ["web_search_call", "message"]);
     assert_eq!(done["output"][0]["action"]["query"], "toll roads");
+    // Code interpreter and image generation, in one turn, kept verbatim.
+    let done = create(
+        &user,
+        json!({"input": "/call code_interpreter print(1)\n/call image_generation a toll gate",
+               "tools": [{"type": "code_interpreter", "container": {"type": "auto"}},
+                         {"type": "image_generation"}]}),
+    )
+    .await;
+    let output = done["output"].as_array().unwrap();
+    assert_eq!(output[0]["type"], "code_interpreter_call");
+    assert_eq!(output[0]["code"], "print(1)");
+    assert_eq!(output[1]["type"], "image_generation_call");
+    assert!(output[1]["result"].as_str().unwrap().starts_with("iVBOR"));
+    assert_eq!(output[2]["type"], "message");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
