@@ -71,7 +71,13 @@ pub async fn create(
     let metadata = body.metadata.unwrap_or_default();
     check_metadata(&metadata)?;
     let inputs = body.items.unwrap_or_default();
-    items::check_items("items", &inputs, 0, items::MAX_ITEMS_PER_CALL)?;
+    items::check_items(
+        "items",
+        &inputs,
+        0,
+        items::MAX_ITEMS_PER_CALL,
+        app.settings.limits.max_item_bytes,
+    )?;
     let mut tx = app.router.write().await?;
     if !inputs.is_empty() {
         crate::limits::check_storage(

@@ -123,6 +123,7 @@ pub async fn list(
             .map_or_else(|| "-".to_owned(), |a| a.simple().to_string()),
     );
     let router = std::sync::Arc::clone(&app.router);
+    let max_bytes = app.settings.limits.max_page_bytes;
     let body = app
         .cached(conversation, &field, consistency, move |at| async move {
             let rows = router
@@ -130,7 +131,7 @@ pub async fn list(
                     Box::pin(async move { list_page(db, &page).await })
                 })
                 .await?;
-            Ok(rows.map(|rows| bytes::Bytes::from(page_of(rows, limit).0)))
+            Ok(rows.map(|rows| bytes::Bytes::from(page_of(rows, limit, max_bytes).0)))
         })
         .await?;
     match body {
@@ -139,19 +140,15 @@ pub async fn list(
     }
 }
 
-/// The most bytes of items one page carries: a page of large items stops
-/// early (with `has_more`), so no answer grows with the items' size.
-pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
-
-/// Turns `limit + 1` rows into a page of at most `MAX_PAGE_BYTES` of items
-/// (always at least one).
-pub fn page_of(mut rows: Vec<ItemRow>, limit: i64) -> StoredJson {
+/// Turns `limit + 1` rows into a page of at most `max_bytes` of items
+/// (always at least one; `limits.max_page_bytes`).
+pub fn page_of(mut rows: Vec<ItemRow>, limit: i64, max_bytes: usize) -> StoredJson {
     let mut has_more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;
     rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let mut bytes = 0usize;
     if let Some(fit) = rows.iter().position(|row| {
         bytes += row.body.0.len();
-        bytes > MAX_PAGE_BYTES
+        bytes > max_bytes
     }) {
         rows.truncate(fit.max(1));
         has_more = true;
@@ -176,7 +173,13 @@ pub async fn create(
     Json(body): Json<CreateItems>,
 ) -> Result<Response, ApiError> {
     let conversation = ids::decode(prefixes::CONVERSATION, "conversation", &conversation_id)?;
-    check_items("items", &body.items, 1, MAX_ITEMS_PER_CALL)?;
+    check_items(
+        "items",
+        &body.items,
+        1,
+        MAX_ITEMS_PER_CALL,
+        app.settings.limits.max_item_bytes,
+    )?;
     let mut tx = app.router.write().await?;
     crate::limits::check_storage(
         &app,
@@ -252,14 +255,14 @@ pub async fn delete(
 
 /// Checks an item batch: `min..=max` items, each with sensible content
 /// and OpenAI's part kinds only.
-/// The largest item a client may send, as JSON.
-pub const MAX_ITEM_BYTES: usize = 4 * 1024 * 1024;
-
+/// Checks a request's items: how many, each one's size (at most
+/// `max_bytes` as JSON), their content parts.
 pub fn check_items(
     param: &str,
     items: &[InputItem],
     min: usize,
     max: usize,
+    max_bytes: usize,
 ) -> Result<(), ApiError> {
     if items.len() < min {
         return Err(ApiError::invalid(
@@ -275,12 +278,10 @@ pub fn check_items(
     }
     for (i, item) in items.iter().enumerate() {
         let size = serde_json::to_vec(item).map_or(0, |json| json.len());
-        if size > MAX_ITEM_BYTES {
+        if size > max_bytes {
             return Err(ApiError::with_status(
                 axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "{param}[{i}] is {size} bytes; an item may be at most {MAX_ITEM_BYTES} bytes."
-                ),
+                format!("{param}[{i}] is {size} bytes; an item may be at most {max_bytes} bytes."),
                 "item_too_large",
             )
             .with_param(format!("{param}[{i}]")));

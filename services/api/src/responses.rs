@@ -149,7 +149,13 @@ async fn begin(
     }
     let inputs = items_of_input(body.input.clone());
     let least = usize::from(!(compact && body.previous_response_id.is_some()));
-    items::check_items("input", &inputs, least, items::MAX_INPUT_ITEMS)?;
+    items::check_items(
+        "input",
+        &inputs,
+        least,
+        items::MAX_INPUT_ITEMS,
+        app.settings.limits.max_item_bytes,
+    )?;
     let metadata = body.metadata.clone().unwrap_or_default();
     check_metadata(&metadata)?;
     if let Some(tools) = &body.tools {
@@ -554,7 +560,7 @@ pub async fn input_items(
         })
         .await?
         .ok_or_else(|| ApiError::not_found("response", &response_id))?;
-    Ok(items::page_of(rows, limit).into_response())
+    Ok(items::page_of(rows, limit, app.settings.limits.max_page_bytes).into_response())
 }
 
 /// Cancel a queued or running response. Cancelling a cancelled response
@@ -711,7 +717,13 @@ pub async fn input_tokens(
     Json(body): Json<InputTokensRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let inputs = items_of_input(body.input.clone());
-    items::check_items("input", &inputs, 0, items::MAX_INPUT_ITEMS)?;
+    items::check_items(
+        "input",
+        &inputs,
+        0,
+        items::MAX_INPUT_ITEMS,
+        app.settings.limits.max_item_bytes,
+    )?;
     let user = principal.user_id;
     // The history the prompt would start with.
     let conversation = match (&body.conversation, &body.previous_response_id) {

@@ -637,6 +637,12 @@ pub struct LimitSettings {
     /// `storage_quota_exceeded`. Model and tool output of a running turn
     /// is stored regardless (the check comes before the turn).
     pub storage_bytes_per_user: u64,
+    /// The largest item a client may send, as JSON; larger is a 413
+    /// `item_too_large` naming it.
+    pub max_item_bytes: usize,
+    /// The most bytes of items one page of a list carries (fewer items,
+    /// with `has_more`), so no answer grows with the items' size.
+    pub max_page_bytes: usize,
     /// Event streams (SSE) one user may hold open at once on one api
     /// process; one more gets a 429. Counted in process: each pod bounds
     /// the connections and memory one user can tie up there.
@@ -659,6 +665,8 @@ impl Default for LimitSettings {
             active_turns_per_user: 256,
             daily_tokens_per_user: 10_000_000,
             open_streams_per_user: 64,
+            max_item_bytes: 4 * 1024 * 1024,
+            max_page_bytes: 4 * 1024 * 1024,
             storage_bytes_per_user: 10 * 1024 * 1024 * 1024,
             redis_failure_policy: RedisFailurePolicy::FailOpen,
             redis_breaker_ms: 1_000,

@@ -436,3 +436,30 @@ impl Provider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_providers_retry_after_is_honoured_up_to_thirty_seconds() {
+        let headers = |name: &'static str, value: &'static str| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(name, reqwest::header::HeaderValue::from_static(value));
+            headers
+        };
+        assert_eq!(
+            retry_after(&headers("retry-after", "2")),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            retry_after(&headers("retry-after-ms", "250")),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            retry_after(&headers("retry-after", "86400")),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(retry_after(&headers("retry-after", "soon")), None);
+    }
+}

@@ -28,6 +28,7 @@ mod fuzz;
 mod idempotency;
 mod isolation;
 mod limits;
+mod migrations;
 mod openapi;
 mod overload;
 mod processes;
