@@ -648,3 +648,85 @@ async fn deleting_a_conversation_cancels_its_turns_and_hides_its_responses() {
         .await;
     refused.error(404);
 }
+
+/// A worker starting a turn with pending input and an interrupting create
+/// take the conversation's and the responses' locks in one order, so they
+/// wait for each other instead of deadlocking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_start_and_an_interrupt_do_not_deadlock() {
+    use turnpike_core::turns;
+    let stack = Stack::shared().await;
+    let settings = stack.settings(Paths::DIRECT);
+    // No workers: both turns stay queued, the second with pending input.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let first = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "one", "background": true})),
+        )
+        .await;
+    let first = first.ok().clone();
+    let conversation = first["conversation"]["id"].as_str().unwrap().to_owned();
+    let second = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": "two", "background": true})),
+        )
+        .await;
+    let second = turnpike_core::ids::parse("resp", second.ok()["id"].as_str().unwrap()).unwrap();
+    let conversation = turnpike_core::ids::parse("conv", &conversation).unwrap();
+    let router = std::sync::Arc::new(turnpike_core::db::Router::new(&settings.database).unwrap());
+    let owner: (uuid::Uuid,) = {
+        let mut tx = router.write().await.unwrap();
+        sqlx::query_as("SELECT user_id FROM conversations WHERE id = $1")
+            .bind(conversation)
+            .fetch_one(turnpike_core::db::DbConn::conn(&mut tx))
+            .await
+            .unwrap()
+    };
+
+    // The interrupting create holds the conversation…
+    let mut interrupt = router.write().await.unwrap();
+    turns::reserve_seqs(&mut interrupt, conversation, owner.0, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    // …while a worker starts the pending turn, and waits for it.
+    let worker = {
+        let router = std::sync::Arc::clone(&router);
+        tokio::spawn(async move {
+            let mut tx = router.write().await.unwrap();
+            let started = turns::start(&mut tx, second, false).await;
+            let started = started.map(|s| s.is_some());
+            tx.commit().await.map(|_| started)
+        })
+    };
+    let admin = stack.superuser("primary").await;
+    eventually(
+        "the worker waits on a lock",
+        Duration::from_secs(5),
+        || async {
+            let (waiting,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND datname = 'turnpike'",
+            )
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    // The interrupt now cancels the conversation's turns: no deadlock.
+    let cancelled = turns::cancel_active(&mut interrupt, conversation)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.len(), 2);
+    interrupt.commit().await.unwrap();
+    // The worker then finds its turn cancelled, and starts nothing.
+    let started = worker.await.unwrap().unwrap().unwrap();
+    assert!(!started);
+}
