@@ -19,6 +19,7 @@ macro_rules! both_paths {
 
 mod agent;
 mod cache;
+mod chart;
 mod chat_provider;
 mod clients;
 mod conversations;

@@ -1,0 +1,51 @@
+{{/* The labels of one component's objects. */}}
+{{- define "turnpike.labels" -}}
+app.kubernetes.io/name: turnpike
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
+{{- end }}
+
+{{/* The selector of one component's pods. */}}
+{{- define "turnpike.selector" -}}
+app.kubernetes.io/name: turnpike
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "turnpike.secretName" -}}
+{{- default (printf "%s-secrets" .Release.Name) .Values.existingSecret -}}
+{{- end }}
+
+{{- define "turnpike.image" -}}
+{{ printf "%s:%s" .Values.image.repository .Values.image.tag | quote }}
+{{- end }}
+
+{{/*
+The environment every Turnpike process gets besides the ConfigMap: the
+secrets, and each database node's role and URLs. The password stays in the
+Secret; Kubernetes expands $(TURNPIKE_DATABASE_PASSWORD) into the URLs.
+Each replica is reached at its own address (direct) and through its own
+PgBouncer (pooled): the router must know which node it reads.
+*/}}
+{{- define "turnpike.env" -}}
+- name: TURNPIKE_DATABASE_PASSWORD
+  valueFrom: { secretKeyRef: { name: {{ include "turnpike.secretName" . }}, key: TURNPIKE_DATABASE_PASSWORD } }
+- name: TURNPIKE__REDIS__URL
+  valueFrom: { secretKeyRef: { name: {{ include "turnpike.secretName" . }}, key: TURNPIKE__REDIS__URL } }
+- name: TURNPIKE__MODEL__API_KEY
+  valueFrom: { secretKeyRef: { name: {{ include "turnpike.secretName" . }}, key: TURNPIKE__MODEL__API_KEY, optional: true } }
+{{- $root := . }}
+{{- range .Values.database.nodes }}
+{{- $key := upper .name }}
+- name: TURNPIKE__DATABASE__NODES__{{ $key }}__ROLE
+  value: {{ .role | quote }}
+- name: TURNPIKE__DATABASE__NODES__{{ $key }}__URL
+  value: {{ printf "postgres://%s:$(TURNPIKE_DATABASE_PASSWORD)@%s:%d/%s" $root.Values.database.user .host (int $root.Values.database.port) $root.Values.database.name | quote }}
+{{- if $root.Values.pgbouncer.enabled }}
+- name: TURNPIKE__DATABASE__NODES__{{ $key }}__POOLED_URL
+  value: {{ printf "postgres://%s:$(TURNPIKE_DATABASE_PASSWORD)@%s-pgbouncer-%s:%d/%s" $root.Values.database.user $root.Release.Name .name (int $root.Values.pgbouncer.port) $root.Values.database.name | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
