@@ -264,6 +264,7 @@ pub fn routes(state: AppState) -> axum::Router {
         .merge(health::router())
         .merge(openapi::router())
         .merge(web::router())
+        .route_layer(axum::middleware::from_fn(http_metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(
@@ -285,6 +286,27 @@ pub fn routes(state: AppState) -> axum::Router {
         ))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
         .with_state(state)
+}
+
+/// Per-route request counts and latencies, labelled by the route's
+/// template (a bounded set), method and status class.
+async fn http_metrics(
+    matched: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = matched.map_or_else(|| "-".to_owned(), |m| m.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = format!("{}xx", response.status().as_u16() / 100);
+    metrics::counter!("turnpike_http_requests_total",
+        "route" => route.clone(), "method" => method.clone(), "status" => status)
+    .increment(1);
+    metrics::histogram!("turnpike_http_request_duration_seconds",
+        "route" => route, "method" => method)
+    .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Refuses a body whose Content-Length is over the limit before reading any

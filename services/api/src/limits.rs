@@ -393,6 +393,7 @@ pub struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
+        metrics::gauge!("turnpike_sse_streams_open").decrement(1.0);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = open.get_mut(&self.user) {
             *count = count.saturating_sub(1);
@@ -425,6 +426,7 @@ pub fn open_stream(app: &AppState, user: uuid::Uuid) -> Result<StreamSlot, ApiEr
         }
         *count += 1;
     }
+    metrics::gauge!("turnpike_sse_streams_open").increment(1.0);
     Ok(StreamSlot { open, user })
 }
 

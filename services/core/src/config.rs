@@ -431,6 +431,8 @@ pub struct WorkerSettings {
     pub shutdown_grace_ms: u64,
     /// Model calls one turn may make (tool loops end here with an error).
     pub max_steps: u32,
+    /// Port of the worker's Prometheus `/metrics` (on `api.host`); 0: none.
+    pub metrics_port: u16,
     /// The most items a turn's history is read with (the newest since the
     /// latest compaction; a longer prompt is compacted long before).
     pub history_max_items: i64,
@@ -449,6 +451,7 @@ impl Default for WorkerSettings {
             max_deliveries: 5,
             shutdown_grace_ms: 30_000,
             max_steps: 16,
+            metrics_port: 0,
             history_max_items: 20_000,
             history_max_bytes: 64 * 1024 * 1024,
         }

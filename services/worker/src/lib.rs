@@ -63,6 +63,8 @@ pub struct Worker {
 
 impl Worker {
     pub async fn build(settings: Settings) -> Result<Self, WorkerError> {
+        // Installs the metrics recorder before anything records.
+        turnpike_core::telemetry::metrics();
         let router = Router::new(&settings.database)?;
         router.spawn_monitor().await;
         let kv = Kv::new(&settings.redis)?;
@@ -98,6 +100,12 @@ impl Worker {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) {
         let ctx = self.context;
         let settings = &ctx.settings.worker;
+        let metrics = (settings.metrics_port != 0).then(|| {
+            tokio::spawn(serve_metrics(
+                ctx.settings.api.host.clone(),
+                settings.metrics_port,
+            ))
+        });
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
         let mut turns = JoinSet::new();
         let listener = tokio::spawn(cancel::listen(
@@ -169,6 +177,9 @@ impl Worker {
             }
         }
         reconciler.abort();
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         tracing::info!(
             running = turns.len(),
             "worker stopping; no new turns claimed"
@@ -183,5 +194,30 @@ impl Worker {
             turns.abort_all();
         }
         listener.abort();
+    }
+}
+
+/// Serves the process's Prometheus metrics at `/metrics` on `host:port`.
+async fn serve_metrics(host: String, port: u16) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4",
+                )],
+                turnpike_core::telemetry::metrics().render(),
+            )
+        }),
+    );
+    match tokio::net::TcpListener::bind((host.as_str(), port)).await {
+        Ok(listener) => {
+            tracing::info!(port, "worker metrics listening");
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!(error = %e, "the metrics listener stopped");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, port, "cannot serve metrics"),
     }
 }

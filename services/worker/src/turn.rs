@@ -37,8 +37,13 @@ pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
         delivery.entry.clone(),
         Duration::from_millis(ctx.settings.worker.heartbeat_ms),
     )));
+    if delivery.deliveries > 1 {
+        metrics::counter!("turnpike_turn_redeliveries_total").increment(1);
+    }
+    let started = std::time::Instant::now();
     let result = run_turn(ctx, &delivery).await;
     drop(heartbeat);
+    metrics::histogram!("turnpike_turn_run_seconds").record(started.elapsed().as_secs_f64());
     match result {
         Ok(()) => {
             if let Err(e) = queue::ack(&ctx.kv, &ctx.settings.worker.queue, &delivery.entry).await {
@@ -663,6 +668,7 @@ impl<'a> Loop<'a> {
     }
 
     async fn compact(&mut self) -> Result<(), LoopError> {
+        metrics::counter!("turnpike_compactions_total").increment(1);
         let index = self.output.len();
         self.emit(json!({"type": "response.compaction.compacting", "output_index": index}));
         let compaction = compact::compact(self.ctx, &self.request()).await?;
@@ -725,11 +731,25 @@ impl<'a> Loop<'a> {
         let include_obfuscation = self.row.request.0.include_obfuscation != Some(false);
         let mut relay = Relay::new(&self.events, offset, include_obfuscation);
         relay.resume(&std::mem::take(&mut self.resumed));
+        let started = std::time::Instant::now();
+        let mut first = None;
         let output = self
             .ctx
             .provider
-            .stream(&request, |progress| relay.forward(progress))
-            .await?;
+            .stream(&request, |progress| {
+                if first.is_none() && matches!(progress, Progress::Event { .. }) {
+                    first = Some(started.elapsed());
+                }
+                relay.forward(progress);
+            })
+            .await;
+        let outcome = if output.is_ok() { "ok" } else { "error" };
+        metrics::counter!("turnpike_model_calls_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("turnpike_model_call_seconds").record(started.elapsed().as_secs_f64());
+        if let Some(first) = first {
+            metrics::histogram!("turnpike_model_first_event_seconds").record(first.as_secs_f64());
+        }
+        let output = output?;
         let mut output = output;
         output.items.iter_mut().for_each(turns::escape_nul);
         let items = to_items(&output, &relay.item_ids);
@@ -781,6 +801,17 @@ impl<'a> Loop<'a> {
                 _ => call.clone(),
             })
             .collect();
+        for call in &calls {
+            let (tool, outcome) = match call {
+                Call::Server(tool, ..) => (tool.name(), "ran"),
+                Call::Mcp(..) => ("mcp", "ran"),
+                Call::Refused(..) => ("-", "refused"),
+                Call::Unavailable(..) => ("-", "unavailable"),
+                Call::Client => continue,
+            };
+            metrics::counter!("turnpike_tool_calls_total", "tool" => tool, "outcome" => outcome)
+                .increment(1);
+        }
         let runs = calls.iter().filter_map(|call| match call {
             Call::Server(tool, call_id, arguments) => {
                 let scope = &scope;
@@ -1110,6 +1141,17 @@ async fn finish(
 ) -> Result<(), TurnError> {
     let mut tx = ctx.router.write().await?;
     let finished = turns::finish(&mut tx, row, outcome).await?;
+    let status = if finished.is_some() {
+        format!("{:?}", outcome.status).to_lowercase()
+    } else {
+        "cancelled".to_owned()
+    };
+    metrics::counter!("turnpike_turns_total", "outcome" => status).increment(1);
+    let age = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .saturating_sub(u64::try_from(row.created_at).unwrap_or(0));
+    metrics::histogram!("turnpike_turn_total_seconds").record(age as f64);
     // `store: false`: the turn ran and streamed; nothing of it is kept.
     // Such a turn always has a conversation of its own.
     let unstored = row.request.0.store == Some(false);
@@ -1172,6 +1214,14 @@ async fn changed(ctx: &Context, conversation: Uuid, lsn: Lsn) {
 /// tokens were spent even when the turn is cancelled meanwhile. A count
 /// Redis does not take is lost (logged): the budget errs towards the user.
 async fn record_usage(ctx: &Context, user: Uuid, usage: Option<&Usage>) {
+    if let Some(usage) = usage {
+        let cached = usage.input_tokens_details.cached_tokens;
+        metrics::counter!("turnpike_model_tokens_total", "kind" => "input")
+            .increment(usage.input_tokens);
+        metrics::counter!("turnpike_model_tokens_total", "kind" => "cached").increment(cached);
+        metrics::counter!("turnpike_model_tokens_total", "kind" => "output")
+            .increment(usage.output_tokens);
+    }
     let Some(tokens) = usage.map(|u| u.total_tokens).filter(|t| *t > 0) else {
         return;
     };

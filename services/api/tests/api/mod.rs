@@ -23,6 +23,7 @@ mod chart;
 mod chat_provider;
 mod clients;
 mod conversations;
+mod dashboards;
 mod failover;
 mod faults;
 mod fuzz;

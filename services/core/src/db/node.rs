@@ -183,6 +183,11 @@ impl Node {
         self.lag_ms.load(Ordering::Relaxed)
     }
 
+    /// WAL bytes behind the primary, as last probed.
+    pub fn lag_bytes(&self) -> u64 {
+        self.lag_bytes.load(Ordering::Relaxed)
+    }
+
     /// Statements are named and cached only on direct connections.
     pub fn prepared(&self) -> bool {
         self.path == ConnectPath::Direct

@@ -345,6 +345,26 @@ impl Router {
 
     /// One health probe of one node.
     async fn probe(&self, node: &Node) {
+        self.probe_once(node).await;
+        // Each node's health, as the router sees it after the probe.
+        let name = node.name.clone();
+        metrics::gauge!("turnpike_db_node_lag_bytes", "node" => name.clone())
+            .set(node.lag_bytes() as f64);
+        metrics::gauge!("turnpike_db_node_lag_seconds", "node" => name.clone())
+            .set(node.lag_ms() as f64 / 1000.0);
+        for state in [
+            NodeState::Up,
+            NodeState::Lagging,
+            NodeState::Down,
+            NodeState::Banned,
+        ] {
+            let label = format!("{state:?}").to_lowercase();
+            metrics::gauge!("turnpike_db_node_state", "node" => name.clone(), "state" => label)
+                .set(if node.state() == state { 1.0 } else { 0.0 });
+        }
+    }
+
+    async fn probe_once(&self, node: &Node) {
         let timeout = Duration::from_millis(self.settings.probe_timeout_ms);
         let sql = match node.role {
             NodeRole::Primary => {

@@ -1,0 +1,205 @@
+//! The Grafana dashboards shipped in the chart: their JSON has the shape
+//! Grafana loads, and every panel's query, run by a real Prometheus (2.42)
+//! scraping a running Turnpike under load, parses and returns data.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use turnpike_testkit::{Agents, Paths, Stack, TestApp, eventually};
+
+fn dashboards() -> Vec<(String, Value)> {
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../helm/turnpike/dashboards"
+    ));
+    let mut found: Vec<(String, Value)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            (
+                path.display().to_string(),
+                serde_json::from_str(&text).unwrap(),
+            )
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found
+}
+
+/// Load that moves every metric the dashboards plot.
+async fn load(user: &turnpike_testkit::User) {
+    let tools = json!([{"type": "conversation_search"}]);
+    let reply = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(
+                json!({"input": "/call conversation_search {\"query\":\"toll\"}", "tools": tools}),
+            ),
+        )
+        .await;
+    let conversation = reply.ok()["conversation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let long = "The toll road runs north past quiet fields. ".repeat(30);
+    for input in [format!("/echo {long}"), "and then?".to_owned()] {
+        user.call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": input,
+                        "context_management": [{"type": "compaction", "compact_threshold": 300}]})),
+        )
+        .await
+        .ok();
+    }
+    let (_, events) = user
+        .stream(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": "/echo streamed", "stream": true})),
+            &[],
+        )
+        .await;
+    assert_eq!(events.last().unwrap().data["type"], "response.completed");
+    for _ in 0..5 {
+        user.list_items(&conversation, "?limit=5").await.ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_panel_query_returns_data_from_prometheus() {
+    // The JSON first: what Grafana needs of each dashboard and panel.
+    let boards = dashboards();
+    assert_eq!(boards.len(), 3);
+    let mut queries = Vec::new();
+    for (path, board) in &boards {
+        assert!(
+            board["uid"].as_str().is_some_and(|u| !u.is_empty()),
+            "{path}"
+        );
+        assert!(
+            board["title"].is_string() && board["schemaVersion"].is_number(),
+            "{path}"
+        );
+        let variables: Vec<&str> = board["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert!(variables.contains(&"datasource"), "{path}");
+        let panels = board["panels"].as_array().unwrap();
+        let mut ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), panels.len(), "{path}: panel ids are unique");
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap();
+            assert!(panel["type"].is_string(), "{path}: {title}");
+            for key in ["x", "y", "w", "h"] {
+                assert!(panel["gridPos"][key].is_u64(), "{path}: {title}");
+            }
+            assert_eq!(
+                panel["datasource"]["uid"], "${datasource}",
+                "{path}: {title}"
+            );
+            for target in panel["targets"].as_array().unwrap() {
+                assert!(target["refId"].is_string(), "{path}: {title}");
+                queries.push((
+                    format!("{path}: {title}"),
+                    target["expr"].as_str().unwrap().to_owned(),
+                ));
+            }
+        }
+    }
+
+    // A running Turnpike under load…
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    let _agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    load(&user).await;
+
+    // …scraped every second by Prometheus on loopback.
+    let dir = std::env::temp_dir().join(format!(
+        "turnpike-prometheus-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = app.url.trim_start_matches("http://");
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n  - job_name: turnpike\n    static_configs: [{{targets: ['{target}']}}]\n"
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start prometheus (Debian's prometheus package)");
+    let http = reqwest::Client::new();
+    let query = |expr: String| {
+        let http = http.clone();
+        async move {
+            let reply: Value = http
+                .get(format!("http://127.0.0.1:{port}/api/v1/query"))
+                .query(&[("query", expr)])
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some(reply)
+        }
+    };
+    // Enough samples for a rate over the dashboards' window, with load
+    // going on meanwhile.
+    eventually(
+        "Prometheus has scraped Turnpike a few times",
+        Duration::from_secs(60),
+        || async {
+            load(&user).await;
+            let reply = query("count_over_time(up{job=\"turnpike\"}[1m])".into()).await?;
+            let samples = reply["data"]["result"][0]["value"][1]
+                .as_str()?
+                .parse::<f64>()
+                .ok()?;
+            (samples >= 4.0).then_some(())
+        },
+    )
+    .await;
+
+    for (panel, expr) in &queries {
+        // Grafana's variables, as Grafana would substitute them.
+        let expr = expr.replace("$__rate_interval", "15s");
+        let reply = query(expr.clone()).await.expect("Prometheus answers");
+        assert_eq!(reply["status"], "success", "{panel}: {expr}: {reply}");
+        let result = reply["data"]["result"].as_array().unwrap();
+        assert!(!result.is_empty(), "{panel}: {expr} returned no data");
+    }
+    println!("{} panel queries checked against Prometheus", queries.len());
+    let _ = std::fs::remove_dir_all(&dir);
+}
