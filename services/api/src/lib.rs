@@ -261,7 +261,7 @@ pub fn routes(state: AppState) -> axum::Router {
         .merge(responses::router().layer(input_limit))
         .merge(chat::router().layer(input_limit))
         .merge(admin::router())
-        .merge(health::router())
+        .merge(health::router(state.settings.api.metrics_port == 0))
         .merge(openapi::router())
         .merge(web::router())
         .route_layer(axum::middleware::from_fn(http_metrics))
@@ -379,6 +379,12 @@ impl Application {
             .port();
         let state = AppState::new(settings).await?;
         tokio::spawn(idempotency::sweep(state.clone()));
+        if state.settings.api.metrics_port != 0 {
+            tokio::spawn(turnpike_core::telemetry::serve_metrics(
+                state.settings.api.host.clone(),
+                state.settings.api.metrics_port,
+            ));
+        }
         let app = routes(state.clone());
         Ok(Self {
             listener,

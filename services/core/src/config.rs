@@ -118,6 +118,10 @@ pub struct ApiSettings {
     /// and process: a flood of made-up keys is shed past it, and never
     /// takes the place of real keys in the caches.
     pub key_lookups_per_s: u32,
+    /// Port of a separate listener for `/metrics` (on `host`), so that the
+    /// metrics are not public; the main port then does not serve them.
+    /// 0: `/metrics` on the main port.
+    pub metrics_port: u16,
 }
 
 impl Default for ApiSettings {
@@ -134,6 +138,7 @@ impl Default for ApiSettings {
             idempotency_retention_ms: 86_400_000,
             idempotency_claim_ms: 180_000,
             key_lookups_per_s: 1_000,
+            metrics_port: 0,
         }
     }
 }

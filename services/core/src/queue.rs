@@ -245,3 +245,43 @@ fn parse(entry: String, fields: &[(String, String)], deliveries: u64) -> Option<
         deliveries,
     })
 }
+
+/// The queue's state, for the metrics: entries not yet acknowledged
+/// (waiting or running), those delivered and not yet acknowledged, and how
+/// long the oldest of those has been idle.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Depth {
+    pub length: u64,
+    pub pending: u64,
+    pub oldest_pending_idle_ms: u64,
+}
+
+/// Reads the queue's depth: one round trip.
+pub async fn depth(kv: &Kv, stream: &str) -> Result<Depth, KvError> {
+    let stream = stream.to_owned();
+    type Summary = (u64, redis::Value, redis::Value, redis::Value);
+    type Oldest = Vec<(String, String, u64, u64)>;
+    let (length, summary, oldest): (u64, Summary, Oldest) = kv
+        .run(|mut conn| async move {
+            redis::pipe()
+                .cmd("XLEN")
+                .arg(&stream)
+                .cmd("XPENDING")
+                .arg(&stream)
+                .arg(GROUP)
+                .cmd("XPENDING")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg("-")
+                .arg("+")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+        })
+        .await?;
+    Ok(Depth {
+        length,
+        pending: summary.0,
+        oldest_pending_idle_ms: oldest.first().map_or(0, |entry| entry.2),
+    })
+}

@@ -78,3 +78,29 @@ pub fn init_counters() {
     metrics::counter!("turnpike_compactions_total").increment(0);
     metrics::gauge!("turnpike_sse_streams_open").increment(0.0);
 }
+
+/// Serves the process's Prometheus metrics at `/metrics` on `host:port`
+/// (a worker's, or an api's admin port), until the task is dropped.
+pub async fn serve_metrics(host: String, port: u16) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4",
+                )],
+                metrics().render(),
+            )
+        }),
+    );
+    match tokio::net::TcpListener::bind((host.as_str(), port)).await {
+        Ok(listener) => {
+            tracing::info!(port, "metrics listening");
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!(error = %e, "the metrics listener stopped");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, port, "cannot serve metrics"),
+    }
+}

@@ -101,7 +101,7 @@ impl Worker {
         let ctx = self.context;
         let settings = &ctx.settings.worker;
         let metrics = (settings.metrics_port != 0).then(|| {
-            tokio::spawn(serve_metrics(
+            tokio::spawn(turnpike_core::telemetry::serve_metrics(
                 ctx.settings.api.host.clone(),
                 settings.metrics_port,
             ))
@@ -194,30 +194,5 @@ impl Worker {
             turns.abort_all();
         }
         listener.abort();
-    }
-}
-
-/// Serves the process's Prometheus metrics at `/metrics` on `host:port`.
-async fn serve_metrics(host: String, port: u16) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(|| async {
-            (
-                [(
-                    axum::http::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4",
-                )],
-                turnpike_core::telemetry::metrics().render(),
-            )
-        }),
-    );
-    match tokio::net::TcpListener::bind((host.as_str(), port)).await {
-        Ok(listener) => {
-            tracing::info!(port, "worker metrics listening");
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::warn!(error = %e, "the metrics listener stopped");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, port, "cannot serve metrics"),
     }
 }

@@ -26,7 +26,22 @@ pub(crate) async fn run(ctx: Arc<Context>) {
     }
 }
 
+/// The queue's depth as gauges (every worker reports the same stream;
+/// dashboards take the max).
+async fn report_depth(ctx: &Context) {
+    match queue::depth(&ctx.kv, &ctx.settings.worker.queue).await {
+        Ok(depth) => {
+            metrics::gauge!("turnpike_queue_length").set(depth.length as f64);
+            metrics::gauge!("turnpike_queue_pending").set(depth.pending as f64);
+            metrics::gauge!("turnpike_queue_oldest_pending_seconds")
+                .set(depth.oldest_pending_idle_ms as f64 / 1000.0);
+        }
+        Err(e) => tracing::debug!(error = %e, "could not read the queue's depth"),
+    }
+}
+
 async fn pass(ctx: &Context) -> Result<(), turnpike_core::db::DbError> {
+    report_depth(ctx).await;
     // While turns wait in the queue undelivered, a turn queued for long is
     // most likely among them (the fleet is behind, not the enqueue lost):
     // adding it again would grow the queue fastest under overload.

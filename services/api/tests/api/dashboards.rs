@@ -203,3 +203,56 @@ async fn every_dashboard_panel_query_returns_data_from_prometheus() {
     println!("{} panel queries checked against Prometheus", queries.len());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_be_served_on_ports_of_their_own() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.api.metrics_port = free();
+    settings.worker.metrics_port = free();
+    let _agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    user.call(
+        "POST",
+        "/v1/responses",
+        Some(json!({"input": "/echo counted"})),
+    )
+    .await
+    .ok();
+    let http = reqwest::Client::new();
+    // Not on the public port…
+    let public = http
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 404);
+    // …but on the api's and the worker's own.
+    for port in [settings.api.metrics_port, settings.worker.metrics_port] {
+        let body = eventually(
+            "the metrics listener answers",
+            Duration::from_secs(5),
+            || {
+                let http = http.clone();
+                async move {
+                    let reply = http
+                        .get(format!("http://127.0.0.1:{port}/metrics"))
+                        .send()
+                        .await
+                        .ok()?;
+                    reply.text().await.ok()
+                }
+            },
+        )
+        .await;
+        assert!(body.contains("turnpike_turns_total"), "{body}");
+    }
+}
