@@ -16,11 +16,15 @@ use crate::Context;
 const STRANDED_AFTER_MS: i64 = 20_000;
 
 pub(crate) async fn run(ctx: Arc<Context>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    // The queue's depth every two seconds, a reconciling pass every ten.
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 0u64.. {
         tick.tick().await;
-        if let Err(e) = pass(&ctx).await {
+        report_depth(&ctx).await;
+        if n % 5 == 0
+            && let Err(e) = pass(&ctx).await
+        {
             tracing::debug!(error = %e, "reconciler pass failed");
         }
     }
@@ -41,7 +45,6 @@ async fn report_depth(ctx: &Context) {
 }
 
 async fn pass(ctx: &Context) -> Result<(), turnpike_core::db::DbError> {
-    report_depth(ctx).await;
     // While turns wait in the queue undelivered, a turn queued for long is
     // most likely among them (the fleet is behind, not the enqueue lost):
     // adding it again would grow the queue fastest under overload.
