@@ -18,6 +18,7 @@ use crate::{AppState, Path};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/admin/topology", get(topology))
+        .route("/v1/admin/metrics", get(metrics))
         .route("/v1/admin/switches", get(list_switches))
         .route(
             "/v1/admin/switches/{name}",
@@ -44,6 +45,31 @@ pub async fn topology(State(app): State<AppState>, _admin: Admin) -> axum::Json<
     axum::Json(Topology {
         nodes: app.router.topology(),
     })
+}
+
+/// This api process's metrics (Prometheus text format), with the turn
+/// queue's depth read now: what the ops page plots.
+#[utoipa::path(get, path = "/v1/admin/metrics", tag = "admin",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain"),
+        (status = 401, body = turnpike_protocol::ErrorBody),
+        (status = 403, body = turnpike_protocol::ErrorBody)))]
+pub async fn metrics(
+    State(app): State<AppState>,
+    _admin: Admin,
+) -> impl axum::response::IntoResponse {
+    if let Ok(depth) = turnpike_core::queue::depth(&app.kv, &app.settings.worker.queue).await {
+        metrics::gauge!("turnpike_queue_length").set(depth.length as f64);
+        metrics::gauge!("turnpike_queue_pending").set(depth.pending as f64);
+        metrics::gauge!("turnpike_queue_oldest_pending_seconds")
+            .set(depth.oldest_pending_idle_ms as f64 / 1000.0);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        turnpike_core::telemetry::metrics().render(),
+    )
 }
 
 impl From<SwitchError> for ApiError {

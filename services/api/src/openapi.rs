@@ -37,6 +37,7 @@ use crate::limits::RateLimitedResponses;
         crate::chat::models,
         crate::chat::model,
         crate::admin::topology,
+        crate::admin::metrics,
         crate::admin::list_switches,
         crate::admin::get_switch,
         crate::admin::set_switch,
