@@ -1,8 +1,9 @@
 """Lints and renders the Helm chart (defaults, and one primary with fifty
 replicas and every option on), checks the values against the chart's
 schema, and validates every manifest: Kubernetes kinds with
-kubernetes-validate (strict), the CRD kinds (ScaledObject, ServiceMonitor)
-against their published schemas vendored in tests/helm/schemas. A warning
+kubernetes-validate (strict), the CRD kinds (ScaledObject, ServiceMonitor,
+CloudNativePG's Cluster) against their published schemas vendored in
+tests/helm/schemas. A warning
 is not a pass. Prints what each values set renders."""
 
 import json
@@ -22,6 +23,7 @@ KUBERNETES = "1.33.0"
 CRDS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
+    ("postgresql.cnpg.io/v1", "Cluster"): "cluster-postgresql.cnpg.io-v1.json",
 }
 
 failures = []
@@ -106,6 +108,22 @@ def main():
     urls = [n for n in env if n.endswith("__POOLED_URL")]
     if len(urls) != 51:
         fail(f"50 replicas: {len(urls)} pooled URLs, not 51")
+
+    # The database tier on CloudNativePG: a Cluster, and a Service and a
+    # PgBouncer per instance beside the read-write one.
+    docs = check_values("cloudnative-pg", {
+        "cnpg": {"enabled": True, "instances": 3},
+        "secrets": {"databasePassword": "not-a-real-password"},
+    })
+    kinds = Counter(d["kind"] for d in docs)
+    if kinds["Cluster"] != 1:
+        fail("cloudnative-pg: no Cluster")
+    instances = [d for d in docs if d["kind"] == "Service" and "-db-instance-" in d["metadata"]["name"]]
+    if len(instances) != 3:
+        fail(f"cloudnative-pg: {len(instances)} instance Services, not 3")
+    pgbouncers = [n for n in deployments(docs) if n.startswith("turnpike-pgbouncer-")]
+    if len(pgbouncers) != 4:
+        fail(f"cloudnative-pg: {len(pgbouncers)} PgBouncers, not 4")
 
     # Values the schema refuses.
     for bad in ({"database": {"nodes": []}}, {"api": {"replicas": "three"}}, {"nonsense": 1}):

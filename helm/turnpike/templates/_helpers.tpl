@@ -37,7 +37,7 @@ PgBouncer (pooled): the router must know which node it reads.
 - name: TURNPIKE__MODEL__API_KEY
   valueFrom: { secretKeyRef: { name: {{ include "turnpike.secretName" . }}, key: TURNPIKE__MODEL__API_KEY, optional: true } }
 {{- $root := . }}
-{{- range .Values.database.nodes }}
+{{- range (include "turnpike.nodes" . | fromYamlArray) }}
 {{- $key := upper .name }}
 - name: TURNPIKE__DATABASE__NODES__{{ $key }}__ROLE
   value: {{ .role | quote }}
@@ -48,4 +48,22 @@ PgBouncer (pooled): the router must know which node it reads.
   value: {{ printf "postgres://%s:$(TURNPIKE_DATABASE_PASSWORD)@%s-pgbouncer-%s:%d/%s" $root.Values.database.user $root.Release.Name .name (int $root.Values.pgbouncer.port) $root.Values.database.name | quote }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+The database nodes: `database.nodes`, or with `cnpg.enabled` the
+CloudNativePG cluster's: its read-write Service as the primary (it follows
+failovers), and a Service per instance as the replicas (the router needs
+each replica's own address; an instance that is the primary for now fails
+the replica probe — it is not in recovery — and takes no replica reads).
+*/}}
+{{- define "turnpike.nodes" -}}
+{{- if .Values.cnpg.enabled -}}
+- { name: primary, role: primary, host: {{ printf "%s-db-rw" .Release.Name }} }
+{{- range $i := until (int .Values.cnpg.instances) }}
+- { name: {{ printf "instance%d" (add1 $i) }}, role: replica, host: {{ printf "%s-db-instance-%d" $.Release.Name (add1 $i) }} }
+{{- end }}
+{{- else -}}
+{{ toYaml .Values.database.nodes }}
+{{- end -}}
 {{- end }}
