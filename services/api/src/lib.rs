@@ -295,10 +295,26 @@ async fn http_metrics(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    use tracing::Instrument;
     let route = matched.map_or_else(|| "-".to_owned(), |m| m.as_str().to_owned());
     let method = request.method().as_str().to_owned();
     let started = std::time::Instant::now();
-    let response = next.run(request).await;
+    // The request's span (a trace's root, or a child of the caller's
+    // `traceparent`); its trace id goes into the log lines inside it.
+    let span = tracing::info_span!("request", otel.name = %format!("{method} {route}"),
+        http.request.method = %method, http.route = %route, trace_id = tracing::field::Empty);
+    turnpike_core::telemetry::continue_trace(
+        &span,
+        request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let trace_id = turnpike_core::telemetry::trace_id(&span);
+    if !trace_id.is_empty() {
+        span.record("trace_id", trace_id);
+    }
+    let response = next.run(request).instrument(span).await;
     let status = format!("{}xx", response.status().as_u16() / 100);
     metrics::counter!("turnpike_http_requests_total",
         "route" => route.clone(), "method" => method.clone(), "status" => status)

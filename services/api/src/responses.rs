@@ -295,9 +295,20 @@ async fn begin(
         announce_cancel(app, &ids::encode(prefixes::RESPONSE, id), &previous).await;
     }
     // A turn behind an active one is dispatched by the worker that finishes the active one.
-    if dispatch_now
-        && let Err(e) = queue::enqueue(&app.kv, &app.settings.worker.queue, &public, lsn).await
-    {
+    let enqueued = {
+        use tracing::Instrument;
+        let span = tracing::info_span!("enqueue", response = %public);
+        async {
+            if dispatch_now {
+                queue::enqueue(&app.kv, &app.settings.worker.queue, &public, lsn).await
+            } else {
+                Ok(())
+            }
+        }
+        .instrument(span)
+        .await
+    };
+    if let Err(e) = enqueued {
         tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
     }
     Ok(Started { row, lsn, waiting })

@@ -28,20 +28,24 @@ pub async fn announce_cancel(kv: &Kv, response: &str) -> Result<(), KvError> {
 /// The workers' consumer group.
 pub const GROUP: &str = "workers";
 
-/// Queues a turn.
+/// Queues a turn, with the current trace's context (W3C `traceparent`)
+/// when traces are on: the worker's spans continue the same trace.
 pub async fn enqueue(kv: &Kv, stream: &str, response: &str, lsn: Lsn) -> Result<(), KvError> {
     let (stream, response) = (stream.to_owned(), response.to_owned());
     let lsn = lsn.to_string();
+    let trace = crate::telemetry::traceparent();
     kv.run(|mut conn| async move {
-        redis::cmd("XADD")
-            .arg(stream)
+        let mut add = redis::cmd("XADD");
+        add.arg(stream)
             .arg("*")
             .arg("r")
             .arg(response)
             .arg("l")
-            .arg(lsn)
-            .query_async::<String>(&mut conn)
-            .await
+            .arg(lsn);
+        if let Some(trace) = trace {
+            add.arg("t").arg(trace);
+        }
+        add.query_async::<String>(&mut conn).await
     })
     .await
     .map(|_| ())
@@ -61,6 +65,8 @@ pub struct Delivery {
     pub lsn: Lsn,
     /// How many times this entry has been delivered (1 on first delivery).
     pub deliveries: u64,
+    /// The W3C `traceparent` of the trace that queued it, if traced.
+    pub trace: Option<String>,
 }
 
 /// How much longer than its `BLOCK` a blocking read may take to answer
@@ -243,6 +249,7 @@ fn parse(entry: String, fields: &[(String, String)], deliveries: u64) -> Option<
         response: field("r")?,
         lsn: field("l")?.parse().ok()?,
         deliveries,
+        trace: field("t"),
     })
 }
 

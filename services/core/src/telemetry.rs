@@ -1,21 +1,129 @@
-//! Process-wide logging set-up.
+//! Process-wide logging, traces and metrics.
+//!
+//! Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans go to that
+//! OTLP/HTTP (protobuf) endpoint through a batch processor on its own
+//! thread; otherwise none are made at all. A turn is one trace: the api's
+//! request, the enqueue, and (carried in the queue entry as W3C trace
+//! context) the worker's claim, model calls, tool calls and persists.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, LogSettings};
 
-/// Installs the global subscriber; `RUST_LOG` overrides the configured filter.
-/// Safe to call more than once (later calls are no-ops), which tests rely on.
-pub fn init(settings: &LogSettings) {
+static PROVIDER: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
+
+/// Installs the global subscriber; `RUST_LOG` overrides the configured
+/// filter. `service` names the process in traces (`OTEL_SERVICE_NAME`
+/// wins). Safe to call more than once (later calls are no-ops), which
+/// tests rely on.
+pub fn init(settings: &LogSettings, service: &str) {
+    use tracing_subscriber::Layer;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(settings.filter.as_str()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match settings.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    // Spans are traced at info whatever the log filter says (a quiet log
+    // must not silence the traces).
+    let traces = tracer(service).map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("turnpike", tracing::Level::INFO),
+            )
+    });
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match settings.format {
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(traces)
+        .with(logs)
+        .try_init();
+}
+
+/// The OTLP tracer, when an endpoint is configured.
+fn tracer(service: &str) -> Option<opentelemetry_sdk::trace::Tracer> {
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        .ok()
+        .filter(|e| !e.is_empty())?;
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("traces off: cannot export to {endpoint}: {e}");
+            return None;
+        }
+    };
+    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(name)
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build();
+    let tracer = provider.tracer("turnpike");
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let _ = PROVIDER.set(provider);
+    Some(tracer)
+}
+
+/// Sends the spans still buffered (at exit).
+pub fn flush() {
+    if let Some(provider) = PROVIDER.get() {
+        let _ = provider.force_flush();
+    }
+}
+
+/// The current span's W3C `traceparent`, to carry the trace to another
+/// process (a queue entry, a model request); `None` without traces.
+pub fn traceparent() -> Option<String> {
+    PROVIDER.get()?;
+    let context = tracing::Span::current().context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` a child of the trace a `traceparent` names.
+pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let carrier: HashMap<String, String> =
+        HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let context = TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(context);
+}
+
+/// The trace id of `span`, for log lines (empty without traces).
+pub fn trace_id(span: &tracing::Span) -> String {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        span_context.trace_id().to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// The process's Prometheus recorder, installed on first use. Every

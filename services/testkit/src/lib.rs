@@ -573,7 +573,7 @@ impl TestApp {
 
     /// Starts an api with the given settings.
     pub async fn spawn_with(settings: Settings) -> TestApp {
-        turnpike_core::telemetry::init(&settings.log);
+        turnpike_core::telemetry::init(&settings.log, "turnpike-test");
         let app = turnpike_api::Application::build(settings.clone())
             .await
             .expect("build the api");
@@ -1072,12 +1072,23 @@ impl Process {
     }
 
     fn spawn(stack: &Stack, settings: &Settings, command: &str, port: u16) -> Process {
+        Self::spawn_with(stack, settings, command, port, &[])
+    }
+
+    fn spawn_with(
+        stack: &Stack,
+        settings: &Settings,
+        command: &str,
+        port: u16,
+        extra: &[(String, String)],
+    ) -> Process {
         let binary = Self::binary();
         let child = tokio::process::Command::new(&binary)
             .arg(command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(Self::env(stack, settings))
+            .envs(extra.iter().cloned())
             .env("TURNPIKE__API__PORT", port.to_string())
             .env("TURNPIKE_CONFIG", "/nonexistent/turnpike.toml")
             .kill_on_drop(true)
@@ -1136,12 +1147,21 @@ impl Process {
 
     /// Starts `turnpike api` on a free port and waits until it is ready.
     pub async fn api(stack: &Stack, settings: &Settings) -> Process {
+        Self::api_with(stack, settings, &[]).await
+    }
+
+    /// `api`, with `extra` environment on top of `settings`.
+    pub async fn api_with(
+        stack: &Stack,
+        settings: &Settings,
+        extra: &[(String, String)],
+    ) -> Process {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let process = Self::spawn(stack, settings, "api", port);
+        let process = Self::spawn_with(stack, settings, "api", port, extra);
         let http = reqwest::Client::new();
         let ready = format!("{}/readyz", process.url);
         eventually(

@@ -65,7 +65,14 @@ enum KeysCommand {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load()?;
-    turnpike_core::telemetry::init(&settings.log);
+    let service = match &cli.command {
+        Command::Api => "turnpike-api",
+        Command::Worker => "turnpike-worker",
+        Command::MockModel => "turnpike-mock-model",
+        Command::Migrate => "turnpike-migrate",
+        Command::Keys { .. } => "turnpike-keys",
+    };
+    turnpike_core::telemetry::init(&settings.log, service);
     match cli.command {
         Command::Api => {
             let app = turnpike_api::Application::build(settings).await?;
@@ -118,5 +125,6 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", key.secret);
         }
     }
+    turnpike_core::telemetry::flush();
     Ok(())
 }

@@ -35,6 +35,10 @@ pub(crate) async fn attempt(
         .post(url)
         .json(&chat_request(request))
         .header("accept", "text/event-stream");
+    // The model call joins the turn's trace.
+    if let Some(traceparent) = turnpike_core::telemetry::traceparent() {
+        call = call.header("traceparent", traceparent);
+    }
     if let Some(key) = &settings.api_key {
         call = call.bearer_auth(key.expose_secret());
     }

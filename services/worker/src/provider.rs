@@ -163,6 +163,10 @@ impl Provider {
             .post(url)
             .json(request)
             .header("accept", "text/event-stream");
+        // The model call joins the turn's trace.
+        if let Some(traceparent) = turnpike_core::telemetry::traceparent() {
+            call = call.header("traceparent", traceparent);
+        }
         if let Some(key) = &self.settings.api_key {
             call = call.bearer_auth(key.expose_secret());
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use turnpike_core::db::{Consistency, Lsn};
 use turnpike_core::queue::Delivery;
 use turnpike_core::steps::{self, Frozen, Step, StepKind};
@@ -41,7 +42,18 @@ pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
         metrics::counter!("turnpike_turn_redeliveries_total").increment(1);
     }
     let started = std::time::Instant::now();
-    let result = run_turn(ctx, &delivery).await;
+    // The turn's span continues the trace that queued it.
+    let span = tracing::info_span!("turn", response = %delivery.response,
+        deliveries = delivery.deliveries, trace_id = tracing::field::Empty);
+    turnpike_core::telemetry::continue_trace(&span, delivery.trace.as_deref());
+    let trace_id = turnpike_core::telemetry::trace_id(&span);
+    if !trace_id.is_empty() {
+        span.record("trace_id", trace_id);
+    }
+    let result = {
+        use tracing::Instrument;
+        run_turn(ctx, &delivery).instrument(span).await
+    };
     drop(heartbeat);
     metrics::histogram!("turnpike_turn_run_seconds").record(started.elapsed().as_secs_f64());
     match result {
@@ -510,9 +522,16 @@ impl<'a> Loop<'a> {
     /// Stores a step, then takes it in. A step already stored means another
     /// worker runs this turn now: stop without touching anything.
     async fn commit(&mut self, step: Step) -> Result<(), LoopError> {
-        let mut tx = self.ctx.router.write().await?;
-        let stored = steps::save(&mut tx, self.row.id, &step).await?;
-        tx.commit().await?;
+        use tracing::Instrument;
+        let span = tracing::info_span!("persist", step = step.index, items = step.items.len());
+        let stored = async {
+            let mut tx = self.ctx.router.write().await?;
+            let stored = steps::save(&mut tx, self.row.id, &step).await?;
+            tx.commit().await?;
+            Ok::<bool, LoopError>(stored)
+        }
+        .instrument(span)
+        .await?;
         if !stored {
             return Err(LoopError::Turn(TurnError::Superseded));
         }
@@ -733,16 +752,35 @@ impl<'a> Loop<'a> {
         relay.resume(&std::mem::take(&mut self.resumed));
         let started = std::time::Instant::now();
         let mut first = None;
-        let output = self
-            .ctx
-            .provider
-            .stream(&request, |progress| {
-                if first.is_none() && matches!(progress, Progress::Event { .. }) {
-                    first = Some(started.elapsed());
+        let span = tracing::info_span!("model call", model = %self.row.model,
+            input_tokens = tracing::field::Empty, cached_tokens = tracing::field::Empty,
+            output_tokens = tracing::field::Empty);
+        let output = {
+            use tracing::Instrument;
+            self.ctx
+                .provider
+                .stream(&request, |progress| {
+                    if first.is_none() && matches!(progress, Progress::Event { .. }) {
+                        first = Some(started.elapsed());
+                    }
+                    relay.forward(progress);
+                })
+                .instrument(span.clone())
+                .await
+        };
+        if let Ok(usage) = &output
+            && let Some(usage) = usage.usage.as_ref()
+        {
+            for (field, pointer) in [
+                ("input_tokens", "/input_tokens"),
+                ("cached_tokens", "/input_tokens_details/cached_tokens"),
+                ("output_tokens", "/output_tokens"),
+            ] {
+                if let Some(n) = usage.pointer(pointer).and_then(Value::as_u64) {
+                    span.record(field, n);
                 }
-                relay.forward(progress);
-            })
-            .await;
+            }
+        }
         let outcome = if output.is_ok() { "ok" } else { "error" };
         metrics::counter!("turnpike_model_calls_total", "outcome" => outcome).increment(1);
         metrics::histogram!("turnpike_model_call_seconds").record(started.elapsed().as_secs_f64());
@@ -815,6 +853,7 @@ impl<'a> Loop<'a> {
         let runs = calls.iter().filter_map(|call| match call {
             Call::Server(tool, call_id, arguments) => {
                 let scope = &scope;
+                let span = tracing::info_span!("tool call", tool = tool.name());
                 Some(
                     async move {
                         (
@@ -822,16 +861,21 @@ impl<'a> Loop<'a> {
                             tools::run(settings, *tool, arguments, scope).await,
                         )
                     }
+                    .instrument(span)
                     .boxed(),
                 )
             }
-            Call::Mcp(call_id, name, arguments) => Some(
-                async move {
-                    let call = mcp.call(settings, name, arguments);
-                    (call_id.clone(), tools::bounded(settings, name, call).await)
-                }
-                .boxed(),
-            ),
+            Call::Mcp(call_id, name, arguments) => {
+                let span = tracing::info_span!("tool call", tool = %name);
+                Some(
+                    async move {
+                        let call = mcp.call(settings, name, arguments);
+                        (call_id.clone(), tools::bounded(settings, name, call).await)
+                    }
+                    .instrument(span)
+                    .boxed(),
+                )
+            }
             Call::Refused(call_id) => {
                 let output =
                     json!({"error": "max_tool_calls reached: this call was not run"}).to_string();

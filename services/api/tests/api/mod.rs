@@ -38,6 +38,7 @@ mod providers;
 mod routing;
 mod sdk;
 mod surface;
+mod traces;
 mod turns;
 mod validation;
 mod web;
