@@ -177,6 +177,14 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         delivery.lsn
     };
 
+    // How long the turn waited, created to started (first delivery only).
+    if delivery.deliveries == 1 {
+        let waited = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(u64::try_from(row.created_at).unwrap_or(0));
+        metrics::histogram!("turnpike_turn_queue_wait_seconds").record(waited as f64);
+    }
     let cancelled = ctx.cancels.register(&delivery.response);
     let logged = events::last_sequence(&ctx.kv, &delivery.response)
         .await

@@ -352,6 +352,22 @@ impl Router {
             .set(node.lag_bytes() as f64);
         metrics::gauge!("turnpike_db_node_lag_seconds", "node" => name.clone())
             .set(node.lag_ms() as f64 / 1000.0);
+        // Its pool and its query budget's queue, as of now.
+        let status = node.status();
+        let in_use = status.pool.size.saturating_sub(status.pool.idle);
+        let waiting = [&status.budget.interactive, &status.budget.background]
+            .into_iter()
+            .flatten()
+            .map(|lane| lane.queued)
+            .sum::<usize>();
+        for (state, n) in [
+            ("in_use", in_use),
+            ("idle", status.pool.idle),
+            ("waiting", waiting),
+        ] {
+            metrics::gauge!("turnpike_db_pool_connections", "node" => name.clone(), "state" => state)
+                .set(n as f64);
+        }
         for state in [
             NodeState::Up,
             NodeState::Lagging,
