@@ -217,26 +217,6 @@ pub async fn ack(kv: &Kv, stream: &str, entry: &str) -> Result<(), KvError> {
     .await
 }
 
-/// Entries waiting to be delivered for the first time: the stream's
-/// length less the entries delivered and not yet acknowledged (acknowledged
-/// ones are deleted).
-pub async fn undelivered(kv: &Kv, stream: &str) -> Result<u64, KvError> {
-    let stream = stream.to_owned();
-    let (length, pending): (u64, (u64, redis::Value, redis::Value, redis::Value)) = kv
-        .run(|mut conn| async move {
-            redis::pipe()
-                .cmd("XLEN")
-                .arg(&stream)
-                .cmd("XPENDING")
-                .arg(&stream)
-                .arg(GROUP)
-                .query_async(&mut conn)
-                .await
-        })
-        .await?;
-    Ok(length.saturating_sub(pending.0))
-}
-
 fn parse(entry: String, fields: &[(String, String)], deliveries: u64) -> Option<Delivery> {
     let field = |name: &str| {
         fields
@@ -261,6 +241,14 @@ pub struct Depth {
     pub length: u64,
     pub pending: u64,
     pub oldest_pending_idle_ms: u64,
+}
+
+impl Depth {
+    /// Entries waiting to be delivered for the first time (acknowledged
+    /// ones are deleted, so the rest of the stream is pending).
+    pub fn undelivered(&self) -> u64 {
+        self.length.saturating_sub(self.pending)
+    }
 }
 
 /// Reads the queue's depth: one round trip.

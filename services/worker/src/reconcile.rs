@@ -48,7 +48,10 @@ async fn pass(ctx: &Context) -> Result<(), turnpike_core::db::DbError> {
     // While turns wait in the queue undelivered, a turn queued for long is
     // most likely among them (the fleet is behind, not the enqueue lost):
     // adding it again would grow the queue fastest under overload.
-    match queue::undelivered(&ctx.kv, &ctx.settings.worker.queue).await {
+    match queue::depth(&ctx.kv, &ctx.settings.worker.queue)
+        .await
+        .map(|depth| depth.undelivered())
+    {
         Ok(0) => {}
         Ok(waiting) => {
             tracing::debug!(
