@@ -58,18 +58,9 @@ pub async fn metrics(
     _admin: Admin,
 ) -> impl axum::response::IntoResponse {
     if let Ok(depth) = turnpike_core::queue::depth(&app.kv, &app.settings.worker.queue).await {
-        metrics::gauge!("turnpike_queue_length").set(depth.length as f64);
-        metrics::gauge!("turnpike_queue_pending").set(depth.pending as f64);
-        metrics::gauge!("turnpike_queue_oldest_pending_seconds")
-            .set(depth.oldest_pending_idle_ms as f64 / 1000.0);
+        depth.record();
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        turnpike_core::telemetry::metrics().render(),
-    )
+    turnpike_core::telemetry::exposition()
 }
 
 impl From<SwitchError> for ApiError {

@@ -71,7 +71,7 @@ pub async fn create(
     let metadata = body.metadata.unwrap_or_default();
     check_metadata(&metadata)?;
     let inputs = body.items.unwrap_or_default();
-    items::check_items(
+    let bytes = items::check_items(
         "items",
         &inputs,
         0,
@@ -80,13 +80,7 @@ pub async fn create(
     )?;
     let mut tx = app.router.write().await?;
     if !inputs.is_empty() {
-        crate::limits::check_storage(
-            &app,
-            &mut tx,
-            principal.user_id,
-            crate::limits::bytes_of(&inputs),
-        )
-        .await?;
+        crate::limits::check_storage(&app, &mut tx, principal.user_id, bytes).await?;
     }
     let row = insert(&mut tx, principal.user_id, &metadata, inputs.len()).await?;
     let resolved = items::resolve_references(&mut tx, principal.user_id, "items", &inputs).await?;

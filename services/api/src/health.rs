@@ -26,13 +26,7 @@ pub fn router(with_metrics: bool) -> Router<AppState> {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics() -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        turnpike_core::telemetry::metrics().render(),
-    )
+    turnpike_core::telemetry::exposition()
 }
 
 /// The process is alive.

@@ -67,10 +67,6 @@ async fn handle(app: AppState, req: Request, next: Next) -> Result<Response, Api
     })?;
     let fingerprint = fingerprint(&parts.method, parts.uri.path(), &bytes);
 
-    let wants_stream = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|body| body.get("stream").and_then(serde_json::Value::as_bool))
-        == Some(true);
     let mut tx = app.router.write().await?;
     let claimed = claim(
         &mut tx,
@@ -89,7 +85,7 @@ async fn handle(app: AppState, req: Request, next: Next) -> Result<Response, Api
                 "This Idempotency-Key was used with a different request.",
                 "idempotency_key_reused",
             )),
-            Some(stored) => replay(&app, principal.user_id, stored, wants_stream).await,
+            Some(stored) => replay(&app, principal.user_id, stored, &bytes).await,
             // Claimed and released between our two statements: treat as in progress.
             None => Err(in_progress()),
         };
@@ -257,11 +253,13 @@ struct Stored {
     response_body: Option<Vec<u8>>,
 }
 
+/// The stored answer; for a record naming a response, that response,
+/// streamed when the retried request (`body`) asks for a stream.
 async fn replay(
     app: &AppState,
     user: Uuid,
     stored: Stored,
-    stream: bool,
+    body: &Bytes,
 ) -> Result<Response, ApiError> {
     let Some(code) = stored.status_code else {
         return Err(in_progress());
@@ -274,6 +272,10 @@ async fn replay(
             .map(|(_, value)| value.clone())
     });
     if let Some(response) = attached {
+        let stream = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|body| body.get("stream").and_then(serde_json::Value::as_bool))
+            == Some(true);
         return attach(app, user, &response, stream).await;
     }
     let status = u16::try_from(code)

@@ -173,7 +173,7 @@ pub async fn create(
     Json(body): Json<CreateItems>,
 ) -> Result<Response, ApiError> {
     let conversation = ids::decode(prefixes::CONVERSATION, "conversation", &conversation_id)?;
-    check_items(
+    let bytes = check_items(
         "items",
         &body.items,
         1,
@@ -181,13 +181,7 @@ pub async fn create(
         app.settings.limits.max_item_bytes,
     )?;
     let mut tx = app.router.write().await?;
-    crate::limits::check_storage(
-        &app,
-        &mut tx,
-        principal.user_id,
-        crate::limits::bytes_of(&body.items),
-    )
-    .await?;
+    crate::limits::check_storage(&app, &mut tx, principal.user_id, bytes).await?;
     let Some(first_seq) =
         reserve_seqs(&mut tx, conversation, principal.user_id, body.items.len()).await?
     else {
@@ -256,14 +250,15 @@ pub async fn delete(
 /// Checks an item batch: `min..=max` items, each with sensible content
 /// and OpenAI's part kinds only.
 /// Checks a request's items: how many, each one's size (at most
-/// `max_bytes` as JSON), their content parts.
+/// `max_bytes` as JSON), their content parts. Answers their total size,
+/// for the storage quota.
 pub fn check_items(
     param: &str,
     items: &[InputItem],
     min: usize,
     max: usize,
     max_bytes: usize,
-) -> Result<(), ApiError> {
+) -> Result<usize, ApiError> {
     if items.len() < min {
         return Err(ApiError::invalid(
             param,
@@ -276,8 +271,10 @@ pub fn check_items(
             format!("{param} may hold at most {max} items; got {}.", items.len()),
         ));
     }
+    let mut total = 0;
     for (i, item) in items.iter().enumerate() {
         let size = serde_json::to_vec(item).map_or(0, |json| json.len());
+        total += size;
         if size > max_bytes {
             return Err(ApiError::with_status(
                 axum::http::StatusCode::PAYLOAD_TOO_LARGE,
@@ -334,7 +331,7 @@ pub fn check_items(
             _ => {}
         }
     }
-    Ok(())
+    Ok(total)
 }
 
 /// The id an `item_reference` input names, if it is one.

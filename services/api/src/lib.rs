@@ -310,12 +310,14 @@ async fn http_metrics(
             .get("traceparent")
             .and_then(|v| v.to_str().ok()),
     );
-    let trace_id = turnpike_core::telemetry::trace_id(&span);
-    if !trace_id.is_empty() {
-        span.record("trace_id", trace_id);
-    }
     let response = next.run(request).instrument(span).await;
-    let status = format!("{}xx", response.status().as_u16() / 100);
+    let status = match response.status().as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    };
     metrics::counter!("turnpike_http_requests_total",
         "route" => route.clone(), "method" => method.clone(), "status" => status)
     .increment(1);

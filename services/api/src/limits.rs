@@ -376,14 +376,6 @@ pub async fn check_storage(
     ))
 }
 
-/// The bytes a request's items will take, about as stored.
-pub fn bytes_of(items: &[turnpike_protocol::item::InputItem]) -> usize {
-    items
-        .iter()
-        .map(|item| serde_json::to_vec(item).map_or(0, |json| json.len()))
-        .sum()
-}
-
 /// One open event stream of a user's, counted against
 /// `limits.open_streams_per_user` in this process until dropped.
 pub struct StreamSlot {

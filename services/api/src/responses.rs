@@ -149,7 +149,7 @@ async fn begin(
     }
     let inputs = items_of_input(body.input.clone());
     let least = usize::from(!(compact && body.previous_response_id.is_some()));
-    items::check_items(
+    let input_bytes = items::check_items(
         "input",
         &inputs,
         least,
@@ -237,13 +237,7 @@ async fn begin(
     };
     // Counted after an interrupt has cancelled the turn it replaces.
     crate::limits::check_active_turns(app, &mut tx, principal.user_id).await?;
-    crate::limits::check_storage(
-        app,
-        &mut tx,
-        principal.user_id,
-        crate::limits::bytes_of(&inputs),
-    )
-    .await?;
+    crate::limits::check_storage(app, &mut tx, principal.user_id, input_bytes).await?;
     let id = Uuid::now_v7();
     // A turn that runs now appends its input at once; one waiting behind the
     // active turn keeps it pending, so it lands after that turn's output.

@@ -441,7 +441,7 @@ pub struct WorkerSettings {
     /// The most items a turn's history is read with (the newest since the
     /// latest compaction; a longer prompt is compacted long before).
     pub history_max_items: i64,
-    /// The most bytes (as JSON) a turn's history is read with.
+    /// The most bytes (as stored) a turn's history is read with.
     pub history_max_bytes: i64,
 }
 

@@ -249,6 +249,15 @@ impl Depth {
     pub fn undelivered(&self) -> u64 {
         self.length.saturating_sub(self.pending)
     }
+
+    /// Sets the queue's gauges (every process reads the same stream;
+    /// dashboards take the max).
+    pub fn record(&self) {
+        metrics::gauge!("turnpike_queue_length").set(self.length as f64);
+        metrics::gauge!("turnpike_queue_pending").set(self.pending as f64);
+        metrics::gauge!("turnpike_queue_oldest_pending_seconds")
+            .set(self.oldest_pending_idle_ms as f64 / 1000.0);
+    }
 }
 
 /// Reads the queue's depth: one round trip.

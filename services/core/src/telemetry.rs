@@ -104,25 +104,21 @@ pub fn traceparent() -> Option<String> {
     carrier.remove("traceparent")
 }
 
-/// Makes `span` a child of the trace a `traceparent` names.
+/// Makes `span` a child of the trace a `traceparent` names (if any), and
+/// records the trace id in its `trace_id` field, for the log lines inside
+/// it. Nothing at all without traces.
 pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(traceparent) = traceparent else {
+    if PROVIDER.get().is_none() {
         return;
-    };
-    let carrier: HashMap<String, String> =
-        HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
-    let context = TraceContextPropagator::new().extract(&carrier);
-    let _ = span.set_parent(context);
-}
-
-/// The trace id of `span`, for log lines (empty without traces).
-pub fn trace_id(span: &tracing::Span) -> String {
-    let context = span.context();
-    let span_context = context.span().span_context().clone();
+    }
+    if let Some(traceparent) = traceparent {
+        let carrier: HashMap<String, String> =
+            HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+        let _ = span.set_parent(TraceContextPropagator::new().extract(&carrier));
+    }
+    let span_context = span.context().span().span_context().clone();
     if span_context.is_valid() {
-        span_context.trace_id().to_string()
-    } else {
-        String::new()
+        span.record("trace_id", span_context.trace_id().to_string());
     }
 }
 
@@ -187,21 +183,21 @@ pub fn init_counters() {
     metrics::gauge!("turnpike_sse_streams_open").increment(0.0);
 }
 
+/// The process's metrics as an HTTP answer (Prometheus text format).
+pub fn exposition() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        metrics().render(),
+    )
+}
+
 /// Serves the process's Prometheus metrics at `/metrics` on `host:port`
 /// (a worker's, or an api's admin port), until the task is dropped.
 pub async fn serve_metrics(host: String, port: u16) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(|| async {
-            (
-                [(
-                    axum::http::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4",
-                )],
-                metrics().render(),
-            )
-        }),
-    );
+    let app = axum::Router::new().route("/metrics", axum::routing::get(|| async { exposition() }));
     match tokio::net::TcpListener::bind((host.as_str(), port)).await {
         Ok(listener) => {
             tracing::info!(port, "metrics listening");

@@ -691,13 +691,15 @@ pub async fn history(
 ) -> Result<Vec<HistoryItem>, sqlx::Error> {
     let prepared = db.prepared();
     type Row = (SqlJson<Item>, Option<SqlJson<Vec<serde_json::Value>>>, i64);
-    // The newest items that fit the bounds; `total` says whether any were left out.
+    // The newest items that fit the bounds; `total` says whether any were
+    // left out. Sizes as stored (pg_column_size reads no value whole):
+    // every turn runs this, and a bound needs no exact count.
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT body, prompt, total FROM (
            SELECT seq, body, prompt, count(*) OVER () AS total,
                   row_number() OVER newest AS newer_items,
-                  sum(octet_length(body::text) + coalesce(octet_length(prompt::text), 0)) OVER newest
-                    - octet_length(body::text) - coalesce(octet_length(prompt::text), 0) AS newer_bytes
+                  sum(pg_column_size(body) + coalesce(pg_column_size(prompt), 0)) OVER newest
+                    - pg_column_size(body) - coalesce(pg_column_size(prompt), 0) AS newer_bytes
              FROM items WHERE conversation_id = $1 AND seq <= $2
               AND seq >= coalesce((SELECT max(seq) FROM items
                                    WHERE conversation_id = $1 AND seq <= $2 AND kind = 'compaction'

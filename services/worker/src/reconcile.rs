@@ -34,12 +34,7 @@ pub(crate) async fn run(ctx: Arc<Context>) {
 /// dashboards take the max).
 async fn report_depth(ctx: &Context) {
     match queue::depth(&ctx.kv, &ctx.settings.worker.queue).await {
-        Ok(depth) => {
-            metrics::gauge!("turnpike_queue_length").set(depth.length as f64);
-            metrics::gauge!("turnpike_queue_pending").set(depth.pending as f64);
-            metrics::gauge!("turnpike_queue_oldest_pending_seconds")
-                .set(depth.oldest_pending_idle_ms as f64 / 1000.0);
-        }
+        Ok(depth) => depth.record(),
         Err(e) => tracing::debug!(error = %e, "could not read the queue's depth"),
     }
 }

@@ -46,10 +46,6 @@ pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
     let span = tracing::info_span!("turn", response = %delivery.response,
         deliveries = delivery.deliveries, trace_id = tracing::field::Empty);
     turnpike_core::telemetry::continue_trace(&span, delivery.trace.as_deref());
-    let trace_id = turnpike_core::telemetry::trace_id(&span);
-    if !trace_id.is_empty() {
-        span.record("trace_id", trace_id);
-    }
     let result = {
         use tracing::Instrument;
         run_turn(ctx, &delivery).instrument(span).await
