@@ -96,9 +96,28 @@ def main():
     pgbouncers = [n for n in deployments(docs) if n.startswith("turnpike-pgbouncer-")]
     if len(pgbouncers) != 51:
         fail(f"50 replicas: {len(pgbouncers)} PgBouncers, not 51")
-    for kind in ("HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor", "NetworkPolicy"):
+    for kind in ("HorizontalPodAutoscaler", "ScaledObject", "NetworkPolicy"):
         if kinds[kind] != 1:
             fail(f"50 replicas: {kinds[kind]} {kind}")
+    # Turnpike's own metrics, and the database tier's exporters: a
+    # postgres_exporter per node, a pgbouncer exporter beside each PgBouncer,
+    # each behind a Service labelled with its node.
+    if kinds["ServiceMonitor"] != 2:
+        fail(f"50 replicas: {kinds['ServiceMonitor']} ServiceMonitors, not 2")
+    exporters = [n for n in deployments(docs) if n.startswith("turnpike-postgres-exporter-")]
+    if len(exporters) != 51:
+        fail(f"50 replicas: {len(exporters)} postgres exporters, not 51")
+    for name in pgbouncers:
+        containers = [c["name"] for c in deployments(docs)[name]["spec"]["template"]["spec"]["containers"]]
+        if containers != ["pgbouncer", "exporter"]:
+            fail(f"50 replicas: {name} runs {containers}")
+    labelled = {
+        d["metadata"]["labels"].get("turnpike.io/node")
+        for d in docs
+        if d["kind"] == "Service" and d["metadata"]["labels"].get("turnpike.io/db-metrics") == "true"
+    }
+    if len(labelled) != 51:
+        fail(f"50 replicas: exporter Services for {len(labelled)} nodes, not 51")
     if kinds["PodDisruptionBudget"] != 2:
         fail("50 replicas: the api and worker disruption budgets are missing")
     api = deployments(docs)["turnpike-api"]

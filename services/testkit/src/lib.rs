@@ -216,6 +216,11 @@ impl Stack {
         }
     }
 
+    /// The port of a node's PgBouncer.
+    pub fn bouncer_port(&self, node: &str) -> u16 {
+        self.port(node) + 10
+    }
+
     /// A superuser pool straight to one node's `turnpike` database.
     pub async fn superuser(&self, node: &str) -> PgPool {
         PgPoolOptions::new()

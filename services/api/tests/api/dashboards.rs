@@ -1,6 +1,8 @@
 //! The Grafana dashboards shipped in the chart: their JSON has the shape
 //! Grafana loads, and every panel's query, run by a real Prometheus (2.42)
-//! scraping a running Turnpike under load, parses and returns data.
+//! scraping a running Turnpike under load and the database tier's
+//! exporters (postgres_exporter 0.11.1 from Debian, spreaker's
+//! prometheus-pgbouncer-exporter 2.1.2 from PyPI), parses and returns data.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -116,34 +118,86 @@ async fn every_dashboard_panel_query_returns_data_from_prometheus() {
         }
     }
 
-    // A running Turnpike under load…
+    // A running Turnpike under load, its reads and writes through PgBouncer…
     let stack = Stack::shared().await;
-    let mut settings = stack.settings(Paths::DIRECT);
+    let mut settings = stack.settings(Paths::PGBOUNCER);
     let _agents = Agents::spawn(&mut settings).await;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
     load(&user).await;
 
-    // …scraped every second by Prometheus on loopback.
+    // …the database tier's exporters, as the chart runs them: a
+    // postgres_exporter per node and a pgbouncer exporter per PgBouncer…
     let dir = std::env::temp_dir().join(format!(
         "turnpike-prometheus-{}",
         uuid::Uuid::now_v7().simple()
     ));
     std::fs::create_dir_all(&dir).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let mut exporters = Vec::new();
+    let mut database_targets = String::new();
+    for node in ["primary", "replica1"] {
+        let postgres = free();
+        exporters.push(
+            tokio::process::Command::new("prometheus-postgres-exporter")
+                .arg(format!("--web.listen-address=127.0.0.1:{postgres}"))
+                .env(
+                    "DATA_SOURCE_NAME",
+                    format!(
+                        "postgresql://postgres@127.0.0.1:{}/turnpike?sslmode=disable",
+                        stack.port(node)
+                    ),
+                )
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("start postgres_exporter (Debian's prometheus-postgres-exporter)"),
+        );
+        let pgbouncer = free();
+        let config = dir.join(format!("pgbouncer-exporter-{node}.yml"));
+        std::fs::write(
+            &config,
+            format!(
+                "exporter_host: 127.0.0.1\nexporter_port: {pgbouncer}\npgbouncers:\n  \
+                 - dsn: postgresql://postgres@127.0.0.1:{}/pgbouncer\n",
+                stack.bouncer_port(node)
+            ),
+        )
+        .unwrap();
+        exporters.push(
+            tokio::process::Command::new("python3")
+                .args(["-m", "prometheus_pgbouncer_exporter.cli", "--config"])
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("start prometheus-pgbouncer-exporter"),
+        );
+        database_targets.push_str(&format!(
+            "      - {{targets: ['127.0.0.1:{postgres}', '127.0.0.1:{pgbouncer}'], labels: {{node: {node}}}}}\n"
+        ));
+    }
+
+    // …all scraped every second by Prometheus on loopback.
     let target = app.url.trim_start_matches("http://");
     std::fs::write(
         dir.join("prometheus.yml"),
         format!(
             "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
-             scrape_configs:\n  - job_name: turnpike\n    static_configs: [{{targets: ['{target}']}}]\n"
+             scrape_configs:\n  - job_name: turnpike\n    static_configs: [{{targets: ['{target}']}}]\n\
+             \x20 - job_name: database\n    static_configs:\n{database_targets}"
         ),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free();
     let _prometheus = tokio::process::Command::new("prometheus")
         .arg(format!(
             "--config.file={}",
@@ -178,11 +232,12 @@ async fn every_dashboard_panel_query_returns_data_from_prometheus() {
     // Enough samples for a rate over the dashboards' window, with load
     // going on meanwhile.
     eventually(
-        "Prometheus has scraped Turnpike a few times",
+        "Prometheus has scraped Turnpike and the exporters a few times",
         Duration::from_secs(60),
         || async {
             load(&user).await;
-            let reply = query("count_over_time(up{job=\"turnpike\"}[1m])".into()).await?;
+            // Every target up, each scraped a few times.
+            let reply = query("min(count_over_time(up[1m]) * up)".into()).await?;
             let samples = reply["data"]["result"][0]["value"][1]
                 .as_str()?
                 .parse::<f64>()
