@@ -1,5 +1,5 @@
 # Turnpike: `make dev` runs the local stack, `make test` runs every test.
-.PHONY: dev test bench lint down
+.PHONY: dev test bench loadtest lint down
 
 dev:
 	scripts/dev up
@@ -12,6 +12,9 @@ test:
 
 bench:
 	scripts/bench
+
+loadtest:
+	scripts/loadtest
 
 lint:
 	cargo fmt --all -- --check

@@ -443,6 +443,11 @@ pub struct WorkerSettings {
     pub history_max_items: i64,
     /// The most bytes (as stored) a turn's history is read with.
     pub history_max_bytes: i64,
+    /// A turn queued this long, first in its conversation with none
+    /// running, counts as stranded (its enqueue was lost) and is queued again.
+    pub stranded_after_ms: u64,
+    /// How often each worker looks for stranded turns.
+    pub reconcile_every_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -459,6 +464,8 @@ impl Default for WorkerSettings {
             metrics_port: 0,
             history_max_items: 20_000,
             history_max_bytes: 64 * 1024 * 1024,
+            stranded_after_ms: 20_000,
+            reconcile_every_ms: 10_000,
         }
     }
 }

@@ -193,13 +193,13 @@ pub async fn start(
     redelivery: bool,
 ) -> Result<Option<(ResponseRow, bool)>, sqlx::Error> {
     let prepared = db.prepared();
-    // A turn with pending input appends it to the conversation, so it locks
-    // the conversation first, as every other writer does (an interrupting
-    // create locks the conversation, then its responses): one lock order,
-    // no deadlock.
+    // The conversation first, as every other writer of its turns does (an
+    // interrupting create locks the conversation, then its responses; the
+    // turn goes on to append pending input and freeze the prompt): one
+    // lock order, no deadlock.
     sqlx::query(
         "SELECT 1 FROM conversations WHERE id =
-           (SELECT conversation_id FROM responses WHERE id = $1 AND pending_input IS NOT NULL)
+           (SELECT conversation_id FROM responses WHERE id = $1)
          FOR NO KEY UPDATE",
     )
     .bind(id)
@@ -275,13 +275,30 @@ pub async fn has_active_turn(
     Ok(row.is_some())
 }
 
+/// Takes the conversation's row lock, as a create does before it decides
+/// whether its turn waits behind an active one. Every writer of a
+/// conversation's turns takes it first: one lock order, and a turn's end
+/// and a create are serialized (neither can miss the other).
+async fn lock_conversation(db: &mut impl DbConn, conversation: Uuid) -> Result<(), sqlx::Error> {
+    let prepared = db.prepared();
+    sqlx::query("SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(conversation)
+        .persistent(prepared)
+        .fetch_optional(db.conn())
+        .await?;
+    Ok(())
+}
+
 /// The conversation's oldest queued turn, if no turn is in progress: the
-/// one to dispatch next. Primary only.
+/// one to dispatch next. Takes the conversation's lock, so a turn created
+/// meanwhile either sees the ended turn (and dispatches itself) or is seen
+/// here. Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn next_queued(
     db: &mut impl DbConn,
     conversation: Uuid,
 ) -> Result<Option<Uuid>, sqlx::Error> {
+    lock_conversation(db, conversation).await?;
     let prepared = db.prepared();
     let row: Option<(Uuid,)> = sqlx::query_as(
         "SELECT id FROM responses q WHERE q.conversation_id = $1 AND q.status = 'queued'
@@ -309,7 +326,8 @@ pub async fn stranded(
     let rows: Vec<(Uuid,)> = sqlx::query_as(
         "SELECT r.id FROM responses r
          WHERE r.status = 'queued' AND r.created_at < now() - make_interval(secs => $1::float8 / 1000)
-           AND r.id = (SELECT min(q.id) FROM responses q WHERE q.conversation_id = r.conversation_id AND q.status = 'queued')
+           AND r.id = (SELECT q.id FROM responses q WHERE q.conversation_id = r.conversation_id AND q.status = 'queued'
+                       ORDER BY q.id LIMIT 1)
            AND NOT EXISTS (SELECT 1 FROM responses a WHERE a.conversation_id = r.conversation_id AND a.status = 'in_progress')
          LIMIT $2",
     )
@@ -394,6 +412,9 @@ pub async fn finish(
     response: &ResponseRow,
     outcome: &Outcome<'_>,
 ) -> Result<Option<ResponseRow>, sqlx::Error> {
+    // The conversation first, then the response: the order a create (and
+    // an interrupting create, which cancels responses) takes them in.
+    lock_conversation(db, response.conversation_id).await?;
     let prepared = db.prepared();
     let locked: Option<(String,)> =
         sqlx::query_as("SELECT status FROM responses WHERE id = $1 FOR UPDATE")

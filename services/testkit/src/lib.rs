@@ -198,6 +198,10 @@ impl Stack {
         settings.worker.reclaim_idle_ms = 3_000;
         settings.worker.concurrency = 16;
         settings.worker.shutdown_grace_ms = 2_000;
+        // Tests share one database: a worker's reconciler would otherwise
+        // run another test's deliberately queued turns. The reconciler's
+        // own test runs on a topology of its own.
+        settings.worker.stranded_after_ms = 600_000;
         settings.model.retry_base_ms = 10;
         // A turn that never ends shows up as a test failure in seconds.
         settings.api.response_wait_ms = 20_000;

@@ -12,20 +12,21 @@ use turnpike_protocol::ids as prefixes;
 
 use crate::Context;
 
-/// How long a turn may wait queued before it counts as stranded.
-const STRANDED_AFTER_MS: i64 = 20_000;
-
 pub(crate) async fn run(ctx: Arc<Context>) {
-    // The queue's depth every two seconds, a reconciling pass every ten.
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // The queue's depth every two seconds, a reconciling pass every
+    // `worker.reconcile_every_ms`.
+    let every = Duration::from_millis(ctx.settings.worker.reconcile_every_ms.max(100));
+    let mut tick = tokio::time::interval(every.min(Duration::from_secs(2)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for n in 0u64.. {
+    let mut last_pass: Option<tokio::time::Instant> = None;
+    loop {
         tick.tick().await;
         report_depth(&ctx).await;
-        if n % 5 == 0
-            && let Err(e) = pass(&ctx).await
-        {
-            tracing::debug!(error = %e, "reconciler pass failed");
+        if last_pass.is_none_or(|at| at.elapsed() >= every) {
+            last_pass = Some(tokio::time::Instant::now());
+            if let Err(e) = pass(&ctx).await {
+                tracing::warn!(error = %e, "reconciler pass failed");
+            }
         }
     }
 }
@@ -61,7 +62,8 @@ async fn pass(ctx: &Context) -> Result<(), turnpike_core::db::DbError> {
         }
     }
     let mut tx = ctx.router.write().await?;
-    let stranded = turns::stranded(&mut tx, STRANDED_AFTER_MS, 100).await?;
+    let after = i64::try_from(ctx.settings.worker.stranded_after_ms).unwrap_or(i64::MAX);
+    let stranded = turns::stranded(&mut tx, after, 100).await?;
     let lsn = tx.commit().await?;
     for id in stranded {
         let public = ids::encode(prefixes::RESPONSE, id);

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use turnpike_testkit::{Agents, Paths, Stack, TestApp};
+use turnpike_testkit::{Agents, Paths, Stack, TestApp, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_turn_is_finished_by_another() {
@@ -325,4 +325,96 @@ async fn two_thousand_turns_leave_the_queue_empty() {
             .await;
         assert_eq!(done.ok()["status"], "completed", "{id}");
     }
+}
+
+/// A turn waiting behind another runs when the one ahead is cancelled
+/// before any worker took it: the worker that finds it cancelled dispatches
+/// the next (the reconciler, minutes away here, is not needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_turn_lets_the_one_queued_behind_it_run() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    // No worker yet: both turns wait.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let first = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "/echo first", "background": true})),
+        )
+        .await;
+    let first_id = first.ok()["id"].as_str().unwrap().to_owned();
+    let conversation = first.ok()["conversation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second = user
+        .create_background(json!({"conversation": conversation, "input": "/echo second"}))
+        .await;
+    let cancelled = user
+        .call("POST", &format!("/v1/responses/{first_id}/cancel"), None)
+        .await;
+    assert_eq!(cancelled.ok()["status"], "cancelled");
+    let _agents = Agents::spawn(&mut settings).await;
+    let done = eventually("the second turn ran", Duration::from_secs(15), || async {
+        let reply = user
+            .call("GET", &format!("/v1/responses/{second}"), None)
+            .await;
+        (reply.ok()["status"] == "completed").then_some(reply.body)
+    })
+    .await;
+    assert_eq!(done["output"][0]["content"][0]["text"], "second");
+}
+
+/// A turn whose queue entry was lost (Redis took the create, then lost the
+/// entry) is found by the reconciler and queued again; it runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_whose_queue_entry_was_lost_is_queued_again() {
+    // A topology of its own: the reconciler queues every stranded turn of
+    // the database it finds.
+    let stack = Stack::private().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.worker.stranded_after_ms = 300;
+    settings.worker.reconcile_every_ms = 100;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let id = user
+        .create_background(json!({"input": "/echo found again"}))
+        .await;
+    // The entry is gone from the stream before any worker read it.
+    let kv = turnpike_core::kv::Kv::new(&settings.redis).unwrap();
+    let queue = settings.worker.queue.clone();
+    let trimmed: i64 = kv
+        .run(|mut conn| {
+            let queue = queue.clone();
+            async move {
+                redis::cmd("XTRIM")
+                    .arg(&queue)
+                    .arg("MAXLEN")
+                    .arg(0)
+                    .query_async(&mut conn)
+                    .await
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(trimmed, 1);
+    let agents = Agents::spawn(&mut settings).await;
+    let done = eventually("the stranded turn ran", Duration::from_secs(20), || async {
+        let reply = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+        (reply.ok()["status"] == "completed").then_some(reply.body)
+    })
+    .await;
+    assert_eq!(done["output"][0]["content"][0]["text"], "found again");
+    let conversation = done["conversation"]["id"].as_str().unwrap();
+    let items = user.list_items(conversation, "?order=asc").await;
+    let texts: Vec<&str> = items.ok()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|item| item["content"][0]["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["/echo found again", "found again"], "ran once");
+    agents.shutdown().await;
 }
