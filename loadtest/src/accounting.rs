@@ -147,6 +147,7 @@ pub struct Sources {
 
 pub struct Snapshot {
     cpu: BTreeMap<String, f64>,
+    wal_bytes: i64,
     loadgen_cpu: f64,
     redis_calls: BTreeMap<String, u64>,
     cache: BTreeMap<String, f64>,
@@ -177,6 +178,8 @@ pub struct Report {
     pub cpu_seconds_per_1000_requests: BTreeMap<String, f64>,
     pub queries_per_node: BTreeMap<String, NodeQueries>,
     pub queries_per_request: BTreeMap<String, f64>,
+    /// WAL the primary wrote during the run (what every replica receives).
+    pub wal_bytes: i64,
     pub redis_commands: u64,
     pub redis_commands_per_request: f64,
     pub redis_top_commands: Vec<(String, u64)>,
@@ -218,11 +221,26 @@ impl Sources {
         }
         Ok(Snapshot {
             cpu,
+            wal_bytes: self.wal_position().await?,
             loadgen_cpu: own_cpu_seconds(),
             redis_calls: self.redis_calls().await?,
             cache: self.cache_counters().await,
             at: std::time::Instant::now(),
         })
+    }
+
+    /// The primary's WAL position in bytes (0 without a primary).
+    async fn wal_position(&self) -> Result<i64> {
+        let Some(url) = self.nodes.get("primary") else {
+            return Ok(0);
+        };
+        let pool = Self::superuser(url).await?;
+        let (bytes,): (i64,) =
+            sqlx::query_as("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
+                .fetch_one(&pool)
+                .await?;
+        pool.close().await;
+        Ok(bytes)
     }
 
     async fn redis_calls(&self) -> Result<BTreeMap<String, u64>> {
@@ -406,6 +424,7 @@ impl Sources {
             cpu_seconds_per_1000_requests,
             queries_per_node,
             queries_per_request,
+            wal_bytes: now.wal_bytes - before.wal_bytes,
             redis_commands,
             redis_commands_per_request: redis_commands as f64 / requests.max(1) as f64,
             redis_top_commands: redis_by_command.into_iter().take(8).collect(),
@@ -442,6 +461,11 @@ impl Report {
                 queries.calls, self.queries_per_request[node]
             ));
         }
+        out.push(format!(
+            "  primary WAL             {:>9} bytes  {:.0} bytes/s",
+            self.wal_bytes,
+            self.wal_bytes as f64 / self.seconds.max(0.001)
+        ));
         out.push(format!(
             "  redis commands          {:>9}  {:.3} per request",
             self.redis_commands, self.redis_commands_per_request

@@ -54,7 +54,17 @@ fn env(name: &str) -> Option<String> {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<()> {
     // Goose's options first: --help answers before anything is read.
     let attack = GooseAttack::initialize()?;
     let hosts: Vec<String> = env("LOADTEST_HOSTS")
