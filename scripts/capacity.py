@@ -56,6 +56,7 @@ def units(acc, counts):
         "mock_ms": cpu.get("mock-model", 0.0),
         "primary_queries": a["queries_per_request"].get("primary", 0.0),
         "replica_queries": sum(v for k, v in a["queries_per_request"].items() if k != "primary"),
+        "node_queries": a["queries_per_request"],
         "redis_commands": a["redis_commands_per_request"],
         "wal_per_write": a.get("wal_bytes", 0) / max(writes, 1),
         "cache_hit": a["cache_hit_ratio_by_level"]["total"],
@@ -151,6 +152,8 @@ def main():
                   f"serving {total * 1000:.0f} → {total2 * 1000:.0f}, "
                   f"replica queries/request {u['replica_queries']:.2f} → {m['replica_queries']:.2f}, "
                   f"primary {u['primary_queries']:.2f} → {m['primary_queries']:.2f}")
+            print("      queries per request by node: "
+                  + ", ".join(f"{node} {v:.2f}" for node, v in sorted(m["node_queries"].items())))
     return 0
 
 

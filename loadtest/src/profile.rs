@@ -127,7 +127,14 @@ pub struct Draw<'a> {
 impl Profile {
     /// Reads the seeded tenants and their conversations (from the primary,
     /// where seeding wrote them).
-    pub async fn load(database_url: &str, mix: Mix, zipf_s: f64) -> Result<Profile> {
+    /// `tenant_s` and `conversation_s` are the Zipf exponents of the
+    /// tenants and of each tenant's conversations.
+    pub async fn load(
+        database_url: &str,
+        mix: Mix,
+        tenant_s: f64,
+        conversation_s: f64,
+    ) -> Result<Profile> {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .connect(database_url)
@@ -155,14 +162,14 @@ impl Profile {
                 .collect();
             tenants.push(Tenant {
                 authorization: format!("Bearer {}", tenant_key(&name)),
-                zipf: Zipf::new(conversations.len() as f64, zipf_s)?,
+                zipf: Zipf::new(conversations.len() as f64, conversation_s)?,
                 conversations,
             });
         }
         let kinds: Vec<Kind> = mix.0.keys().copied().collect();
         let weights = WeightedIndex::new(mix.0.values().copied())?;
         Ok(Profile {
-            tenant_zipf: Zipf::new(tenants.len() as f64, zipf_s)?,
+            tenant_zipf: Zipf::new(tenants.len() as f64, tenant_s)?,
             tenants,
             mix,
             kinds,
@@ -200,8 +207,14 @@ pub struct StreamTally {
     pub cancelled: AtomicU64,
     /// Cancels that found the turn already over (409).
     pub cancel_too_late: AtomicU64,
+    /// Streams reopened after they broke.
+    pub reconnects: AtomicU64,
+    /// Completed streams whose text differs from the stored response's.
+    pub mismatched: AtomicU64,
     /// HTTP requests made (an SSE stream counts once).
     pub requests: AtomicU64,
+    /// Answers by method and status code (`GET 200`; status 0: no answer).
+    pub statuses: std::sync::Mutex<BTreeMap<String, u64>>,
     /// The responses whose streams ended without a terminal event, with the
     /// last event seen, for a look at the stored state.
     pub unfinished_responses: std::sync::Mutex<Vec<(String, String)>>,
@@ -217,11 +230,23 @@ pub struct StreamSummary {
     pub resumed: u64,
     pub cancelled: u64,
     pub cancel_too_late: u64,
+    pub reconnects: u64,
+    pub mismatched: u64,
     pub requests: u64,
+    pub statuses: BTreeMap<String, u64>,
     pub unfinished_responses: Vec<(String, String)>,
 }
 
 impl StreamTally {
+    pub fn count_status(&self, method: &str, status: u16) {
+        *self
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(format!("{method} {status}"))
+            .or_insert(0) += 1;
+    }
+
     pub fn summary(&self) -> StreamSummary {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StreamSummary {
@@ -233,7 +258,14 @@ impl StreamTally {
             resumed: get(&self.resumed),
             cancelled: get(&self.cancelled),
             cancel_too_late: get(&self.cancel_too_late),
+            reconnects: get(&self.reconnects),
+            mismatched: get(&self.mismatched),
             requests: get(&self.requests),
+            statuses: self
+                .statuses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             unfinished_responses: self
                 .unfinished_responses
                 .lock()
@@ -260,6 +292,11 @@ impl Sequence {
             repeated: 0,
             events: 0,
         }
+    }
+
+    /// The last sequence number seen in order, to resume after.
+    pub fn last(&self) -> Option<u64> {
+        self.next.and_then(|n| n.checked_sub(1))
     }
 
     pub fn see(&mut self, number: u64) {

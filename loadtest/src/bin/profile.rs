@@ -14,10 +14,15 @@
 //!                      them); default $TURNPIKE_URL
 //!   LOADTEST_DATABASE_URL  where the seeded data set is read from
 //!   LOADTEST_MIX       request mix in percent (default below)
-//!   LOADTEST_ZIPF_S    Zipf exponent for tenants and conversations (1.1)
+//!   LOADTEST_TENANT_ZIPF_S, LOADTEST_CONVERSATION_ZIPF_S  Zipf exponents
+//!                      of tenants (0.8) and of a tenant's conversations (1.1)
 //!   LOADTEST_NODES     node=superuser URL,… for pg_stat_statements and lag
 //!   LOADTEST_OUT       where accounting.json goes (target/loadtest)
+//!   LOADTEST_VERIFY    1: check each completed stream's text against the
+//!                      stored response
 //!   TURNPIKE_DEV_DIR   the stack whose processes are accounted
+//! Besides accounting.json, LOADTEST_OUT gets timeline.jsonl: the running
+//! totals (requests by status, stream faults) once a second.
 #![allow(clippy::print_stdout)]
 
 use std::collections::BTreeMap;
@@ -39,6 +44,8 @@ struct State {
     profile: Profile,
     hosts: Vec<String>,
     tally: StreamTally,
+    /// Check each completed stream against the stored response.
+    verify: bool,
 }
 
 static STATE: OnceLock<State> = OnceLock::new();
@@ -78,18 +85,24 @@ async fn run() -> Result<()> {
         .or_else(|| env("TURNPIKE__DATABASE__NODES__PRIMARY__URL"))
         .context("set LOADTEST_DATABASE_URL")?;
     let mix = Mix::parse(&env("LOADTEST_MIX").unwrap_or_else(|| Mix::DEFAULT.to_owned()))?;
-    let zipf_s: f64 = env("LOADTEST_ZIPF_S")
-        .map(|s| s.parse())
-        .transpose()
-        .context("LOADTEST_ZIPF_S is a number")?
-        .unwrap_or(1.1);
+    let exponent = |name: &str, default: f64| -> Result<f64> {
+        Ok(env(name)
+            .map(|s| s.parse())
+            .transpose()
+            .with_context(|| format!("{name} is a number"))?
+            .unwrap_or(default))
+    };
+    // A few tenants are much busier than most; within a tenant, the
+    // latest conversations take most reads.
+    let tenant_s = exponent("LOADTEST_TENANT_ZIPF_S", 0.8)?;
+    let conversation_s = exponent("LOADTEST_CONVERSATION_ZIPF_S", 1.1)?;
     let out = PathBuf::from(env("LOADTEST_OUT").unwrap_or_else(|| "target/loadtest".into()));
     std::fs::create_dir_all(&out)?;
 
-    let profile = Profile::load(&database, mix.clone(), zipf_s).await?;
+    let profile = Profile::load(&database, mix.clone(), tenant_s, conversation_s).await?;
     let conversations: usize = profile.tenants.iter().map(|t| t.conversations.len()).sum();
     println!(
-        "profile: {} tenants, {conversations} conversations, Zipf s={zipf_s}, api {}",
+        "profile: {} tenants (Zipf s={tenant_s}), {conversations} conversations (Zipf s={conversation_s}), api {}",
         profile.tenants.len(),
         hosts.join(" ")
     );
@@ -108,6 +121,7 @@ async fn run() -> Result<()> {
             profile,
             hosts,
             tally: StreamTally::default(),
+            verify: env("LOADTEST_VERIFY").is_some_and(|v| v == "1"),
         })
         .is_err()
     {
@@ -145,8 +159,35 @@ async fn run() -> Result<()> {
             GooseDefault::CoordinatedOmissionMitigation,
             GooseCoordinatedOmissionMitigation::Average,
         )?;
+    // Once a second, the running totals (chaos phases are judged on them).
+    let timeline = {
+        let path = out.join("timeline.jsonl");
+        let _ = std::fs::remove_file(&path);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                let line = json!({"t_ms": now, "totals": state().tally.summary()});
+                let appended = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| {
+                        use std::io::Write;
+                        writeln!(f, "{line}")
+                    });
+                if appended.is_err() {
+                    return;
+                }
+            }
+        })
+    };
     let started = Instant::now();
     let outcome = attack.execute().await;
+    timeline.abort();
     let seconds = started.elapsed().as_secs_f64();
 
     let tally = &state().tally;
@@ -156,7 +197,8 @@ async fn run() -> Result<()> {
         println!("{line}");
     }
     println!(
-        "streams: {} streams, {} events, {} lost, {} repeated, {} unfinished; {} resumed; \
+        "streams: {} streams, {} events, {} lost, {} repeated, {} unfinished; {} resumed, \
+         {} reconnected after a break, {} differing from the stored response; \
          cancels: {} cancelled, {} after the turn ended",
         streams.streams,
         streams.events,
@@ -164,6 +206,8 @@ async fn run() -> Result<()> {
         streams.repeated,
         streams.unfinished,
         streams.resumed,
+        streams.reconnects,
+        streams.mismatched,
         streams.cancelled,
         streams.cancel_too_late
     );
@@ -177,7 +221,7 @@ async fn run() -> Result<()> {
         serde_json::to_vec_pretty(&json!({
             "wall_seconds": seconds,
             "mix_percent": Kind::ALL.iter().map(|k| (k.name(), mix.percent(*k))).collect::<BTreeMap<_, _>>(),
-            "zipf_s": zipf_s,
+            "zipf_s": {"tenants": tenant_s, "conversations": conversation_s},
             "api_processes": state().hosts.len(),
             "processes": processes,
             "streams": streams,
@@ -189,10 +233,12 @@ async fn run() -> Result<()> {
         out.join("accounting.json").display()
     );
 
-    let faults = streams.lost + streams.repeated + streams.unfinished;
+    let faults = streams.lost + streams.repeated + streams.unfinished + streams.mismatched;
     let metrics = outcome.map_err(|e| anyhow::anyhow!("{e}"))?;
     if faults > 0 {
-        bail!("{faults} stream events lost, repeated or unfinished");
+        bail!(
+            "{faults} stream events lost or repeated, streams unfinished or differing from what was stored"
+        );
     }
     drop(metrics);
     Ok(())
@@ -237,22 +283,62 @@ async fn one_request(user: &mut GooseUser) -> TransactionResult {
     Ok(())
 }
 
+/// Makes one request and counts its status (0: no answer). When the api
+/// process did not answer at all, the user moves to the next one, as a
+/// load balancer would send it elsewhere.
+async fn send(
+    user: &mut GooseUser,
+    method: GooseMethod,
+    path: &str,
+    name: &str,
+    authorization: &str,
+    body: Option<&Value>,
+) -> Result<GooseResponse, Box<TransactionError>> {
+    let verb = if matches!(method, GooseMethod::Get) {
+        "GET"
+    } else {
+        "POST"
+    };
+    let mut builder = user
+        .get_request_builder(&method, path)?
+        .header("authorization", authorization);
+    if let Some(body) = body {
+        builder = builder.json(body);
+    }
+    let goose = user
+        .request(
+            GooseRequest::builder()
+                .method(method)
+                .path(path)
+                .name(name)
+                .set_request_builder(builder)
+                .build(),
+        )
+        .await?;
+    let status = goose.response.as_ref().map_or(0, |r| r.status().as_u16());
+    state().tally.count_status(verb, status);
+    if status == 0 {
+        let hosts = &state().hosts;
+        let current = user.base_url.as_str().trim_end_matches('/').to_owned();
+        let at = hosts.iter().position(|h| *h == current).unwrap_or(0);
+        user.set_base_url(&hosts[(at + 1) % hosts.len()])?;
+    }
+    Ok(goose)
+}
+
 async fn get(
     user: &mut GooseUser,
     draw: &Draw<'_>,
     path: &str,
     name: &str,
 ) -> Result<GooseResponse, Box<TransactionError>> {
-    let builder = user
-        .get_request_builder(&GooseMethod::Get, path)?
-        .header("authorization", &draw.tenant.authorization);
-    user.request(
-        GooseRequest::builder()
-            .method(GooseMethod::Get)
-            .path(path)
-            .name(name)
-            .set_request_builder(builder)
-            .build(),
+    send(
+        user,
+        GooseMethod::Get,
+        path,
+        name,
+        &draw.tenant.authorization,
+        None,
     )
     .await
 }
@@ -264,17 +350,13 @@ async fn post(
     name: &str,
     body: &Value,
 ) -> Result<GooseResponse, Box<TransactionError>> {
-    let builder = user
-        .get_request_builder(&GooseMethod::Post, path)?
-        .header("authorization", &draw.tenant.authorization)
-        .json(body);
-    user.request(
-        GooseRequest::builder()
-            .method(GooseMethod::Post)
-            .path(path)
-            .name(name)
-            .set_request_builder(builder)
-            .build(),
+    send(
+        user,
+        GooseMethod::Post,
+        path,
+        name,
+        &draw.tenant.authorization,
+        Some(body),
     )
     .await
 }
@@ -288,26 +370,46 @@ async fn drain(goose: GooseResponse) {
 
 const QUESTION: &str = "Which roads charge a toll, and why?";
 
-/// Where a followed stream got to.
+/// How long a client keeps reconnecting to a stream that broke.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// Where a followed stream got to, across reconnections.
 struct Followed {
     sequence: Sequence,
     response_id: Option<String>,
     first_delta: Option<Duration>,
     terminal: Option<Duration>,
-    /// The sequence number of the first delta, when following stopped there.
-    stopped_at: Option<u64>,
+    /// The terminal event's type.
+    outcome: String,
     /// The type of the last event read.
     last: String,
+    /// The text deltas, joined.
+    text: String,
 }
 
-/// Reads SSE events, checking sequence numbers, until a terminal event
-/// (or, with `stop_at_first_delta`, the first text delta).
+impl Followed {
+    fn new() -> Followed {
+        Followed {
+            sequence: Sequence::starting_after(None),
+            response_id: None,
+            first_delta: None,
+            terminal: None,
+            outcome: String::new(),
+            last: String::new(),
+            text: String::new(),
+        }
+    }
+}
+
+/// Reads SSE events into `followed`, checking sequence numbers, until a
+/// terminal event, the end of the body, or (with `stop_at_first_delta`)
+/// the first text delta.
 async fn follow(
     response: goose_reqwest::Response,
-    mut sequence: Sequence,
+    followed: &mut Followed,
     started: Instant,
     stop_at_first_delta: bool,
-) -> Followed {
+) {
     let chunks = futures_util::stream::unfold(Some(response), |response| async move {
         let mut response = response?;
         match response.chunk().await {
@@ -317,31 +419,27 @@ async fn follow(
         }
     });
     let mut events = Box::pin(chunks.eventsource());
-    let mut followed = Followed {
-        sequence: Sequence::starting_after(None),
-        response_id: None,
-        first_delta: None,
-        terminal: None,
-        stopped_at: None,
-        last: String::new(),
-    };
     while let Some(Ok(event)) = events.next().await {
         let Ok(data) = serde_json::from_str::<Value>(&event.data) else {
             continue;
         };
         if let Some(number) = data["sequence_number"].as_u64() {
-            sequence.see(number);
+            followed.sequence.see(number);
         }
         let kind = data["type"].as_str().unwrap_or_default();
         followed.last = kind.to_owned();
         if kind == "response.created" {
             followed.response_id = data["response"]["id"].as_str().map(str::to_owned);
         }
-        if kind == "response.output_text.delta" && followed.first_delta.is_none() {
-            followed.first_delta = Some(started.elapsed());
-            if stop_at_first_delta {
-                followed.stopped_at = data["sequence_number"].as_u64();
-                break;
+        if kind == "response.output_text.delta" {
+            followed
+                .text
+                .push_str(data["delta"].as_str().unwrap_or_default());
+            if followed.first_delta.is_none() {
+                followed.first_delta = Some(started.elapsed());
+                if stop_at_first_delta {
+                    return;
+                }
             }
         }
         if matches!(
@@ -353,15 +451,43 @@ async fn follow(
                 | "error"
         ) {
             followed.terminal = Some(started.elapsed());
-            break;
+            followed.outcome = kind.to_owned();
+            return;
         }
     }
-    followed.sequence = sequence;
-    followed
+}
+
+/// Opens the stream again after the last event seen (on whichever api
+/// process the user talks to now) and follows it.
+async fn reconnect(
+    user: &mut GooseUser,
+    draw: &Draw<'_>,
+    followed: &mut Followed,
+    started: Instant,
+    name: &str,
+) -> TransactionResult {
+    let Some(id) = followed.response_id.clone() else {
+        return Ok(());
+    };
+    let path = match followed.sequence.last() {
+        Some(at) => format!("/v1/responses/{id}?stream=true&starting_after={at}"),
+        None => format!("/v1/responses/{id}?stream=true"),
+    };
+    state().tally.requests.fetch_add(1, Ordering::Relaxed);
+    let goose = get(user, draw, &path, name).await?;
+    if let Ok(response) = goose.response {
+        if response.status().is_success() {
+            follow(response, followed, started, false).await;
+        } else {
+            let _ = response.bytes().await;
+        }
+    }
+    Ok(())
 }
 
 /// A streamed turn, followed to its end; with `resume`, dropped after the
-/// first delta and followed again from there.
+/// first delta and followed again from there. A stream that breaks is
+/// reconnected from its last event, as a client would, for up to 30 s.
 async fn turn(user: &mut GooseUser, draw: &Draw<'_>, resume: bool) -> TransactionResult {
     let tally = &state().tally;
     let started = Instant::now();
@@ -375,40 +501,23 @@ async fn turn(user: &mut GooseUser, draw: &Draw<'_>, resume: bool) -> Transactio
         return Ok(());
     }
     tally.streams.fetch_add(1, Ordering::Relaxed);
-    let mut followed = follow(response, Sequence::starting_after(None), started, resume).await;
+    let mut followed = Followed::new();
+    follow(response, &mut followed, started, resume).await;
     if let Some(ttft) = followed.first_delta {
         user.record_custom_request_duration("SSE", "first token", ttft, true, None, None)
             .await?;
     }
-    if resume
-        && followed.terminal.is_none()
-        && let (Some(id), Some(at)) = (followed.response_id.clone(), followed.stopped_at)
-    {
-        let before = followed.sequence;
-        let path = format!("/v1/responses/{id}?stream=true&starting_after={at}");
-        let builder = user
-            .get_request_builder(&GooseMethod::Get, &path)?
-            .header("authorization", &draw.tenant.authorization);
-        let goose = user
-            .request(
-                GooseRequest::builder()
-                    .method(GooseMethod::Get)
-                    .path(path.as_str())
-                    .name("resume (stream)")
-                    .set_request_builder(builder)
-                    .build(),
-            )
-            .await?;
-        tally.requests.fetch_add(1, Ordering::Relaxed);
-        let Ok(response) = goose.response else {
-            return Ok(());
-        };
+    if resume && followed.terminal.is_none() && followed.first_delta.is_some() {
         tally.resumed.fetch_add(1, Ordering::Relaxed);
-        followed = follow(response, Sequence::starting_after(Some(at)), started, false).await;
-        followed.response_id = Some(id);
-        followed.sequence.events += before.events;
-        followed.sequence.lost += before.lost;
-        followed.sequence.repeated += before.repeated;
+        reconnect(user, draw, &mut followed, started, "resume (stream)").await?;
+    }
+    while followed.terminal.is_none()
+        && followed.response_id.is_some()
+        && started.elapsed() < RECONNECT_FOR
+    {
+        tally.reconnects.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reconnect(user, draw, &mut followed, started, "reconnect (stream)").await?;
     }
     tally
         .events
@@ -427,7 +536,10 @@ async fn turn(user: &mut GooseUser, draw: &Draw<'_>, resume: bool) -> Transactio
     match followed.terminal {
         Some(total) => {
             user.record_custom_request_duration("SSE", name, total, true, None, None)
-                .await?
+                .await?;
+            if state().verify && followed.outcome == "response.completed" {
+                verify(user, draw, &followed).await?;
+            }
         }
         None => {
             tally.unfinished.fetch_add(1, Ordering::Relaxed);
@@ -449,6 +561,39 @@ async fn turn(user: &mut GooseUser, draw: &Draw<'_>, resume: bool) -> Transactio
             )
             .await?
         }
+    }
+    Ok(())
+}
+
+/// The stored response says what the stream said: its output text is the
+/// deltas joined.
+async fn verify(user: &mut GooseUser, draw: &Draw<'_>, followed: &Followed) -> TransactionResult {
+    let Some(id) = &followed.response_id else {
+        return Ok(());
+    };
+    state().tally.requests.fetch_add(1, Ordering::Relaxed);
+    let goose = get(
+        user,
+        draw,
+        &format!("/v1/responses/{id}"),
+        "verify response",
+    )
+    .await?;
+    let Ok(response) = goose.response else {
+        return Ok(());
+    };
+    let Ok(stored) = response.json::<Value>().await else {
+        return Ok(());
+    };
+    let text: String = stored["output"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|item| item["content"].as_array().into_iter().flatten())
+        .filter_map(|part| part["text"].as_str())
+        .collect();
+    if text != followed.text {
+        state().tally.mismatched.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
 }

@@ -323,7 +323,9 @@ impl DatabaseSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
     pub url: SecretString,
-    pub max_connections: usize,
+    /// Multiplexed connections per process; every command is pipelined on
+    /// one of them.
+    pub connections: usize,
     /// Budget for one Redis command; past it the caller degrades as documented.
     pub timeout_ms: u64,
 }
@@ -332,7 +334,7 @@ impl Default for RedisSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("redis://127.0.0.1:6379"),
-            max_connections: 32,
+            connections: 4,
             timeout_ms: 250,
         }
     }
