@@ -80,11 +80,15 @@ def main():
     p.add_argument("--egress-gbit", type=float, default=10, help="primary NIC for WAL to replicas, Gbit/s (10)")
     p.add_argument("--host-cores", type=float, default=2, help="cores of the machine the runs were measured on (2)")
     p.add_argument("--check", nargs="*", default=[], help="runs to predict from RUN's per-request costs")
+    p.add_argument("--write-share", type=float, default=None,
+                   help="size for this share of writes instead of the run's: the worker's and the "
+                        "primary's CPU (turn work) scale with it, the rest stays per request")
     args = p.parse_args()
 
     acc, counts = load(args.run)
     u = units(acc, counts)
     q = args.qps
+    measured_share = u["write_share"]
     print(f"# per-request costs, measured ({args.run}: {u['requests']} requests, {u['qps']:.0f} req/s, "
           f"{u['api_processes']} api process(es))")
     print(f"write share {u['write_share']:.2%} ({u['writes_per_s']:.0f} writes/s), "
@@ -97,7 +101,14 @@ def main():
     print(f"  queries per request: primary {u['primary_queries']:.2f}, replicas {u['replica_queries']:.2f}; "
           f"Redis commands per request {u['redis_commands']:.1f}; WAL {u['wal_per_write']:.0f} bytes per write")
 
-    print(f"\n# {q:,.0f} requests/s at this mix")
+    if args.write_share is not None:
+        scale = args.write_share / max(measured_share, 1e-9)
+        u["ms"]["worker"] *= scale
+        u["ms"]["postgres primary"] *= scale
+        u["write_share"] = args.write_share
+        print(f"\n(sized for a write share of {args.write_share:.2%} instead of {measured_share:.2%}: "
+              f"worker and primary CPU per request × {scale:.2f})")
+    print(f"\n# {q:,.0f} requests/s at a write share of {u['write_share']:.2%}")
     cores = {k: v * q / 1000 for k, v in u["ms"].items()}
     api_pods = math.ceil(cores["api"] / (args.pod_cores * args.utilization))
     worker_pods = math.ceil(cores["worker"] / (args.pod_cores * args.utilization))
@@ -141,6 +152,8 @@ def main():
     if args.check:
         print(f"\n# prediction from {args.run} beside measurement (host of {args.host_cores:g} cores)")
         print(f"  {'run':<28} {'pred req/s':>10} {'meas req/s':>10} {'err':>6}   per-request CPU µs: predicted → measured")
+        if args.write_share is not None:
+            sys.exit("--check compares runs at their own mix; leave out --write-share")
         predicted_qps = args.host_cores * 1000 / (total + u["loadgen_ms"] + u["mock_ms"])
         for run in args.check:
             acc2, counts2 = load(run)

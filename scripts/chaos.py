@@ -108,13 +108,14 @@ def timeline():
 
 
 def failed(statuses):
-    """Failed requests by method from a {"GET 200": n, …} map (409 is a
-    right answer to a cancel that came too late)."""
+    """Failed requests by method from a {"GET 200": n, …} map. A 409 is the
+    right answer to a cancel that came too late, a 429 a limit doing its job
+    (with Retry-After): neither is a fault's doing."""
     out = {"GET": 0, "POST": 0}
     for key, n in statuses.items():
         method, _, status = key.partition(" ")
         code = int(status)
-        if code == 0 or code >= 500 or (code >= 400 and code not in (409,)):
+        if code == 0 or code >= 500 or (code >= 400 and code not in (409, 429)):
             out[method] = out.get(method, 0) + n
     return out
 

@@ -31,6 +31,59 @@ pub const GROUP: &str = "workers";
 /// Queues a turn, with the current trace's context (W3C `traceparent`)
 /// when traces are on: the worker's spans continue the same trace.
 pub async fn enqueue(kv: &Kv, stream: &str, response: &str, lsn: Lsn) -> Result<(), KvError> {
+    add(kv, stream, response, lsn, false).await
+}
+
+/// Queues again a turn that was running when its entry was lost (Redis
+/// lost its data): delivered as a redelivery, so the worker takes it over
+/// after its last stored step.
+pub async fn enqueue_redelivery(
+    kv: &Kv,
+    stream: &str,
+    response: &str,
+    lsn: Lsn,
+) -> Result<(), KvError> {
+    add(kv, stream, response, lsn, true).await
+}
+
+/// The responses the stream holds (waiting or running), or `None` when it
+/// holds more than `limit` entries.
+pub async fn responses_held(
+    kv: &Kv,
+    stream: &str,
+    limit: usize,
+) -> Result<Option<std::collections::HashSet<String>>, KvError> {
+    let stream = stream.to_owned();
+    let entries: Vec<Entry> = kv
+        .run(|mut conn| async move {
+            redis::cmd("XRANGE")
+                .arg(stream)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit + 1)
+                .query_async(&mut conn)
+                .await
+        })
+        .await?;
+    if entries.len() > limit {
+        return Ok(None);
+    }
+    Ok(Some(
+        entries
+            .into_iter()
+            .filter_map(|(_, fields)| fields.into_iter().find(|(k, _)| k == "r").map(|(_, v)| v))
+            .collect(),
+    ))
+}
+
+async fn add(
+    kv: &Kv,
+    stream: &str,
+    response: &str,
+    lsn: Lsn,
+    redelivery: bool,
+) -> Result<(), KvError> {
     let (stream, response) = (stream.to_owned(), response.to_owned());
     let lsn = lsn.to_string();
     let trace = crate::telemetry::traceparent();
@@ -44,6 +97,9 @@ pub async fn enqueue(kv: &Kv, stream: &str, response: &str, lsn: Lsn) -> Result<
             .arg(lsn);
         if let Some(trace) = trace {
             add.arg("t").arg(trace);
+        }
+        if redelivery {
+            add.arg("d").arg(2);
         }
         add.query_async::<String>(&mut conn).await
     })
@@ -228,7 +284,9 @@ fn parse(entry: String, fields: &[(String, String)], deliveries: u64) -> Option<
         entry,
         response: field("r")?,
         lsn: field("l")?.parse().ok()?,
-        deliveries,
+        // An entry queued again for a turn that was running counts as a
+        // redelivery from its first delivery on.
+        deliveries: deliveries.max(field("d").and_then(|d| d.parse().ok()).unwrap_or(0)),
         trace: field("t"),
     })
 }

@@ -339,6 +339,29 @@ pub async fn stranded(
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
+/// Turns marked running whose last change is older than `older_than_ms`:
+/// candidates for a turn whose worker and queue entry are both gone (the
+/// caller checks the queue). Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn running_since(
+    db: &mut impl DbConn,
+    older_than_ms: i64,
+    limit: i64,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let prepared = db.prepared();
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM responses
+         WHERE status = 'in_progress' AND updated_at < now() - make_interval(secs => $1::float8 / 1000)
+         ORDER BY id LIMIT $2",
+    )
+    .bind(older_than_ms)
+    .bind(limit)
+    .persistent(prepared)
+    .fetch_all(db.conn())
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
 /// Cancels the conversation's queued and running turns; returns them. Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn cancel_active(

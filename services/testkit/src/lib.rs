@@ -74,6 +74,8 @@ impl Stack {
                         .args(["up", "-d", "--infra"])
                         .env("TURNPIKE_DEV_DIR", &dir)
                         .env("TURNPIKE_DEV_PORT_BASE", base.to_string())
+                        // A Redis restart is a Redis loss here (tests plant it).
+                        .env("TURNPIKE_DEV_REDIS_APPENDONLY", "no")
                         .output()
                         .expect("run scripts/dev")
                 }
@@ -256,6 +258,7 @@ impl Stack {
                 .args(&args)
                 .env("TURNPIKE_DEV_DIR", &dir)
                 .env("TURNPIKE_DEV_PORT_BASE", base)
+                .env("TURNPIKE_DEV_REDIS_APPENDONLY", "no")
                 .output()
                 .expect("run scripts/dev")
         })

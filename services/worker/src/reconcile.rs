@@ -1,7 +1,9 @@
 //! The reconciler: re-queues turns whose enqueue was lost (Redis was down
 //! when the turn was created, or a worker died between finishing a turn and
-//! dispatching the conversation's next one). Every worker runs it; a turn
-//! queued twice still runs once (see `turns::start`).
+//! dispatching the conversation's next one), and turns that were running
+//! when Redis lost its data (their entry, and with it any reclaim, is
+//! gone). Every worker runs it; a turn queued twice still runs once (see
+//! `turns::start`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,16 +63,44 @@ async fn pass(ctx: &Context) -> Result<(), turnpike_core::db::DbError> {
             return Ok(());
         }
     }
+    // What the queue holds, read before the database: a turn that starts
+    // after this read is too recent to be a candidate below.
+    let held = match queue::responses_held(&ctx.kv, &ctx.settings.worker.queue, 10_000).await {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::debug!(error = %e, "queue unreadable; the reconciler skips this pass");
+            return Ok(());
+        }
+    };
     let mut tx = ctx.router.write().await?;
     let after = i64::try_from(ctx.settings.worker.stranded_after_ms).unwrap_or(i64::MAX);
     let stranded = turns::stranded(&mut tx, after, 100).await?;
+    let running = turns::running_since(&mut tx, after, 100).await?;
     let lsn = tx.commit().await?;
     for id in stranded {
         let public = ids::encode(prefixes::RESPONSE, id);
         tracing::info!(response = %public, "re-queueing a stranded turn");
         if let Err(e) = queue::enqueue(&ctx.kv, &ctx.settings.worker.queue, &public, lsn).await {
             tracing::warn!(error = %e, "reconciler could not enqueue");
-            break;
+            return Ok(());
+        }
+    }
+    // A turn marked running that the queue no longer holds lost its entry
+    // with Redis's data: no worker runs it and none will reclaim it. It is
+    // queued again as a redelivery, taken over after its last stored step
+    // (a turn that finished meanwhile is not started again).
+    let Some(held) = held else { return Ok(()) };
+    for id in running {
+        let public = ids::encode(prefixes::RESPONSE, id);
+        if held.contains(&public) {
+            continue;
+        }
+        tracing::warn!(response = %public, "a running turn's queue entry is gone; queueing it again");
+        if let Err(e) =
+            queue::enqueue_redelivery(&ctx.kv, &ctx.settings.worker.queue, &public, lsn).await
+        {
+            tracing::warn!(error = %e, "reconciler could not enqueue");
+            return Ok(());
         }
     }
     Ok(())

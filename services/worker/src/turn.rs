@@ -1288,6 +1288,9 @@ async fn dispatch(ctx: &Context, next: Option<Uuid>, lsn: Lsn) {
     }
 }
 
+/// How long the emitter keeps retrying one event while Redis is away.
+const EMIT_PATIENCE: Duration = Duration::from_secs(15);
+
 /// Appends events to the response's log in order, on its own task, so the
 /// model stream never waits on Redis.
 struct Emitter;
@@ -1307,16 +1310,21 @@ impl Emitter {
                 event["sequence_number"] = json!(seq);
                 let text = event.to_string();
                 let mut delay = Duration::from_millis(20);
-                // Retry briefly: an event lost here is a gap in every client's stream.
-                for attempt in 0..5 {
+                // An event lost here is a gap in every client's stream: keep
+                // trying through a Redis restart (the events wait here, in
+                // order; the model stream does not), and give up only after
+                // EMIT_PATIENCE.
+                let since = tokio::time::Instant::now();
+                loop {
                     match events::append(&kv, &response, seq, &text, retention).await {
                         Ok(_) => break,
-                        Err(e) if attempt == 4 => {
+                        Err(e) if since.elapsed() >= EMIT_PATIENCE => {
                             tracing::warn!(error = %e, seq, "could not log an event; streams will have a gap");
+                            break;
                         }
                         Err(_) => {
                             tokio::time::sleep(delay).await;
-                            delay *= 2;
+                            delay = (delay * 2).min(Duration::from_millis(500));
                         }
                     }
                 }

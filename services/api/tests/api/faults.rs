@@ -418,3 +418,47 @@ async fn a_turn_whose_queue_entry_was_lost_is_queued_again() {
     assert_eq!(texts, ["/echo found again", "found again"], "ran once");
     agents.shutdown().await;
 }
+
+/// A turn running when its worker died and Redis then lost its data (the
+/// queue entry, and with it any reclaim, gone) is found by the reconciler,
+/// queued again as a redelivery and finished; its answer is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_turn_whose_queue_was_lost_with_redis_is_finished() {
+    // A topology of its own: Redis is lost, and the reconciler queues every
+    // stranded turn of the database it finds.
+    let stack = Stack::private().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.worker.stranded_after_ms = 500;
+    settings.worker.reconcile_every_ms = 100;
+    let mut agents = Agents::spawn_slow(&mut settings, 40, 60).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let id = user
+        .create_background(json!({"input": "a long answer, please"}))
+        .await;
+    drop(user.follow_until_answering(&id).await);
+    // The worker dies mid-turn; then Redis restarts without its data.
+    agents.kill_workers();
+    stack.stop("redis").await;
+    stack.start("redis").await;
+    agents.add_worker(&settings).await;
+    let done = eventually(
+        "the lost running turn finished",
+        Duration::from_secs(30),
+        || async {
+            let reply = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+            (reply.status == 200 && reply.body["status"] == "completed").then_some(reply.body)
+        },
+    )
+    .await;
+    let conversation = done["conversation"]["id"].as_str().unwrap();
+    let items = user.list_items(conversation, "?order=asc").await;
+    let roles: Vec<&str> = items.ok()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|item| item["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["user", "assistant"], "the answer is stored once");
+    agents.shutdown().await;
+}
