@@ -293,6 +293,7 @@ async fn send(
     name: &str,
     authorization: &str,
     body: Option<&Value>,
+    idempotency_key: Option<&str>,
 ) -> Result<GooseResponse, Box<TransactionError>> {
     let verb = if matches!(method, GooseMethod::Get) {
         "GET"
@@ -304,6 +305,9 @@ async fn send(
         .header("authorization", authorization);
     if let Some(body) = body {
         builder = builder.json(body);
+    }
+    if let Some(key) = idempotency_key {
+        builder = builder.header("idempotency-key", key);
     }
     let goose = user
         .request(
@@ -318,12 +322,17 @@ async fn send(
     let status = goose.response.as_ref().map_or(0, |r| r.status().as_u16());
     state().tally.count_status(verb, status);
     if status == 0 {
-        let hosts = &state().hosts;
-        let current = user.base_url.as_str().trim_end_matches('/').to_owned();
-        let at = hosts.iter().position(|h| *h == current).unwrap_or(0);
-        user.set_base_url(&hosts[(at + 1) % hosts.len()])?;
+        next_host(user)?;
     }
     Ok(goose)
+}
+
+/// Moves the user to the next api process.
+fn next_host(user: &mut GooseUser) -> TransactionResult {
+    let hosts = &state().hosts;
+    let current = user.base_url.as_str().trim_end_matches('/').to_owned();
+    let at = hosts.iter().position(|h| *h == current).unwrap_or(0);
+    user.set_base_url(&hosts[(at + 1) % hosts.len()])
 }
 
 async fn get(
@@ -338,6 +347,7 @@ async fn get(
         path,
         name,
         &draw.tenant.authorization,
+        None,
         None,
     )
     .await
@@ -357,6 +367,7 @@ async fn post(
         name,
         &draw.tenant.authorization,
         Some(body),
+        None,
     )
     .await
 }
@@ -371,7 +382,7 @@ async fn drain(goose: GooseResponse) {
 const QUESTION: &str = "Which roads charge a toll, and why?";
 
 /// How long a client keeps reconnecting to a stream that broke.
-const RECONNECT_FOR: Duration = Duration::from_secs(30);
+const RECONNECT_FOR: Duration = Duration::from_secs(60);
 
 /// Where a followed stream got to, across reconnections.
 struct Followed {
@@ -485,14 +496,36 @@ async fn reconnect(
     Ok(())
 }
 
+/// Creates a streamed turn, with an idempotency key.
+async fn create_turn(
+    user: &mut GooseUser,
+    draw: &Draw<'_>,
+    body: &Value,
+    key: &str,
+) -> Result<GooseResponse, Box<TransactionError>> {
+    send(
+        user,
+        GooseMethod::Post,
+        "/v1/responses",
+        "turn (stream)",
+        &draw.tenant.authorization,
+        Some(body),
+        Some(key),
+    )
+    .await
+}
+
 /// A streamed turn, followed to its end; with `resume`, dropped after the
 /// first delta and followed again from there. A stream that breaks is
 /// reconnected from its last event, as a client would, for up to 30 s.
 async fn turn(user: &mut GooseUser, draw: &Draw<'_>, resume: bool) -> TransactionResult {
     let tally = &state().tally;
     let started = Instant::now();
+    // As the official SDKs do: a create retried after a broken connection
+    // carries the same key, and attaches to the response the first made.
+    let key = uuid::Uuid::now_v7().to_string();
     let body = json!({"conversation": draw.conversation, "input": QUESTION, "stream": true});
-    let goose = post(user, draw, "/v1/responses", "turn (stream)", &body).await?;
+    let goose = create_turn(user, draw, &body, &key).await?;
     let Ok(response) = goose.response else {
         return Ok(());
     };
@@ -503,6 +536,21 @@ async fn turn(user: &mut GooseUser, draw: &Draw<'_>, resume: bool) -> Transactio
     tally.streams.fetch_add(1, Ordering::Relaxed);
     let mut followed = Followed::new();
     follow(response, &mut followed, started, resume).await;
+    // Broken before the response was named: the create is sent again.
+    while followed.response_id.is_none()
+        && followed.terminal.is_none()
+        && started.elapsed() < RECONNECT_FOR
+    {
+        tally.reconnects.fetch_add(1, Ordering::Relaxed);
+        tally.requests.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        next_host(user)?;
+        if let Ok(response) = create_turn(user, draw, &body, &key).await?.response
+            && response.status().is_success()
+        {
+            follow(response, &mut followed, started, false).await;
+        }
+    }
     if let Some(ttft) = followed.first_delta {
         user.record_custom_request_duration("SSE", "first token", ttft, true, None, None)
             .await?;
@@ -517,6 +565,7 @@ async fn turn(user: &mut GooseUser, draw: &Draw<'_>, resume: bool) -> Transactio
     {
         tally.reconnects.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(200)).await;
+        next_host(user)?;
         reconnect(user, draw, &mut followed, started, "reconnect (stream)").await?;
     }
     tally
