@@ -111,6 +111,9 @@ pub fn tenant_key(name: &str) -> String {
 /// The data set and how requests are drawn from it.
 pub struct Profile {
     pub tenants: Vec<Tenant>,
+    /// The index of each tenant's first conversation in the whole data set.
+    offsets: Vec<usize>,
+    conversations: usize,
     pub mix: Mix,
     kinds: Vec<Kind>,
     weights: WeightedIndex<f64>,
@@ -168,7 +171,15 @@ impl Profile {
         }
         let kinds: Vec<Kind> = mix.0.keys().copied().collect();
         let weights = WeightedIndex::new(mix.0.values().copied())?;
+        let mut offsets = Vec::with_capacity(tenants.len());
+        let mut conversations = 0;
+        for tenant in &tenants {
+            offsets.push(conversations);
+            conversations += tenant.conversations.len();
+        }
         Ok(Profile {
+            offsets,
+            conversations,
             tenant_zipf: Zipf::new(tenants.len() as f64, tenant_s)?,
             tenants,
             mix,
@@ -177,8 +188,22 @@ impl Profile {
         })
     }
 
+    /// Reads go to a Zipf-drawn tenant's Zipf-drawn conversation. Writes go
+    /// to a conversation drawn uniformly from all of them: were they as
+    /// concentrated as the reads, the busiest conversations would grow by
+    /// hundreds of turns a run, and each run's prompts (and costs) would
+    /// be longer than the last.
     pub fn draw<R: Rng>(&self, rng: &mut R) -> Draw<'_> {
         let kind = self.kinds[self.weights.sample(rng)];
+        if matches!(kind, Kind::Turn | Kind::Cancel | Kind::Resume) {
+            let at = rng.random_range(0..self.conversations);
+            let (tenant, conversation) = self.nth_conversation(at);
+            return Draw {
+                kind,
+                tenant,
+                conversation,
+            };
+        }
         // Zipf draws ranks from 1.
         let tenant =
             &self.tenants[(self.tenant_zipf.sample(rng) as usize - 1).min(self.tenants.len() - 1)];
@@ -189,6 +214,18 @@ impl Profile {
             tenant,
             conversation,
         }
+    }
+
+    /// The `at`-th conversation of the data set, with its tenant.
+    fn nth_conversation(&self, at: usize) -> (&Tenant, &str) {
+        let index = self
+            .offsets
+            .partition_point(|&first| first <= at)
+            .saturating_sub(1);
+        let tenant = &self.tenants[index];
+        let conversation =
+            &tenant.conversations[(at - self.offsets[index]).min(tenant.conversations.len() - 1)];
+        (tenant, conversation)
     }
 }
 
