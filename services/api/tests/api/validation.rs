@@ -349,3 +349,38 @@ async fn model_parameters_are_checked_before_a_turn_exists() {
         .await;
     assert_eq!(ok.ok()["status"], "queued");
 }
+
+/// A number as large as a double goes in, is stored (PostgreSQL keeps it
+/// as an exact decimal and prints every digit), and comes back: reading
+/// it again rounds exactly instead of overflowing into a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_double_in_a_request_reads_back() {
+    let stack = Stack::shared().await;
+    let app = TestApp::spawn(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let body = r#"{"input": "hello", "background": true,
+        "prompt": {"id": "pmpt_1", "variables": {"n": 1.7976931348623157e308}}}"#;
+    let created = user
+        .http
+        .post(format!("{}/v1/responses", app.url))
+        .bearer_auth(&user.key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let created: serde_json::Value = created.json().await.unwrap();
+    let id = created["id"].as_str().unwrap();
+    // Stored with every digit…
+    let uuid = uuid::Uuid::parse_str(id.trim_start_matches("resp_")).unwrap();
+    let (request,): (String,) = sqlx::query_as("SELECT request::text FROM responses WHERE id = $1")
+        .bind(uuid)
+        .fetch_one(&stack.superuser("primary").await)
+        .await
+        .unwrap();
+    assert!(request.contains("17976931348623157000"), "{request}");
+    // …and read back.
+    let stored = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+    assert_eq!(stored.ok()["id"], id);
+}
