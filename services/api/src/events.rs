@@ -245,13 +245,74 @@ async fn ended_elsewhere(
     let Some(mut terminal) = synthesize(&current).pop() else {
         return false;
     };
-    terminal["sequence_number"] = json!(last + 1);
+    // Text the log never got (a worker lost after storing a step but
+    // before logging all of its deltas) goes out as one delta per part,
+    // so the client's deltas add up to what is stored.
+    let mut seq = last + 1;
+    for delta in missing_text(app, &current, last).await {
+        let mut delta = delta;
+        delta["sequence_number"] = json!(seq);
+        if !send(tx, "response.output_text.delta", seq, &delta.to_string()).await {
+            return true;
+        }
+        seq += 1;
+    }
+    terminal["sequence_number"] = json!(seq);
     let kind = terminal["type"]
         .as_str()
         .unwrap_or("response.completed")
         .to_owned();
-    send(tx, &kind, last + 1, &terminal.to_string()).await;
+    send(tx, &kind, seq, &terminal.to_string()).await;
     true
+}
+
+/// For each stored text part whose logged deltas (up to `last`) are a
+/// strict beginning of it: a delta carrying the rest.
+async fn missing_text(app: &AppState, row: &ResponseRow, last: u64) -> Vec<Value> {
+    let response = row.public_id();
+    let Ok(logged) = events::read_after(&app.kv, &response, None).await else {
+        return Vec::new();
+    };
+    let mut sent: std::collections::HashMap<(u64, u64), String> = Default::default();
+    for (seq, data) in logged {
+        if seq > last {
+            break;
+        }
+        let Ok(event) = serde_json::from_str::<Value>(&data) else {
+            continue;
+        };
+        if event["type"] == "response.output_text.delta"
+            && let (Some(item), Some(part), Some(delta)) = (
+                event["output_index"].as_u64(),
+                event["content_index"].as_u64(),
+                event["delta"].as_str(),
+            )
+        {
+            sent.entry((item, part)).or_default().push_str(delta);
+        }
+    }
+    let mut out = Vec::new();
+    for (index, item) in (0u64..).zip(row.to_api().output.iter()) {
+        let Item::Message { id, content, .. } = item else {
+            continue;
+        };
+        for (part_index, part) in (0u64..).zip(content.iter()) {
+            let ContentPart::OutputText { text, .. } = part else {
+                continue;
+            };
+            let Some(have) = sent.get(&(index, part_index)) else {
+                continue;
+            };
+            if let Some(rest) = text.strip_prefix(have.as_str())
+                && !rest.is_empty()
+            {
+                out.push(json!({"type": "response.output_text.delta", "item_id": id,
+                    "output_index": index, "content_index": part_index,
+                    "delta": rest, "logprobs": []}));
+            }
+        }
+    }
+    out
 }
 
 /// The stored response, when it has ended.

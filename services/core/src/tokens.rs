@@ -40,7 +40,9 @@ pub fn count_text(text: &str) -> u64 {
             && let Some(space) = rest[..end].rfind(char::is_whitespace)
             && space > end / 2
         {
-            end = space + 1;
+            // After the whole whitespace character (U+0085 and U+00A0
+            // are two bytes, U+3000 three).
+            end = space + rest[space..].chars().next().map_or(1, char::len_utf8);
         }
         count += bpe.encode_ordinary(&rest[..end]).len() as u64;
         rest = &rest[end..];
@@ -59,6 +61,17 @@ mod tests {
     fn a_megabyte_of_one_character_is_counted() {
         let count = count_text(&"y".repeat(1_572_864));
         assert!(count > 1_000, "{count}");
+    }
+
+    #[test]
+    fn pieces_end_after_whole_multibyte_whitespace() {
+        // Multibyte whitespace wherever a piece may end: no cut inside one.
+        for space in ["\u{85}", "\u{a0}", "\u{3000}"] {
+            for pad in 0..4 {
+                let text = format!("{}{}", "é".repeat(pad), format!("word{space}").repeat(400));
+                assert!(count_text(&text) > 100);
+            }
+        }
     }
 
     #[test]
