@@ -234,13 +234,12 @@ async fn run() -> Result<()> {
     );
 
     let faults = streams.lost + streams.repeated + streams.unfinished + streams.mismatched;
-    let metrics = outcome.map_err(|e| anyhow::anyhow!("{e}"))?;
+    outcome.map_err(|e| anyhow::anyhow!("{e}"))?;
     if faults > 0 {
         bail!(
             "{faults} stream events lost or repeated, streams unfinished or differing from what was stored"
         );
     }
-    drop(metrics);
     Ok(())
 }
 
@@ -359,6 +358,7 @@ async fn post(
     path: &str,
     name: &str,
     body: &Value,
+    idempotency_key: Option<&str>,
 ) -> Result<GooseResponse, Box<TransactionError>> {
     send(
         user,
@@ -367,7 +367,7 @@ async fn post(
         name,
         &draw.tenant.authorization,
         Some(body),
-        None,
+        idempotency_key,
     )
     .await
 }
@@ -496,25 +496,6 @@ async fn reconnect(
     Ok(())
 }
 
-/// Creates a streamed turn, with an idempotency key.
-async fn create_turn(
-    user: &mut GooseUser,
-    draw: &Draw<'_>,
-    body: &Value,
-    key: &str,
-) -> Result<GooseResponse, Box<TransactionError>> {
-    send(
-        user,
-        GooseMethod::Post,
-        "/v1/responses",
-        "turn (stream)",
-        &draw.tenant.authorization,
-        Some(body),
-        Some(key),
-    )
-    .await
-}
-
 /// A streamed turn, followed to its end; with `resume`, dropped after the
 /// first delta and followed again from there. A stream that breaks is
 /// reconnected from its last event, as a client would, for up to 30 s.
@@ -525,7 +506,15 @@ async fn turn(user: &mut GooseUser, draw: &Draw<'_>, resume: bool) -> Transactio
     // carries the same key, and attaches to the response the first made.
     let key = uuid::Uuid::now_v7().to_string();
     let body = json!({"conversation": draw.conversation, "input": QUESTION, "stream": true});
-    let goose = create_turn(user, draw, &body, &key).await?;
+    let goose = post(
+        user,
+        draw,
+        "/v1/responses",
+        "turn (stream)",
+        &body,
+        Some(&key),
+    )
+    .await?;
     let Ok(response) = goose.response else {
         return Ok(());
     };
@@ -545,7 +534,16 @@ async fn turn(user: &mut GooseUser, draw: &Draw<'_>, resume: bool) -> Transactio
         tally.requests.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(200)).await;
         next_host(user)?;
-        if let Ok(response) = create_turn(user, draw, &body, &key).await?.response
+        if let Ok(response) = post(
+            user,
+            draw,
+            "/v1/responses",
+            "turn (stream)",
+            &body,
+            Some(&key),
+        )
+        .await?
+        .response
             && response.status().is_success()
         {
             follow(response, &mut followed, started, false).await;
@@ -652,7 +650,15 @@ async fn verify(user: &mut GooseUser, draw: &Draw<'_>, followed: &Followed) -> T
 async fn cancel(user: &mut GooseUser, draw: &Draw<'_>) -> TransactionResult {
     let tally = &state().tally;
     let body = json!({"conversation": draw.conversation, "input": QUESTION, "background": true});
-    let goose = post(user, draw, "/v1/responses", "turn (background)", &body).await?;
+    let goose = post(
+        user,
+        draw,
+        "/v1/responses",
+        "turn (background)",
+        &body,
+        None,
+    )
+    .await?;
     let Ok(response) = goose.response else {
         return Ok(());
     };
@@ -664,7 +670,7 @@ async fn cancel(user: &mut GooseUser, draw: &Draw<'_>) -> TransactionResult {
     };
     tally.requests.fetch_add(1, Ordering::Relaxed);
     let path = format!("/v1/responses/{id}/cancel");
-    let mut goose = post(user, draw, &path, "cancel", &json!({})).await?;
+    let mut goose = post(user, draw, &path, "cancel", &json!({}), None).await?;
     let status = goose.response.as_ref().map(|r| r.status().as_u16()).ok();
     match status {
         Some(200) => {

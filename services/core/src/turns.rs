@@ -279,7 +279,10 @@ pub async fn has_active_turn(
 /// whether its turn waits behind an active one. Every writer of a
 /// conversation's turns takes it first: one lock order, and a turn's end
 /// and a create are serialized (neither can miss the other).
-async fn lock_conversation(db: &mut impl DbConn, conversation: Uuid) -> Result<(), sqlx::Error> {
+pub async fn lock_conversation(
+    db: &mut impl DbConn,
+    conversation: Uuid,
+) -> Result<(), sqlx::Error> {
     let prepared = db.prepared();
     sqlx::query("SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE")
         .bind(conversation)
@@ -290,15 +293,15 @@ async fn lock_conversation(db: &mut impl DbConn, conversation: Uuid) -> Result<(
 }
 
 /// The conversation's oldest queued turn, if no turn is in progress: the
-/// one to dispatch next. Takes the conversation's lock, so a turn created
-/// meanwhile either sees the ended turn (and dispatches itself) or is seen
-/// here. Primary only.
+/// one to dispatch next. Primary only; the caller holds the conversation's
+/// lock ([`lock_conversation`], or [`finish`] which takes it), so a turn
+/// created meanwhile either sees the ended turn (and dispatches itself) or
+/// is seen here.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn next_queued(
     db: &mut impl DbConn,
     conversation: Uuid,
 ) -> Result<Option<Uuid>, sqlx::Error> {
-    lock_conversation(db, conversation).await?;
     let prepared = db.prepared();
     let row: Option<(Uuid,)> = sqlx::query_as(
         "SELECT id FROM responses q WHERE q.conversation_id = $1 AND q.status = 'queued'

@@ -122,7 +122,10 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
             .await?
             .map(|r| r.conversation_id);
         let next = match conversation {
-            Some(conversation) => turns::next_queued(&mut tx, conversation).await?,
+            Some(conversation) => {
+                turns::lock_conversation(&mut tx, conversation).await?;
+                turns::next_queued(&mut tx, conversation).await?
+            }
             None => None,
         };
         let lsn = tx.commit().await?;

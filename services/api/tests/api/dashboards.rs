@@ -31,6 +31,15 @@ fn dashboards() -> Vec<(String, Value)> {
     found
 }
 
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Load that moves every metric the dashboards plot.
 async fn load(user: &turnpike_testkit::User) {
     let tools = json!([{"type": "conversation_search"}]);
@@ -133,17 +142,10 @@ async fn every_dashboard_panel_query_returns_data_from_prometheus() {
         uuid::Uuid::now_v7().simple()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let mut exporters = Vec::new();
     let mut database_targets = String::new();
     for node in ["primary", "replica1"] {
-        let postgres = free();
+        let postgres = free_port();
         exporters.push(
             tokio::process::Command::new("prometheus-postgres-exporter")
                 .arg(format!("--web.listen-address=127.0.0.1:{postgres}"))
@@ -160,7 +162,7 @@ async fn every_dashboard_panel_query_returns_data_from_prometheus() {
                 .spawn()
                 .expect("start postgres_exporter (Debian's prometheus-postgres-exporter)"),
         );
-        let pgbouncer = free();
+        let pgbouncer = free_port();
         let config = dir.join(format!("pgbouncer-exporter-{node}.yml"));
         std::fs::write(
             &config,
@@ -197,7 +199,7 @@ async fn every_dashboard_panel_query_returns_data_from_prometheus() {
         ),
     )
     .unwrap();
-    let port = free();
+    let port = free_port();
     let _prometheus = tokio::process::Command::new("prometheus")
         .arg(format!(
             "--config.file={}",
@@ -261,17 +263,10 @@ async fn every_dashboard_panel_query_returns_data_from_prometheus() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_can_be_served_on_ports_of_their_own() {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let stack = Stack::shared().await;
     let mut settings = stack.settings(Paths::DIRECT);
-    settings.api.metrics_port = free();
-    settings.worker.metrics_port = free();
+    settings.api.metrics_port = free_port();
+    settings.worker.metrics_port = free_port();
     let _agents = Agents::spawn(&mut settings).await;
     let app = TestApp::spawn_with(settings.clone()).await;
     let user = app.new_user().await;

@@ -365,6 +365,17 @@ async fn cancelling_a_turn_lets_the_one_queued_behind_it_run() {
     })
     .await;
     assert_eq!(done["output"][0]["content"][0]["text"], "second");
+    // What a client following it sees: every event of the stored answer.
+    let (status, events) = user
+        .stream(
+            "GET",
+            &format!("/v1/responses/{second}?stream=true"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    turnpike_testkit::assert_stream_matches(&events, done["output"].as_array().unwrap());
 }
 
 /// A turn whose queue entry was lost (Redis took the create, then lost the
@@ -460,5 +471,12 @@ async fn a_running_turn_whose_queue_was_lost_with_redis_is_finished() {
         .filter_map(|item| item["role"].as_str())
         .collect();
     assert_eq!(roles, ["user", "assistant"], "the answer is stored once");
+    // A client resuming the stream sees exactly the stored answer, though
+    // the event log went with Redis.
+    let (status, events) = user
+        .stream("GET", &format!("/v1/responses/{id}?stream=true"), None, &[])
+        .await;
+    assert_eq!(status, 200);
+    turnpike_testkit::assert_stream_matches(&events, done["output"].as_array().unwrap());
     agents.shutdown().await;
 }
