@@ -29,5 +29,6 @@ async fn main() -> std::io::Result<()> {
     );
     let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
     println!("{}", listener.local_addr()?.port());
-    axum::serve(listener, app).await
+    // The same socket setting as Turnpike's api.
+    axum::serve(turnpike_core::net::nodelay(listener), app).await
 }

@@ -429,10 +429,11 @@ impl Application {
     ) -> std::io::Result<()> {
         let grace = Duration::from_millis(self.state.settings.api.shutdown_grace_ms);
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-        let serve = axum::serve(self.listener, self.app).with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stopped_tx.send(());
-        });
+        let serve = axum::serve(turnpike_core::net::nodelay(self.listener), self.app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                let _ = stopped_tx.send(());
+            });
         tokio::select! {
             result = serve => result,
             () = async {

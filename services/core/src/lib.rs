@@ -11,6 +11,7 @@ pub mod ids;
 pub mod kv;
 pub mod last_write;
 pub mod limits;
+pub mod net;
 pub mod queue;
 pub mod steps;
 pub mod switches;

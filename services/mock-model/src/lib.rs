@@ -157,7 +157,7 @@ impl MockModel {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(self.listener, self.app)
+        axum::serve(turnpike_core::net::nodelay(self.listener), self.app)
             .with_graceful_shutdown(shutdown)
             .await
     }

@@ -24,7 +24,7 @@ const READINGS: usize = 5;
 const TICKS_PER_S: f64 = 100.0;
 
 /// Opens one stream per id on the api process `pid` and returns the bench line.
-pub async fn run(api: &Api, ids: &[String], pid: u32) -> anyhow::Result<String> {
+pub async fn run(api: &Api, ids: &[String], pid: u32) -> anyhow::Result<serde_json::Value> {
     let n = ids.len();
     if let Some(limit) = open_files_limit(pid)?
         && limit < n as u64 + 256
@@ -88,17 +88,15 @@ pub async fn run(api: &Api, ids: &[String], pid: u32) -> anyhow::Result<String> 
         bail!("no stream stayed open");
     }
     let per_connection_kib = after_kib.saturating_sub(before_kib) as f64 / open as f64;
-    let mut notes =
-        format!("; opened in {open_s:.1} s; idle api CPU {cpu_percent:.0}% of one core");
-    if open < n {
-        notes += &format!("; only {open} of {n} streams open");
-    }
-    Ok(format!(
-        "sse_idle_memory_{n}_streams: {per_connection_kib:.1} KiB per connection \
-         (api RSS {:.1} MiB → {:.1} MiB{notes})",
-        before_kib as f64 / 1024.0,
-        after_kib as f64 / 1024.0,
-    ))
+    Ok(serde_json::json!({
+        "streams": n,
+        "open": open,
+        "per_connection_kib": per_connection_kib,
+        "rss_before_mib": before_kib as f64 / 1024.0,
+        "rss_after_mib": after_kib as f64 / 1024.0,
+        "open_s": open_s,
+        "idle_cpu_percent": cpu_percent,
+    }))
 }
 
 /// Keeps a stream's connection read, as a browser would (keepalives only).

@@ -45,12 +45,14 @@ struct Emitted {
     failed: u64,
 }
 
-/// When one emitter appends: every `period` from `first` until `until`.
+/// When one emitter appends: `deltas` times, every `period` from `first`.
+/// A count, not a deadline: a late timer near the end must not drop a delta
+/// that the client would then be blamed for not receiving.
 struct Schedule {
     origin: Instant,
     first: Instant,
     period: Duration,
-    until: Instant,
+    deltas: u64,
     retention: Duration,
 }
 
@@ -66,7 +68,7 @@ pub async fn run(
     ids: &[String],
     rate: u64,
     duration: Duration,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Value> {
     if rate == 0 {
         bail!("RATE must be at least 1 delta per second");
     }
@@ -106,8 +108,8 @@ pub async fn run(
     }
 
     let period = Duration::from_secs_f64(n as f64 / rate as f64);
+    let per_stream = (rate * duration.as_secs() / n as u64).max(1);
     let start = Instant::now() + Duration::from_millis(100);
-    let until = start + duration;
     let emitters: Vec<_> = ids
         .iter()
         .enumerate()
@@ -116,7 +118,7 @@ pub async fn run(
                 origin,
                 first: start + period.mul_f64(i as f64 / n as f64),
                 period,
-                until,
+                deltas: per_stream,
                 retention,
             };
             tokio::spawn(emit(kv.clone(), id.clone(), schedule))
@@ -147,28 +149,21 @@ pub async fn run(
     }
     latencies_us.sort_unstable();
     let received = latencies_us.len() as u64;
-    let mut problems = String::new();
-    if received < emitted.deltas {
-        problems += &format!("; {} deltas lost", emitted.deltas - received);
-    }
-    if emitted.failed > 0 {
-        problems += &format!("; {} appends failed", emitted.failed);
-    }
-    if out_of_order > 0 {
-        problems += &format!("; {out_of_order} events out of order");
-    }
-    if unfinished > 0 {
-        problems += &format!("; {unfinished} streams did not end");
-    }
-    Ok(format!(
-        "sse_delta_latency_{n}_streams: p50 {:.2} ms p99 {:.2} ms ({received} deltas over {n} streams, \
-         {:.0} deltas/s for {} s; max {:.1} ms{problems})",
-        percentile_ms(&latencies_us, 0.50),
-        percentile_ms(&latencies_us, 0.99),
-        emitted.deltas as f64 / duration.as_secs_f64(),
-        duration.as_secs(),
-        percentile_ms(&latencies_us, 1.0),
-    ))
+    Ok(json!({
+        "streams": n,
+        "seconds": duration.as_secs(),
+        "sent": per_stream * n as u64,
+        "appended": emitted.deltas,
+        "received": received,
+        "lost": emitted.deltas.saturating_sub(received),
+        "appends_failed": emitted.failed,
+        "out_of_order": out_of_order,
+        "unfinished": unfinished,
+        "deltas_per_s": emitted.deltas as f64 / duration.as_secs_f64(),
+        "p50_ms": percentile_ms(&latencies_us, 0.50),
+        "p99_ms": percentile_ms(&latencies_us, 0.99),
+        "max_ms": percentile_ms(&latencies_us, 1.0),
+    }))
 }
 
 /// Nearest-rank percentile of sorted microseconds, in milliseconds.
@@ -182,11 +177,8 @@ async fn emit(kv: Kv, id: String, schedule: Schedule) -> Emitted {
     let mut ticks = tokio::time::interval_at(schedule.first.into(), schedule.period);
     let mut out = Emitted::default();
     let mut seq = 1;
-    loop {
+    for _ in 0..schedule.deltas {
         ticks.tick().await;
-        if Instant::now() >= schedule.until {
-            break;
-        }
         let delta = json!({"type": "response.output_text.delta", "sequence_number": seq,
             "item_id": "msg_sse_bench", "output_index": 0, "content_index": 0,
             "delta": micros_since(schedule.origin).to_string()});

@@ -9,11 +9,17 @@
 //!   response's log; prints the latency from append to arrival at the client.
 //! - `sse-bench idle IDS_FILE API_PID`: opens one SSE stream per id, leaves
 //!   them idle, and prints the api's resident memory per connection.
+//! - `sse-bench first-token TURNS CONCURRENCY`: runs TURNS streamed turns,
+//!   CONCURRENCY at a time, through the whole stack (a worker must run) and
+//!   prints the time to the first delta, every stream checked.
+//!
+//! `latency`, `idle` and `first-token` print one JSON object.
 //!
 //! `TURNPIKE_URL`, `TURNPIKE_API_KEY` and the `TURNPIKE__…` settings come
 //! from the stack's env file (`scripts/dev up -d` writes it).
 #![allow(clippy::print_stdout)]
 
+mod first_token;
 mod idle;
 mod latency;
 
@@ -30,9 +36,9 @@ const CREATE_CONCURRENCY: usize = 32;
 /// The HTTP API as the benchmarks' clients see it.
 #[derive(Clone)]
 pub struct Api {
-    http: reqwest::Client,
-    url: String,
-    key: String,
+    pub(crate) http: reqwest::Client,
+    pub(crate) url: String,
+    pub(crate) key: String,
 }
 
 impl Api {
@@ -124,8 +130,8 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, what: &str) -> anyho
         .map_err(|_| anyhow::anyhow!("{what} is not valid: {:?}", args.get(index)))
 }
 
-const USAGE: &str =
-    "usage: sse-bench create N | latency IDS_FILE RATE SECONDS | idle IDS_FILE API_PID";
+const USAGE: &str = "usage: sse-bench create N | latency IDS_FILE RATE SECONDS | \
+                     idle IDS_FILE API_PID | first-token TURNS CONCURRENCY";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -155,6 +161,11 @@ async fn main() -> anyhow::Result<()> {
             let ids = read_ids(&arg::<String>(&args, 1, "IDS_FILE")?)?;
             let pid: u32 = arg(&args, 2, "API_PID")?;
             println!("{}", idle::run(&api, &ids, pid).await?);
+        }
+        Some("first-token") => {
+            let turns: usize = arg(&args, 1, "TURNS")?;
+            let concurrency: usize = arg(&args, 2, "CONCURRENCY")?;
+            println!("{}", first_token::run(&api, turns, concurrency).await?);
         }
         _ => bail!(USAGE),
     }
