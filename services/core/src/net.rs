@@ -22,6 +22,7 @@ fn set_nodelay(stream: &mut TcpStream) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use axum::serve::Listener as _;
 
     #[tokio::test]
