@@ -380,23 +380,29 @@ def sse_latency():
 
 
 def sse_idle():
+    """A fresh api's memory per idle stream: each stream on its own HTTP/1.1
+    connection (a browser straight to the api), then multiplexed 100 to an
+    HTTP/2 connection (a proxy in front of the api)."""
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < IDLE_STREAMS + 1024:
-        return None, f"skipped (ulimit -n is {soft})"
-    say(f"SSE: api memory with {IDLE_STREAMS} idle streams")
+        return [], f"skipped (ulimit -n is {soft})"
     ids = DEV / "idle-ids.txt"
     ids.write_text(subprocess.run([SSE_BENCH, "create", str(IDLE_STREAMS)], capture_output=True,
                                   text=True, check=True).stdout)
-    # A fresh api: memory freed by the earlier runs would otherwise be reused
-    # by the streams without showing in its RSS.
-    dev("stop", "api")
-    dev("start", "api")
-    result = json.loads(subprocess.run(
-        [SSE_BENCH, "idle", str(ids), str(pidfile(DEV / "run/api.pid"))],
-        capture_output=True, text=True, check=True).stdout)
-    return result, None
+    out = []
+    for per_connection in ([], ["100"]):
+        say(f"SSE: api memory with {IDLE_STREAMS} idle streams"
+            + (f", {per_connection[0]} per HTTP/2 connection" if per_connection else ", HTTP/1.1"))
+        # A fresh api: memory freed by the earlier runs would otherwise be
+        # reused by the streams without showing in its RSS.
+        dev("stop", "api")
+        dev("start", "api")
+        out.append(json.loads(subprocess.run(
+            [SSE_BENCH, "idle", str(ids), str(pidfile(DEV / "run/api.pid")), *per_connection],
+            capture_output=True, text=True, check=True).stdout))
+    return out, None
 
 
 def main():
@@ -469,14 +475,17 @@ def main():
 
     idle, skipped = sse_idle()
     report["sse_idle"] = idle
-    if idle is None:
+    if skipped:
         lines.append(f"sse_idle_memory_{IDLE_STREAMS}_streams: {skipped}")
     else:
+        h1, h2 = idle
         lines.append(
-            f"sse_idle_memory_{IDLE_STREAMS}_streams: {idle['per_connection_kib']:.1f} KiB per connection "
-            f"(api RSS {idle['rss_before_mib']:.1f} MiB → {idle['rss_after_mib']:.1f} MiB, one run; "
-            f"{idle['open']} of {idle['streams']} open; opened in {idle['open_s']:.1f} s; "
-            f"idle api CPU {idle['idle_cpu_percent']:.0f}% of one core)")
+            f"sse_idle_memory_{IDLE_STREAMS}_streams: {h1['per_connection_kib']:.1f} KiB per stream "
+            f"over HTTP/1.1, one connection each (api RSS {h1['rss_before_mib']:.1f} → "
+            f"{h1['rss_after_mib']:.1f} MiB); {h2['per_connection_kib']:.1f} KiB per stream over "
+            f"HTTP/2, 100 streams per connection ({h2['rss_before_mib']:.1f} → {h2['rss_after_mib']:.1f} MiB); "
+            f"one run each; {h1['open']} and {h2['open']} of {h1['streams']} open; "
+            f"idle api CPU {h1['idle_cpu_percent']:.0f}% and {h2['idle_cpu_percent']:.0f}% of one core")
     dev("start", "worker")
 
     out = ROOT / "target/bench"

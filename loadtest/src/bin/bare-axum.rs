@@ -30,5 +30,9 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
     println!("{}", listener.local_addr()?.port());
     // The same socket setting as Turnpike's api.
-    axum::serve(turnpike_core::net::nodelay(listener), app).await
+    axum::serve(
+        turnpike_core::net::nodelay(listener),
+        app.into_make_service(),
+    )
+    .await
 }

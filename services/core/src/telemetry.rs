@@ -201,7 +201,9 @@ pub async fn serve_metrics(host: String, port: u16) {
     match tokio::net::TcpListener::bind((host.as_str(), port)).await {
         Ok(listener) => {
             tracing::info!(port, "metrics listening");
-            if let Err(e) = axum::serve(crate::net::nodelay(listener), app).await {
+            if let Err(e) =
+                axum::serve(crate::net::nodelay(listener), app.into_make_service()).await
+            {
                 tracing::warn!(error = %e, "the metrics listener stopped");
             }
         }

@@ -157,9 +157,12 @@ impl MockModel {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(turnpike_core::net::nodelay(self.listener), self.app)
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(
+            turnpike_core::net::nodelay(self.listener),
+            self.app.into_make_service(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
     }
 }
 

@@ -24,7 +24,12 @@ const READINGS: usize = 5;
 const TICKS_PER_S: f64 = 100.0;
 
 /// Opens one stream per id on the api process `pid` and returns the bench line.
-pub async fn run(api: &Api, ids: &[String], pid: u32) -> anyhow::Result<serde_json::Value> {
+pub async fn run(
+    api: &Api,
+    ids: &[String],
+    pid: u32,
+    per_h2_connection: Option<usize>,
+) -> anyhow::Result<serde_json::Value> {
     let n = ids.len();
     if let Some(limit) = open_files_limit(pid)?
         && limit < n as u64 + 256
@@ -53,7 +58,18 @@ pub async fn run(api: &Api, ids: &[String], pid: u32) -> anyhow::Result<serde_js
     let opening = Instant::now();
     let mut streams = Vec::with_capacity(n);
     let mut first_error = None;
-    for opened in api.open_streams(ids).await {
+    let opened = match per_h2_connection {
+        None => api.open_streams(ids).await,
+        Some(k) => {
+            // One client, so one connection, per `k` streams.
+            let mut all = Vec::with_capacity(n);
+            for chunk in ids.chunks(k.max(1)) {
+                all.extend(api.http2()?.open_streams(chunk).await);
+            }
+            all
+        }
+    };
+    for opened in opened {
         match opened {
             Ok(response) => streams.push(tokio::spawn(drain(response))),
             Err(e) => {
@@ -90,6 +106,10 @@ pub async fn run(api: &Api, ids: &[String], pid: u32) -> anyhow::Result<serde_js
     let per_connection_kib = after_kib.saturating_sub(before_kib) as f64 / open as f64;
     Ok(serde_json::json!({
         "streams": n,
+        "protocol": per_h2_connection.map_or_else(
+            || "HTTP/1.1, one connection per stream".to_owned(),
+            |k| format!("HTTP/2, {k} streams per connection"),
+        ),
         "open": open,
         "per_connection_kib": per_connection_kib,
         "rss_before_mib": before_kib as f64 / 1024.0,

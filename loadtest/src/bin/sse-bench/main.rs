@@ -7,8 +7,10 @@
 //! - `sse-bench latency IDS_FILE RATE SECONDS`: opens one SSE stream per id
 //!   and, standing in for the worker's emitter, appends events to each
 //!   response's log; prints the latency from append to arrival at the client.
-//! - `sse-bench idle IDS_FILE API_PID`: opens one SSE stream per id, leaves
-//!   them idle, and prints the api's resident memory per connection.
+//! - `sse-bench idle IDS_FILE API_PID [STREAMS_PER_H2_CONNECTION]`: opens one
+//!   SSE stream per id, leaves them idle, and prints the api's resident
+//!   memory per stream; each stream on its own HTTP/1.1 connection, or
+//!   multiplexed, that many to an HTTP/2 connection.
 //! - `sse-bench first-token TURNS CONCURRENCY`: runs TURNS streamed turns,
 //!   CONCURRENCY at a time, through the whole stack (a worker must run) and
 //!   prints the time to the first delta, every stream checked.
@@ -50,6 +52,22 @@ impl Api {
             .tcp_nodelay(true)
             .build()?;
         Ok(Self { http, url, key })
+    }
+
+    /// The same API over one HTTP/2 connection (cleartext, prior
+    /// knowledge), as a proxy that multiplexes its clients' streams would
+    /// reach it.
+    fn http2(&self) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_prior_knowledge()
+            .build()?;
+        Ok(Self {
+            http,
+            url: self.url.clone(),
+            key: self.key.clone(),
+        })
     }
 
     /// Creates a background response (queued until a worker claims it).
@@ -131,7 +149,7 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, what: &str) -> anyho
 }
 
 const USAGE: &str = "usage: sse-bench create N | latency IDS_FILE RATE SECONDS | \
-                     idle IDS_FILE API_PID | first-token TURNS CONCURRENCY";
+                     idle IDS_FILE API_PID [STREAMS_PER_H2_CONNECTION] | first-token TURNS CONCURRENCY";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -160,7 +178,13 @@ async fn main() -> anyhow::Result<()> {
         Some("idle") => {
             let ids = read_ids(&arg::<String>(&args, 1, "IDS_FILE")?)?;
             let pid: u32 = arg(&args, 2, "API_PID")?;
-            println!("{}", idle::run(&api, &ids, pid).await?);
+            // Optional: streams per HTTP/2 connection (default: HTTP/1.1,
+            // one connection per stream).
+            let per_connection: Option<usize> = args
+                .get(3)
+                .map(|_| arg(&args, 3, "STREAMS_PER_H2_CONNECTION"))
+                .transpose()?;
+            println!("{}", idle::run(&api, &ids, pid, per_connection).await?);
         }
         Some("first-token") => {
             let turns: usize = arg(&args, 1, "TURNS")?;

@@ -478,3 +478,46 @@ async fn delete_removes_a_response_and_input_tokens_counts_a_prompt() {
             .await;
     assert!(with_history["input_tokens"].as_u64().unwrap() > short);
 }
+
+/// A proxy in front of the api may multiplex its clients' event streams
+/// over HTTP/2 (cleartext, prior knowledge): a streamed turn over it shows
+/// exactly what is stored, as over HTTP/1.1, and several streams share one
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_over_cleartext_http2_show_what_is_stored() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let http2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let turn = |n: usize| {
+        let http2 = http2.clone();
+        let user = &user;
+        async move {
+            let response = http2
+                .post(format!("{}/v1/responses", user.base))
+                .bearer_auth(&user.key)
+                .json(&json!({"input": format!("question {n}"), "stream": true}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.version(), reqwest::Version::HTTP_2);
+            assert_eq!(response.status(), 200);
+            turnpike_testkit::parse_sse(&response.text().await.unwrap())
+        }
+    };
+    let streams = futures_util::future::join_all((0..4).map(turn)).await;
+    for events in streams {
+        let last = events.last().unwrap();
+        assert_eq!(last.event.as_deref(), Some("response.completed"));
+        let id = last.data["response"]["id"].as_str().unwrap();
+        let stored = user
+            .call("GET", &format!("/v1/responses/{id}"), None)
+            .await
+            .ok()
+            .clone();
+        turnpike_testkit::assert_stream_matches(&events, stored["output"].as_array().unwrap());
+    }
+}
