@@ -382,10 +382,10 @@ async fn soft_delete(db: &mut impl DbConn, id: Uuid, user: Uuid) -> Result<bool,
     }
     // Its items count against the user's storage no more.
     sqlx::query(
-        "UPDATE users SET stored_bytes = greatest(stored_bytes - (
+        "UPDATE user_stored_bytes SET bytes = greatest(bytes - (
            SELECT coalesce(sum(octet_length(body::text) + coalesce(octet_length(prompt::text), 0)), 0)
              FROM items WHERE conversation_id = $1), 0)
-         WHERE id = $2",
+         WHERE user_id = $2 AND stripe = turnpike_storage_stripe($1)",
     )
     .bind(id)
     .bind(user)

@@ -301,8 +301,15 @@ async fn http_metrics(
     let started = std::time::Instant::now();
     // The request's span (a trace's root, or a child of the caller's
     // `traceparent`); its trace id goes into the log lines inside it.
-    let span = tracing::info_span!("request", otel.name = %format!("{method} {route}"),
-        http.request.method = %method, http.route = %route, trace_id = tracing::field::Empty);
+    // Without traces it is a debug span: at the default log level it then
+    // costs nothing, where formatting its fields for the log took about an
+    // eighth of the api's CPU on a cached read.
+    let span = if turnpike_core::telemetry::traces_exported() {
+        tracing::info_span!("request", otel.name = %format!("{method} {route}"),
+            http.request.method = %method, http.route = %route, trace_id = tracing::field::Empty)
+    } else {
+        tracing::debug_span!("request", http.request.method = %method, http.route = %route)
+    };
     turnpike_core::telemetry::continue_trace(
         &span,
         request

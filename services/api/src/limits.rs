@@ -356,11 +356,13 @@ pub async fn check_storage(
         return Ok(());
     }
     let prepared = tx.prepared();
-    let (stored,): (i64,) = sqlx::query_as("SELECT stored_bytes FROM users WHERE id = $1")
-        .bind(user)
-        .persistent(prepared)
-        .fetch_one(tx.conn())
-        .await?;
+    let (stored,): (i64,) = sqlx::query_as(
+        "SELECT coalesce(sum(bytes), 0)::int8 FROM user_stored_bytes WHERE user_id = $1",
+    )
+    .bind(user)
+    .persistent(prepared)
+    .fetch_one(tx.conn())
+    .await?;
     let after = u64::try_from(stored).unwrap_or(0) + incoming as u64;
     if after <= cap {
         return Ok(());

@@ -68,6 +68,50 @@ pub async fn append(
     .map(|added| added == 1)
 }
 
+/// Appends several events in one round trip, each as [`APPEND`] does.
+const APPEND_ALL: &str = r"
+local added = 0
+for i = 3, #ARGV, 2 do
+  local ok = pcall(redis.call, 'XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 1])
+  if ok then
+    redis.call('PUBLISH', ARGV[2], ARGV[i + 1])
+    added = added + 1
+  end
+end
+if added > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return added
+";
+
+/// Appends `events` with consecutive sequence numbers from `first` in one
+/// round trip, in order, publishing each; an event whose sequence number
+/// was already logged is skipped, not published. Returns how many were
+/// added. A model streams its deltas in bursts, and one script call per
+/// burst costs Redis and the worker a fraction of one per event.
+pub async fn append_all(
+    kv: &Kv,
+    response: &str,
+    first: u64,
+    events: &[String],
+    retention: Duration,
+) -> Result<u64, KvError> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let key = log_key(response);
+    let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    let channel = channel(response);
+    kv.run(|mut conn| async move {
+        let script = Script::new(APPEND_ALL);
+        let mut invocation = script.key(key);
+        invocation.arg(retention_ms).arg(channel);
+        for (seq, json) in (first..).zip(events) {
+            invocation.arg(format!("{}-0", seq + 1)).arg(json);
+        }
+        invocation.invoke_async::<u64>(&mut conn).await
+    })
+    .await
+}
+
 /// Logged events with a sequence number above `after` (all, for `None`), in order.
 pub async fn read_after(
     kv: &Kv,

@@ -104,6 +104,11 @@ pub fn traceparent() -> Option<String> {
     carrier.remove("traceparent")
 }
 
+/// Whether spans are exported (an OTLP endpoint is configured).
+pub fn traces_exported() -> bool {
+    PROVIDER.get().is_some()
+}
+
 /// Makes `span` a child of the trace a `traceparent` names (if any), and
 /// records the trace id in its `trace_id` field, for the log lines inside
 /// it. Nothing at all without traces.

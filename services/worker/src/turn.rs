@@ -1294,6 +1294,9 @@ async fn dispatch(ctx: &Context, next: Option<Uuid>, lsn: Lsn) {
 /// How long the emitter keeps retrying one event while Redis is away.
 const EMIT_PATIENCE: Duration = Duration::from_secs(15);
 
+/// The most events the emitter appends in one round trip.
+const EMIT_BATCH: usize = 64;
+
 /// Appends events to the response's log in order, on its own task, so the
 /// model stream never waits on Redis.
 struct Emitter;
@@ -1309,20 +1312,29 @@ impl Emitter {
         let kv = ctx.kv.clone();
         let task = tokio::spawn(async move {
             let mut seq = first_seq;
-            while let Some(mut event) = rx.recv().await {
-                event["sequence_number"] = json!(seq);
-                let text = event.to_string();
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, EMIT_BATCH).await > 0 {
+                // What has queued up since the last append goes in one round
+                // trip: nothing waits for a batch to fill.
+                let texts: Vec<String> = batch
+                    .drain(..)
+                    .zip(seq..)
+                    .map(|(mut event, n)| {
+                        event["sequence_number"] = json!(n);
+                        event.to_string()
+                    })
+                    .collect();
                 let mut delay = Duration::from_millis(20);
                 // An event lost here is a gap in every client's stream: keep
                 // trying through a Redis restart (the events wait here, in
                 // order; the model stream does not), and give up only after
-                // EMIT_PATIENCE.
+                // EMIT_PATIENCE. A retried batch skips what already made it.
                 let since = tokio::time::Instant::now();
                 loop {
-                    match events::append(&kv, &response, seq, &text, retention).await {
+                    match events::append_all(&kv, &response, seq, &texts, retention).await {
                         Ok(_) => break,
                         Err(e) if since.elapsed() >= EMIT_PATIENCE => {
-                            tracing::warn!(error = %e, seq, "could not log an event; streams will have a gap");
+                            tracing::warn!(error = %e, seq, events = texts.len(), "could not log events; streams will have a gap");
                             break;
                         }
                         Err(_) => {
@@ -1331,7 +1343,7 @@ impl Emitter {
                         }
                     }
                 }
-                seq += 1;
+                seq += texts.len() as u64;
             }
         });
         (task, tx)

@@ -690,7 +690,7 @@ async fn a_flood_of_made_up_keys_is_shed_and_real_keys_keep_working() {
 async fn stored_bytes(settings: &Settings, user: &User) -> i64 {
     let router = turnpike_core::db::Router::new(&settings.database).unwrap();
     let mut tx = router.write().await.unwrap();
-    let (bytes,): (i64,) = sqlx::query_as("SELECT stored_bytes FROM users WHERE name = $1")
+    let (bytes,): (i64,) = sqlx::query_as("SELECT coalesce(sum(s.bytes), 0)::int8 FROM user_stored_bytes s JOIN users u ON u.id = s.user_id WHERE u.name = $1")
         .bind(&user.name)
         .fetch_one(turnpike_core::db::DbConn::conn(&mut tx))
         .await
@@ -748,6 +748,62 @@ async fn each_user_stores_up_to_a_quota_and_deleting_makes_room() {
         .await
         .ok();
     assert_eq!(stored_bytes(&settings, &user).await, 0);
+}
+
+/// A user's concurrent writes to many conversations are counted exactly
+/// (the count is striped by conversation, so they do not queue on one
+/// row), and deleting some of the conversations subtracts exactly theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_of_one_user_are_counted_exactly() {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(Paths::DIRECT));
+    settings.limits.storage_bytes_per_user = 100_000_000;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let conversations: Vec<String> = futures_util::future::join_all((0..40).map(|n| {
+        let user = &user;
+        async move {
+            let body = json!({"items": [{"role": "user", "content": "y".repeat(100 + n)}]});
+            let created = user.create_conversation(body).await;
+            let id = created.ok()["id"].as_str().unwrap().to_owned();
+            user.add_items(
+                &id,
+                json!([{"role": "assistant", "content": "z".repeat(n)}]),
+            )
+            .await
+            .ok();
+            id
+        }
+    }))
+    .await;
+    assert_eq!(
+        stored_bytes(&settings, &user).await,
+        counted(&settings, &user).await
+    );
+    for id in &conversations[..15] {
+        user.call("DELETE", &format!("/v1/conversations/{id}"), None)
+            .await
+            .ok();
+    }
+    let left = counted(&settings, &user).await;
+    assert!(left > 0);
+    assert_eq!(stored_bytes(&settings, &user).await, left);
+}
+
+/// The bytes of a user's live conversations' items, added up from the items.
+async fn counted(settings: &Settings, user: &User) -> i64 {
+    let router = turnpike_core::db::Router::new(&settings.database).unwrap();
+    let mut tx = router.write().await.unwrap();
+    let (bytes,): (i64,) = sqlx::query_as(
+        "SELECT coalesce(sum(octet_length(i.body::text) + coalesce(octet_length(i.prompt::text), 0)), 0)::int8
+           FROM items i JOIN conversations c ON c.id = i.conversation_id JOIN users u ON u.id = c.user_id
+          WHERE u.name = $1 AND c.deleted_at IS NULL",
+    )
+    .bind(&user.name)
+    .fetch_one(turnpike_core::db::DbConn::conn(&mut tx))
+    .await
+    .unwrap();
+    bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
