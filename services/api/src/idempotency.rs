@@ -13,9 +13,8 @@
 //! records are deleted after `api.idempotency_retention_ms`.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use sqlx::types::Json as SqlJson;
@@ -33,16 +32,26 @@ const MAX_KEY_LEN: usize = 255;
 /// Response headers kept with the stored answer.
 const KEPT_HEADERS: [&str; 2] = ["content-type", CONSISTENCY_HEADER];
 
-pub async fn layer(State(app): State<AppState>, req: Request, next: Next) -> Response {
+/// A POST with an `Idempotency-Key` runs `next` once per key; a retry gets
+/// the stored answer (or attaches to the stream it created).
+pub async fn around<F, Fut>(app: &AppState, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     if req.method() != Method::POST || !req.headers().contains_key(HEADER) {
-        return next.run(req).await;
+        return next(req).await;
     }
-    handle(app, req, next)
+    handle(app.clone(), req, next)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn handle(app: AppState, req: Request, next: Next) -> Result<Response, ApiError> {
+async fn handle<F, Fut>(app: AppState, req: Request, next: F) -> Result<Response, ApiError>
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let key = req
         .headers()
         .get(HEADER)
@@ -101,9 +110,7 @@ async fn handle(app: AppState, req: Request, next: Next) -> Result<Response, Api
         created: created.clone(),
         armed: true,
     };
-    let response = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
+    let response = next(Request::from_parts(parts, Body::from(bytes))).await;
     let status = response.status();
     let streaming = response
         .headers()

@@ -267,23 +267,8 @@ pub fn routes(state: AppState) -> axum::Router {
         .route_layer(axum::middleware::from_fn(http_metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            idempotency::layer,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            limits::layer,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            shed::layer,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), edge))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn_with_state(
-            state.settings.api.clone(),
-            refuse_oversized,
-        ))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
         .with_state(state)
 }
@@ -334,33 +319,55 @@ async fn http_metrics(
     response
 }
 
-/// Refuses a body whose Content-Length is over the limit before reading any
-/// of it (a chunked body is cut off by `DefaultBodyLimit` as it is read).
-async fn refuse_oversized(
-    axum::extract::State(settings): axum::extract::State<turnpike_core::config::ApiSettings>,
+/// What every request passes before its route's handler, in order: a body
+/// declared over the limit is refused before any of it is read (a chunked
+/// body is cut off by `DefaultBodyLimit` as it is read); kill switches and
+/// load shedding ([`shed`]); rate limits ([`limits`]); idempotency keys
+/// ([`idempotency`]). One layer, not four: each `from_fn` layer clones a
+/// boxed service and boxes a future per request, about 1.3 µs of the api's
+/// CPU apiece on a cached read.
+async fn edge(
+    axum::extract::State(app): axum::extract::State<AppState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let limit = body_limit_for(&settings, request.uri().path());
+    if let Some(refusal) = oversized(&app.settings.api, &request) {
+        return refusal;
+    }
+    let app = &app;
+    shed::around(app, request, move |request| {
+        limits::around(app, request, move |request| {
+            idempotency::around(app, request, move |request| next.run(request))
+        })
+    })
+    .await
+}
+
+/// The refusal of a body whose Content-Length is over the limit.
+fn oversized(
+    settings: &turnpike_core::config::ApiSettings,
+    request: &axum::extract::Request,
+) -> Option<Response> {
+    let limit = body_limit_for(settings, request.uri().path());
     let declared = request
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        let mut response = ApiError::with_status(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("The request body is larger than the limit of {limit} bytes."),
-            "body_too_large",
-        )
-        .into_response();
-        response.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            HeaderValue::from_static("close"),
-        );
-        return response;
+    if !declared.is_some_and(|n| n > limit as u64) {
+        return None;
     }
-    next.run(request).await
+    let mut response = ApiError::with_status(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("The request body is larger than the limit of {limit} bytes."),
+        "body_too_large",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        HeaderValue::from_static("close"),
+    );
+    Some(response)
 }
 
 async fn no_route(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {

@@ -19,9 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -267,24 +266,28 @@ impl Limits {
 /// handlers do not look the key up again) and applies the limits. Requests
 /// that fail authentication pass through untouched: the handler answers
 /// them as it would without this layer.
-pub async fn layer(State(app): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn around<F, Fut>(app: &AppState, request: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let path = request.uri().path();
     if !path.starts_with("/v1/") {
-        return next.run(request).await;
+        return next(request).await;
     }
     let needs = Needs {
         user_rate: !path.starts_with("/v1/admin/"),
         tokens: request.method() == Method::POST && path == "/v1/responses",
     };
     let (mut parts, body) = request.into_parts();
-    let Ok(Auth(principal)) = Auth::from_request_parts(&mut parts, &app).await else {
-        return next.run(Request::from_parts(parts, body)).await;
+    let Ok(Auth(principal)) = Auth::from_request_parts(&mut parts, app).await else {
+        return next(Request::from_parts(parts, body)).await;
     };
     parts.extensions.insert(Authenticated(principal));
     match app.limits.check(&principal, needs).await {
         Err(refused) => refused.into_response(),
         Ok(headers) => {
-            let mut response = next.run(Request::from_parts(parts, body)).await;
+            let mut response = next(Request::from_parts(parts, body)).await;
             let fields = response.headers_mut();
             // Appended: a refusal from inside (too many active turns) keeps its own items.
             for (name, value) in &headers {

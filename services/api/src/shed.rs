@@ -8,9 +8,10 @@
 //! budget. A request a switch refuses costs no Redis call and no query: it is
 //! answered before authentication.
 
-use axum::extract::{MatchedPath, Request, State};
+use std::future::Future;
+
+use axum::extract::{MatchedPath, Request};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use turnpike_core::config::{ConfigError, OverloadSettings};
 use turnpike_core::db::{QueryClass, with_class};
@@ -55,8 +56,12 @@ fn exempt(route: &str) -> bool {
     route.starts_with("/v1/admin/") || matches!(route, "/healthz" | "/readyz" | "/metrics")
 }
 
-/// The middleware: refuse what a switch refuses, run the rest in its class.
-pub async fn layer(State(app): State<AppState>, request: Request, next: Next) -> Response {
+/// Refuses what a switch refuses and runs the rest (`next`) in its class.
+pub async fn around<F, Fut>(app: &AppState, request: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let (class, refusal) = {
         let route = request
             .extensions()
@@ -74,7 +79,7 @@ pub async fn layer(State(app): State<AppState>, request: Request, next: Next) ->
     if let Some(refusal) = refusal {
         return refused(&refusal).into_response();
     }
-    with_class(class, next.run(request)).await
+    with_class(class, next(request)).await
 }
 
 /// A switch's refusal in the error shape: a block is a 503, a throttle a 429.

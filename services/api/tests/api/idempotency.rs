@@ -118,7 +118,9 @@ async fn a_retried_create_attaches_to_the_response_it_made() {
 /// A claim whose request never answered lapses; records expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_lapse_and_records_expire() {
-    let stack = Stack::shared().await;
+    // A stack of its own: its api sweeps every record older than 1.5 s,
+    // and on the shared stack that would include other tests' records.
+    let stack = Stack::private().await;
     let mut settings = stack.settings(Paths::DIRECT);
     settings.api.idempotency_claim_ms = 300;
     settings.api.idempotency_retention_ms = 1_500;
