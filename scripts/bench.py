@@ -199,8 +199,8 @@ def start_api(port, name, **settings):
     return process
 
 
-def dev(*args):
-    subprocess.run([str(ROOT / "scripts/dev"), *args], check=True,
+def dev(*args, **settings):
+    subprocess.run([str(ROOT / "scripts/dev"), *args], check=True, env=dict(os.environ, **settings),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -311,20 +311,23 @@ def ratio_line(name, rounds, base_name, base_rounds, names, base_names, label):
 # --- turns through one worker ---------------------------------------------
 
 
-def turns():
+def turns(**worker_settings):
+    """Rounds of TURNS background turns queued while the worker is stopped,
+    then drained by one worker started with `worker_settings`."""
     out = []
     db = psycopg2.connect(host="127.0.0.1", port=PRIMARY_PORT, user="postgres", dbname="turnpike")
     db.autocommit = True
     try:
         for round_no in range(TURN_ROUNDS):
-            say(f"turns through one worker, round {round_no + 1} of {TURN_ROUNDS} ({TURNS} turns)")
+            say(f"turns through one worker{' ' if worker_settings else ''}{' '.join(worker_settings.values())}, "
+                f"round {round_no + 1} of {TURN_ROUNDS} ({TURNS} turns)")
             dev("stop", "worker")
             ids = subprocess.run([SSE_BENCH, "create", str(TURNS)], capture_output=True, text=True,
                                  check=True).stdout.split()
             uuids = [f"{i[5:13]}-{i[13:17]}-{i[17:21]}-{i[21:25]}-{i[25:]}" for i in ids]
             meter = Meter(**sources("worker", "primary", "pgbouncer_primary", "replicas", "redis",
                                     "mock_model", api_pid=None))
-            dev("start", "worker")
+            dev("start", "worker", **worker_settings)
             meter.start()
             deadline = time.monotonic() + 300
             with db.cursor() as cur:
@@ -345,6 +348,8 @@ def turns():
             out.append({"turns_per_s": rate, "done": done, "failed": failed, "cpu_us": cpu})
     finally:
         db.close()
+        # Back to the default worker for what follows.
+        dev("stop", "worker")
         dev("start", "worker")
     return out
 
@@ -438,15 +443,22 @@ def main():
         f"CPU per write {cpu_text(w, ['api', 'primary', 'pgbouncer_primary', 'replicas', 'redis'])}"
         + (f"; {sum(x['non_2xx'] for x in w)} non-2xx answers" if any(x["non_2xx"] for x in w) else ""))
 
-    t = turns()
-    report["turns"] = t
-    rates = [x["turns_per_s"] for x in t]
-    failed = sum(x["failed"] for x in t)
-    lines.append(
-        f"turns_per_worker: {median(rates):.0f} turns/s (range {spread(rates, '{:.0f}')}, "
-        f"{TURN_ROUNDS} rounds of {TURNS} queued background turns drained by 1 worker process, "
-        f"zero-latency mock; {sum(x['done'] for x in t)} completed, {failed} failed); CPU per turn "
-        f"{cpu_text(t, ['worker', 'primary', 'pgbouncer_primary', 'replicas', 'redis', 'mock_model'])}")
+    # The default (the worker reaches the primary through PgBouncer, as the
+    # api does), then the worker connecting to the primary directly.
+    for suffix, settings, how in [
+        ("", {}, "through PgBouncer"),
+        ("_direct", {"TURNPIKE__DATABASE__PRIMARY_PATH": "direct"}, "direct, prepared statements"),
+    ]:
+        t = turns(**settings)
+        report["turns" + suffix] = t
+        rates = [x["turns_per_s"] for x in t]
+        failed = sum(x["failed"] for x in t)
+        lines.append(
+            f"turns_per_worker{suffix}: {median(rates):.0f} turns/s (range {spread(rates, '{:.0f}')}, "
+            f"{TURN_ROUNDS} rounds of {TURNS} queued background turns drained by 1 worker process, "
+            f"zero-latency mock, primary {how}; {sum(x['done'] for x in t)} completed, {failed} failed); "
+            f"CPU per turn "
+            f"{cpu_text(t, ['worker', 'primary', 'pgbouncer_primary', 'replicas', 'redis', 'mock_model'])}")
 
     for concurrency in (FIRST_TOKEN_CONCURRENCY, 1):
         f = first_token(concurrency)
