@@ -435,6 +435,9 @@ def main():
         line, summary = ratio_line(name, r[name], base, r[base], names, base_names, base_label)
         report.setdefault("summary", {})[name] = summary
         lines.append(line)
+    if os.environ.get("BENCH_ONLY") == "reads":
+        print("\n".join(lines), flush=True)
+        return
     w = r["write_items"]
     lines.append(
         f"write_items: {median([x['rps'] for x in w]):.0f} writes/s "

@@ -281,8 +281,8 @@ async fn http_metrics(
     next: axum::middleware::Next,
 ) -> Response {
     use tracing::Instrument;
-    let route = matched.map_or_else(|| "-".to_owned(), |m| m.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let route = matched.as_ref().map_or("-", axum::extract::MatchedPath::as_str);
+    let method = request.method().clone();
     let started = std::time::Instant::now();
     // The request's span (a trace's root, or a child of the caller's
     // `traceparent`); its trace id goes into the log lines inside it.
@@ -303,20 +303,63 @@ async fn http_metrics(
             .and_then(|v| v.to_str().ok()),
     );
     let response = next.run(request).instrument(span).await;
-    let status = match response.status().as_u16() / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
+    let class = match response.status().as_u16() / 100 {
+        1 => 0,
+        2 => 1,
+        3 => 2,
+        4 => 3,
+        _ => 4,
     };
-    metrics::counter!("turnpike_http_requests_total",
-        "route" => route.clone(), "method" => method.clone(), "status" => status)
-    .increment(1);
-    metrics::histogram!("turnpike_http_request_duration_seconds",
-        "route" => route, "method" => method)
-    .record(started.elapsed().as_secs_f64());
+    let handles = route_metrics(route, method.as_str());
+    handles.requests[class]
+        .get_or_init(|| {
+            metrics::counter!("turnpike_http_requests_total", "route" => route.to_owned(),
+                "method" => method.as_str().to_owned(), "status" => STATUS_CLASSES[class])
+        })
+        .increment(1);
+    handles.duration.record(started.elapsed().as_secs_f64());
     response
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// A route's request counters (one per status class, registered when
+/// first counted) and latency histogram.
+struct RouteMetrics {
+    requests: [std::sync::OnceLock<metrics::Counter>; 5],
+    duration: metrics::Histogram,
+}
+
+/// The handles of `route` and `method`, registered once: registering
+/// builds the labels and hashes them into the registry on every call, more
+/// than a cached read spends on anything else of its own.
+fn route_metrics(route: &str, method: &str) -> std::sync::Arc<RouteMetrics> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, LazyLock, PoisonError, RwLock};
+    type Table = RwLock<HashMap<String, HashMap<String, Arc<RouteMetrics>>>>;
+    static TABLE: LazyLock<Table> = LazyLock::new(Table::default);
+    if let Some(found) = TABLE
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(route)
+        .and_then(|methods| methods.get(method))
+    {
+        return Arc::clone(found);
+    }
+    let made = Arc::new(RouteMetrics {
+        requests: Default::default(),
+        duration: metrics::histogram!("turnpike_http_request_duration_seconds",
+            "route" => route.to_owned(), "method" => method.to_owned()),
+    });
+    Arc::clone(
+        TABLE
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(route.to_owned())
+            .or_default()
+            .entry(method.to_owned())
+            .or_insert(made),
+    )
 }
 
 /// What every request passes before its route's handler, in order: a body
