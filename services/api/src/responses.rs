@@ -198,28 +198,35 @@ async fn begin(
     };
 
     let mut tx = app.router.write().await?;
-    let conversation = match (&body.conversation, &body.previous_response_id) {
-        (None, Some(previous)) => {
-            continue_from(&mut tx, principal.user_id, previous, compact).await?
-        }
+    let resolved = items::resolve_references(&mut tx, principal.user_id, "input", &inputs).await?;
+    let inputs = resolved.unwrap_or(inputs);
+    // A turn that starts a conversation creates it holding its input's
+    // sequence numbers: nobody else can see it yet, so there is no active
+    // turn to look for and no sequence to reserve (two round trips fewer
+    // on the primary, on the path to the first token).
+    let (conversation, fresh) = match (&body.conversation, &body.previous_response_id) {
+        (None, Some(previous)) => (
+            continue_from(&mut tx, principal.user_id, previous, compact).await?,
+            false,
+        ),
         (Some(reference), _) => {
             let id = ids::decode(prefixes::CONVERSATION, "conversation", reference.id())?;
             // Locks the conversation and checks that it is the caller's.
             items::reserve_seqs(&mut tx, id, principal.user_id, 0)
                 .await?
                 .ok_or_else(|| ApiError::not_found("conversation", reference.id()))?;
-            id
+            (id, false)
         }
         (None, None) => {
-            conversations::insert(&mut tx, principal.user_id, &Metadata::new(), 0)
-                .await?
-                .id
+            let created =
+                conversations::insert(&mut tx, principal.user_id, &Metadata::new(), inputs.len())
+                    .await?;
+            (created.id, true)
         }
     };
-    let resolved = items::resolve_references(&mut tx, principal.user_id, "input", &inputs).await?;
-    let inputs = resolved.unwrap_or(inputs);
     let mut interrupted = Vec::new();
     let dispatch_now = match body.multitask.unwrap_or_default() {
+        _ if fresh => true,
         Multitask::Enqueue => !turns::has_active_turn(&mut tx, conversation).await?,
         Multitask::Reject => {
             if turns::has_active_turn(&mut tx, conversation).await? {
@@ -242,14 +249,18 @@ async fn begin(
     // A turn that runs now appends its input at once; one waiting behind the
     // active turn keeps it pending, so it lands after that turn's output.
     let (input_seqs, pending) = if dispatch_now {
-        let first = items::reserve_seqs(&mut tx, conversation, principal.user_id, inputs.len())
-            .await?
-            .ok_or_else(|| {
-                ApiError::not_found(
-                    "conversation",
-                    &ids::encode(prefixes::CONVERSATION, conversation),
-                )
-            })?;
+        let first = if fresh {
+            1
+        } else {
+            items::reserve_seqs(&mut tx, conversation, principal.user_id, inputs.len())
+                .await?
+                .ok_or_else(|| {
+                    ApiError::not_found(
+                        "conversation",
+                        &ids::encode(prefixes::CONVERSATION, conversation),
+                    )
+                })?
+        };
         items::append(&mut tx, conversation, first, &inputs, Some(id)).await?;
         (
             (first, first + i64::try_from(inputs.len()).unwrap_or(0) - 1),

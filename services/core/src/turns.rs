@@ -196,19 +196,19 @@ pub async fn start(
     // The conversation first, as every other writer of its turns does (an
     // interrupting create locks the conversation, then its responses; the
     // turn goes on to append pending input and freeze the prompt): one
-    // lock order, no deadlock.
-    sqlx::query(
-        "SELECT 1 FROM conversations WHERE id =
-           (SELECT conversation_id FROM responses WHERE id = $1)
-         FOR NO KEY UPDATE",
-    )
-    .bind(id)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
-    .await?;
+    // lock order, no deadlock. One statement: the CTE locks the
+    // conversation while the response row is filtered, before the update
+    // locks that row (a row changed meanwhile is re-checked against the
+    // status condition). When nothing is started the caller locks the
+    // conversation itself.
     let started: Option<ResponseRow> = sqlx::query_as(&format!(
-        "UPDATE responses SET status = 'in_progress', updated_at = now()
-         WHERE id = $1 AND (status = 'queued' OR (status = 'in_progress' AND $2)) RETURNING {COLUMNS}"
+        "WITH locked AS (
+           SELECT id FROM conversations
+            WHERE id = (SELECT conversation_id FROM responses WHERE id = $1)
+            FOR NO KEY UPDATE)
+         UPDATE responses SET status = 'in_progress', updated_at = now()
+          WHERE id = $1 AND conversation_id IN (SELECT id FROM locked)
+            AND (status = 'queued' OR (status = 'in_progress' AND $2)) RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(redelivery)
