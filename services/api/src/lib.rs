@@ -281,7 +281,9 @@ async fn http_metrics(
     next: axum::middleware::Next,
 ) -> Response {
     use tracing::Instrument;
-    let route = matched.as_ref().map_or("-", axum::extract::MatchedPath::as_str);
+    let route = matched
+        .as_ref()
+        .map_or("-", axum::extract::MatchedPath::as_str);
     let method = request.method().clone();
     let started = std::time::Instant::now();
     // The request's span (a trace's root, or a child of the caller's

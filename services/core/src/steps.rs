@@ -130,22 +130,6 @@ pub struct Frozen {
     pub current_tools: Vec<String>,
 }
 
-/// The conversation's frozen prompt settings, locked for update. Primary only.
-#[tracing::instrument(level = "debug", skip(db))]
-pub async fn frozen_for_update(
-    db: &mut impl DbConn,
-    conversation: Uuid,
-) -> Result<Option<Frozen>, sqlx::Error> {
-    let prepared = db.prepared();
-    let row: Option<(Option<SqlJson<Frozen>>,)> =
-        sqlx::query_as("SELECT frozen FROM conversations WHERE id = $1 FOR UPDATE")
-            .bind(conversation)
-            .persistent(prepared)
-            .fetch_optional(db.conn())
-            .await?;
-    Ok(row.and_then(|(frozen,)| frozen.map(|f| f.0)))
-}
-
 /// Stores the conversation's frozen prompt settings. Primary only.
 #[tracing::instrument(level = "debug", skip(db, frozen))]
 pub async fn freeze(

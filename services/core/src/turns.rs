@@ -184,14 +184,16 @@ pub async fn find_any(db: &mut impl DbConn, id: Uuid) -> Result<Option<ResponseR
 /// Moves a queued response to `in_progress`. A redelivered turn
 /// (`redelivery`: its worker died) also takes over one already in progress;
 /// a first delivery never does, so a duplicate queue entry cannot run a turn
-/// twice at once. `None` when there is nothing to run; with the row, whether
-/// its pending input was appended to the conversation now. Primary only.
+/// twice at once. `None` when there is nothing to run; otherwise the row,
+/// whether its pending input was appended to the conversation now, and the
+/// conversation's frozen prompt settings, all under the conversation's
+/// lock. Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn start(
     db: &mut impl DbConn,
     id: Uuid,
     redelivery: bool,
-) -> Result<Option<(ResponseRow, bool)>, sqlx::Error> {
+) -> Result<Option<Started>, sqlx::Error> {
     let prepared = db.prepared();
     // The conversation first, as every other writer of its turns does (an
     // interrupting create locks the conversation, then its responses; the
@@ -201,23 +203,33 @@ pub async fn start(
     // locks that row (a row changed meanwhile is re-checked against the
     // status condition). When nothing is started the caller locks the
     // conversation itself.
-    let started: Option<ResponseRow> = sqlx::query_as(&format!(
+    // It also reads the conversation's frozen prompt settings, as of the
+    // lock: the caller refreezes them under it.
+    let started: Option<StartedRow> = sqlx::query_as(&format!(
         "WITH locked AS (
-           SELECT id FROM conversations
+           SELECT id, frozen FROM conversations
             WHERE id = (SELECT conversation_id FROM responses WHERE id = $1)
             FOR NO KEY UPDATE)
          UPDATE responses SET status = 'in_progress', updated_at = now()
           WHERE id = $1 AND conversation_id IN (SELECT id FROM locked)
-            AND (status = 'queued' OR (status = 'in_progress' AND $2)) RETURNING {COLUMNS}"
+            AND (status = 'queued' OR (status = 'in_progress' AND $2))
+         RETURNING {COLUMNS}, (SELECT frozen FROM locked) AS frozen"
     ))
     .bind(id)
     .bind(redelivery)
     .persistent(prepared)
     .fetch_optional(db.conn())
     .await?;
-    let Some(row) = started else { return Ok(None) };
+    let Some(StartedRow { row, frozen }) = started else {
+        return Ok(None);
+    };
+    let frozen = frozen.map(|f| f.0);
     let Some(pending) = row.pending_input.as_ref().map(|p| p.0.clone()) else {
-        return Ok(Some((row, false)));
+        return Ok(Some(Started {
+            row,
+            appended: false,
+            frozen,
+        }));
     };
     // Its turn has come: the input joins the conversation after everything before it.
     let Some(first) = reserve_seqs(db, row.conversation_id, row.user_id, pending.len()).await?
@@ -236,7 +248,27 @@ pub async fn start(
     .persistent(prepared)
     .fetch_optional(db.conn())
     .await?;
-    Ok(row.map(|row| (row, true)))
+    Ok(row.map(|row| Started {
+        row,
+        appended: true,
+        frozen,
+    }))
+}
+
+/// A turn [`start`] started.
+pub struct Started {
+    pub row: ResponseRow,
+    /// Its pending input was appended to the conversation just now.
+    pub appended: bool,
+    /// The conversation's frozen prompt settings (locked with it).
+    pub frozen: Option<crate::steps::Frozen>,
+}
+
+#[derive(sqlx::FromRow)]
+struct StartedRow {
+    #[sqlx(flatten)]
+    row: ResponseRow,
+    frozen: Option<SqlJson<crate::steps::Frozen>>,
 }
 
 /// Makes the turn's input end at `last_seq` (a developer message appended

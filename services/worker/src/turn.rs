@@ -114,7 +114,12 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     let mcp_tools = mcp_tools(ctx, id, delivery.lsn).await?;
     let mut tx = ctx.router.write().await?;
     let started = turns::start(&mut tx, id, delivery.deliveries > 1).await?;
-    let Some((mut row, appended)) = started else {
+    let Some(turns::Started {
+        mut row,
+        appended,
+        frozen: before,
+    }) = started
+    else {
         // Cancelled before it started, finished already, or a duplicate
         // delivery of a running turn: nothing to run. A cancelled turn's
         // successor may be waiting.
@@ -135,7 +140,6 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     // The conversation's prompt settings are frozen at its first turn; what
     // this turn changes is told to the model in a developer message that
     // joins the turn's input.
-    let before = steps::frozen_for_update(&mut tx, row.conversation_id).await?;
     let request = &row.request.0;
     let (refrozen, note) = prompt::refreeze(
         before.clone(),
