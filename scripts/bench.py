@@ -129,6 +129,8 @@ def sources(*names, api_pid=None, bare_pid=None):
         "replica": lambda: tree_ticks(postmaster("replica1")),
         "replicas": lambda: tree_ticks(postmaster("replica1")) + tree_ticks(postmaster("replica2")),
         "pgbouncer": lambda: process_ticks(pidfile(DEV / "pg/pgbouncer/replica1.pid")),
+        "pgbouncers": lambda: sum(process_ticks(pidfile(DEV / f"pg/pgbouncer/{node}.pid"))
+                                  for node in ("replica1", "replica2")),
         "pgbouncer_primary": lambda: process_ticks(pidfile(DEV / "pg/pgbouncer/primary.pid")),
     }
     return {name: table[name] for name in names}
@@ -244,12 +246,13 @@ def reads():
          sources("bare_axum", bare_pid=bare.pid)),
         ("read_l1_items", lambda: wrk(f"{URL}{page}", "-H", header),
          sources("api", "redis", api_pid=l1_pid)),
+        # The api spreads its reads over both replicas; pgbench reads replica1.
         ("read_replica_items", lambda: wrk(f"http://127.0.0.1:{direct_port}{page}", "-H", header),
-         sources("api", "replica", "redis", api_pid=direct.pid)),
+         sources("api", "replicas", "redis", api_pid=direct.pid)),
         ("pgbench_prepared", lambda: pgbench("prepared", REPLICA_PORT), sources("replica")),
         ("read_replica_items_pgbouncer",
          lambda: wrk(f"http://127.0.0.1:{pooled_port}{page}", "-H", header),
-         sources("api", "replica", "pgbouncer", "redis", api_pid=pooled.pid)),
+         sources("api", "replicas", "pgbouncers", "redis", api_pid=pooled.pid)),
         ("pgbench_simple_pgbouncer", lambda: pgbench("simple", REPLICA_BOUNCER),
          sources("replica", "pgbouncer")),
         ("write_items", lambda: wrk(URL, "-H", header, "-s", writes_lua),
@@ -426,10 +429,10 @@ def main():
         f"CPU per request {cpu_text(bare, ['bare_axum'])}")
     for name, base, base_label, names, base_names in [
         ("read_l1_items", "bare_axum", "bare_axum", ["api", "redis"], ["bare_axum"]),
-        ("read_replica_items", "pgbench_prepared", "pgbench -M prepared (same SELECT, same replica)",
-         ["api", "replica", "redis"], ["replica"]),
+        ("read_replica_items", "pgbench_prepared", "pgbench -M prepared (same SELECT, a replica)",
+         ["api", "replicas", "redis"], ["replica"]),
         ("read_replica_items_pgbouncer", "pgbench_simple_pgbouncer",
-         "pgbench -M simple through the same PgBouncer", ["api", "replica", "pgbouncer", "redis"],
+         "pgbench -M simple through a replica's PgBouncer", ["api", "replicas", "pgbouncers", "redis"],
          ["replica", "pgbouncer"]),
     ]:
         line, summary = ratio_line(name, r[name], base, r[base], names, base_names, base_label)
