@@ -264,7 +264,6 @@ pub fn routes(state: AppState) -> axum::Router {
         .merge(health::router(state.settings.api.metrics_port == 0))
         .merge(openapi::router())
         .merge(web::router())
-        .route_layer(axum::middleware::from_fn(http_metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(state.clone(), edge))
@@ -274,16 +273,19 @@ pub fn routes(state: AppState) -> axum::Router {
 }
 
 /// Per-route request counts and latencies, labelled by the route's
-/// template (a bounded set), method and status class.
-async fn http_metrics(
-    matched: Option<axum::extract::MatchedPath>,
+/// template (a bounded set; `-` for no route), method and status class,
+/// around `next`: every answer is counted, refusals by the edge included.
+async fn http_metrics<F, Fut>(
+    matched: Option<&axum::extract::MatchedPath>,
     request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+    next: F,
+) -> Response
+where
+    F: FnOnce(axum::extract::Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     use tracing::Instrument;
-    let route = matched
-        .as_ref()
-        .map_or("-", axum::extract::MatchedPath::as_str);
+    let route = matched.map_or("-", axum::extract::MatchedPath::as_str);
     let method = request.method().clone();
     let started = std::time::Instant::now();
     // The request's span (a trace's root, or a child of the caller's
@@ -304,7 +306,7 @@ async fn http_metrics(
             .get("traceparent")
             .and_then(|v| v.to_str().ok()),
     );
-    let response = next.run(request).instrument(span).await;
+    let response = next(request).instrument(span).await;
     let class = match response.status().as_u16() / 100 {
         1 => 0,
         2 => 1,
@@ -364,26 +366,31 @@ fn route_metrics(route: &str, method: &str) -> std::sync::Arc<RouteMetrics> {
     )
 }
 
-/// What every request passes before its route's handler, in order: a body
-/// declared over the limit is refused before any of it is read (a chunked
-/// body is cut off by `DefaultBodyLimit` as it is read); kill switches and
-/// load shedding ([`shed`]); rate limits ([`limits`]); idempotency keys
-/// ([`idempotency`]). One layer, not four: each `from_fn` layer clones a
+/// What every request passes before its route's handler, in order: its
+/// metrics and span ([`http_metrics`]); a body declared over the limit is
+/// refused before any of it is read (a chunked body is cut off by
+/// `DefaultBodyLimit` as it is read); kill switches and load shedding
+/// ([`shed`]); rate limits ([`limits`]); idempotency keys
+/// ([`idempotency`]). One layer, not five: each `from_fn` layer clones a
 /// boxed service and boxes a future per request, about 1.3 µs of the api's
 /// CPU apiece on a cached read.
 async fn edge(
     axum::extract::State(app): axum::extract::State<AppState>,
+    matched: Option<axum::extract::MatchedPath>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let Some(refusal) = oversized(&app.settings.api, &request) {
-        return refusal;
-    }
     let app = &app;
-    shed::around(app, request, move |request| {
-        limits::around(app, request, move |request| {
-            idempotency::around(app, request, move |request| next.run(request))
+    http_metrics(matched.as_ref(), request, move |request| async move {
+        if let Some(refusal) = oversized(&app.settings.api, &request) {
+            return refusal;
+        }
+        shed::around(app, request, move |request| {
+            limits::around(app, request, move |request| {
+                idempotency::around(app, request, move |request| next.run(request))
+            })
         })
+        .await
     })
     .await
 }
