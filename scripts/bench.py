@@ -110,7 +110,6 @@ class Meter:
 
     def start(self):
         self.before = {name: read() for name, read in self.sources.items()}
-        self.started = time.monotonic()
 
     def stop(self, units):
         after = {name: read() for name, read in self.sources.items()}

@@ -29,16 +29,6 @@ fn channel(response: &str) -> String {
     format!("tp:{{{response}}}:live")
 }
 
-/// Appends with the sequence number as the entry id (`<seq+1>-0`), keeps
-/// the log for the retention, and publishes.
-const APPEND: &str = r"
-local ok = pcall(redis.call, 'XADD', KEYS[1], ARGV[1], 'd', ARGV[2])
-if not ok then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[2])
-return 1
-";
-
 /// Appends an event. Returns false when an event with this sequence number
 /// was already logged (a redelivered turn repeating itself), in which case
 /// nothing is published.
@@ -49,26 +39,14 @@ pub async fn append(
     json: &str,
     retention: Duration,
 ) -> Result<bool, KvError> {
-    let key = log_key(response);
-    let id = format!("{}-0", sequence_number + 1);
-    let json = json.to_owned();
-    let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
-    let channel = channel(response);
-    kv.run(|mut conn| async move {
-        Script::new(APPEND)
-            .key(key)
-            .arg(id)
-            .arg(json)
-            .arg(retention_ms)
-            .arg(channel)
-            .invoke_async::<i64>(&mut conn)
-            .await
-    })
-    .await
-    .map(|added| added == 1)
+    append_all(kv, response, sequence_number, &[json.to_owned()], retention)
+        .await
+        .map(|added| added == 1)
 }
 
-/// Appends several events in one round trip, each as [`APPEND`] does.
+/// Appends events with their sequence numbers as entry ids (`<seq+1>-0`),
+/// publishing each one added (an id already logged fails its XADD and is
+/// skipped), and keeps the log for the retention.
 const APPEND_ALL: &str = r"
 local added = 0
 for i = 3, #ARGV, 2 do

@@ -357,20 +357,34 @@ pub async fn stranded(
     older_than_ms: i64,
     limit: i64,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    let prepared = db.prepared();
-    let rows: Vec<(Uuid,)> = sqlx::query_as(
+    ids_older_than(
+        db,
         "SELECT r.id FROM responses r
          WHERE r.status = 'queued' AND r.created_at < now() - make_interval(secs => $1::float8 / 1000)
            AND r.id = (SELECT q.id FROM responses q WHERE q.conversation_id = r.conversation_id AND q.status = 'queued'
                        ORDER BY q.id LIMIT 1)
            AND NOT EXISTS (SELECT 1 FROM responses a WHERE a.conversation_id = r.conversation_id AND a.status = 'in_progress')
          LIMIT $2",
+        older_than_ms,
+        limit,
     )
-    .bind(older_than_ms)
-    .bind(limit)
-    .persistent(prepared)
-    .fetch_all(db.conn())
-    .await?;
+    .await
+}
+
+/// The ids `sql` selects, its `$1` an age in milliseconds and `$2` a limit.
+async fn ids_older_than(
+    db: &mut impl DbConn,
+    sql: &'static str,
+    older_than_ms: i64,
+    limit: i64,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let prepared = db.prepared();
+    let rows: Vec<(Uuid,)> = sqlx::query_as(sql)
+        .bind(older_than_ms)
+        .bind(limit)
+        .persistent(prepared)
+        .fetch_all(db.conn())
+        .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
@@ -383,18 +397,15 @@ pub async fn running_since(
     older_than_ms: i64,
     limit: i64,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    let prepared = db.prepared();
-    let rows: Vec<(Uuid,)> = sqlx::query_as(
+    ids_older_than(
+        db,
         "SELECT id FROM responses
          WHERE status = 'in_progress' AND updated_at < now() - make_interval(secs => $1::float8 / 1000)
          ORDER BY id LIMIT $2",
+        older_than_ms,
+        limit,
     )
-    .bind(older_than_ms)
-    .bind(limit)
-    .persistent(prepared)
-    .fetch_all(db.conn())
-    .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+    .await
 }
 
 /// Cancels the conversation's queued and running turns; returns them. Primary only.
