@@ -81,17 +81,24 @@ def process_ticks(pid):
 
 def tree_ticks(pid):
     """A server that forks a process per connection (PostgreSQL): its own
-    time, its reaped children's, and its live children's."""
-    stat = _stat(pid)
-    if stat is None:
-        return 0
-    total = stat["own"] + stat["children"]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            child = _stat(entry)
-            if child and child["ppid"] == pid:
-                total += child["own"]
-    return total
+    time, its reaped children's, and its live children's. A child reaped
+    between reading the parent and listing the children would be counted in
+    neither (pgbench's backends exit as it ends): the parent is read again
+    after the listing, and the count taken again if its reaped children's
+    time moved in between."""
+    while True:
+        stat = _stat(pid)
+        if stat is None:
+            return 0
+        live = 0
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                child = _stat(entry)
+                if child and child["ppid"] == pid:
+                    live += child["own"]
+        again = _stat(pid)
+        if again is None or again["children"] == stat["children"]:
+            return stat["own"] + stat["children"] + live
 
 
 def pidfile(path):

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use turnpike_core::db::DbConn;
+use turnpike_core::db::statement::{self, Arg};
 use turnpike_protocol::item::{
     ContentPart, CreateItems, Extra, InputItem, Item, ItemContent, OPENAI_PART_TYPES, Role,
 };
@@ -127,7 +128,7 @@ pub async fn list(
     let body = app
         .cached(conversation, &field, consistency, move |at| async move {
             let rows = router
-                .read(at, move |db| {
+                .read_one_message(at, move |db| {
                     Box::pin(async move { list_page(db, &page).await })
                 })
                 .await?;
@@ -213,7 +214,7 @@ pub async fn retrieve(
     let consistency = app.consistency(&principal, read).await;
     let body = app
         .router
-        .read(consistency, move |db| {
+        .read_one_message(consistency, move |db| {
             Box::pin(async move { find_item(db, conversation, user, item).await })
         })
         .await?;
@@ -537,15 +538,15 @@ pub async fn list_page(
         (Order::Asc, true) => PAGE_ASC_AFTER,
         (Order::Desc, true) => PAGE_DESC_AFTER,
     };
-    let prepared = db.prepared();
-    let mut query = sqlx::query_as::<_, PageRow>(sql)
-        .bind(page.conversation)
-        .bind(page.user)
-        .bind(page.limit + 1);
+    let mut args = vec![
+        Arg::from(page.conversation),
+        Arg::from(page.user),
+        Arg::from(page.limit + 1),
+    ];
     if let Some(after) = page.after {
-        query = query.bind(after);
+        args.push(Arg::from(after));
     }
-    let rows = query.persistent(prepared).fetch_all(db.conn()).await?;
+    let rows: Vec<PageRow> = statement::fetch_all(db, sql, &args).await?;
     if rows.is_empty() {
         return Ok(None);
     }
@@ -570,16 +571,12 @@ async fn find_item(
     user: Uuid,
     item: Uuid,
 ) -> Result<Option<StoredJson>, sqlx::Error> {
-    let prepared = db.prepared();
-    let row: Option<(StoredJson,)> = sqlx::query_as(
+    let row: Option<(StoredJson,)> = statement::fetch_optional(
+        db,
         "SELECT i.body FROM conversations c JOIN items i ON i.conversation_id = c.id AND i.id = $3
          WHERE c.id = $1 AND c.user_id = $2 AND c.deleted_at IS NULL",
+        &[Arg::from(conversation), Arg::from(user), Arg::from(item)],
     )
-    .bind(conversation)
-    .bind(user)
-    .bind(item)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
     .await?;
     Ok(row.map(|(body,)| body))
 }

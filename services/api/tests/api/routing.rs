@@ -10,7 +10,8 @@ use turnpike_testkit::{NODES, Paths, REPLICAS, Stack, TestApp, User, eventually}
 
 both_paths!(
     reads_spread_over_replicas_and_skip_the_primary,
-    session_reads_see_own_writes_while_replay_is_paused
+    session_reads_see_own_writes_while_replay_is_paused,
+    one_message_statements_carry_their_arguments_exactly
 );
 
 /// The item-page statement, as pg_stat_statements records it.
@@ -32,8 +33,10 @@ async fn reads_spread_over_replicas_and_skip_the_primary(paths: Paths) {
     stack.wait_replicated().await;
 
     let mut before = Vec::new();
+    let mut transactions_before = 0;
     for node in NODES {
         before.push(stack.statement_calls(node, ITEM_PAGE).await);
+        transactions_before += stack.statement_calls(node, "BEGIN").await;
     }
     let reads = 200;
     for _ in 0..reads {
@@ -41,9 +44,13 @@ async fn reads_spread_over_replicas_and_skip_the_primary(paths: Paths) {
         assert_eq!(page.ok()["data"].as_array().unwrap().len(), 1);
     }
     let mut after = Vec::new();
+    let mut transactions = -transactions_before;
     for node in NODES {
         after.push(stack.statement_calls(node, ITEM_PAGE).await);
+        transactions += stack.statement_calls(node, "BEGIN").await;
     }
+    // Through PgBouncer too: a page is one message, with no transaction around it.
+    assert_eq!(transactions, 0, "item pages opened transactions");
     let served: Vec<i64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(served[0], 0, "the primary served item pages: {served:?}");
     assert_eq!(
@@ -189,4 +196,102 @@ async fn session_reads_see_own_writes_while_replay_is_paused(paths: Paths) {
         .list_items(&id, "?order=asc&consistency=eventual")
         .await;
     assert_eq!(texts(eventual.ok()), ["before", "after"]);
+}
+
+/// A statement sent as one message (through PgBouncer, its arguments
+/// written into it as literals) returns exactly what a bound statement
+/// would, whatever the text holds; a NUL byte is refused, not sent; and
+/// concurrent readers through PgBouncer each get their own statement's rows.
+async fn one_message_statements_carry_their_arguments_exactly(paths: Paths) {
+    use turnpike_core::db::Consistency;
+    use turnpike_core::db::statement::{self, Arg};
+
+    let stack = Stack::shared().await;
+    let router = std::sync::Arc::new(
+        turnpike_core::db::Router::new(&stack.settings(paths).database).unwrap(),
+    );
+    let texts = [
+        "plain",
+        "it's",
+        "''; DROP TABLE items; --",
+        "back\\slash \\' and \\",
+        "$1 $2 $$ dollar $tag$ quoting $tag$",
+        "/* comment */ -- line",
+        "E'escape'",
+        "ünïcödé ✓ 𝄞",
+        "",
+        "\\n is not a newline; this is:\nand a tab:\t.",
+    ];
+    for text in texts {
+        let id = uuid::Uuid::new_v4();
+        let (back_id, back_n, back_text, back_null): (uuid::Uuid, i64, String, Option<String>) =
+            router
+                .read_one_message(Consistency::Strong, move |db| {
+                    Box::pin(async move {
+                        statement::fetch_optional(
+                            db,
+                            "SELECT $1::uuid, $2::int8 - 1, $3, $4::text",
+                            &[
+                                Arg::from(id),
+                                Arg::from(i64::MIN + 1),
+                                Arg::from(text),
+                                Arg::Text(None),
+                            ],
+                        )
+                        .await
+                        .map(Option::unwrap)
+                    })
+                })
+                .await
+                .unwrap();
+        assert_eq!(
+            (back_id, back_n, back_text.as_str(), back_null),
+            (id, i64::MIN, text, None)
+        );
+    }
+
+    let refused = router
+        .read_one_message(Consistency::Strong, |db| {
+            Box::pin(async move {
+                statement::fetch_all::<(String,)>(db, "SELECT $1", &[Arg::from("a\0b")]).await
+            })
+        })
+        .await;
+    assert!(refused.is_err(), "a NUL byte was sent: {refused:?}");
+
+    let mut readers = tokio::task::JoinSet::new();
+    for reader in 0..32_i64 {
+        let router = std::sync::Arc::clone(&router);
+        readers.spawn(async move {
+            for round in 0..20_i64 {
+                let n = reader * 1000 + round;
+                let sql = if n % 2 == 0 {
+                    "SELECT $1::int8 * 2"
+                } else {
+                    "SELECT $1::int8 * 3, 'odd'"
+                };
+                let first: i64 = router
+                    .read_one_message(Consistency::Strong, move |db| {
+                        Box::pin(async move {
+                            let rows: Vec<(i64,)> = if n % 2 == 0 {
+                                statement::fetch_all(db, sql, &[Arg::from(n)]).await?
+                            } else {
+                                statement::fetch_all::<(i64, String)>(db, sql, &[Arg::from(n)])
+                                    .await?
+                                    .into_iter()
+                                    .map(|(v, _)| (v,))
+                                    .collect()
+                            };
+                            Ok(rows[0].0)
+                        })
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(first, if n % 2 == 0 { n * 2 } else { n * 3 });
+            }
+        });
+    }
+    while let Some(done) = readers.join_next().await {
+        done.unwrap();
+    }
 }

@@ -10,6 +10,7 @@ pub mod migrate;
 mod node;
 mod pool;
 mod router;
+pub mod statement;
 
 use std::fmt;
 use std::future::Future;
@@ -167,6 +168,12 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
 pub trait DbConn: Send {
     fn prepared(&self) -> bool;
     fn conn(&mut self) -> &mut sqlx::PgConnection;
+    /// The connection for a statement sent as one simple-protocol message
+    /// ([`statement`]), which needs no transaction around it even through
+    /// PgBouncer.
+    fn conn_for_one_message(&mut self) -> &mut sqlx::PgConnection {
+        self.conn()
+    }
 }
 
 #[cfg(test)]

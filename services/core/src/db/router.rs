@@ -118,11 +118,41 @@ impl Router {
     /// node, so `op` must be idempotent: reads are. A read that runs past
     /// `read_attempt_timeout_ms` fails alone ([`DbError::Timeout`]): a slow
     /// query says nothing about the node's health.
-    #[tracing::instrument(level = "debug", skip(self, op), fields(node))]
     pub async fn read_as<T, F>(
         &self,
         class: QueryClass,
         consistency: Consistency,
+        op: F,
+    ) -> Result<T, DbError>
+    where
+        F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
+    {
+        self.read_on_node(class, consistency, false, op).await
+    }
+
+    /// [`Router::read`] for an `op` that sends each statement as one
+    /// message ([`super::statement`]): through PgBouncer it runs without a
+    /// transaction around it, one round trip per statement instead of four
+    /// for a single read. Any other statement on its [`Reader`] is a bug
+    /// (caught in debug builds).
+    pub async fn read_one_message<T, F>(
+        &self,
+        consistency: Consistency,
+        op: F,
+    ) -> Result<T, DbError>
+    where
+        F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
+    {
+        self.read_on_node(current_class(), consistency, true, op)
+            .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, op), fields(node))]
+    async fn read_on_node<T, F>(
+        &self,
+        class: QueryClass,
+        consistency: Consistency,
+        one_message: bool,
         op: F,
     ) -> Result<T, DbError>
     where
@@ -134,7 +164,7 @@ impl Router {
             .ok_or(DbError::NoNodeAvailable)?;
         tracing::Span::current().record("node", first.name.as_str());
         let admission = self.admit(&first, class).await?;
-        let result = self.attempt(&first, &op).await;
+        let result = self.attempt(&first, one_message, &op).await;
         drop(admission);
         let error = match result {
             Ok(Ok(value)) => return Ok(value),
@@ -154,7 +184,7 @@ impl Router {
             .filter(|second| !Arc::ptr_eq(&first, second))
             .ok_or(DbError::NoNodeAvailable)?;
         let _admission = self.admit(&second, class).await?;
-        match self.attempt(&second, &op).await {
+        match self.attempt(&second, one_message, &op).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.ban(&second, &e);
@@ -233,13 +263,14 @@ impl Router {
     async fn attempt<T, F>(
         &self,
         node: &Arc<Node>,
+        one_message: bool,
         op: &F,
     ) -> Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>
     where
         F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
     {
         let run = async {
-            let mut reader = Reader::open(node).await?;
+            let mut reader = Reader::open(node, one_message).await?;
             let value = op(&mut reader).await?;
             reader.finish().await?;
             Ok(value)
@@ -565,24 +596,34 @@ fn build_node(
     ))
 }
 
-/// A read session on one node. Through PgBouncer it is an explicit
-/// transaction, because an unnamed statement's Parse and Execute are
-/// separate round trips that transaction pooling may send to different
-/// servers otherwise.
+/// A read session on one node. Through PgBouncer a read made with
+/// [`Router::read`] is an explicit transaction, because an unnamed
+/// statement's Parse and Execute are separate round trips that transaction
+/// pooling may send to different servers otherwise; one made with
+/// [`Router::read_one_message`] is not, and may only send statements as one
+/// message each ([`super::statement`]).
 pub struct Reader {
     conn: Pooled,
     node: InFlight,
+    /// Opened without a transaction through PgBouncer: extended-protocol
+    /// statements are not safe on it.
+    one_message_only: bool,
 }
 
 impl Reader {
-    async fn open(node: &Arc<Node>) -> Result<Self, sqlx::Error> {
+    async fn open(node: &Arc<Node>, one_message: bool) -> Result<Self, sqlx::Error> {
         let guard = InFlight::enter(node);
         let mut conn = node.pool.get().await?;
-        if node.path == ConnectPath::Pgbouncer {
+        let through_pgbouncer = node.path == ConnectPath::Pgbouncer;
+        if through_pgbouncer && !one_message {
             sqlx::Executor::execute(conn.conn(), "BEGIN").await?;
             conn.in_transaction = true;
         }
-        Ok(Self { conn, node: guard })
+        Ok(Self {
+            conn,
+            node: guard,
+            one_message_only: through_pgbouncer && one_message,
+        })
     }
 
     async fn finish(mut self) -> Result<(), sqlx::Error> {
@@ -606,6 +647,14 @@ impl DbConn for Reader {
     }
 
     fn conn(&mut self) -> &mut sqlx::PgConnection {
+        debug_assert!(
+            !self.one_message_only,
+            "an extended-protocol statement through PgBouncer outside a transaction"
+        );
+        self.conn.conn()
+    }
+
+    fn conn_for_one_message(&mut self) -> &mut sqlx::PgConnection {
         self.conn.conn()
     }
 }
