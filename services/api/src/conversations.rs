@@ -9,6 +9,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use sqlx::types::Json as SqlJson;
 use turnpike_core::db::DbConn;
+use turnpike_core::db::statement::{self, Arg};
 use turnpike_protocol::{
     Conversation, ConversationDeleted, CreateConversation, List, Metadata, UpdateConversation,
     ids as prefixes,
@@ -133,7 +134,7 @@ pub async fn list(
     let consistency = app.consistency(&principal, read).await;
     let mut rows = app
         .router
-        .read(consistency, move |db| {
+        .read_one_message(consistency, move |db| {
             Box::pin(async move { list_rows(db, user, after, order, limit + 1).await })
         })
         .await?;
@@ -162,7 +163,7 @@ pub async fn retrieve(
     let body = app
         .cached(id, &field, consistency, move |at| async move {
             let row = router
-                .read(at, move |db| {
+                .read_one_message(at, move |db| {
                     Box::pin(async move { find(db, id, user).await })
                 })
                 .await?;
@@ -281,14 +282,13 @@ pub async fn find(
     id: Uuid,
     user: Uuid,
 ) -> Result<Option<ConversationRow>, sqlx::Error> {
-    let prepared = db.prepared();
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM conversations WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL"
-    ))
-    .bind(id)
-    .bind(user)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
+    statement::fetch_optional(
+        db,
+        &format!(
+            "SELECT {COLUMNS} FROM conversations WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL"
+        ),
+        &[Arg::from(id), Arg::from(user)],
+    )
     .await
 }
 
@@ -301,7 +301,6 @@ async fn list_rows(
     order: Order,
     limit: i64,
 ) -> Result<Vec<ConversationRow>, sqlx::Error> {
-    let prepared = db.prepared();
     let (cmp, dir) = match order {
         Order::Asc => (">", "ASC"),
         Order::Desc => ("<", "DESC"),
@@ -317,11 +316,11 @@ async fn list_rows(
              ORDER BY id {dir} LIMIT $2"
         )
     };
-    let mut query = sqlx::query_as(&sql).bind(user).bind(limit);
+    let mut args = vec![Arg::from(user), Arg::from(limit)];
     if let Some(after) = after {
-        query = query.bind(after);
+        args.push(Arg::from(after));
     }
-    query.persistent(prepared).fetch_all(db.conn()).await
+    statement::fetch_all(db, &sql, &args).await
 }
 
 /// Bumps the conversation's version, locking it, if the user owns it. Primary only.

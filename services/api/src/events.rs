@@ -320,7 +320,7 @@ async fn stored_if_ended(app: &AppState, row: &ResponseRow) -> Option<ResponseRo
     let (id, user) = (row.id, row.user_id);
     let current = app
         .router
-        .read(Consistency::Eventual, move |db| {
+        .read_one_message(Consistency::Eventual, move |db| {
             Box::pin(async move { turns::find(db, id, user).await })
         })
         .await;

@@ -218,7 +218,7 @@ async fn attach(
         .ok_or_else(not_found)?;
     let row = app
         .router
-        .read(turnpike_core::db::Consistency::Strong, move |db| {
+        .read_one_message(turnpike_core::db::Consistency::Strong, move |db| {
             Box::pin(async move { turnpike_core::turns::find(db, id, user).await })
         })
         .await?

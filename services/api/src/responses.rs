@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use sqlx::types::Json as SqlJson;
 use turnpike_core::db::DbConn;
+use turnpike_core::db::statement::{self, Arg};
 use turnpike_protocol::item::{InputItem, Item, ItemContent, Role};
 use turnpike_protocol::response::{
     CompactRequest, CompactedResponse, CreateResponse, Multitask, Response, ResponseInput,
@@ -103,7 +104,7 @@ pub(crate) async fn wait(app: &AppState, row: &ResponseRow) -> serde_json::Value
     let (id, user) = (row.id, row.user_id);
     let current = app
         .router
-        .read(Consistency::Strong, move |db| {
+        .read_one_message(Consistency::Strong, move |db| {
             Box::pin(async move { find(db, id, user).await })
         })
         .await;
@@ -478,7 +479,7 @@ pub async fn retrieve(
     let consistency = app.consistency(&principal, read).await;
     let row = app
         .router
-        .read(consistency, move |db| {
+        .read_one_message(consistency, move |db| {
             Box::pin(async move { find(db, id, user).await })
         })
         .await?
@@ -556,7 +557,7 @@ pub async fn input_items(
     let consistency = app.consistency(&principal, read).await;
     let rows = app
         .router
-        .read(consistency, move |db| {
+        .read_one_message(consistency, move |db| {
             Box::pin(async move {
                 let Some(turn) = find(db, id, user).await? else {
                     return Ok(None);
@@ -915,7 +916,6 @@ struct InputPage {
 
 /// A page of a response's input items. Replica or primary.
 async fn list_inputs(db: &mut impl DbConn, page: &InputPage) -> Result<Vec<ItemRow>, sqlx::Error> {
-    let prepared = db.prepared();
     let (cmp, dir) = match page.order {
         Order::Asc => (">", "ASC"),
         Order::Desc => ("<", "DESC"),
@@ -929,15 +929,16 @@ async fn list_inputs(db: &mut impl DbConn, page: &InputPage) -> Result<Vec<ItemR
         "SELECT id, kind, body FROM items WHERE conversation_id = $1 AND seq BETWEEN $2 AND $3 {cursor}
          ORDER BY seq {dir} LIMIT $4"
     );
-    let mut query = sqlx::query_as::<_, (Uuid, String, StoredJson)>(&sql)
-        .bind(page.conversation)
-        .bind(page.seqs.0)
-        .bind(page.seqs.1)
-        .bind(page.limit);
+    let mut args = vec![
+        Arg::from(page.conversation),
+        Arg::from(page.seqs.0),
+        Arg::from(page.seqs.1),
+        Arg::from(page.limit),
+    ];
     if let Some(after) = page.after {
-        query = query.bind(after);
+        args.push(Arg::from(after));
     }
-    let rows = query.persistent(prepared).fetch_all(db.conn()).await?;
+    let rows: Vec<(Uuid, String, StoredJson)> = statement::fetch_all(db, &sql, &args).await?;
     Ok(rows
         .into_iter()
         .map(|(id, kind, body)| ItemRow { id, kind, body })

@@ -9,6 +9,7 @@ use turnpike_protocol::{Metadata, ids as prefixes};
 use uuid::Uuid;
 
 use crate::db::DbConn;
+use crate::db::statement::{self, Arg};
 use crate::ids;
 
 /// The creation parameters kept with a response.
@@ -156,17 +157,16 @@ pub async fn find(
     id: Uuid,
     user: Uuid,
 ) -> Result<Option<ResponseRow>, sqlx::Error> {
-    let prepared = db.prepared();
     // A deleted conversation's responses are gone with it.
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM responses r WHERE id = $1 AND user_id = $2
-           AND EXISTS (SELECT 1 FROM conversations c
-                        WHERE c.id = r.conversation_id AND c.deleted_at IS NULL)"
-    ))
-    .bind(id)
-    .bind(user)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
+    statement::fetch_optional(
+        db,
+        &format!(
+            "SELECT {COLUMNS} FROM responses r WHERE id = $1 AND user_id = $2
+               AND EXISTS (SELECT 1 FROM conversations c
+                            WHERE c.id = r.conversation_id AND c.deleted_at IS NULL)"
+        ),
+        &[Arg::from(id), Arg::from(user)],
+    )
     .await
 }
 
@@ -779,12 +779,12 @@ pub async fn history(
     last_seq: i64,
     bounds: HistoryBounds,
 ) -> Result<Vec<HistoryItem>, sqlx::Error> {
-    let prepared = db.prepared();
     type Row = (SqlJson<Item>, Option<SqlJson<Vec<serde_json::Value>>>, i64);
     // The newest items that fit the bounds; `total` says whether any were
     // left out. Sizes as stored (pg_column_size reads no value whole):
     // every turn runs this, and a bound needs no exact count.
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<Row> = statement::fetch_all(
+        db,
         "SELECT body, prompt, total FROM (
            SELECT seq, body, prompt, count(*) OVER () AS total,
                   row_number() OVER newest AS newer_items,
@@ -797,13 +797,13 @@ pub async fn history(
            WINDOW newest AS (ORDER BY seq DESC)) recent
          WHERE newer_items <= $3 AND newer_bytes < $4
          ORDER BY seq",
+        &[
+            Arg::from(conversation),
+            Arg::from(last_seq),
+            Arg::from(bounds.items),
+            Arg::from(bounds.bytes),
+        ],
     )
-    .bind(conversation)
-    .bind(last_seq)
-    .bind(bounds.items)
-    .bind(bounds.bytes)
-    .persistent(prepared)
-    .fetch_all(db.conn())
     .await?;
     let truncated = rows
         .first()

@@ -219,7 +219,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     let bounds = turns::HistoryBounds::of(&ctx.settings.worker);
     let history = ctx
         .router
-        .read(Consistency::Session(Some(lsn)), move |db| {
+        .read_one_message(Consistency::Session(Some(lsn)), move |db| {
             Box::pin(async move { turns::history(db, conversation, last_seq, bounds).await })
         })
         .await?;

@@ -58,7 +58,7 @@ impl<'a> From<&'a str> for Arg<'a> {
 /// Every row `sql` returns.
 pub async fn fetch_all<T>(
     db: &mut impl DbConn,
-    sql: &'static str,
+    sql: &str,
     args: &[Arg<'_>],
 ) -> Result<Vec<T>, sqlx::Error>
 where
@@ -75,7 +75,7 @@ where
 /// The first row `sql` returns, if any.
 pub async fn fetch_optional<T>(
     db: &mut impl DbConn,
-    sql: &'static str,
+    sql: &str,
     args: &[Arg<'_>],
 ) -> Result<Option<T>, sqlx::Error>
 where
@@ -90,7 +90,7 @@ where
 
 fn prepared<'c>(
     conn: &'c mut PgConnection,
-    sql: &'static str,
+    sql: &'c str,
     args: &[Arg<'_>],
 ) -> Result<BoxFuture<'c, Result<Vec<PgRow>, sqlx::Error>>, sqlx::Error> {
     let mut arguments = PgArguments::default();
