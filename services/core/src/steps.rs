@@ -12,6 +12,7 @@ use turnpike_protocol::response::Usage;
 use uuid::Uuid;
 
 use crate::db::DbConn;
+use crate::db::statement::{self, Arg};
 
 /// What a step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,21 +94,35 @@ pub async fn load(db: &mut impl DbConn, response: Uuid) -> Result<Vec<Step>, sql
 /// Primary only.
 #[tracing::instrument(level = "debug", skip(db, step), fields(index = step.index))]
 pub async fn save(db: &mut impl DbConn, response: Uuid, step: &Step) -> Result<bool, sqlx::Error> {
-    let prepared = db.prepared();
-    let done = sqlx::query(
+    let encode = |e: serde_json::Error| sqlx::Error::Encode(e.into());
+    let items = serde_json::to_string(&step.items).map_err(encode)?;
+    let usage = step
+        .usage
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(encode)?;
+    let prompt = step
+        .prompt
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(encode)?;
+    let done = statement::execute(
+        db,
         "INSERT INTO response_steps (response_id, step, kind, items, usage, prompt)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::jsonb) ON CONFLICT DO NOTHING",
+        &[
+            Arg::from(response),
+            Arg::from(step.index),
+            Arg::from(step.kind.as_str()),
+            Arg::from(items.as_str()),
+            Arg::Text(usage.as_deref()),
+            Arg::Text(prompt.as_deref()),
+        ],
     )
-    .bind(response)
-    .bind(step.index)
-    .bind(step.kind.as_str())
-    .bind(SqlJson(&step.items))
-    .bind(step.usage.as_ref().map(SqlJson))
-    .bind(step.prompt.as_ref().map(SqlJson))
-    .persistent(prepared)
-    .execute(db.conn())
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(done == 1)
 }
 
 /// The instructions and tools a conversation's prompts are built on. The
@@ -137,12 +152,12 @@ pub async fn freeze(
     conversation: Uuid,
     frozen: &Frozen,
 ) -> Result<(), sqlx::Error> {
-    let prepared = db.prepared();
-    sqlx::query("UPDATE conversations SET frozen = $2 WHERE id = $1")
-        .bind(conversation)
-        .bind(SqlJson(frozen))
-        .persistent(prepared)
-        .execute(db.conn())
-        .await?;
+    let frozen = serde_json::to_string(frozen).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    statement::execute(
+        db,
+        "UPDATE conversations SET frozen = $2::jsonb WHERE id = $1",
+        &[Arg::from(conversation), Arg::from(frozen.as_str())],
+    )
+    .await?;
     Ok(())
 }

@@ -205,8 +205,10 @@ pub async fn start(
     // conversation itself.
     // It also reads the conversation's frozen prompt settings, as of the
     // lock: the caller refreezes them under it.
-    let started: Option<StartedRow> = sqlx::query_as(&format!(
-        "WITH locked AS (
+    let started: Option<StartedRow> = statement::fetch_optional(
+        db,
+        &format!(
+            "WITH locked AS (
            SELECT id, frozen FROM conversations
             WHERE id = (SELECT conversation_id FROM responses WHERE id = $1)
             FOR NO KEY UPDATE)
@@ -214,11 +216,9 @@ pub async fn start(
           WHERE id = $1 AND conversation_id IN (SELECT id FROM locked)
             AND (status = 'queued' OR (status = 'in_progress' AND $2))
          RETURNING {COLUMNS}, (SELECT frozen FROM locked) AS frozen"
-    ))
-    .bind(id)
-    .bind(redelivery)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
+        ),
+        &[Arg::from(id), Arg::from(redelivery)],
+    )
     .await?;
     let Some(StartedRow { row, frozen }) = started else {
         return Ok(None);
@@ -315,12 +315,12 @@ pub async fn lock_conversation(
     db: &mut impl DbConn,
     conversation: Uuid,
 ) -> Result<(), sqlx::Error> {
-    let prepared = db.prepared();
-    sqlx::query("SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(conversation)
-        .persistent(prepared)
-        .fetch_optional(db.conn())
-        .await?;
+    statement::execute(
+        db,
+        "SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE",
+        &[Arg::from(conversation)],
+    )
+    .await?;
     Ok(())
 }
 
@@ -334,15 +334,13 @@ pub async fn next_queued(
     db: &mut impl DbConn,
     conversation: Uuid,
 ) -> Result<Option<Uuid>, sqlx::Error> {
-    let prepared = db.prepared();
-    let row: Option<(Uuid,)> = sqlx::query_as(
+    let row: Option<(Uuid,)> = statement::fetch_optional(
+        db,
         "SELECT id FROM responses q WHERE q.conversation_id = $1 AND q.status = 'queued'
            AND NOT EXISTS (SELECT 1 FROM responses a WHERE a.conversation_id = $1 AND a.status = 'in_progress')
          ORDER BY q.id LIMIT 1",
+        &[Arg::from(conversation)],
     )
-    .bind(conversation)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
     .await?;
     Ok(row.map(|(id,)| id))
 }
@@ -484,13 +482,12 @@ pub async fn finish(
     // The conversation first, then the response: the order a create (and
     // an interrupting create, which cancels responses) takes them in.
     lock_conversation(db, response.conversation_id).await?;
-    let prepared = db.prepared();
-    let locked: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM responses WHERE id = $1 FOR UPDATE")
-            .bind(response.id)
-            .persistent(prepared)
-            .fetch_optional(db.conn())
-            .await?;
+    let locked: Option<(String,)> = statement::fetch_optional(
+        db,
+        "SELECT status FROM responses WHERE id = $1 FOR UPDATE",
+        &[Arg::from(response.id)],
+    )
+    .await?;
     if !matches!(
         locked.as_ref().map(|(s,)| s.as_str()),
         Some("queued" | "in_progress")
@@ -516,19 +513,39 @@ pub async fn finish(
         )
         .await?;
     }
-    sqlx::query_as(&format!(
-        "UPDATE responses SET status = $2, output = $3, usage = $4, error = $5,
-             incomplete_details = $6, updated_at = now()
-         WHERE id = $1 RETURNING {COLUMNS}"
-    ))
-    .bind(response.id)
-    .bind(outcome.status.as_str())
-    .bind(SqlJson(outcome.output))
-    .bind(outcome.usage.map(SqlJson))
-    .bind(outcome.error)
-    .bind(outcome.incomplete_details)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
+    let encode = |e: serde_json::Error| sqlx::Error::Encode(e.into());
+    let output = serde_json::to_string(outcome.output).map_err(encode)?;
+    let usage = outcome
+        .usage
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(encode)?;
+    let error = outcome
+        .error
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(encode)?;
+    let incomplete = outcome
+        .incomplete_details
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(encode)?;
+    statement::fetch_optional(
+        db,
+        &format!(
+            "UPDATE responses SET status = $2, output = $3::jsonb, usage = $4::jsonb,
+                 error = $5::jsonb, incomplete_details = $6::jsonb, updated_at = now()
+             WHERE id = $1 RETURNING {COLUMNS}"
+        ),
+        &[
+            Arg::from(response.id),
+            Arg::from(outcome.status.as_str()),
+            Arg::from(output.as_str()),
+            Arg::Text(usage.as_deref()),
+            Arg::Text(error.as_deref()),
+            Arg::Text(incomplete.as_deref()),
+        ],
+    )
     .await
 }
 
@@ -543,17 +560,13 @@ pub async fn reserve_seqs(
     n: usize,
 ) -> Result<Option<i64>, sqlx::Error> {
     let n = i64::try_from(n).unwrap_or(i64::MAX);
-    let prepared = db.prepared();
-    let last: Option<(i64,)> = sqlx::query_as(
+    let last: Option<(i64,)> = statement::fetch_optional(
+        db,
         "UPDATE conversations SET last_seq = last_seq + $3, version = version + 1, updated_at = now()
          WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL
          RETURNING last_seq",
+        &[Arg::from(conversation), Arg::from(user), Arg::from(n)],
     )
-    .bind(conversation)
-    .bind(user)
-    .bind(n)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
     .await?;
     Ok(last.map(|(last,)| last - n + 1))
 }

@@ -535,10 +535,11 @@ impl<'a> Loop<'a> {
     async fn commit(&mut self, step: Step) -> Result<(), LoopError> {
         use tracing::Instrument;
         let span = tracing::info_span!("persist", step = step.index, items = step.items.len());
+        // One statement, a transaction of its own.
         let stored = async {
-            let mut tx = self.ctx.router.write().await?;
-            let stored = steps::save(&mut tx, self.row.id, &step).await?;
-            tx.commit().await?;
+            let mut db = self.ctx.router.write_one_message().await?;
+            let stored = steps::save(&mut db, self.row.id, &step).await?;
+            db.done();
             Ok::<bool, LoopError>(stored)
         }
         .instrument(span)

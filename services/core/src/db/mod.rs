@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 pub use budget::{BudgetStatus, LaneStatus};
 pub use node::{Node, NodeState, NodeStatus, PoolStatus};
-pub use router::{Reader, Router, Writer};
+pub use router::{OneStatement, Reader, Router, Writer};
 pub use turnpike_protocol::QueryClass;
 
 tokio::task_local! {

@@ -232,6 +232,35 @@ impl Router {
         }
     }
 
+    /// A connection to the primary for one statement that is a transaction
+    /// of its own: no BEGIN and COMMIT around it, two round trips fewer
+    /// than [`Router::write`]. Through PgBouncer the statement must go as
+    /// one message ([`super::statement`]). Fails fast as `write` does.
+    pub async fn write_one_message(&self) -> Result<OneStatement, DbError> {
+        let node = &self.primary;
+        if node.state() == NodeState::Down {
+            return Err(DbError::PrimaryUnavailable);
+        }
+        let admission = self.admit(node, QueryClass::Interactive).await?;
+        let guard = InFlight::enter(node);
+        match tokio::time::timeout(self.acquire_timeout(), node.pool.get()).await {
+            Ok(Ok(conn)) => Ok(OneStatement {
+                conn,
+                one_message_only: node.path == ConnectPath::Pgbouncer,
+                node: guard,
+                _admission: admission,
+            }),
+            Ok(Err(e)) if is_connection_error(&e) => {
+                self.ban(node, &e);
+                Err(DbError::PrimaryUnavailable)
+            }
+            Ok(Err(e)) => Err(DbError::Query(e)),
+            Err(_elapsed) => Err(DbError::Timeout {
+                node: node.name.clone(),
+            }),
+        }
+    }
+
     fn acquire_timeout(&self) -> Duration {
         Duration::from_millis(self.settings.acquire_timeout_ms)
     }
@@ -704,6 +733,44 @@ impl DbConn for Writer {
     }
 
     fn conn(&mut self) -> &mut sqlx::PgConnection {
+        self.conn.conn()
+    }
+}
+
+/// A connection to the primary for one statement in a transaction of its
+/// own ([`Router::write_one_message`]). Call [`OneStatement::done`] after
+/// the statement; dropped without it (the statement failed), the connection
+/// is recovered or closed in the background.
+pub struct OneStatement {
+    conn: Pooled,
+    /// Through PgBouncer: only statements sent as one message are safe.
+    one_message_only: bool,
+    node: InFlight,
+    _admission: Admission,
+}
+
+impl OneStatement {
+    /// The statement completed: the connection goes back to the pool.
+    pub fn done(self) {
+        self.conn.done();
+        drop(self.node);
+    }
+}
+
+impl DbConn for OneStatement {
+    fn prepared(&self) -> bool {
+        self.node.node().prepared()
+    }
+
+    fn conn(&mut self) -> &mut sqlx::PgConnection {
+        debug_assert!(
+            !self.one_message_only,
+            "an extended-protocol statement through PgBouncer outside a transaction"
+        );
+        self.conn.conn()
+    }
+
+    fn conn_for_one_message(&mut self) -> &mut sqlx::PgConnection {
         self.conn.conn()
     }
 }

@@ -10,14 +10,15 @@
 //! one round trip, no transaction needed, what `pgbench -M simple` sends.
 //!
 //! Only the argument types below are written as literals, each in a form
-//! that cannot end the literal it sits in: a UUID or an integer is printed
-//! from its value, text is an escape string with every backslash and quote
-//! doubled (text with a NUL byte is refused; PostgreSQL cannot store one).
+//! that cannot end the literal it sits in: a UUID, an integer or a boolean
+//! is printed from its value; text (JSON too, cast in the SQL) is an escape
+//! string with every backslash and quote doubled (text with a NUL byte is
+//! refused; PostgreSQL cannot store one).
 
 use std::fmt::Write as _;
 
 use futures_util::future::BoxFuture;
-use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
 use sqlx::{Arguments as _, FromRow, PgConnection};
 use uuid::Uuid;
 
@@ -29,6 +30,7 @@ pub enum Arg<'a> {
     Uuid(Option<Uuid>),
     Int(Option<i64>),
     Text(Option<&'a str>),
+    Bool(Option<bool>),
 }
 
 impl From<Uuid> for Arg<'_> {
@@ -46,6 +48,12 @@ impl From<Option<Uuid>> for Arg<'_> {
 impl From<i64> for Arg<'_> {
     fn from(value: i64) -> Self {
         Arg::Int(Some(value))
+    }
+}
+
+impl From<bool> for Arg<'_> {
+    fn from(value: bool) -> Self {
+        Arg::Bool(Some(value))
     }
 }
 
@@ -84,6 +92,28 @@ where
     Ok(fetch_all(db, sql, args).await?.into_iter().next())
 }
 
+/// Runs `sql`; the number of rows it changed.
+pub async fn execute(
+    db: &mut impl DbConn,
+    sql: &str,
+    args: &[Arg<'_>],
+) -> Result<u64, sqlx::Error> {
+    let done = if db.prepared() {
+        let arguments = bound(args)?;
+        let query = sqlx::query_with(sql, arguments).persistent(true);
+        let run: BoxFuture<'_, Result<PgQueryResult, sqlx::Error>> =
+            Box::pin(query.execute(db.conn()));
+        run.await?
+    } else {
+        let text = render(sql, args)?;
+        let conn = db.conn_for_one_message();
+        let run: BoxFuture<'_, Result<PgQueryResult, sqlx::Error>> =
+            Box::pin(async move { sqlx::Executor::execute(conn, text.as_str()).await });
+        run.await?
+    };
+    Ok(done.rows_affected())
+}
+
 // The two sends are boxed futures of concrete types: a generic `async fn`
 // around sqlx's generic executors is not provably `Send` for every lifetime
 // the callers' boxed read closures need.
@@ -93,17 +123,22 @@ fn prepared<'c>(
     sql: &'c str,
     args: &[Arg<'_>],
 ) -> Result<BoxFuture<'c, Result<Vec<PgRow>, sqlx::Error>>, sqlx::Error> {
+    let query = sqlx::query_with(sql, bound(args)?).persistent(true);
+    Ok(Box::pin(query.fetch_all(conn)))
+}
+
+fn bound(args: &[Arg<'_>]) -> Result<PgArguments, sqlx::Error> {
     let mut arguments = PgArguments::default();
     for arg in args {
         match *arg {
             Arg::Uuid(v) => arguments.add(v),
             Arg::Int(v) => arguments.add(v),
             Arg::Text(v) => arguments.add(v),
+            Arg::Bool(v) => arguments.add(v),
         }
         .map_err(sqlx::Error::Encode)?;
     }
-    let query = sqlx::query_with(sql, arguments).persistent(true);
-    Ok(Box::pin(query.fetch_all(conn)))
+    Ok(arguments)
 }
 
 fn one_message(
@@ -174,6 +209,8 @@ fn literal(out: &mut String, arg: &Arg<'_>) -> Result<(), sqlx::Error> {
             out.push_str("'::text");
         }
         Arg::Text(None) => out.push_str("NULL::text"),
+        Arg::Bool(Some(v)) => out.push_str(if v { "true" } else { "false" }),
+        Arg::Bool(None) => out.push_str("NULL::bool"),
     }
     Ok(())
 }
