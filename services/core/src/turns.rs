@@ -732,13 +732,15 @@ pub async fn insert_items_with_prompts(
     prompts: &[(String, Vec<serde_json::Value>)],
     response: Option<Uuid>,
 ) -> Result<(), sqlx::Error> {
-    let mut prompt_of: Vec<Option<serde_json::Value>> = Vec::with_capacity(items.len());
+    let encode = |e: serde_json::Error| sqlx::Error::Encode(Box::new(e));
+    let mut prompt_of: Vec<Option<String>> = Vec::with_capacity(items.len());
     for item in items {
+        let prompt = prompts.iter().find(|(id, _)| id == item.id());
         prompt_of.push(
-            prompts
-                .iter()
-                .find(|(id, _)| id == item.id())
-                .map(|(_, prompt)| serde_json::Value::from(prompt.clone())),
+            prompt
+                .map(|(_, prompt)| serde_json::to_string(prompt))
+                .transpose()
+                .map_err(encode)?,
         );
     }
     let mut seqs = Vec::with_capacity(items.len());
@@ -748,25 +750,25 @@ pub async fn insert_items_with_prompts(
     for (seq, item) in (first_seq..).zip(items) {
         seqs.push(seq);
         uuids.push(item_uuid(item));
-        kinds.push(kind_of(item));
-        bodies.push(serde_json::to_value(item).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+        kinds.push(Some(kind_of(item).to_owned()));
+        bodies.push(Some(serde_json::to_string(item).map_err(encode)?));
     }
-    let prepared = db.prepared();
-    sqlx::query(
+    statement::execute(
+        db,
         "INSERT INTO items (conversation_id, seq, id, kind, body, response_id, prompt)
          SELECT $1, seq, id, kind, body, $6, prompt
-         FROM UNNEST($2::int8[], $3::uuid[], $4::text[], $5::jsonb[], $7::jsonb[])
+         FROM UNNEST($2::int8[], $3::uuid[], $4::text[], $5::text[]::jsonb[], $7::text[]::jsonb[])
               AS t (seq, id, kind, body, prompt)",
+        &[
+            Arg::from(conversation),
+            Arg::Ints(&seqs),
+            Arg::Uuids(&uuids),
+            Arg::Texts(&kinds),
+            Arg::Texts(&bodies),
+            Arg::from(response),
+            Arg::Texts(&prompt_of),
+        ],
     )
-    .bind(conversation)
-    .bind(&seqs)
-    .bind(&uuids)
-    .bind(&kinds)
-    .bind(&bodies)
-    .bind(response)
-    .bind(&prompt_of)
-    .persistent(prepared)
-    .execute(db.conn())
     .await?;
     Ok(())
 }

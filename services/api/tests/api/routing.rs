@@ -198,6 +198,15 @@ async fn session_reads_see_own_writes_while_replay_is_paused(paths: Paths) {
     assert_eq!(texts(eventual.ok()), ["before", "after"]);
 }
 
+/// What the array round trip returns.
+type Arrays = (
+    Vec<i64>,
+    Vec<uuid::Uuid>,
+    Vec<Option<String>>,
+    Vec<i64>,
+    bool,
+);
+
 /// A statement sent as one message (through PgBouncer, its arguments
 /// written into it as literals) returns exactly what a bound statement
 /// would, whatever the text holds; a NUL byte is refused, not sent; and
@@ -249,6 +258,41 @@ async fn one_message_statements_carry_their_arguments_exactly(paths: Paths) {
             (id, i64::MIN, text, None)
         );
     }
+
+    let texts: Vec<Option<String>> = texts
+        .iter()
+        .map(|t| Some((*t).to_owned()))
+        .chain([None])
+        .collect();
+    let ids = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
+    let (back_ints, back_ids, back_texts, empty, flag): Arrays = router
+        .read_one_message(Consistency::Strong, {
+            let texts = texts.clone();
+            move |db| {
+                let texts = texts.clone();
+                Box::pin(async move {
+                    statement::fetch_optional(
+                        db,
+                        "SELECT $1::int8[], $2::uuid[], $3::text[], $4::int8[], $5::bool",
+                        &[
+                            Arg::Ints(&[i64::MAX, -1, 0]),
+                            Arg::Uuids(&ids),
+                            Arg::Texts(&texts),
+                            Arg::Ints(&[]),
+                            Arg::from(true),
+                        ],
+                    )
+                    .await
+                    .map(Option::unwrap)
+                })
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(back_ints, [i64::MAX, -1, 0]);
+    assert_eq!(back_ids, ids);
+    assert_eq!(back_texts, texts);
+    assert!(empty.is_empty() && flag);
 
     let refused = router
         .read_one_message(Consistency::Strong, |db| {

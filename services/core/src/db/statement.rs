@@ -31,6 +31,10 @@ pub enum Arg<'a> {
     Int(Option<i64>),
     Text(Option<&'a str>),
     Bool(Option<bool>),
+    Ints(&'a [i64]),
+    Uuids(&'a [Uuid]),
+    /// Text elements, any of them NULL.
+    Texts(&'a [Option<String>]),
 }
 
 impl From<Uuid> for Arg<'_> {
@@ -135,6 +139,9 @@ fn bound(args: &[Arg<'_>]) -> Result<PgArguments, sqlx::Error> {
             Arg::Int(v) => arguments.add(v),
             Arg::Text(v) => arguments.add(v),
             Arg::Bool(v) => arguments.add(v),
+            Arg::Ints(v) => arguments.add(v),
+            Arg::Uuids(v) => arguments.add(v),
+            Arg::Texts(v) => arguments.add(v),
         }
         .map_err(sqlx::Error::Encode)?;
     }
@@ -211,7 +218,32 @@ fn literal(out: &mut String, arg: &Arg<'_>) -> Result<(), sqlx::Error> {
         Arg::Text(None) => out.push_str("NULL::text"),
         Arg::Bool(Some(v)) => out.push_str(if v { "true" } else { "false" }),
         Arg::Bool(None) => out.push_str("NULL::bool"),
+        Arg::Ints(values) => array(out, values, "int8", |out, v| literal(out, &Arg::from(*v)))?,
+        Arg::Uuids(values) => array(out, values, "uuid", |out, v| literal(out, &Arg::from(*v)))?,
+        Arg::Texts(values) => array(out, values, "text", |out, v| {
+            literal(out, &Arg::Text(v.as_deref()))
+        })?,
     }
+    Ok(())
+}
+
+/// `ARRAY[…]::type[]` of the elements' literals.
+fn array<T>(
+    out: &mut String,
+    values: &[T],
+    element_type: &str,
+    mut element: impl FnMut(&mut String, &T) -> Result<(), sqlx::Error>,
+) -> Result<(), sqlx::Error> {
+    out.push_str("ARRAY[");
+    for (i, value) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        element(out, value)?;
+    }
+    out.push_str("]::");
+    out.push_str(element_type);
+    out.push_str("[]");
     Ok(())
 }
 
@@ -255,6 +287,28 @@ mod tests {
         assert!(render("SELECT $0", &[Arg::from(1)]).is_err());
         assert!(render("SELECT $", &[]).is_err());
         assert!(render("SELECT 1", &[]).is_ok());
+    }
+
+    #[test]
+    fn arrays_are_arrays_of_literals() {
+        let id = Uuid::from_u128(1);
+        let texts = [Some("a'b".to_owned()), None];
+        let sql = render(
+            "SELECT $1, $2, $3, $4",
+            &[
+                Arg::Ints(&[1, -2]),
+                Arg::Uuids(&[id]),
+                Arg::Texts(&texts),
+                Arg::Ints(&[]),
+            ],
+        )
+        .unwrap_or_default();
+        assert_eq!(
+            sql,
+            "SELECT ARRAY['1'::int8,'-2'::int8]::int8[], \
+             ARRAY['00000000-0000-0000-0000-000000000001'::uuid]::uuid[], \
+             ARRAY[E'a''b'::text,NULL::text]::text[], ARRAY[]::int8[]"
+        );
     }
 
     #[test]
