@@ -261,18 +261,22 @@ pub async fn insert(
     metadata: &Metadata,
     item_count: usize,
 ) -> Result<ConversationRow, sqlx::Error> {
-    let prepared = db.prepared();
-    sqlx::query_as(&format!(
-        "INSERT INTO conversations (id, user_id, metadata, last_seq) VALUES ($1, $2, $3, $4)
-         RETURNING {COLUMNS}"
-    ))
-    .bind(Uuid::now_v7())
-    .bind(user)
-    .bind(SqlJson(metadata))
-    .bind(i64::try_from(item_count).unwrap_or(i64::MAX))
-    .persistent(prepared)
-    .fetch_one(db.conn())
-    .await
+    let metadata = serde_json::to_string(metadata).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    statement::fetch_optional(
+        db,
+        &format!(
+            "INSERT INTO conversations (id, user_id, metadata, last_seq)
+             VALUES ($1, $2, $3::jsonb, $4) RETURNING {COLUMNS}"
+        ),
+        &[
+            Arg::from(Uuid::now_v7()),
+            Arg::from(user),
+            Arg::from(metadata.as_str()),
+            Arg::from(i64::try_from(item_count).unwrap_or(i64::MAX)),
+        ],
+    )
+    .await?
+    .ok_or(sqlx::Error::RowNotFound)
 }
 
 /// A conversation the user owns. Replica or primary.

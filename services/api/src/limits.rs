@@ -358,14 +358,13 @@ pub async fn check_storage(
     if cap == 0 {
         return Ok(());
     }
-    let prepared = tx.prepared();
-    let (stored,): (i64,) = sqlx::query_as(
+    let summed: Option<(i64,)> = turnpike_core::db::statement::fetch_optional(
+        tx,
         "SELECT coalesce(sum(bytes), 0)::int8 FROM user_stored_bytes WHERE user_id = $1",
+        &[turnpike_core::db::statement::Arg::from(user)],
     )
-    .bind(user)
-    .persistent(prepared)
-    .fetch_one(tx.conn())
     .await?;
+    let stored = summed.map_or(0, |(stored,)| stored);
     let after = u64::try_from(stored).unwrap_or(0) + incoming as u64;
     if after <= cap {
         return Ok(());

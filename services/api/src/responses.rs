@@ -8,7 +8,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use sqlx::types::Json as SqlJson;
 use turnpike_core::db::DbConn;
 use turnpike_core::db::statement::{self, Arg};
 use turnpike_protocol::item::{InputItem, Item, ItemContent, Role};
@@ -856,24 +855,34 @@ struct NewResponse<'a> {
 /// Inserts a queued response. Primary only.
 #[tracing::instrument(level = "debug", skip_all, fields(id = %new.id))]
 async fn insert(db: &mut impl DbConn, new: &NewResponse<'_>) -> Result<ResponseRow, sqlx::Error> {
-    let prepared = db.prepared();
-    sqlx::query_as(&format!(
-        "INSERT INTO responses (id, conversation_id, user_id, status, model, background, request,
-             input_first_seq, input_last_seq, pending_input)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
-    ))
-    .bind(new.id)
-    .bind(new.conversation)
-    .bind(new.user)
-    .bind(new.model)
-    .bind(new.background)
-    .bind(SqlJson(new.request))
-    .bind(new.input_seqs.0)
-    .bind(new.input_seqs.1)
-    .bind(new.pending.map(SqlJson))
-    .persistent(prepared)
-    .fetch_one(db.conn())
-    .await
+    let encode = |e: serde_json::Error| sqlx::Error::Encode(e.into());
+    let request = serde_json::to_string(new.request).map_err(encode)?;
+    let pending = new
+        .pending
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(encode)?;
+    statement::fetch_optional(
+        db,
+        &format!(
+            "INSERT INTO responses (id, conversation_id, user_id, status, model, background, request,
+                 input_first_seq, input_last_seq, pending_input)
+             VALUES ($1, $2, $3, 'queued', $4, $5, $6::jsonb, $7, $8, $9::jsonb) RETURNING {COLUMNS}"
+        ),
+        &[
+            Arg::from(new.id),
+            Arg::from(new.conversation),
+            Arg::from(new.user),
+            Arg::from(new.model),
+            Arg::from(new.background),
+            Arg::from(request.as_str()),
+            Arg::from(new.input_seqs.0),
+            Arg::from(new.input_seqs.1),
+            Arg::Text(pending.as_deref()),
+        ],
+    )
+    .await?
+    .ok_or(sqlx::Error::RowNotFound)
 }
 
 /// A page of a waiting turn's pending input (not yet in the conversation).

@@ -15,6 +15,7 @@ use redis::Script;
 use uuid::Uuid;
 
 use crate::db::DbConn;
+use crate::db::statement::{self, Arg};
 use crate::kv::{Kv, KvError};
 
 /// GCRA on `KEYS[1]` (the theoretical arrival time, in µs of Redis time)
@@ -275,12 +276,12 @@ impl UtcDay {
 /// Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn lock_user_turns(db: &mut impl DbConn, user: Uuid) -> Result<(), sqlx::Error> {
-    let prepared = db.prepared();
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(user)
-        .persistent(prepared)
-        .fetch_optional(db.conn())
-        .await?;
+    statement::execute(
+        db,
+        "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE",
+        &[Arg::from(user)],
+    )
+    .await?;
     Ok(())
 }
 
@@ -290,17 +291,14 @@ pub async fn lock_user_turns(db: &mut impl DbConn, user: Uuid) -> Result<(), sql
 /// the same transaction.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn active_turns(db: &mut impl DbConn, user: Uuid, cap: i64) -> Result<i64, sqlx::Error> {
-    let prepared = db.prepared();
-    let (count,): (i64,) = sqlx::query_as(
+    let counted: Option<(i64,)> = statement::fetch_optional(
+        db,
         "SELECT count(*) FROM (SELECT 1 FROM responses
              WHERE user_id = $1 AND status IN ('queued', 'in_progress') LIMIT $2) AS active",
+        &[Arg::from(user), Arg::from(cap)],
     )
-    .bind(user)
-    .bind(cap)
-    .persistent(prepared)
-    .fetch_one(db.conn())
     .await?;
-    Ok(count)
+    Ok(counted.map_or(0, |(count,)| count))
 }
 
 #[cfg(test)]

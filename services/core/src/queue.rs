@@ -36,15 +36,44 @@ pub async fn enqueue(kv: &Kv, stream: &str, response: &str, lsn: Lsn) -> Result<
 
 /// Queues again a turn that was running when its entry was lost (Redis
 /// lost its data): delivered as a redelivery, so the worker takes it over
-/// after its last stored step.
+/// after its last stored step. Every worker's reconciler finds such a turn
+/// at about the same moment, and two redeliveries would run it twice at
+/// once (each takes over a running turn), their events mixed in one log:
+/// the first to mark it queues it, and the others are told `false`.
 pub async fn enqueue_redelivery(
     kv: &Kv,
     stream: &str,
     response: &str,
     lsn: Lsn,
-) -> Result<(), KvError> {
-    add(kv, stream, response, lsn, true).await
+) -> Result<bool, KvError> {
+    let marker = format!("tp:{{{response}}}:requeued");
+    let marked: Option<String> = kv
+        .run(|mut conn| {
+            let marker = marker.clone();
+            async move {
+                redis::cmd("SET")
+                    .arg(marker)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(REQUEUE_MARK_MS)
+                    .query_async(&mut conn)
+                    .await
+            }
+        })
+        .await?;
+    if marked.is_none() {
+        return Ok(false);
+    }
+    add(kv, stream, response, lsn, true).await?;
+    Ok(true)
 }
+
+/// How long a redelivery's mark keeps other reconcilers from queueing the
+/// same turn again: far longer than the race it closes (a reconciler's
+/// read of the queue to its write), and a turn whose entry is lost again
+/// later (its mark gone with Redis's data too) is queued again.
+const REQUEUE_MARK_MS: u64 = 60_000;
 
 /// The responses the stream holds (waiting or running), or `None` when it
 /// holds more than `limit` entries.

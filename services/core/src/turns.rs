@@ -296,13 +296,11 @@ pub async fn has_active_turn(
     db: &mut impl DbConn,
     conversation: Uuid,
 ) -> Result<bool, sqlx::Error> {
-    let prepared = db.prepared();
-    let row: Option<(i32,)> = sqlx::query_as(
+    let row: Option<(i32,)> = statement::fetch_optional(
+        db,
         "SELECT 1 FROM responses WHERE conversation_id = $1 AND status IN ('queued', 'in_progress') LIMIT 1",
+        &[Arg::from(conversation)],
     )
-    .bind(conversation)
-    .persistent(prepared)
-    .fetch_optional(db.conn())
     .await?;
     Ok(row.is_some())
 }

@@ -101,18 +101,18 @@ impl Worker {
         let ctx = self.context;
         let settings = &ctx.settings.worker;
         let metrics = (settings.metrics_port != 0).then(|| {
-            tokio::spawn(turnpike_core::telemetry::serve_metrics(
+            Background(tokio::spawn(turnpike_core::telemetry::serve_metrics(
                 ctx.settings.api.host.clone(),
                 settings.metrics_port,
-            ))
+            )))
         });
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
         let mut turns = JoinSet::new();
-        let listener = tokio::spawn(cancel::listen(
+        let listener = Background(tokio::spawn(cancel::listen(
             ctx.settings.redis.url().to_owned(),
             ctx.cancels.clone(),
-        ));
-        let reconciler = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
+        )));
+        let reconciler = Background(tokio::spawn(reconcile::run(Arc::clone(&ctx))));
         let mut consumer: Option<Consumer> = None;
         let mut last_reclaim = Instant::now();
         let reclaim_every = Duration::from_millis((settings.reclaim_idle_ms / 4).max(100));
@@ -176,10 +176,8 @@ impl Worker {
                 });
             }
         }
-        reconciler.abort();
-        if let Some(metrics) = metrics {
-            metrics.abort();
-        }
+        drop(reconciler);
+        drop(metrics);
         tracing::info!(
             running = turns.len(),
             "worker stopping; no new turns claimed"
@@ -193,6 +191,18 @@ impl Worker {
             );
             turns.abort_all();
         }
-        listener.abort();
+        drop(listener);
+    }
+}
+
+/// A task of the worker's own (the reconciler, the cancel listener, the
+/// metrics server): it ends with the worker, however the worker ends — a
+/// `run_until` future dropped mid-way included, or a killed worker's
+/// reconciler would go on queueing turns beside its replacement's.
+struct Background(tokio::task::JoinHandle<()>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

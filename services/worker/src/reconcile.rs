@@ -95,12 +95,17 @@ async fn pass(ctx: &Context) -> Result<(), turnpike_core::db::DbError> {
         if held.contains(&public) {
             continue;
         }
-        tracing::warn!(response = %public, "a running turn's queue entry is gone; queueing it again");
-        if let Err(e) =
-            queue::enqueue_redelivery(&ctx.kv, &ctx.settings.worker.queue, &public, lsn).await
-        {
-            tracing::warn!(error = %e, "reconciler could not enqueue");
-            return Ok(());
+        match queue::enqueue_redelivery(&ctx.kv, &ctx.settings.worker.queue, &public, lsn).await {
+            Ok(true) => {
+                tracing::warn!(response = %public, "a running turn's queue entry is gone; queued it again");
+            }
+            Ok(false) => {
+                tracing::debug!(response = %public, "a lost running turn was queued again by another reconciler");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reconciler could not enqueue");
+                return Ok(());
+            }
         }
     }
     Ok(())

@@ -480,3 +480,34 @@ async fn a_running_turn_whose_queue_was_lost_with_redis_is_finished() {
     turnpike_testkit::assert_stream_matches(&events, done["output"].as_array().unwrap());
     agents.shutdown().await;
 }
+
+/// Every worker's reconciler finds a running turn whose queue entry Redis
+/// lost at about the same moment: however many queue it again at once, it
+/// is queued once (two redeliveries would run it twice at once, their
+/// events mixed in one log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_running_turn_queued_again_by_many_reconcilers_is_queued_once() {
+    use turnpike_core::db::Lsn;
+    use turnpike_core::queue;
+
+    let stack = Stack::shared().await;
+    let settings = stack.settings(Paths::DIRECT);
+    let kv = turnpike_core::kv::Kv::new(&settings.redis).unwrap();
+    let stream = format!("test-requeue-{}", uuid::Uuid::new_v4().simple());
+    let response = format!("resp_{}", uuid::Uuid::now_v7().simple());
+    let attempts = (0..8).map(|_| queue::enqueue_redelivery(&kv, &stream, &response, Lsn(1)));
+    let queued: Vec<bool> = futures_util::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(queued.iter().filter(|q| **q).count(), 1, "{queued:?}");
+    let entries: usize = kv
+        .run(|mut conn| {
+            let stream = stream.clone();
+            async move { redis::cmd("XLEN").arg(stream).query_async(&mut conn).await }
+        })
+        .await
+        .unwrap();
+    assert_eq!(entries, 1, "entries in the queue");
+}
