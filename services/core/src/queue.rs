@@ -65,7 +65,22 @@ pub async fn enqueue_redelivery(
     if marked.is_none() {
         return Ok(false);
     }
-    add(kv, stream, response, lsn, true).await?;
+    if let Err(e) = add(kv, stream, response, lsn, true).await {
+        // Not queued: the next pass may try again (if Redis is gone, the
+        // mark is likely gone with it).
+        let _ = kv
+            .run(|mut conn| {
+                let marker = marker.clone();
+                async move {
+                    redis::cmd("DEL")
+                        .arg(marker)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                }
+            })
+            .await;
+        return Err(e);
+    }
     Ok(true)
 }
 
