@@ -261,7 +261,7 @@ pub async fn insert(
     metadata: &Metadata,
     item_count: usize,
 ) -> Result<ConversationRow, sqlx::Error> {
-    let metadata = serde_json::to_string(metadata).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let metadata = statement::json(metadata)?;
     statement::fetch_optional(
         db,
         &format!(

@@ -855,13 +855,8 @@ struct NewResponse<'a> {
 /// Inserts a queued response. Primary only.
 #[tracing::instrument(level = "debug", skip_all, fields(id = %new.id))]
 async fn insert(db: &mut impl DbConn, new: &NewResponse<'_>) -> Result<ResponseRow, sqlx::Error> {
-    let encode = |e: serde_json::Error| sqlx::Error::Encode(e.into());
-    let request = serde_json::to_string(new.request).map_err(encode)?;
-    let pending = new
-        .pending
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(encode)?;
+    let request = statement::json(new.request)?;
+    let pending = new.pending.map(statement::json).transpose()?;
     statement::fetch_optional(
         db,
         &format!(

@@ -94,20 +94,9 @@ pub async fn load(db: &mut impl DbConn, response: Uuid) -> Result<Vec<Step>, sql
 /// Primary only.
 #[tracing::instrument(level = "debug", skip(db, step), fields(index = step.index))]
 pub async fn save(db: &mut impl DbConn, response: Uuid, step: &Step) -> Result<bool, sqlx::Error> {
-    let encode = |e: serde_json::Error| sqlx::Error::Encode(e.into());
-    let items = serde_json::to_string(&step.items).map_err(encode)?;
-    let usage = step
-        .usage
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(encode)?;
-    let prompt = step
-        .prompt
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(encode)?;
+    let items = statement::json(&step.items)?;
+    let usage = step.usage.as_ref().map(statement::json).transpose()?;
+    let prompt = step.prompt.as_ref().map(statement::json).transpose()?;
     let done = statement::execute(
         db,
         "INSERT INTO response_steps (response_id, step, kind, items, usage, prompt)
@@ -152,7 +141,7 @@ pub async fn freeze(
     conversation: Uuid,
     frozen: &Frozen,
 ) -> Result<(), sqlx::Error> {
-    let frozen = serde_json::to_string(frozen).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let frozen = statement::json(frozen)?;
     statement::execute(
         db,
         "UPDATE conversations SET frozen = $2::jsonb WHERE id = $1",

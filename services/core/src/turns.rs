@@ -511,23 +511,13 @@ pub async fn finish(
         )
         .await?;
     }
-    let encode = |e: serde_json::Error| sqlx::Error::Encode(e.into());
-    let output = serde_json::to_string(outcome.output).map_err(encode)?;
-    let usage = outcome
-        .usage
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(encode)?;
-    let error = outcome
-        .error
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(encode)?;
+    let output = statement::json(outcome.output)?;
+    let usage = outcome.usage.map(statement::json).transpose()?;
+    let error = outcome.error.map(statement::json).transpose()?;
     let incomplete = outcome
         .incomplete_details
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(encode)?;
+        .map(statement::json)
+        .transpose()?;
     statement::fetch_optional(
         db,
         &format!(
@@ -730,15 +720,13 @@ pub async fn insert_items_with_prompts(
     prompts: &[(String, Vec<serde_json::Value>)],
     response: Option<Uuid>,
 ) -> Result<(), sqlx::Error> {
-    let encode = |e: serde_json::Error| sqlx::Error::Encode(Box::new(e));
     let mut prompt_of: Vec<Option<String>> = Vec::with_capacity(items.len());
     for item in items {
         let prompt = prompts.iter().find(|(id, _)| id == item.id());
         prompt_of.push(
             prompt
-                .map(|(_, prompt)| serde_json::to_string(prompt))
-                .transpose()
-                .map_err(encode)?,
+                .map(|(_, prompt)| statement::json(prompt))
+                .transpose()?,
         );
     }
     let mut seqs = Vec::with_capacity(items.len());
@@ -749,7 +737,7 @@ pub async fn insert_items_with_prompts(
         seqs.push(seq);
         uuids.push(item_uuid(item));
         kinds.push(Some(kind_of(item).to_owned()));
-        bodies.push(Some(serde_json::to_string(item).map_err(encode)?));
+        bodies.push(Some(statement::json(item)?));
     }
     statement::execute(
         db,

@@ -245,9 +245,11 @@ impl Router {
         let guard = InFlight::enter(node);
         match tokio::time::timeout(self.acquire_timeout(), node.pool.get()).await {
             Ok(Ok(conn)) => Ok(OneStatement {
-                conn,
-                one_message_only: node.path == ConnectPath::Pgbouncer,
-                node: guard,
+                session: Session {
+                    conn,
+                    node: guard,
+                    one_message_only: node.path == ConnectPath::Pgbouncer,
+                },
                 _admission: admission,
             }),
             Ok(Err(e)) if is_connection_error(&e) => {
@@ -632,11 +634,7 @@ fn build_node(
 /// [`Router::read_one_message`] is not, and may only send statements as one
 /// message each ([`super::statement`]).
 pub struct Reader {
-    conn: Pooled,
-    node: InFlight,
-    /// Opened without a transaction through PgBouncer: extended-protocol
-    /// statements are not safe on it.
-    one_message_only: bool,
+    session: Session,
 }
 
 impl Reader {
@@ -649,28 +647,55 @@ impl Reader {
             conn.in_transaction = true;
         }
         Ok(Self {
-            conn,
-            node: guard,
-            one_message_only: through_pgbouncer && one_message,
+            session: Session {
+                conn,
+                node: guard,
+                one_message_only: through_pgbouncer && one_message,
+            },
         })
     }
 
     async fn finish(mut self) -> Result<(), sqlx::Error> {
-        if self.conn.in_transaction {
-            sqlx::Executor::execute(self.conn.conn(), "COMMIT").await?;
-            self.conn.in_transaction = false;
+        let conn = &mut self.session.conn;
+        if conn.in_transaction {
+            sqlx::Executor::execute(conn.conn(), "COMMIT").await?;
+            conn.in_transaction = false;
         }
-        self.conn.done();
+        self.session.conn.done();
         Ok(())
     }
 
     /// The name of the node this read runs on.
     pub fn node(&self) -> &str {
-        &self.node.node().name
+        &self.session.node.node().name
     }
 }
 
 impl DbConn for Reader {
+    fn prepared(&self) -> bool {
+        self.session.prepared()
+    }
+
+    fn conn(&mut self) -> &mut sqlx::PgConnection {
+        self.session.conn()
+    }
+
+    fn conn_for_one_message(&mut self) -> &mut sqlx::PgConnection {
+        self.session.conn_for_one_message()
+    }
+}
+
+/// A pooled connection of a [`Reader`] or a [`OneStatement`], and what may
+/// be sent on it.
+struct Session {
+    conn: Pooled,
+    node: InFlight,
+    /// Opened without a transaction through PgBouncer: extended-protocol
+    /// statements are not safe on it.
+    one_message_only: bool,
+}
+
+impl Session {
     fn prepared(&self) -> bool {
         self.node.node().prepared()
     }
@@ -742,35 +767,27 @@ impl DbConn for Writer {
 /// the statement; dropped without it (the statement failed), the connection
 /// is recovered or closed in the background.
 pub struct OneStatement {
-    conn: Pooled,
-    /// Through PgBouncer: only statements sent as one message are safe.
-    one_message_only: bool,
-    node: InFlight,
+    session: Session,
     _admission: Admission,
 }
 
 impl OneStatement {
     /// The statement completed: the connection goes back to the pool.
     pub fn done(self) {
-        self.conn.done();
-        drop(self.node);
+        self.session.conn.done();
     }
 }
 
 impl DbConn for OneStatement {
     fn prepared(&self) -> bool {
-        self.node.node().prepared()
+        self.session.prepared()
     }
 
     fn conn(&mut self) -> &mut sqlx::PgConnection {
-        debug_assert!(
-            !self.one_message_only,
-            "an extended-protocol statement through PgBouncer outside a transaction"
-        );
-        self.conn.conn()
+        self.session.conn()
     }
 
     fn conn_for_one_message(&mut self) -> &mut sqlx::PgConnection {
-        self.conn.conn()
+        self.session.conn_for_one_message()
     }
 }

@@ -155,6 +155,11 @@ fn one_message(
     Box::pin(async move { sqlx::Executor::fetch_all(conn, text.as_str()).await })
 }
 
+/// `value` as JSON text, for an argument the SQL casts to `jsonb`.
+pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(e.into()))
+}
+
 /// `sql` with each `$n` replaced by the literal of `args[n - 1]`. The
 /// placeholders are found in `sql` alone (which must hold no `$` inside a
 /// string or a quoted name), never in what was put in their place.
