@@ -65,29 +65,18 @@ pub async fn enqueue_redelivery(
     if marked.is_none() {
         return Ok(false);
     }
-    if let Err(e) = add(kv, stream, response, lsn, true).await {
-        // Not queued: the next pass may try again (if Redis is gone, the
-        // mark is likely gone with it).
-        let _ = kv
-            .run(|mut conn| {
-                let marker = marker.clone();
-                async move {
-                    redis::cmd("DEL")
-                        .arg(marker)
-                        .query_async::<i64>(&mut conn)
-                        .await
-                }
-            })
-            .await;
-        return Err(e);
-    }
+    add(kv, stream, response, lsn, true).await?;
     Ok(true)
 }
 
 /// How long a redelivery's mark keeps other reconcilers from queueing the
 /// same turn again: far longer than the race it closes (a reconciler's
-/// read of the queue to its write), and a turn whose entry is lost again
-/// later (its mark gone with Redis's data too) is queued again.
+/// read of the queue to its write, a pass of at most a few hundred Redis
+/// calls). A turn whose entry is lost again later (its mark gone with
+/// Redis's data too) is queued again; one whose queueing failed after it
+/// was marked waits out the mark (the mark is kept rather than deleted:
+/// an add that timed out may still have been applied, and a second entry
+/// would run the turn twice).
 const REQUEUE_MARK_MS: u64 = 60_000;
 
 /// The responses the stream holds (waiting or running), or `None` when it

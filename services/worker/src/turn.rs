@@ -535,10 +535,13 @@ impl<'a> Loop<'a> {
     async fn commit(&mut self, step: Step) -> Result<(), LoopError> {
         use tracing::Instrument;
         let span = tracing::info_span!("persist", step = step.index, items = step.items.len());
-        // One statement, a transaction of its own.
+        // One statement, a transaction of its own, bounded as a commit is.
+        let limit = Duration::from_millis(self.ctx.settings.database.read_attempt_timeout_ms);
         let stored = async {
             let mut db = self.ctx.router.write_one_message().await?;
-            let stored = steps::save(&mut db, self.row.id, &step).await?;
+            let stored = tokio::time::timeout(limit, steps::save(&mut db, self.row.id, &step))
+                .await
+                .map_err(|_elapsed| turnpike_core::db::DbError::PrimaryUnavailable)??;
             db.done();
             Ok::<bool, LoopError>(stored)
         }

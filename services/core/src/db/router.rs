@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use secrecy::ExposeSecret;
+use sqlx::ConnectOptions as _;
 use sqlx::Row;
 use sqlx::postgres::PgConnectOptions;
 
@@ -607,7 +608,12 @@ fn build_node(
         // PgBouncer 1.18 in transaction mode: no named statements survive a
         // transaction, and it refuses unknown startup options, so the
         // timeouts are set on the role (`turnpike migrate` does that).
-        ConnectPath::Pgbouncer => options.statement_cache_capacity(0),
+        // Statements sent as one message carry their values (a user's
+        // text among them): sqlx's warning about a slow statement, which
+        // quotes it whole, is a debug line here.
+        ConnectPath::Pgbouncer => options
+            .statement_cache_capacity(0)
+            .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1)),
     };
     let addr = format!("{}:{}", options.get_host(), options.get_port());
     let pool = NodePool::new(
@@ -632,7 +638,7 @@ fn build_node(
 /// statement's Parse and Execute are separate round trips that transaction
 /// pooling may send to different servers otherwise; one made with
 /// [`Router::read_one_message`] is not, and may only send statements as one
-/// message each ([`super::statement`]).
+/// message each ([`super::statement`]): anything else panics.
 pub struct Reader {
     session: Session,
 }
@@ -701,7 +707,10 @@ impl Session {
     }
 
     fn conn(&mut self) -> &mut sqlx::PgConnection {
-        debug_assert!(
+        // A bug, caught in the tests (every api test runs through PgBouncer
+        // too); in production a panic is better than a Bind that could
+        // reach another client's server connection.
+        assert!(
             !self.one_message_only,
             "an extended-protocol statement through PgBouncer outside a transaction"
         );
