@@ -134,8 +134,8 @@ impl Router {
     /// [`Router::read`] for an `op` that sends each statement as one
     /// message ([`super::statement`]): through PgBouncer it runs without a
     /// transaction around it, one round trip per statement instead of four
-    /// for a single read. Any other statement on its [`Reader`] is a bug
-    /// (caught in debug builds).
+    /// for a single read. Any other statement on its [`Reader`] is a bug,
+    /// and panics.
     pub async fn read_one_message<T, F>(
         &self,
         consistency: Consistency,
