@@ -101,18 +101,18 @@ impl Worker {
         let ctx = self.context;
         let settings = &ctx.settings.worker;
         let metrics = (settings.metrics_port != 0).then(|| {
-            Background(tokio::spawn(turnpike_core::telemetry::serve_metrics(
+            AbortOnDrop(tokio::spawn(turnpike_core::telemetry::serve_metrics(
                 ctx.settings.api.host.clone(),
                 settings.metrics_port,
             )))
         });
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
         let mut turns = JoinSet::new();
-        let listener = Background(tokio::spawn(cancel::listen(
+        let listener = AbortOnDrop(tokio::spawn(cancel::listen(
             ctx.settings.redis.url().to_owned(),
             ctx.cancels.clone(),
         )));
-        let reconciler = Background(tokio::spawn(reconcile::run(Arc::clone(&ctx))));
+        let reconciler = AbortOnDrop(tokio::spawn(reconcile::run(Arc::clone(&ctx))));
         let mut consumer: Option<Consumer> = None;
         let mut last_reclaim = Instant::now();
         let reclaim_every = Duration::from_millis((settings.reclaim_idle_ms / 4).max(100));
@@ -195,13 +195,14 @@ impl Worker {
     }
 }
 
-/// A task of the worker's own (the reconciler, the cancel listener, the
-/// metrics server): it ends with the worker, however the worker ends — a
-/// `run_until` future dropped mid-way included, or a killed worker's
-/// reconciler would go on queueing turns beside its replacement's.
-struct Background(tokio::task::JoinHandle<()>);
+/// Stops a helper task when its owner ends, however it ends: a turn's
+/// heartbeat with the turn (an aborted turn must not keep heartbeating its
+/// claim), the worker's reconciler, cancel listener and metrics server with
+/// the worker (a `run_until` dropped mid-way included, or a killed worker's
+/// reconciler would go on queueing turns beside its replacement's).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
-impl Drop for Background {
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }

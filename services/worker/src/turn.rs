@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::provider::{ModelOutput, Progress, ProviderError};
 use crate::tools::{self, CallScope, ServerTool};
-use crate::{Context, compact, prompt};
+use crate::{AbortOnDrop, Context, compact, prompt};
 use turnpike_core::tokens;
 
 /// How long the event log of a `store: false` turn is kept after its last
@@ -62,16 +62,6 @@ pub(crate) async fn run(ctx: &Context, delivery: Delivery) {
         Err(e) => {
             tracing::warn!(error = %e, response = %delivery.response, "turn interrupted; leaving it for redelivery")
         }
-    }
-}
-
-/// Stops a helper task when the turn that owns it ends, however it ends
-/// (an aborted turn must not keep heartbeating its claim).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

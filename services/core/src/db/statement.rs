@@ -17,9 +17,10 @@
 
 use std::fmt::Write as _;
 
+use futures_util::TryStreamExt as _;
 use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
-use sqlx::{Arguments as _, FromRow, PgConnection};
+use sqlx::{Arguments as _, Either, Executor as _, FromRow};
 use uuid::Uuid;
 
 use super::DbConn;
@@ -76,12 +77,12 @@ pub async fn fetch_all<T>(
 where
     T: for<'r> FromRow<'r, PgRow>,
 {
-    let rows = if db.prepared() {
-        prepared(db.conn(), sql, args)?.await?
-    } else {
-        one_message(db.conn_for_one_message(), render(sql, args)?).await?
-    };
-    rows.iter().map(T::from_row).collect()
+    send(db, sql, args)
+        .await?
+        .iter()
+        .filter_map(|result| result.as_ref().right())
+        .map(T::from_row)
+        .collect()
 }
 
 /// The first row `sql` returns, if any.
@@ -102,33 +103,31 @@ pub async fn execute(
     sql: &str,
     args: &[Arg<'_>],
 ) -> Result<u64, sqlx::Error> {
-    let done = if db.prepared() {
-        let arguments = bound(args)?;
-        let query = sqlx::query_with(sql, arguments).persistent(true);
-        let run: BoxFuture<'_, Result<PgQueryResult, sqlx::Error>> =
-            Box::pin(query.execute(db.conn()));
-        run.await?
+    Ok(send(db, sql, args)
+        .await?
+        .iter()
+        .filter_map(|result| result.as_ref().left())
+        .map(PgQueryResult::rows_affected)
+        .sum())
+}
+
+/// What `sql` answers: its rows and its command's result.
+type Answer = Vec<Either<PgQueryResult, PgRow>>;
+
+/// Sends `sql` the way `db` allows: prepared and bound, or one message.
+async fn send(db: &mut impl DbConn, sql: &str, args: &[Arg<'_>]) -> Result<Answer, sqlx::Error> {
+    let send: BoxFuture<'_, Result<Answer, sqlx::Error>> = if db.prepared() {
+        let query = sqlx::query_with(sql, bound(args)?).persistent(true);
+        Box::pin(db.conn().fetch_many(query).try_collect())
     } else {
         let text = render(sql, args)?;
         let conn = db.conn_for_one_message();
-        let run: BoxFuture<'_, Result<PgQueryResult, sqlx::Error>> =
-            Box::pin(async move { sqlx::Executor::execute(conn, text.as_str()).await });
-        run.await?
+        Box::pin(async move { conn.fetch_many(text.as_str()).try_collect().await })
     };
-    Ok(done.rows_affected())
-}
-
-// The two sends are boxed futures of concrete types: a generic `async fn`
-// around sqlx's generic executors is not provably `Send` for every lifetime
-// the callers' boxed read closures need.
-
-fn prepared<'c>(
-    conn: &'c mut PgConnection,
-    sql: &'c str,
-    args: &[Arg<'_>],
-) -> Result<BoxFuture<'c, Result<Vec<PgRow>, sqlx::Error>>, sqlx::Error> {
-    let query = sqlx::query_with(sql, bound(args)?).persistent(true);
-    Ok(Box::pin(query.fetch_all(conn)))
+    // A boxed future of a concrete type: a generic `async fn` around sqlx's
+    // generic executors is not provably `Send` for every lifetime the
+    // callers' boxed read closures need.
+    send.await
 }
 
 fn bound(args: &[Arg<'_>]) -> Result<PgArguments, sqlx::Error> {
@@ -146,13 +145,6 @@ fn bound(args: &[Arg<'_>]) -> Result<PgArguments, sqlx::Error> {
         .map_err(sqlx::Error::Encode)?;
     }
     Ok(arguments)
-}
-
-fn one_message(
-    conn: &mut PgConnection,
-    text: String,
-) -> BoxFuture<'_, Result<Vec<PgRow>, sqlx::Error>> {
-    Box::pin(async move { sqlx::Executor::fetch_all(conn, text.as_str()).await })
 }
 
 /// `value` as JSON text, for an argument the SQL casts to `jsonb`.
