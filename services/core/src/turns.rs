@@ -468,15 +468,30 @@ pub struct Outcome<'a> {
     pub incomplete_details: Option<&'a serde_json::Value>,
 }
 
-/// Records a turn's outcome: its output items appended to the conversation
-/// and the response row updated, unless it was cancelled meanwhile (then
-/// `None`). Primary only, in the caller's transaction.
-#[tracing::instrument(level = "debug", skip(db, outcome))]
+/// How recording a turn's outcome went.
+#[derive(Debug)]
+pub enum Finished {
+    /// Recorded: the response as it now stands.
+    Done(Box<ResponseRow>),
+    /// The response had ended meanwhile (cancelled while running): nothing
+    /// was recorded.
+    Ended,
+    /// Another worker stored the turn's last step first and runs the turn
+    /// now: the caller must roll back and stop.
+    Superseded,
+}
+
+/// Records a turn's outcome: its last step, when the loop has not stored it
+/// yet (one commit fewer per turn than storing it on its own), its output
+/// items appended to the conversation and the response row updated.
+/// Primary only, in the caller's transaction.
+#[tracing::instrument(level = "debug", skip(db, outcome, last_step))]
 pub async fn finish(
     db: &mut impl DbConn,
     response: &ResponseRow,
     outcome: &Outcome<'_>,
-) -> Result<Option<ResponseRow>, sqlx::Error> {
+    last_step: Option<&crate::steps::Step>,
+) -> Result<Finished, sqlx::Error> {
     // The conversation first, then the response: the order a create (and
     // an interrupting create, which cancels responses) takes them in.
     lock_conversation(db, response.conversation_id).await?;
@@ -490,7 +505,14 @@ pub async fn finish(
         locked.as_ref().map(|(s,)| s.as_str()),
         Some("queued" | "in_progress")
     ) {
-        return Ok(None);
+        return Ok(Finished::Ended);
+    }
+    // Stored under the response's lock, so the step's conflict check and
+    // the outcome are one decision.
+    if let Some(step) = last_step
+        && !crate::steps::save(db, response.id, step).await?
+    {
+        return Ok(Finished::Superseded);
     }
     if !outcome.output.is_empty() {
         let first = reserve_seqs(
@@ -518,7 +540,7 @@ pub async fn finish(
         .incomplete_details
         .map(statement::json)
         .transpose()?;
-    statement::fetch_optional(
+    let row = statement::fetch_optional(
         db,
         &format!(
             "UPDATE responses SET status = $2, output = $3::jsonb, usage = $4::jsonb,
@@ -534,7 +556,8 @@ pub async fn finish(
             Arg::Text(incomplete.as_deref()),
         ],
     )
-    .await
+    .await?;
+    Ok(row.map_or(Finished::Ended, |row| Finished::Done(Box::new(row))))
 }
 
 /// Reserves `n` item seqs in a conversation the user owns, returning the

@@ -236,6 +236,17 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         () = cancelled.notified() => None,
     };
     ctx.cancels.forget(&delivery.response);
+    // An answer's last step is stored with the outcome, in one transaction;
+    // a failed or cancelled turn stores it first, on its own (its usage
+    // counted, its items announced); an interrupted one leaves it.
+    let last_step = match &result {
+        Some(Ok(())) => turn.pending.take(),
+        Some(Err(LoopError::Turn(_))) => None,
+        _ => {
+            turn.store_pending().await?;
+            None
+        }
+    };
     // The loop's event sender goes with it: `finish` waits for the emitter,
     // which ends once every sender is gone.
     let Loop {
@@ -265,7 +276,12 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
                 error: None,
                 incomplete_details: incomplete.as_ref(),
             };
-            finish(ctx, &row, emitter, events_tx, &outcome, terminal).await
+            let ending = Ending {
+                outcome: &outcome,
+                terminal,
+                last_step,
+            };
+            finish(ctx, &row, emitter, events_tx, ending).await
         }
         Some(Err(LoopError::Provider(e))) => {
             let error = json!({"code": e.code(), "message": e.to_string()});
@@ -357,7 +373,9 @@ enum Call {
 
 /// The agent loop of one turn: model call, tool calls, model call, … until
 /// an answer, compacting the context when it grows past its threshold.
-/// Every completed step is stored before the next begins.
+/// Every completed step is stored before the loop acts on it (the next
+/// model call, tool run or compaction); the last one with the turn's
+/// outcome, in the finish's transaction.
 struct Loop<'a> {
     ctx: &'a Context,
     row: &'a ResponseRow,
@@ -388,6 +406,15 @@ struct Loop<'a> {
     tool_calls: u32,
     /// Events an interrupted worker sent of the model call this one redoes.
     resumed: Vec<Value>,
+    /// The step taken in last, while it is not stored yet.
+    pending: Option<Pending>,
+}
+
+/// A step the loop has taken in but not stored, with the events that
+/// announce its items: clients see an item done only once it is stored.
+struct Pending {
+    step: Step,
+    announce: Vec<Value>,
 }
 
 impl<'a> Loop<'a> {
@@ -433,6 +460,7 @@ impl<'a> Loop<'a> {
             incomplete: None,
             tool_calls: 0,
             resumed: Vec::new(),
+            pending: None,
         }
     }
 
@@ -520,10 +548,23 @@ impl<'a> Loop<'a> {
         self.last = Some(step.kind);
     }
 
-    /// Stores a step, then takes it in. A step already stored means another
-    /// worker runs this turn now: stop without touching anything.
-    async fn commit(&mut self, step: Step) -> Result<(), LoopError> {
+    /// Takes a completed step in; it is stored before the loop acts on it
+    /// (`store_pending`), or with the turn's outcome when it is the last.
+    async fn commit(&mut self, step: Step, announce: Vec<Value>) -> Result<(), LoopError> {
+        self.store_pending().await?;
+        self.apply(step.clone());
+        self.pending = Some(Pending { step, announce });
+        Ok(())
+    }
+
+    /// Stores the step taken in last, if it is not stored yet, then
+    /// announces its items. A step already stored means another worker
+    /// runs this turn now: stop without touching anything.
+    async fn store_pending(&mut self) -> Result<(), TurnError> {
         use tracing::Instrument;
+        let Some(Pending { step, announce }) = self.pending.take() else {
+            return Ok(());
+        };
         let span = tracing::info_span!("persist", step = step.index, items = step.items.len());
         // One statement, a transaction of its own, bounded as a commit is.
         let limit = Duration::from_millis(self.ctx.settings.database.read_attempt_timeout_ms);
@@ -533,17 +574,17 @@ impl<'a> Loop<'a> {
                 .await
                 .map_err(|_elapsed| turnpike_core::db::DbError::PrimaryUnavailable)??;
             db.done();
-            Ok::<bool, LoopError>(stored)
+            Ok::<bool, TurnError>(stored)
         }
         .instrument(span)
         .await?;
         if !stored {
-            return Err(LoopError::Turn(TurnError::Superseded));
+            return Err(TurnError::Superseded);
         }
         // Counted as each step is stored, so every way a turn ends (failed,
         // cancelled, cut short, taken over) has counted what it spent.
         record_usage(self.ctx, self.row.user_id, step.usage.as_ref()).await;
-        self.apply(step);
+        announce.into_iter().for_each(|event| self.emit(event));
         Ok(())
     }
 
@@ -692,32 +733,31 @@ impl<'a> Loop<'a> {
     }
 
     async fn compact(&mut self) -> Result<(), LoopError> {
+        self.store_pending().await?;
         metrics::counter!("turnpike_compactions_total").increment(1);
         let index = self.output.len();
         self.emit(json!({"type": "response.compaction.compacting", "output_index": index}));
         let compaction = compact::compact(self.ctx, &self.request()).await?;
         let item_json = serde_json::to_value(&compaction.item).unwrap_or(Value::Null);
-        self.commit(Step {
+        let step = Step {
             index: self.next_step,
             kind: StepKind::Compaction,
             items: vec![compaction.item],
             usage: compaction.usage,
             prompt: Some(compaction.window),
-        })
-        .await?;
-        self.emit(
+        };
+        let announce = vec![
             json!({"type": "response.output_item.added", "output_index": index, "item": item_json}),
-        );
-        self.emit(
             json!({"type": "response.output_item.done", "output_index": index, "item": item_json}),
-        );
-        Ok(())
+        ];
+        self.commit(step, announce).await
     }
 
     /// `POST /v1/responses/compact`: the output is the compacted window as
     /// a client sends it back, the user messages kept and then the
     /// compaction item.
     async fn compact_only(&mut self) -> Result<(), LoopError> {
+        self.store_pending().await?;
         self.emit(json!({"type": "response.compaction.compacting", "output_index": 0}));
         let compaction = compact::compact(self.ctx, &self.request()).await?;
         let mut items: Vec<Item> = compaction
@@ -726,30 +766,29 @@ impl<'a> Loop<'a> {
             .map(|raw| stored_item(raw, Uuid::now_v7()))
             .collect();
         items.push(compaction.item);
-        let shown: Vec<Value> = items
+        let announce = items
             .iter()
-            .map(|item| serde_json::to_value(item).unwrap_or(Value::Null))
+            .enumerate()
+            .flat_map(|(index, item)| {
+                let item = serde_json::to_value(item).unwrap_or(Value::Null);
+                [
+                    json!({"type": "response.output_item.added", "output_index": index, "item": item}),
+                    json!({"type": "response.output_item.done", "output_index": index, "item": item}),
+                ]
+            })
             .collect();
-        self.commit(Step {
+        let step = Step {
             index: self.next_step,
             kind: StepKind::Compaction,
             items,
             usage: compaction.usage,
             prompt: Some(compaction.window),
-        })
-        .await?;
-        for (index, item) in shown.into_iter().enumerate() {
-            self.emit(
-                json!({"type": "response.output_item.added", "output_index": index, "item": item}),
-            );
-            self.emit(
-                json!({"type": "response.output_item.done", "output_index": index, "item": item}),
-            );
-        }
-        Ok(())
+        };
+        self.commit(step, announce).await
     }
 
     async fn call_model(&mut self) -> Result<(), LoopError> {
+        self.store_pending().await?;
         let request = self.request();
         let offset = self.output.len() as u64;
         let include_obfuscation = self.row.request.0.include_obfuscation != Some(false);
@@ -798,24 +837,25 @@ impl<'a> Loop<'a> {
         let items = to_items(&output, &relay.item_ids);
         self.incomplete = output.incomplete;
         let usage: Option<Usage> = output.usage.and_then(|u| serde_json::from_value(u).ok());
-        self.commit(Step {
+        let announce = (offset..)
+            .zip(&items)
+            .map(|(index, item)| done_event(index, item))
+            .collect();
+        let step = Step {
             index: self.next_step,
             kind: StepKind::Model,
-            items: items.clone(),
+            items,
             usage,
             prompt: Some(output.items),
-        })
-        .await?;
-        for (index, item) in (offset..).zip(&items) {
-            self.emit(done_event(index, item));
-        }
-        Ok(())
+        };
+        self.commit(step, announce).await
     }
 
     /// Runs the step's server-side calls at once (each bounded in time) and
     /// records every answer in call order; calls of tools the turn does not
     /// offer get an error answer.
     async fn run_tools(&mut self, calls: &[Call]) -> Result<(), LoopError> {
+        self.store_pending().await?;
         let scope = CallScope {
             router: &self.ctx.router,
             conversation: self.row.conversation_id,
@@ -906,24 +946,24 @@ impl<'a> Loop<'a> {
             })
             .collect();
         let offset = self.output.len() as u64;
-        self.commit(Step {
+        let announce = (offset..)
+            .zip(&items)
+            .flat_map(|(index, item)| {
+                let value = serde_json::to_value(item).unwrap_or(Value::Null);
+                [
+                    json!({"type": "response.output_item.added", "output_index": index, "item": value}),
+                    json!({"type": "response.output_item.done", "output_index": index, "item": value}),
+                ]
+            })
+            .collect();
+        let step = Step {
             index: self.next_step,
             kind: StepKind::Tools,
-            items: items.clone(),
+            items,
             usage: None,
             prompt: None,
-        })
-        .await?;
-        for (index, item) in (offset..).zip(&items) {
-            let value = serde_json::to_value(item).unwrap_or(Value::Null);
-            self.emit(
-                json!({"type": "response.output_item.added", "output_index": index, "item": value}),
-            );
-            self.emit(
-                json!({"type": "response.output_item.done", "output_index": index, "item": value}),
-            );
-        }
-        Ok(())
+        };
+        self.commit(step, announce).await
     }
 }
 
@@ -1174,7 +1214,20 @@ async fn fail(
         error: Some(error),
         incomplete_details: None,
     };
-    finish(ctx, row, emitter, events_tx, &outcome, "response.failed").await
+    let ending = Ending {
+        outcome: &outcome,
+        terminal: "response.failed",
+        last_step: None,
+    };
+    finish(ctx, row, emitter, events_tx, ending).await
+}
+
+/// How a turn ends: what is recorded, the terminal event that says so, and
+/// the loop's last step when it is stored with the outcome.
+struct Ending<'a> {
+    outcome: &'a Outcome<'a>,
+    terminal: &'a str,
+    last_step: Option<Pending>,
 }
 
 /// Persists the outcome, records the write for the user's session window,
@@ -1185,11 +1238,21 @@ async fn finish(
     row: &ResponseRow,
     emitter: tokio::task::JoinHandle<()>,
     events_tx: mpsc::UnboundedSender<Value>,
-    outcome: &Outcome<'_>,
-    terminal: &str,
+    ending: Ending<'_>,
 ) -> Result<(), TurnError> {
+    let Ending {
+        outcome,
+        terminal,
+        last_step,
+    } = ending;
     let mut tx = ctx.router.write().await?;
-    let finished = turns::finish(&mut tx, row, outcome).await?;
+    let step = last_step.as_ref().map(|pending| &pending.step);
+    let finished = match turns::finish(&mut tx, row, outcome, step).await? {
+        turns::Finished::Done(done) => Some(done),
+        turns::Finished::Ended => None,
+        // Rolled back as `tx` drops.
+        turns::Finished::Superseded => return Err(TurnError::Superseded),
+    };
     let status = if finished.is_some() {
         format!("{:?}", outcome.status).to_lowercase()
     } else {
@@ -1218,6 +1281,16 @@ async fn finish(
         }
     },);
     dispatch(ctx, next, lsn).await;
+    // The last step's tokens were spent whether or not the turn was
+    // cancelled meanwhile; its items are announced only when stored.
+    if let Some(Pending { step, announce }) = last_step {
+        record_usage(ctx, row.user_id, step.usage.as_ref()).await;
+        if finished.is_some() {
+            announce.into_iter().for_each(|event| {
+                let _ = events_tx.send(event);
+            });
+        }
+    }
     match finished {
         Some(done) => {
             let snapshot = serde_json::to_value(done.to_api()).unwrap_or(Value::Null);

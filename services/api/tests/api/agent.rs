@@ -92,6 +92,29 @@ async fn server_side_tools_loop_until_the_model_answers() {
         .map(|e| e.data["output_index"].as_u64().unwrap())
         .collect();
     assert_eq!(done, [0, 1, 2, 3, 4]);
+    // Every step is stored: each before the loop acted on it, in a
+    // transaction of its own; the last in the one that records the outcome.
+    let id = last["response"]["id"].as_str().unwrap();
+    let id = turnpike_core::ids::parse(turnpike_protocol::ids::RESPONSE, id).unwrap();
+    let steps: Vec<(i64, String, bool)> = sqlx::query_as(
+        "SELECT s.step, s.kind, s.xmin = r.xmin FROM response_steps s
+         JOIN responses r ON r.id = s.response_id WHERE s.response_id = $1 ORDER BY s.step",
+    )
+    .bind(id)
+    .fetch_all(&stack.superuser("primary").await)
+    .await
+    .unwrap();
+    let expected = [
+        (0, "model", false),
+        (1, "tools", false),
+        (2, "model", false),
+        (3, "tools", false),
+        (4, "model", true),
+    ];
+    assert_eq!(
+        steps,
+        expected.map(|(step, kind, with_outcome)| (step, kind.to_owned(), with_outcome))
+    );
     // Usage sums the three model calls.
     let usage = &last["response"]["usage"];
     assert!(usage["input_tokens"].as_u64().unwrap() > 0);
