@@ -428,40 +428,8 @@ def sse_idle():
     return out, None
 
 
-def main():
-    report = {"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS}
-    lines = []
-
-    r = reads()
-    report["reads"] = r
-    bare = r["bare_axum"]
-    bare_rps = [x["rps"] for x in bare]
-    lines.append(
-        f"bare_axum: {median(bare_rps):.0f} req/s (range {spread(bare_rps, '{:.0f}')}, {ROUNDS} rounds); "
-        f"p99 {median([x['p99_ms'] for x in bare]):.2f} ms; "
-        f"CPU per request {cpu_text(bare, ['bare_axum'])}")
-    for name, base, base_label, names, base_names in [
-        ("read_l1_items", "bare_axum", "bare_axum", ["api", "redis"], ["bare_axum"]),
-        ("read_replica_items", "pgbench_prepared", "pgbench -M prepared (same SELECT, a replica)",
-         ["api", "replica", "redis"], ["replica"]),
-        ("read_replica_items_pgbouncer", "pgbench_simple_pgbouncer",
-         "pgbench -M simple through a replica's PgBouncer", ["api", "replica", "pgbouncer", "redis"],
-         ["replica", "pgbouncer"]),
-    ]:
-        line, summary = ratio_line(name, r[name], base, r[base], names, base_names, base_label)
-        report.setdefault("summary", {})[name] = summary
-        lines.append(line)
-    if os.environ.get("BENCH_ONLY") == "reads":
-        print("\n".join(lines), flush=True)
-        return
-    w = r["write_items"]
-    lines.append(
-        f"write_items: {median([x['rps'] for x in w]):.0f} writes/s "
-        f"(range {spread([x['rps'] for x in w], '{:.0f}')}, {ROUNDS} rounds; one message appended "
-        f"to one of 64 conversations); p99 {median([x['p99_ms'] for x in w]):.2f} ms; "
-        f"CPU per write {cpu_text(w, ['api', 'primary', 'pgbouncer_primary', 'replicas', 'redis'])}"
-        + (f"; {sum(x['non_2xx'] for x in w)} non-2xx answers" if any(x["non_2xx"] for x in w) else ""))
-
+def turn_lines(report, lines):
+    """Turns drained by one worker (both paths), then the first token."""
     # The default (the worker reaches the primary through PgBouncer, as the
     # api does), then the worker connecting to the primary directly.
     for suffix, settings, how in [
@@ -494,6 +462,48 @@ def main():
             f"{median([x['turns_per_s'] for x in f]):.0f} turns/s; {checked} streams checked: sequence "
             f"and text exact, {bad} failed; CPU per turn "
             f"{cpu_text(f, ['api', 'worker', 'primary', 'pgbouncer_primary', 'replicas', 'redis', 'mock_model'])})")
+
+
+def main():
+    report = {"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS}
+    lines = []
+    only = os.environ.get("BENCH_ONLY")
+    if only == "turns":
+        turn_lines(report, lines)
+        print("\n".join(lines), flush=True)
+        return
+
+    r = reads()
+    report["reads"] = r
+    bare = r["bare_axum"]
+    bare_rps = [x["rps"] for x in bare]
+    lines.append(
+        f"bare_axum: {median(bare_rps):.0f} req/s (range {spread(bare_rps, '{:.0f}')}, {ROUNDS} rounds); "
+        f"p99 {median([x['p99_ms'] for x in bare]):.2f} ms; "
+        f"CPU per request {cpu_text(bare, ['bare_axum'])}")
+    for name, base, base_label, names, base_names in [
+        ("read_l1_items", "bare_axum", "bare_axum", ["api", "redis"], ["bare_axum"]),
+        ("read_replica_items", "pgbench_prepared", "pgbench -M prepared (same SELECT, a replica)",
+         ["api", "replica", "redis"], ["replica"]),
+        ("read_replica_items_pgbouncer", "pgbench_simple_pgbouncer",
+         "pgbench -M simple through a replica's PgBouncer", ["api", "replica", "pgbouncer", "redis"],
+         ["replica", "pgbouncer"]),
+    ]:
+        line, summary = ratio_line(name, r[name], base, r[base], names, base_names, base_label)
+        report.setdefault("summary", {})[name] = summary
+        lines.append(line)
+    if only == "reads":
+        print("\n".join(lines), flush=True)
+        return
+    w = r["write_items"]
+    lines.append(
+        f"write_items: {median([x['rps'] for x in w]):.0f} writes/s "
+        f"(range {spread([x['rps'] for x in w], '{:.0f}')}, {ROUNDS} rounds; one message appended "
+        f"to one of 64 conversations); p99 {median([x['p99_ms'] for x in w]):.2f} ms; "
+        f"CPU per write {cpu_text(w, ['api', 'primary', 'pgbouncer_primary', 'replicas', 'redis'])}"
+        + (f"; {sum(x['non_2xx'] for x in w)} non-2xx answers" if any(x["non_2xx"] for x in w) else ""))
+
+    turn_lines(report, lines)
 
     dev("stop", "worker")
     s = sse_latency()

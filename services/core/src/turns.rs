@@ -483,56 +483,17 @@ pub enum Finished {
 
 /// Records a turn's outcome: its last step, when the loop has not stored it
 /// yet (one commit fewer per turn than storing it on its own), its output
-/// items appended to the conversation and the response row updated.
-/// Primary only, in the caller's transaction.
+/// items appended to the conversation and the response row updated; and
+/// finds the conversation's next queued turn (none when superseded). One
+/// statement, `turnpike_finish_turn`, whose plans the server keeps (the
+/// migration says why). Primary only, in the caller's transaction.
 #[tracing::instrument(level = "debug", skip(db, outcome, last_step))]
 pub async fn finish(
     db: &mut impl DbConn,
     response: &ResponseRow,
     outcome: &Outcome<'_>,
     last_step: Option<&crate::steps::Step>,
-) -> Result<Finished, sqlx::Error> {
-    // The conversation first, then the response: the order a create (and
-    // an interrupting create, which cancels responses) takes them in.
-    lock_conversation(db, response.conversation_id).await?;
-    let locked: Option<(String,)> = statement::fetch_optional(
-        db,
-        "SELECT status FROM responses WHERE id = $1 FOR UPDATE",
-        &[Arg::from(response.id)],
-    )
-    .await?;
-    if !matches!(
-        locked.as_ref().map(|(s,)| s.as_str()),
-        Some("queued" | "in_progress")
-    ) {
-        return Ok(Finished::Ended);
-    }
-    // Stored under the response's lock, so the step's conflict check and
-    // the outcome are one decision.
-    if let Some(step) = last_step
-        && !crate::steps::save(db, response.id, step).await?
-    {
-        return Ok(Finished::Superseded);
-    }
-    if !outcome.output.is_empty() {
-        let first = reserve_seqs(
-            db,
-            response.conversation_id,
-            response.user_id,
-            outcome.output.len(),
-        )
-        .await?
-        .unwrap_or(response.input_last_seq + 1);
-        insert_items_with_prompts(
-            db,
-            response.conversation_id,
-            first,
-            outcome.output,
-            outcome.prompts,
-            Some(response.id),
-        )
-        .await?;
-    }
+) -> Result<(Finished, Option<Uuid>), sqlx::Error> {
     let output = statement::json(outcome.output)?;
     let usage = outcome.usage.map(statement::json).transpose()?;
     let error = outcome.error.map(statement::json).transpose()?;
@@ -540,24 +501,94 @@ pub async fn finish(
         .incomplete_details
         .map(statement::json)
         .transpose()?;
-    let row = statement::fetch_optional(
+    let step_items = last_step.map(|s| statement::json(&s.items)).transpose()?;
+    let step_usage = last_step
+        .and_then(|s| s.usage.as_ref())
+        .map(statement::json)
+        .transpose()?;
+    let step_prompt = last_step
+        .and_then(|s| s.prompt.as_ref())
+        .map(statement::json)
+        .transpose()?;
+    let items = ItemColumns::of(outcome.output, outcome.prompts)?;
+    let row: Option<(String, Option<Uuid>)> = statement::fetch_optional(
         db,
-        &format!(
-            "UPDATE responses SET status = $2, output = $3::jsonb, usage = $4::jsonb,
-                 error = $5::jsonb, incomplete_details = $6::jsonb, updated_at = now()
-             WHERE id = $1 RETURNING {COLUMNS}"
-        ),
+        "SELECT outcome, next_queued FROM turnpike_finish_turn($1, $2, $3, $4,
+            $5::jsonb, $6::jsonb, $7::jsonb, $8::jsonb,
+            $9, $10, $11::jsonb, $12::jsonb, $13::jsonb,
+            $14::uuid[], $15::text[], $16::text[]::jsonb[], $17::text[]::jsonb[], $18)",
         &[
             Arg::from(response.id),
+            Arg::from(response.conversation_id),
+            Arg::from(response.user_id),
             Arg::from(outcome.status.as_str()),
             Arg::from(output.as_str()),
             Arg::Text(usage.as_deref()),
             Arg::Text(error.as_deref()),
             Arg::Text(incomplete.as_deref()),
+            Arg::Int(last_step.map(|s| s.index)),
+            Arg::Text(last_step.map(|s| s.kind.as_str())),
+            Arg::Text(step_items.as_deref()),
+            Arg::Text(step_usage.as_deref()),
+            Arg::Text(step_prompt.as_deref()),
+            Arg::Uuids(&items.ids),
+            Arg::Texts(&items.kinds),
+            Arg::Texts(&items.bodies),
+            Arg::Texts(&items.prompts),
+            Arg::from(response.input_last_seq + 1),
         ],
     )
     .await?;
-    Ok(row.map_or(Finished::Ended, |row| Finished::Done(Box::new(row))))
+    let (status, next) = row.ok_or(sqlx::Error::RowNotFound)?;
+    let finished = match status.as_str() {
+        "done" => {
+            let mut done = response.clone();
+            done.status = outcome.status.as_str().to_owned();
+            done.output = SqlJson(outcome.output.to_vec());
+            done.usage = outcome.usage.cloned().map(SqlJson);
+            done.error = outcome.error.cloned();
+            done.incomplete_details = outcome.incomplete_details.cloned();
+            Finished::Done(Box::new(done))
+        }
+        "superseded" => Finished::Superseded,
+        _ => Finished::Ended,
+    };
+    Ok((finished, next))
+}
+
+/// Items as the columns they are stored in, one array per column.
+struct ItemColumns {
+    ids: Vec<Uuid>,
+    kinds: Vec<Option<String>>,
+    bodies: Vec<Option<String>>,
+    /// The prompt input standing for each item, when that is not the item.
+    prompts: Vec<Option<String>>,
+}
+
+impl ItemColumns {
+    fn of(
+        items: &[Item],
+        prompts: &[(String, Vec<serde_json::Value>)],
+    ) -> Result<Self, sqlx::Error> {
+        let mut columns = Self {
+            ids: Vec::with_capacity(items.len()),
+            kinds: Vec::with_capacity(items.len()),
+            bodies: Vec::with_capacity(items.len()),
+            prompts: Vec::with_capacity(items.len()),
+        };
+        for item in items {
+            let prompt = prompts.iter().find(|(id, _)| id == item.id());
+            columns.ids.push(item_uuid(item));
+            columns.kinds.push(Some(kind_of(item).to_owned()));
+            columns.bodies.push(Some(statement::json(item)?));
+            columns.prompts.push(
+                prompt
+                    .map(|(_, prompt)| statement::json(prompt))
+                    .transpose()?,
+            );
+        }
+        Ok(columns)
+    }
 }
 
 /// Reserves `n` item seqs in a conversation the user owns, returning the
@@ -743,25 +774,8 @@ pub async fn insert_items_with_prompts(
     prompts: &[(String, Vec<serde_json::Value>)],
     response: Option<Uuid>,
 ) -> Result<(), sqlx::Error> {
-    let mut prompt_of: Vec<Option<String>> = Vec::with_capacity(items.len());
-    for item in items {
-        let prompt = prompts.iter().find(|(id, _)| id == item.id());
-        prompt_of.push(
-            prompt
-                .map(|(_, prompt)| statement::json(prompt))
-                .transpose()?,
-        );
-    }
-    let mut seqs = Vec::with_capacity(items.len());
-    let mut uuids = Vec::with_capacity(items.len());
-    let mut kinds = Vec::with_capacity(items.len());
-    let mut bodies = Vec::with_capacity(items.len());
-    for (seq, item) in (first_seq..).zip(items) {
-        seqs.push(seq);
-        uuids.push(item_uuid(item));
-        kinds.push(Some(kind_of(item).to_owned()));
-        bodies.push(Some(statement::json(item)?));
-    }
+    let columns = ItemColumns::of(items, prompts)?;
+    let seqs: Vec<i64> = (first_seq..).take(items.len()).collect();
     statement::execute(
         db,
         "INSERT INTO items (conversation_id, seq, id, kind, body, response_id, prompt)
@@ -771,11 +785,11 @@ pub async fn insert_items_with_prompts(
         &[
             Arg::from(conversation),
             Arg::Ints(&seqs),
-            Arg::Uuids(&uuids),
-            Arg::Texts(&kinds),
-            Arg::Texts(&bodies),
+            Arg::Uuids(&columns.ids),
+            Arg::Texts(&columns.kinds),
+            Arg::Texts(&columns.bodies),
             Arg::from(response),
-            Arg::Texts(&prompt_of),
+            Arg::Texts(&columns.prompts),
         ],
     )
     .await?;

@@ -1247,7 +1247,8 @@ async fn finish(
     } = ending;
     let mut tx = ctx.router.write().await?;
     let step = last_step.as_ref().map(|pending| &pending.step);
-    let finished = match turns::finish(&mut tx, row, outcome, step).await? {
+    let (finished, next) = turns::finish(&mut tx, row, outcome, step).await?;
+    let finished = match finished {
         turns::Finished::Done(done) => Some(done),
         turns::Finished::Ended => None,
         // Rolled back as `tx` drops.
@@ -1270,7 +1271,6 @@ async fn finish(
     if unstored {
         turns::purge_conversation(&mut tx, row.conversation_id).await?;
     }
-    let next = turns::next_queued(&mut tx, row.conversation_id).await?;
     let lsn: Lsn = tx.commit().await?;
     // All before the terminal event, in parallel (independent Redis keys): a
     // client that saw the turn end reads its own write, finds no cached page
