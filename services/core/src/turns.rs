@@ -195,27 +195,18 @@ pub async fn start(
     redelivery: bool,
 ) -> Result<Option<Started>, sqlx::Error> {
     let prepared = db.prepared();
-    // The conversation first, as every other writer of its turns does (an
-    // interrupting create locks the conversation, then its responses; the
-    // turn goes on to append pending input and freeze the prompt): one
-    // lock order, no deadlock. One statement: the CTE locks the
-    // conversation while the response row is filtered, before the update
-    // locks that row (a row changed meanwhile is re-checked against the
-    // status condition). When nothing is started the caller locks the
-    // conversation itself.
-    // It also reads the conversation's frozen prompt settings, as of the
-    // lock: the caller refreezes them under it.
+    // `turnpike_start_turn` locks the conversation first, as every other
+    // writer of its turns does (an interrupting create locks the
+    // conversation, then its responses; the turn goes on to append pending
+    // input and freeze the prompt): one lock order, no deadlock. It also
+    // reads the conversation's frozen prompt settings as of that lock: the
+    // caller refreezes them under it. When nothing is started the caller
+    // locks the conversation itself.
     let started: Option<StartedRow> = statement::fetch_optional(
         db,
         &format!(
-            "WITH locked AS (
-           SELECT id, frozen FROM conversations
-            WHERE id = (SELECT conversation_id FROM responses WHERE id = $1)
-            FOR NO KEY UPDATE)
-         UPDATE responses SET status = 'in_progress', updated_at = now()
-          WHERE id = $1 AND conversation_id IN (SELECT id FROM locked)
-            AND (status = 'queued' OR (status = 'in_progress' AND $2))
-         RETURNING {COLUMNS}, (SELECT frozen FROM locked) AS frozen"
+            "SELECT {COLUMNS}, frozen FROM (
+               SELECT (s.r).*, s.frozen FROM turnpike_start_turn($1, $2) s) AS started"
         ),
         &[Arg::from(id), Arg::from(redelivery)],
     )
@@ -483,18 +474,22 @@ pub enum Finished {
 
 /// Records a turn's outcome: its last step, when the loop has not stored it
 /// yet (one commit fewer per turn than storing it on its own), its output
-/// items appended to the conversation and the response row updated; and
-/// finds the conversation's next queued turn (none when superseded). One
-/// statement, `turnpike_finish_turn`, whose plans the server keeps (the
-/// migration says why). Primary only, in the caller's transaction.
-#[tracing::instrument(level = "debug", skip(db, outcome, last_step))]
+/// items appended to the conversation, the conversation's prompt settings
+/// when this turn is the first to freeze them (`first_frozen`, kept only if
+/// nothing froze them meanwhile) and the response row updated; and finds the
+/// conversation's next queued turn (none when superseded). One statement,
+/// `turnpike_finish_turn`, whose plans the server keeps (the migrations say
+/// why). Primary only, in the caller's transaction.
+#[tracing::instrument(level = "debug", skip(db, outcome, last_step, first_frozen))]
 pub async fn finish(
     db: &mut impl DbConn,
     response: &ResponseRow,
     outcome: &Outcome<'_>,
     last_step: Option<&crate::steps::Step>,
+    first_frozen: Option<&crate::steps::Frozen>,
 ) -> Result<(Finished, Option<Uuid>), sqlx::Error> {
     let output = statement::json(outcome.output)?;
+    let first_frozen = first_frozen.map(statement::json).transpose()?;
     let usage = outcome.usage.map(statement::json).transpose()?;
     let error = outcome.error.map(statement::json).transpose()?;
     let incomplete = outcome
@@ -516,7 +511,7 @@ pub async fn finish(
         "SELECT outcome, next_queued FROM turnpike_finish_turn($1, $2, $3, $4,
             $5::jsonb, $6::jsonb, $7::jsonb, $8::jsonb,
             $9, $10, $11::jsonb, $12::jsonb, $13::jsonb,
-            $14::uuid[], $15::text[], $16::text[]::jsonb[], $17::text[]::jsonb[], $18)",
+            $14::uuid[], $15::text[], $16::text[]::jsonb[], $17::text[]::jsonb[], $18, $19::jsonb)",
         &[
             Arg::from(response.id),
             Arg::from(response.conversation_id),
@@ -536,6 +531,7 @@ pub async fn finish(
             Arg::Texts(&items.bodies),
             Arg::Texts(&items.prompts),
             Arg::from(response.input_last_seq + 1),
+            Arg::Text(first_frozen.as_deref()),
         ],
     )
     .await?;

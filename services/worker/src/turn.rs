@@ -137,9 +137,17 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         &request.tools,
         &mcp_tools,
     );
-    if let Some(frozen) = &refrozen {
-        steps::freeze(&mut tx, row.conversation_id, frozen).await?;
-    }
+    // A first turn's settings are stored by its finish (the migration of
+    // `turnpike_start_turn` says why); a change is stored now, with the
+    // note that announces it.
+    let first_frozen = match (&before, &refrozen) {
+        (None, first) => first.clone(),
+        (Some(_), Some(changed)) => {
+            steps::freeze(&mut tx, row.conversation_id, changed).await?;
+            None
+        }
+        (Some(_), None) => None,
+    };
     let frozen = refrozen.or(before).unwrap_or_default();
     if let Some(note) = &note
         && let Some(seq) = turns::reserve_seqs(&mut tx, row.conversation_id, row.user_id, 1).await?
@@ -195,7 +203,16 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     if delivery.deliveries > ctx.settings.worker.max_deliveries {
         let error = json!({"code": "server_error",
             "message": format!("too_many_deliveries: the turn was interrupted {} times and will not be retried.", delivery.deliveries - 1)});
-        return fail(ctx, &row, emitter, events_tx, &error, None).await;
+        return fail(
+            ctx,
+            &row,
+            emitter,
+            events_tx,
+            &error,
+            None,
+            first_frozen.as_ref(),
+        )
+        .await;
     }
 
     let snapshot = serde_json::to_value(row.to_api()).unwrap_or(Value::Null);
@@ -261,7 +278,16 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     match result {
         None => {
             let error = json!({"code": "cancelled", "message": "The response was cancelled."});
-            fail(ctx, &row, emitter, events_tx, &error, usage.as_ref()).await
+            fail(
+                ctx,
+                &row,
+                emitter,
+                events_tx,
+                &error,
+                usage.as_ref(),
+                first_frozen.as_ref(),
+            )
+            .await
         }
         Some(Ok(())) => {
             let (status, terminal) = match incomplete {
@@ -280,22 +306,50 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
                 outcome: &outcome,
                 terminal,
                 last_step,
+                first_frozen: first_frozen.as_ref(),
             };
             finish(ctx, &row, emitter, events_tx, ending).await
         }
         Some(Err(LoopError::Provider(e))) => {
             let error = json!({"code": e.code(), "message": e.to_string()});
-            fail(ctx, &row, emitter, events_tx, &error, usage.as_ref()).await
+            fail(
+                ctx,
+                &row,
+                emitter,
+                events_tx,
+                &error,
+                usage.as_ref(),
+                first_frozen.as_ref(),
+            )
+            .await
         }
         Some(Err(LoopError::TooManySteps(n))) => {
             let error = json!({"code": "server_error",
                 "message": format!("max_steps_exceeded: the turn made {n} model calls without reaching an answer (worker.max_steps).")});
-            fail(ctx, &row, emitter, events_tx, &error, usage.as_ref()).await
+            fail(
+                ctx,
+                &row,
+                emitter,
+                events_tx,
+                &error,
+                usage.as_ref(),
+                first_frozen.as_ref(),
+            )
+            .await
         }
         Some(Err(LoopError::BudgetExhausted)) => {
             let error = json!({"code": "token_budget_exhausted",
                 "message": "The daily token budget (limits.daily_tokens_per_user) is spent; the turn stopped before its next model call."});
-            fail(ctx, &row, emitter, events_tx, &error, usage.as_ref()).await
+            fail(
+                ctx,
+                &row,
+                emitter,
+                events_tx,
+                &error,
+                usage.as_ref(),
+                first_frozen.as_ref(),
+            )
+            .await
         }
         Some(Err(LoopError::Turn(e))) => Err(e),
     }
@@ -1205,6 +1259,7 @@ async fn fail(
     events_tx: mpsc::UnboundedSender<Value>,
     error: &Value,
     usage: Option<&Usage>,
+    first_frozen: Option<&Frozen>,
 ) -> Result<(), TurnError> {
     let outcome = Outcome {
         status: ResponseStatus::Failed,
@@ -1218,6 +1273,7 @@ async fn fail(
         outcome: &outcome,
         terminal: "response.failed",
         last_step: None,
+        first_frozen,
     };
     finish(ctx, row, emitter, events_tx, ending).await
 }
@@ -1228,6 +1284,9 @@ struct Ending<'a> {
     outcome: &'a Outcome<'a>,
     terminal: &'a str,
     last_step: Option<Pending>,
+    /// The conversation's prompt settings when this turn is the first to
+    /// freeze them.
+    first_frozen: Option<&'a Frozen>,
 }
 
 /// Persists the outcome, records the write for the user's session window,
@@ -1244,10 +1303,11 @@ async fn finish(
         outcome,
         terminal,
         last_step,
+        first_frozen,
     } = ending;
     let mut tx = ctx.router.write().await?;
     let step = last_step.as_ref().map(|pending| &pending.step);
-    let (finished, next) = turns::finish(&mut tx, row, outcome, step).await?;
+    let (finished, next) = turns::finish(&mut tx, row, outcome, step, first_frozen).await?;
     let finished = match finished {
         turns::Finished::Done(done) => Some(done),
         turns::Finished::Ended => None,

@@ -468,6 +468,59 @@ async fn reasoning_and_frozen_prompt_settings_are_passed_back_unchanged() {
     );
 }
 
+/// A first turn's prompt settings are stored by its finish: one interrupted
+/// before it ended froze nothing, and the turn that replaced it is the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_first_turn_leaves_the_prompt_settings_to_its_successor() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    let agents = Agents::spawn_slow(&mut settings, 20, 40).await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let conversation = new_conversation(&user, json!([])).await;
+    let first = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({
+                "conversation": conversation, "background": true,
+                "input": "tell me a long story", "instructions": "Answer briefly.",
+            })),
+        )
+        .await;
+    let first = first.ok()["id"].as_str().unwrap().to_owned();
+    let stream = user.follow_until_answering(&first).await;
+    let replace = |input: &str| {
+        json!({
+            "conversation": conversation, "multitask": "interrupt",
+            "input": input, "instructions": "Answer in French.",
+        })
+    };
+    let second = user
+        .call("POST", "/v1/responses", Some(replace("/echo oui")))
+        .await;
+    assert_eq!(second.ok()["status"], "completed");
+    let last = stream.read_to_end().await.pop().unwrap().data;
+    assert_eq!(last["type"], "response.cancelled", "{last}");
+    let third = user
+        .call("POST", "/v1/responses", Some(replace("/echo encore")))
+        .await;
+    assert_eq!(third.ok()["status"], "completed");
+
+    let requests = agents.model_requests(&conversation).await;
+    assert_eq!(requests.len(), 3);
+    for request in &requests[1..] {
+        assert_eq!(request["instructions"], "Answer in French.", "{request}");
+        let notes = request["input"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|item| item["role"] == "developer")
+            .count();
+        assert_eq!(notes, 0, "{request}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_turn_resumes_after_its_last_stored_step() {
     let stack = Stack::shared().await;
