@@ -345,6 +345,31 @@ pub async fn check_active_turns(
     .with_headers(headers))
 }
 
+/// A new turn's limits: [`check_active_turns`] and [`check_storage`], read
+/// together in one round trip while both are comfortably clear (below the
+/// active-turn headroom, within the quota); near either one, each is
+/// checked as on its own, the turns under the user's lock.
+pub async fn check_new_turn(
+    app: &AppState,
+    tx: &mut impl DbConn,
+    user: Uuid,
+    incoming: usize,
+) -> Result<(), ApiError> {
+    let limits = &app.settings.limits;
+    let (turns_cap, storage_cap) = (limits.active_turns_per_user, limits.storage_bytes_per_user);
+    let headroom = i64::from(turns_cap / 4);
+    if headroom > 0 && storage_cap > 0 {
+        let (active, stored) =
+            state::active_turns_and_stored_bytes(tx, user, i64::from(turns_cap)).await?;
+        let after = u64::try_from(stored).unwrap_or(0) + incoming as u64;
+        if active < i64::from(turns_cap) - headroom && after <= storage_cap {
+            return Ok(());
+        }
+    }
+    check_active_turns(app, tx, user).await?;
+    check_storage(app, tx, user, incoming).await
+}
+
 /// Refuses to store `incoming` more bytes of items for a user whose stored
 /// items would then pass `limits.storage_bytes_per_user`. Primary, in the
 /// caller's transaction.

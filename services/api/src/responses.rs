@@ -243,8 +243,7 @@ async fn begin(
         }
     };
     // Counted after an interrupt has cancelled the turn it replaces.
-    crate::limits::check_active_turns(app, &mut tx, principal.user_id).await?;
-    crate::limits::check_storage(app, &mut tx, principal.user_id, input_bytes).await?;
+    crate::limits::check_new_turn(app, &mut tx, principal.user_id, input_bytes).await?;
     let id = Uuid::now_v7();
     // A turn that runs now appends its input at once; one waiting behind the
     // active turn keeps it pending, so it lands after that turn's output.
