@@ -42,7 +42,9 @@ where
     if req.method() != Method::POST || !req.headers().contains_key(HEADER) {
         return next(req).await;
     }
-    handle(app.clone(), req, next)
+    // Boxed: its state (the buffered body, the stored answer) would
+    // otherwise make every request's future as large as a keyed POST's.
+    Box::pin(handle(app.clone(), req, next))
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }

@@ -242,6 +242,14 @@ impl Authenticator {
         if let Some(known) = self.keys.get(&hash).await {
             return Ok(known);
         }
+        // Boxed: the look-up's state would otherwise make every request's
+        // future (which the api's middleware boxes and moves) kilobytes
+        // larger for the sake of a cache miss.
+        Box::pin(self.authenticate_uncached(hash)).await
+    }
+
+    /// [`authenticate`](Self::authenticate) past the in-process cache.
+    async fn authenticate_uncached(&self, hash: [u8; 32]) -> Result<Option<Principal>, DbError> {
         if self.unknown.contains_key(&hash) {
             return Ok(None);
         }
