@@ -253,14 +253,17 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         () = cancelled.notified() => None,
     };
     ctx.cancels.forget(&delivery.response);
-    // An answer's last step is stored with the outcome, in one transaction;
-    // a failed or cancelled turn stores it first, on its own (its usage
-    // counted, its items announced); an interrupted one leaves it.
+    // An answer's last step is stored with the outcome, in one transaction.
+    // A failed or cancelled turn keeps no output: its last step is not
+    // stored (the response may be gone), only its tokens counted; an
+    // interrupted one leaves it to the redelivery.
     let last_step = match &result {
         Some(Ok(())) => turn.pending.take(),
         Some(Err(LoopError::Turn(_))) => None,
         _ => {
-            turn.store_pending().await?;
+            if let Some(Pending { step, .. }) = turn.pending.take() {
+                record_usage(ctx, row.user_id, step.usage.as_ref()).await;
+            }
             None
         }
     };
@@ -615,29 +618,12 @@ impl<'a> Loop<'a> {
     /// announces its items. A step already stored means another worker
     /// runs this turn now: stop without touching anything.
     async fn store_pending(&mut self) -> Result<(), TurnError> {
-        use tracing::Instrument;
         let Some(Pending { step, announce }) = self.pending.take() else {
             return Ok(());
         };
-        let span = tracing::info_span!("persist", step = step.index, items = step.items.len());
-        // One statement, a transaction of its own, bounded as a commit is.
-        let limit = Duration::from_millis(self.ctx.settings.database.read_attempt_timeout_ms);
-        let stored = async {
-            let mut db = self.ctx.router.write_one_message().await?;
-            let stored = tokio::time::timeout(limit, steps::save(&mut db, self.row.id, &step))
-                .await
-                .map_err(|_elapsed| turnpike_core::db::DbError::PrimaryUnavailable)??;
-            db.done();
-            Ok::<bool, TurnError>(stored)
-        }
-        .instrument(span)
-        .await?;
-        if !stored {
+        if !store_step(self.ctx, self.row, &step).await? {
             return Err(TurnError::Superseded);
         }
-        // Counted as each step is stored, so every way a turn ends (failed,
-        // cancelled, cut short, taken over) has counted what it spent.
-        record_usage(self.ctx, self.row.user_id, step.usage.as_ref()).await;
         announce.into_iter().for_each(|event| self.emit(event));
         Ok(())
     }
@@ -1252,6 +1238,31 @@ pub(crate) fn stored_item(raw: &Value, uuid: Uuid) -> Item {
         .unwrap_or_else(|_| Item::Other(fields.into_iter().collect()))
 }
 
+/// Stores a step in a transaction of its own (one statement, bounded as a
+/// commit is) and counts its usage; false when another worker stored it
+/// first. Usage is counted as each step is stored, so every way a turn
+/// ends (failed, cancelled, cut short, taken over) has counted what it
+/// spent.
+async fn store_step(ctx: &Context, row: &ResponseRow, step: &Step) -> Result<bool, TurnError> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("persist", step = step.index, items = step.items.len());
+    let limit = Duration::from_millis(ctx.settings.database.read_attempt_timeout_ms);
+    let stored = async {
+        let mut db = ctx.router.write_one_message().await?;
+        let stored = tokio::time::timeout(limit, steps::save(&mut db, row.id, step))
+            .await
+            .map_err(|_elapsed| turnpike_core::db::DbError::PrimaryUnavailable)??;
+        db.done();
+        Ok::<bool, TurnError>(stored)
+    }
+    .instrument(span)
+    .await?;
+    if stored {
+        record_usage(ctx, row.user_id, step.usage.as_ref()).await;
+    }
+    Ok(stored)
+}
+
 async fn fail(
     ctx: &Context,
     row: &ResponseRow,
@@ -1305,14 +1316,41 @@ async fn finish(
         last_step,
         first_frozen,
     } = ending;
-    let mut tx = ctx.router.write().await?;
+    let unstored = row.request.0.store == Some(false);
     let step = last_step.as_ref().map(|pending| &pending.step);
-    let (finished, next) = turns::finish(&mut tx, row, outcome, step, first_frozen).await?;
-    let finished = match finished {
-        turns::Finished::Done(done) => Some(done),
-        turns::Finished::Ended => None,
-        // Rolled back as `tx` drops.
-        turns::Finished::Superseded => return Err(TurnError::Superseded),
+    let committed = async {
+        let mut tx = ctx.router.write().await?;
+        let (finished, next) = turns::finish(&mut tx, row, outcome, step, first_frozen).await?;
+        let finished = match finished {
+            turns::Finished::Done(done) => Some(done),
+            turns::Finished::Ended => None,
+            // Rolled back as `tx` drops.
+            turns::Finished::Superseded => return Err(TurnError::Superseded),
+        };
+        // `store: false`: the turn ran and streamed; nothing of it is kept.
+        // Such a turn always has a conversation of its own.
+        if unstored {
+            turns::purge_conversation(&mut tx, row.conversation_id).await?;
+        }
+        let lsn: Lsn = tx.commit().await?;
+        Ok((finished, next, lsn))
+    }
+    .await;
+    let (finished, next, lsn) = match committed {
+        Ok(committed) => committed,
+        Err(TurnError::Superseded) => return Err(TurnError::Superseded),
+        Err(e) => {
+            // The turn goes back for redelivery: its last step is kept on
+            // its own if it can be, so the model is not asked again and no
+            // tool runs twice (as when every step was stored before the
+            // finish).
+            if let Some(step) = step
+                && let Err(stored) = store_step(ctx, row, step).await
+            {
+                tracing::warn!(error = %stored, "could not keep the last step of a turn whose finish failed");
+            }
+            return Err(e);
+        }
     };
     let status = if finished.is_some() {
         format!("{:?}", outcome.status).to_lowercase()
@@ -1325,13 +1363,6 @@ async fn finish(
         .map_or(0, |d| d.as_secs())
         .saturating_sub(u64::try_from(row.created_at).unwrap_or(0));
     metrics::histogram!("turnpike_turn_total_seconds").record(age as f64);
-    // `store: false`: the turn ran and streamed; nothing of it is kept.
-    // Such a turn always has a conversation of its own.
-    let unstored = row.request.0.store == Some(false);
-    if unstored {
-        turns::purge_conversation(&mut tx, row.conversation_id).await?;
-    }
-    let lsn: Lsn = tx.commit().await?;
     // All before the terminal event, in parallel (independent Redis keys): a
     // client that saw the turn end reads its own write, finds no cached page
     // without the output, and sees its tokens counted against the budget.

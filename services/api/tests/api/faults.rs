@@ -511,3 +511,70 @@ async fn a_lost_running_turn_queued_again_by_many_reconcilers_is_queued_once() {
         .unwrap();
     assert_eq!(entries, 1, "entries in the queue");
 }
+
+/// A turn whose finish fails goes back for redelivery with its last step
+/// kept on its own: the redelivered turn finishes without asking the model
+/// again, and clients see one answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_whose_finish_failed_is_finished_without_asking_the_model_again() {
+    let stack = Stack::private().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    let agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let conversation = user.create_conversation(json!({"items": []})).await;
+    let conversation = conversation.ok()["id"].as_str().unwrap().to_owned();
+    let uuid =
+        turnpike_core::ids::parse(turnpike_protocol::ids::CONVERSATION, &conversation).unwrap();
+    // The first finish of a turn in this conversation fails (a sequence
+    // counts the tries outside the transaction the error rolls back).
+    let admin = stack.superuser("primary").await;
+    sqlx::raw_sql(&format!(
+        "CREATE SEQUENCE planted_finish_failures;
+         CREATE FUNCTION plant_finish_failure() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+         BEGIN
+             IF NEW.conversation_id = '{uuid}' AND NEW.status = 'completed'
+                AND nextval('planted_finish_failures') = 1 THEN
+                 RAISE EXCEPTION 'planted finish failure';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER plant_finish_failure BEFORE UPDATE ON responses
+             FOR EACH ROW EXECUTE FUNCTION plant_finish_failure();"
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+
+    let created = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({
+                "conversation": conversation, "input": "/echo kept once", "background": true,
+            })),
+        )
+        .await;
+    let id = created.ok()["id"].as_str().unwrap().to_owned();
+    let (status, events) = user
+        .stream("GET", &format!("/v1/responses/{id}?stream=true"), None, &[])
+        .await;
+    assert_eq!(status, 200);
+    let last = &events.last().unwrap().data;
+    assert_eq!(last["type"], "response.completed", "{last}");
+    let tries: i64 = sqlx::query_scalar("SELECT last_value FROM planted_finish_failures")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        tries, 2,
+        "the first finish failed, the redelivery's succeeded"
+    );
+    // The model was asked once: the redelivery found the step stored.
+    assert_eq!(agents.model_requests(&conversation).await.len(), 1);
+    // Stored once, and the stream shows exactly what was stored.
+    let items = user.list_items(&conversation, "?order=asc").await;
+    let items = items.ok()["data"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 2, "{items:?}");
+    turnpike_testkit::assert_stream_matches(&events, &items[1..]);
+}
