@@ -278,20 +278,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         ..
     } = turn;
     drop(events);
-    match result {
-        None => {
-            let error = json!({"code": "cancelled", "message": "The response was cancelled."});
-            fail(
-                ctx,
-                &row,
-                emitter,
-                events_tx,
-                &error,
-                usage.as_ref(),
-                first_frozen.as_ref(),
-            )
-            .await
-        }
+    let error = match result {
         Some(Ok(())) => {
             let (status, terminal) = match incomplete {
                 Some(_) => (ResponseStatus::Incomplete, "response.incomplete"),
@@ -311,51 +298,20 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
                 last_step,
                 first_frozen: first_frozen.as_ref(),
             };
-            finish(ctx, &row, emitter, events_tx, ending).await
+            return finish(ctx, &row, emitter, events_tx, ending).await;
         }
+        Some(Err(LoopError::Turn(e))) => return Err(e),
+        None => json!({"code": "cancelled", "message": "The response was cancelled."}),
         Some(Err(LoopError::Provider(e))) => {
-            let error = json!({"code": e.code(), "message": e.to_string()});
-            fail(
-                ctx,
-                &row,
-                emitter,
-                events_tx,
-                &error,
-                usage.as_ref(),
-                first_frozen.as_ref(),
-            )
-            .await
+            json!({"code": e.code(), "message": e.to_string()})
         }
-        Some(Err(LoopError::TooManySteps(n))) => {
-            let error = json!({"code": "server_error",
-                "message": format!("max_steps_exceeded: the turn made {n} model calls without reaching an answer (worker.max_steps).")});
-            fail(
-                ctx,
-                &row,
-                emitter,
-                events_tx,
-                &error,
-                usage.as_ref(),
-                first_frozen.as_ref(),
-            )
-            .await
-        }
-        Some(Err(LoopError::BudgetExhausted)) => {
-            let error = json!({"code": "token_budget_exhausted",
-                "message": "The daily token budget (limits.daily_tokens_per_user) is spent; the turn stopped before its next model call."});
-            fail(
-                ctx,
-                &row,
-                emitter,
-                events_tx,
-                &error,
-                usage.as_ref(),
-                first_frozen.as_ref(),
-            )
-            .await
-        }
-        Some(Err(LoopError::Turn(e))) => Err(e),
-    }
+        Some(Err(LoopError::TooManySteps(n))) => json!({"code": "server_error",
+            "message": format!("max_steps_exceeded: the turn made {n} model calls without reaching an answer (worker.max_steps).")}),
+        Some(Err(LoopError::BudgetExhausted)) => json!({"code": "token_budget_exhausted",
+            "message": "The daily token budget (limits.daily_tokens_per_user) is spent; the turn stopped before its next model call."}),
+    };
+    let (usage, first_frozen) = (usage.as_ref(), first_frozen.as_ref());
+    fail(ctx, &row, emitter, events_tx, &error, usage, first_frozen).await
 }
 
 /// The function definitions of the MCP tools the turn's request offers.
