@@ -478,7 +478,7 @@ pub enum Finished {
 /// when this turn is the first to freeze them (`first_frozen`, kept only if
 /// nothing froze them meanwhile) and the response row updated; and finds the
 /// conversation's next queued turn (none when superseded). One statement,
-/// `turnpike_finish_turn`, whose plans the server keeps (the migrations say
+/// `turnpike_finish_turn`, whose plans the server keeps (its migration says
 /// why). Primary only, in the caller's transaction.
 #[tracing::instrument(level = "debug", skip(db, outcome, last_step, first_frozen))]
 pub async fn finish(
@@ -747,6 +747,7 @@ pub fn kind_of(item: &Item) -> &str {
 }
 
 /// Inserts items at `first_seq..`. Primary only, in the caller's transaction.
+#[tracing::instrument(level = "debug", skip(db, items))]
 pub async fn insert_items(
     db: &mut impl DbConn,
     conversation: Uuid,
@@ -754,30 +755,14 @@ pub async fn insert_items(
     items: &[Item],
     response: Option<Uuid>,
 ) -> Result<(), sqlx::Error> {
-    insert_items_with_prompts(db, conversation, first_seq, items, &[], response).await
-}
-
-/// Inserts items at `first_seq..`, each with the prompt input that stands
-/// for it when that is not the item itself (by item id: a compaction's
-/// window, a provider's output item exactly as the provider sent it).
-/// Primary only, in the caller's transaction.
-#[tracing::instrument(level = "debug", skip(db, items, prompts))]
-pub async fn insert_items_with_prompts(
-    db: &mut impl DbConn,
-    conversation: Uuid,
-    first_seq: i64,
-    items: &[Item],
-    prompts: &[(String, Vec<serde_json::Value>)],
-    response: Option<Uuid>,
-) -> Result<(), sqlx::Error> {
-    let columns = ItemColumns::of(items, prompts)?;
+    let columns = ItemColumns::of(items, &[])?;
     let seqs: Vec<i64> = (first_seq..).take(items.len()).collect();
     statement::execute(
         db,
-        "INSERT INTO items (conversation_id, seq, id, kind, body, response_id, prompt)
-         SELECT $1, seq, id, kind, body, $6, prompt
-         FROM UNNEST($2::int8[], $3::uuid[], $4::text[], $5::text[]::jsonb[], $7::text[]::jsonb[])
-              AS t (seq, id, kind, body, prompt)",
+        "INSERT INTO items (conversation_id, seq, id, kind, body, response_id)
+         SELECT $1, seq, id, kind, body, $6
+         FROM UNNEST($2::int8[], $3::uuid[], $4::text[], $5::text[]::jsonb[])
+              AS t (seq, id, kind, body)",
         &[
             Arg::from(conversation),
             Arg::Ints(&seqs),
@@ -785,7 +770,6 @@ pub async fn insert_items_with_prompts(
             Arg::Texts(&columns.kinds),
             Arg::Texts(&columns.bodies),
             Arg::from(response),
-            Arg::Texts(&columns.prompts),
         ],
     )
     .await?;

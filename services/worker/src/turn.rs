@@ -138,7 +138,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         &mcp_tools,
     );
     // A first turn's settings are stored by its finish (the migration of
-    // `turnpike_start_turn` says why); a change is stored now, with the
+    // the turn functions says why); a change is stored now, with the
     // note that announces it.
     let first_frozen = match (&before, &refrozen) {
         (None, first) => first.clone(),

@@ -1,18 +1,27 @@
--- A turn's start in one call, and its first freeze of the conversation's
--- prompt settings moved into its finish.
+-- A worker's start and finish of a turn, one call each. The finish was
+-- eight statements in a transaction (lock the conversation, lock the
+-- response, store the last step, reserve the output's sequence numbers,
+-- insert the items, update the response, find the next queued turn) and the
+-- start a statement that was the costliest of a turn's to plan; each one a
+-- round trip and, through PgBouncer in transaction mode, parsed and planned
+-- again. PostgreSQL keeps the plans of the statements inside a PL/pgSQL
+-- function for the life of the server connection, whichever client's
+-- transaction runs on it.
 --
--- The start was a statement that locked the conversation and started the
--- response, the costliest of a turn's statements to plan, and, on a
--- conversation's first turn, an UPDATE freezing its prompt settings. As a
--- function the start's plans are kept by the server connection (through
--- PgBouncer too, see the migration before). The first freeze needs nothing
--- of the start: the turn computes it from its own request, and the turn
--- behind it in the conversation starts only after this one's finish, so
--- the finish stores it (only where nothing froze the settings meanwhile,
--- say a turn that interrupted this one). A worker lost before the finish
--- leaves them unfrozen; the redelivered turn computes the same settings
--- again. A later turn that changes the settings still freezes the change
--- in its start, with the developer message that announces it.
+-- Locks are taken in the order every writer of a conversation's turns takes
+-- them: the conversation, then the response.
+--
+-- A conversation's first turn freezes its prompt settings in its finish, not
+-- its start: the turn computes them from its own request, and the turn
+-- behind it in the conversation starts only after this one's finish. Only
+-- where nothing froze them meanwhile (a turn that interrupted this one). A
+-- worker lost before the finish leaves them unfrozen; the redelivered turn
+-- computes them again. A later turn that changes the settings freezes the
+-- change in its start, with the developer message that announces it.
+--
+-- A function the workers call is never changed in place: a new signature is
+-- a new overload, and the old one stays for the workers of the release
+-- before during a rolling update.
 SET lock_timeout = '5s';
 SET statement_timeout = '60s';
 
@@ -50,9 +59,11 @@ BEGIN
 END
 $$;
 
--- The finish of the migration before, taking the first freeze. The
--- overload without it stays for the workers of the release before, which
--- still call it while a rolling update replaces them.
+-- outcome: 'done' (recorded), 'ended' (the response had ended meanwhile,
+-- cancelled while running: nothing recorded), 'superseded' (another worker
+-- stored the last step first and runs, or ran, the turn: the caller rolls
+-- back and stops without a word). next_queued: the conversation's oldest
+-- queued turn when none is in progress (not looked for when superseded).
 CREATE OR REPLACE FUNCTION turnpike_finish_turn(
     p_response uuid,
     p_conversation uuid,
@@ -89,6 +100,14 @@ BEGIN
     PERFORM 1 FROM conversations WHERE id = p_conversation FOR NO KEY UPDATE;
     SELECT status INTO current_status FROM responses WHERE id = p_response FOR UPDATE;
     IF current_status IS NULL OR current_status NOT IN ('queued', 'in_progress') THEN
+        -- Ended by the worker that stored this step first: that one ran
+        -- the turn, and this one stops without a word.
+        IF p_step IS NOT NULL AND EXISTS (
+            SELECT 1 FROM response_steps WHERE response_id = p_response AND step = p_step
+        ) THEN
+            RETURN QUERY SELECT 'superseded'::text, NULL::uuid;
+            RETURN;
+        END IF;
         outcome := 'ended';
     ELSE
         IF p_step IS NOT NULL THEN
