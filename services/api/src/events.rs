@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use turnpike_core::db::Consistency;
 use turnpike_core::events::{self, Live};
+use turnpike_core::ids;
 use turnpike_core::turns::{self, ResponseRow};
+use turnpike_protocol::ids as prefixes;
 use turnpike_protocol::item::{ContentPart, Item};
 
 use crate::AppState;
@@ -49,6 +51,14 @@ fn header(data: &str) -> Option<(String, u64)> {
     Some((header.kind.to_owned(), header.sequence_number))
 }
 
+/// The response a stream follows: all its pump keeps of the row, whose
+/// request (instructions, tools) may be large and is not needed to follow it.
+#[derive(Clone, Copy)]
+struct Followed {
+    id: uuid::Uuid,
+    user: uuid::Uuid,
+}
+
 /// One event of a response's stream, as logged.
 pub struct Logged {
     pub kind: String,
@@ -60,16 +70,26 @@ pub struct Logged {
 /// `row`'s events after `after`, in order, ending with the terminal event;
 /// dropping the receiver stops the stream.
 /// `slot` is the user's open-stream slot, held until the stream ends.
+///
+/// An idle stream's memory is mostly what is held here for its whole life:
+/// the pump keeps two ids of the row, its rarely taken paths are boxed
+/// only while they run (`pump`), and the channel carries boxed events (a
+/// channel allocates its slots 32 at a time).
 pub fn follow(
     app: &AppState,
     row: ResponseRow,
     after: Option<u64>,
     slot: StreamSlot,
-) -> mpsc::Receiver<Logged> {
-    let (tx, rx) = mpsc::channel::<Logged>(256);
+) -> mpsc::Receiver<Box<Logged>> {
+    let (tx, rx) = mpsc::channel::<Box<Logged>>(256);
     let app = app.clone();
+    let followed = Followed {
+        id: row.id,
+        user: row.user_id,
+    };
+    drop(row);
     tokio::spawn(async move {
-        pump(app, row, after, tx).await;
+        pump(app, followed, after, tx).await;
         drop(slot);
     });
     rx
@@ -80,12 +100,8 @@ pub fn stream(app: &AppState, row: ResponseRow, after: Option<u64>, slot: Stream
     use tokio_stream::StreamExt;
     let keepalive = Duration::from_millis(app.settings.events.keepalive_ms);
     let events = ReceiverStream::new(follow(app, row, after, slot)).map(|logged| {
-        Ok::<_, Infallible>(
-            Event::default()
-                .event(logged.kind)
-                .id(logged.seq.to_string())
-                .data(logged.data),
-        )
+        let Logged { kind, seq, data } = *logged;
+        Ok::<_, Infallible>(Event::default().event(kind).id(seq.to_string()).data(data))
     });
     Sse::new(events)
         .keep_alive(KeepAlive::new().interval(keepalive))
@@ -93,12 +109,12 @@ pub fn stream(app: &AppState, row: ResponseRow, after: Option<u64>, slot: Stream
 }
 
 /// Sends one logged event; false when the client is gone.
-async fn send(tx: &mpsc::Sender<Logged>, kind: &str, seq: u64, data: &str) -> bool {
-    let logged = Logged {
+async fn send(tx: &mpsc::Sender<Box<Logged>>, kind: &str, seq: u64, data: &str) -> bool {
+    let logged = Box::new(Logged {
         kind: kind.to_owned(),
         seq,
         data: data.to_owned(),
-    };
+    });
     tx.send(logged).await.is_ok()
 }
 
@@ -114,7 +130,7 @@ async fn replay(
     app: &AppState,
     response: &str,
     last: Option<u64>,
-    tx: &mpsc::Sender<Logged>,
+    tx: &mpsc::Sender<Box<Logged>>,
 ) -> Step {
     let logged = match events::read_after(&app.kv, response, last).await {
         Ok(logged) => logged,
@@ -149,19 +165,29 @@ async fn replay(
     Step::Continue(last)
 }
 
-async fn pump(app: AppState, row: ResponseRow, after: Option<u64>, tx: mpsc::Sender<Logged>) {
-    let response = row.public_id();
+/// Follows one response. Every path but the wait for the next live event is
+/// boxed where it is taken, so the task an idle stream keeps is small.
+async fn pump(
+    app: AppState,
+    followed: Followed,
+    after: Option<u64>,
+    tx: mpsc::Sender<Box<Logged>>,
+) {
+    let response = ids::encode(prefixes::RESPONSE, followed.id);
     // Subscribe before reading the log: nothing published in between is lost.
-    let mut subscription = app.hub.subscribe(&response).await;
-    let mut last = match replay(&app, &response, after, &tx).await {
+    let mut subscription = Box::pin(app.hub.subscribe(&response)).await;
+    let mut last = match Box::pin(replay(&app, &response, after, &tx)).await {
         Step::Done => return,
         Step::Continue(last) => last,
     };
     // Resuming after the log expired: the stored response ends the stream.
     if after.is_some()
         && last == after
-        && matches!(events::last_event(&app.kv, &response).await, Ok(None))
-        && ended_elsewhere(&app, &row, last, &tx).await
+        && matches!(
+            Box::pin(events::last_event(&app.kv, &response)).await,
+            Ok(None)
+        )
+        && Box::pin(ended_elsewhere(&app, followed, last, &tx)).await
     {
         return;
     }
@@ -200,7 +226,7 @@ async fn pump(app: AppState, row: ResponseRow, after: Option<u64>, tx: mpsc::Sen
         };
         if resync {
             let before = last;
-            last = match replay(&app, &response, last, &tx).await {
+            last = match Box::pin(replay(&app, &response, last, &tx)).await {
                 Step::Done => return,
                 Step::Continue(last) => last,
             };
@@ -211,11 +237,11 @@ async fn pump(app: AppState, row: ResponseRow, after: Option<u64>, tx: mpsc::Sen
             if idle
                 && last == before
                 && idle_wait >= ROW_CHECK_AFTER
-                && ended_elsewhere(&app, &row, last, &tx).await
+                && Box::pin(ended_elsewhere(&app, followed, last, &tx)).await
             {
                 return;
             }
-            if last.is_none() && finished_without_log(&app, &row, after, &tx).await {
+            if last.is_none() && Box::pin(finished_without_log(&app, followed, after, &tx)).await {
                 return;
             }
         }
@@ -232,14 +258,14 @@ const ROW_CHECK_AFTER: Duration = Duration::from_secs(8);
 /// rebuilt from storage.
 async fn ended_elsewhere(
     app: &AppState,
-    row: &ResponseRow,
+    followed: Followed,
     last: Option<u64>,
-    tx: &mpsc::Sender<Logged>,
+    tx: &mpsc::Sender<Box<Logged>>,
 ) -> bool {
     let Some(last) = last else {
-        return finished_without_log(app, row, None, tx).await;
+        return finished_without_log(app, followed, None, tx).await;
     };
-    let Some(current) = stored_if_ended(app, row).await else {
+    let Some(current) = stored_if_ended(app, followed).await else {
         return false;
     };
     let Some(mut terminal) = synthesize(&current).pop() else {
@@ -316,8 +342,8 @@ async fn missing_text(app: &AppState, row: &ResponseRow, last: u64) -> Vec<Value
 }
 
 /// The stored response, when it has ended.
-async fn stored_if_ended(app: &AppState, row: &ResponseRow) -> Option<ResponseRow> {
-    let (id, user) = (row.id, row.user_id);
+async fn stored_if_ended(app: &AppState, followed: Followed) -> Option<ResponseRow> {
+    let Followed { id, user } = followed;
     let current = app
         .router
         .read_one_message(Consistency::Eventual, move |db| {
@@ -338,11 +364,11 @@ async fn stored_if_ended(app: &AppState, row: &ResponseRow) -> Option<ResponseRo
 /// release): if it has finished, sends its events rebuilt from storage.
 async fn finished_without_log(
     app: &AppState,
-    row: &ResponseRow,
+    followed: Followed,
     after: Option<u64>,
-    tx: &mpsc::Sender<Logged>,
+    tx: &mpsc::Sender<Box<Logged>>,
 ) -> bool {
-    let Some(current) = stored_if_ended(app, row).await else {
+    let Some(current) = stored_if_ended(app, followed).await else {
         return false;
     };
     for (seq, event) in (0u64..).zip(synthesize(&current)) {

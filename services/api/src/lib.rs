@@ -495,18 +495,10 @@ impl Application {
     ) -> std::io::Result<()> {
         let grace = Duration::from_millis(self.state.settings.api.shutdown_grace_ms);
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-        let serve = // `into_make_service`: serving a `Router` itself re-runs `with_state` for
-        // every connection, which deep-copies every route's boxed service
-        // stack (about 17 KiB held for as long as the connection, an SSE
-        // stream's whole life); the make-service shares one router.
-        axum::serve(
-            turnpike_core::net::nodelay(self.listener),
-            self.app.into_make_service(),
-        )
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                let _ = stopped_tx.send(());
-            });
+        let serve = turnpike_core::net::serve(self.listener, self.app, async move {
+            shutdown.await;
+            let _ = stopped_tx.send(());
+        });
         tokio::select! {
             result = serve => result,
             () = async {

@@ -16,8 +16,11 @@ use tokio::sync::broadcast;
 
 use crate::kv::{Kv, KvError};
 
-/// Live events buffered per response and process.
-const LIVE_BUFFER: usize = 64;
+/// Live events buffered per response and process: a receiver further
+/// behind gets `Lagged` and re-reads the log. Every idle stream holds one
+/// such buffer (about 48 bytes a slot); a burst is what a worker queued
+/// while its last append was in flight.
+const LIVE_BUFFER: usize = 32;
 
 /// The stream holding a response's events, field `d` = the event's JSON.
 fn log_key(response: &str) -> String {

@@ -1,7 +1,18 @@
-//! Sockets every HTTP listener of Turnpike shares.
+//! Sockets every HTTP listener of Turnpike shares, and the api's server.
 
+use std::future::Future;
+use std::pin::pin;
+use std::time::Duration;
+
+use axum::Router;
 use axum::serve::{ListenerExt as _, TapIo};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 /// The listener with `TCP_NODELAY` set on every accepted connection.
 ///
@@ -20,6 +31,138 @@ fn set_nodelay(stream: &mut TcpStream) {
     }
 }
 
+/// What a client opening an HTTP/2 connection without TLS sends first.
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol a new connection speaks, from its first bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// The bytes so far begin the HTTP/2 preface without completing it.
+    Undecided,
+}
+
+fn protocol(first: &[u8]) -> Protocol {
+    let n = first.len().min(HTTP2_PREFACE.len());
+    if first[..n] != HTTP2_PREFACE[..n] {
+        Protocol::Http1
+    } else if n == HTTP2_PREFACE.len() {
+        Protocol::Http2
+    } else {
+        Protocol::Undecided
+    }
+}
+
+/// Serves `router` over HTTP/1.1 and cleartext HTTP/2 until `shutdown`
+/// resolves, then stops accepting and lets every open connection finish
+/// its requests (the caller bounds how long).
+///
+/// What `axum::serve` does, except for how a connection's protocol is
+/// told: `axum::serve` reads the first bytes of every connection to look
+/// for the HTTP/2 preface and hands them to the HTTP/1.1 parser ahead of
+/// the socket, so the parser's first read returns those few bytes alone and
+/// its 8 KiB read buffer is grown to 16 KiB to read the rest. A long-lived
+/// stream holds that buffer for its whole life. Here the first bytes are
+/// peeked, not read, so the parser reads the whole request head at once.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let (stop, stopping) = watch::channel(());
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let mut stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        set_nodelay(&mut stream);
+        tokio::spawn(connection(stream, router.clone(), stopping.clone()));
+    }
+    drop(listener);
+    drop(stopping);
+    stop.send_replace(());
+    // Every connection holds a receiver until it has finished.
+    stop.closed().await;
+    Ok(())
+}
+
+/// An error accepting a connection: one the client caused is skipped; any
+/// other (out of file descriptors, say) is logged and accepting pauses for
+/// a second, as `axum::serve` does.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accepting a connection failed; pausing for a second");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// One connection: its protocol from a peek at its first bytes, then
+/// served until it closes or the server stops (`stopping` changes).
+async fn connection(stream: TcpStream, router: Router, mut stopping: watch::Receiver<()>) {
+    let mut first = [0u8; HTTP2_PREFACE.len()];
+    let peeked = tokio::select! {
+        peeked = stream.peek(&mut first) => peeked,
+        _ = stopping.changed() => return,
+    };
+    let protocol = match peeked {
+        Ok(0) | Err(_) => return,
+        Ok(n) => protocol(&first[..n]),
+    };
+    let io = TokioIo::new(stream);
+    let service = TowerToHyperService::new(router);
+    match protocol {
+        Protocol::Http1 => {
+            let conn = http1::Builder::new().serve_connection(io, service);
+            drive(conn, stopping).await;
+        }
+        // Boxed: the task of every HTTP/1.1 connection, an idle stream's
+        // included, is then only as large as an HTTP/1.1 connection needs.
+        Protocol::Http2 => {
+            let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
+            Box::pin(drive(conn, stopping)).await;
+        }
+        // A client that sent part of the preface so far: the version is
+        // read the usual way.
+        Protocol::Undecided => {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            Box::pin(drive(builder.serve_connection(io, service), stopping)).await;
+        }
+    }
+}
+
+/// Runs a connection to its end, asking it to finish its requests and
+/// close once the server stops.
+async fn drive<C>(conn: C, mut stopping: watch::Receiver<()>)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut conn = pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = stopping.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -33,5 +176,54 @@ mod tests {
         let client = tokio::net::TcpStream::connect(addr);
         let ((accepted, _), _client) = tokio::join!(listener.accept(), client);
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// `serve` answers HTTP/1.1 whichever way the request's first bytes
+    /// arrive, and stops at shutdown although a connection has sent nothing
+    /// (its protocol is never known) and another is still open.
+    #[tokio::test]
+    async fn serve_answers_and_stops_with_connections_open() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/", axum::routing::post(|| async { "served" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(super::serve(listener, router, async {
+            let _ = stopped.await;
+        }));
+
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+        kept.set_nodelay(true).unwrap();
+        // The first byte alone could begin the HTTP/2 preface.
+        kept.write_all(b"P").await.unwrap();
+        kept.write_all(b"OST / HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 1024];
+        let n = kept.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("served"), "{answer}");
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        // Both connections were closed by the server.
+        assert_eq!(silent.read(&mut [0u8; 16]).await.unwrap(), 0);
+        assert_eq!(kept.read(&mut [0u8; 16]).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn a_connection_is_told_by_its_first_bytes() {
+        use super::{HTTP2_PREFACE, Protocol, protocol};
+        assert_eq!(protocol(b"GET /v1/models HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(
+            protocol(b"POST /v1/responses HTTP/1.1\r\n"),
+            Protocol::Http1
+        );
+        assert_eq!(protocol(b"PUT"), Protocol::Http1);
+        assert_eq!(protocol(b"PR"), Protocol::Undecided);
+        assert_eq!(protocol(&HTTP2_PREFACE[..23]), Protocol::Undecided);
+        assert_eq!(protocol(HTTP2_PREFACE), Protocol::Http2);
     }
 }
