@@ -17,6 +17,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /usr/local/bin/turnpike /usr/local/bin/turnpike
 USER 65532:65532
+# mimalloc is built not to ask for transparent huge pages, which is enough
+# where the host's THP mode is `madvise`; under `always` the kernel would
+# still back its arenas with huge pages (about 13 KiB more per idle stream):
+# this turns THP off for the process.
+ENV MIMALLOC_ALLOW_THP=0
 EXPOSE 8080 9090 9091
 ENTRYPOINT ["/usr/local/bin/turnpike"]
 CMD ["api"]

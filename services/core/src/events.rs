@@ -18,9 +18,9 @@ use crate::kv::{Kv, KvError};
 
 /// Live events buffered per response and process: a receiver further
 /// behind gets `Lagged` and re-reads the log. Every idle stream holds one
-/// such buffer (about 48 bytes a slot); a burst is what a worker queued
-/// while its last append was in flight.
-const LIVE_BUFFER: usize = 32;
+/// such buffer (about 48 bytes a slot). A worker appends (and publishes)
+/// at most this many events at once, so one append's burst fits.
+pub const LIVE_BUFFER: usize = 32;
 
 /// The stream holding a response's events, field `d` = the event's JSON.
 fn log_key(response: &str) -> String {

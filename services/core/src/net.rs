@@ -65,6 +65,7 @@ fn protocol(first: &[u8]) -> Protocol {
 /// its 8 KiB read buffer is grown to 16 KiB to read the rest. A long-lived
 /// stream holds that buffer for its whole life. Here the first bytes are
 /// peeked, not read, so the parser reads the whole request head at once.
+/// Connections cannot be upgraded (no route needs it: no WebSockets).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -73,15 +74,24 @@ pub async fn serve(
     let (stop, stopping) = watch::channel(());
     let mut shutdown = pin!(shutdown);
     loop {
-        let mut stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    accept_failed(e).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            biased;
             () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let mut stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if must_pause(&e) {
+                    // Shutdown does not wait for the pause.
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                continue;
+            }
         };
         set_nodelay(&mut stream);
         tokio::spawn(connection(stream, router.clone(), stopping.clone()));
@@ -95,35 +105,40 @@ pub async fn serve(
 }
 
 /// An error accepting a connection: one the client caused is skipped; any
-/// other (out of file descriptors, say) is logged and accepting pauses for
+/// other (out of file descriptors, say) is logged, and accepting pauses for
 /// a second, as `axum::serve` does.
-async fn accept_failed(e: std::io::Error) {
+fn must_pause(e: &std::io::Error) -> bool {
     use std::io::ErrorKind;
     if matches!(
         e.kind(),
         ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
     ) {
-        return;
+        return false;
     }
     tracing::error!(error = %e, "accepting a connection failed; pausing for a second");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    true
 }
 
 /// One connection: its protocol from a peek at its first bytes, then
 /// served until it closes or the server stops (`stopping` changes).
-async fn connection(stream: TcpStream, router: Router, mut stopping: watch::Receiver<()>) {
+/// Answers the protocol it was served with, if any.
+async fn connection(
+    stream: TcpStream,
+    router: Router,
+    mut stopping: watch::Receiver<()>,
+) -> Option<Protocol> {
     let mut first = [0u8; HTTP2_PREFACE.len()];
     let peeked = tokio::select! {
         peeked = stream.peek(&mut first) => peeked,
-        _ = stopping.changed() => return,
+        _ = stopping.changed() => return None,
     };
     let protocol = match peeked {
-        Ok(0) | Err(_) => return,
+        Ok(0) | Err(_) => return None,
         Ok(n) => protocol(&first[..n]),
     };
     let io = TokioIo::new(stream);
     let service = TowerToHyperService::new(router);
-    match protocol {
+    match &protocol {
         Protocol::Http1 => {
             let conn = http1::Builder::new().serve_connection(io, service);
             drive(conn, stopping).await;
@@ -141,6 +156,7 @@ async fn connection(stream: TcpStream, router: Router, mut stopping: watch::Rece
             Box::pin(drive(builder.serve_connection(io, service), stopping)).await;
         }
     }
+    Some(protocol)
 }
 
 /// Runs a connection to its end, asking it to finish its requests and
@@ -178,9 +194,8 @@ mod tests {
         assert!(accepted.nodelay().unwrap());
     }
 
-    /// `serve` answers HTTP/1.1 whichever way the request's first bytes
-    /// arrive, and stops at shutdown although a connection has sent nothing
-    /// (its protocol is never known) and another is still open.
+    /// `serve` answers, and stops at shutdown although a connection has
+    /// sent nothing (its protocol is never known) and another is still open.
     #[tokio::test]
     async fn serve_answers_and_stops_with_connections_open() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -194,10 +209,7 @@ mod tests {
 
         let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
-        kept.set_nodelay(true).unwrap();
-        // The first byte alone could begin the HTTP/2 preface.
-        kept.write_all(b"P").await.unwrap();
-        kept.write_all(b"OST / HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n")
+        kept.write_all(b"POST / HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n")
             .await
             .unwrap();
         let mut answer = vec![0u8; 1024];
@@ -211,6 +223,41 @@ mod tests {
         // Both connections were closed by the server.
         assert_eq!(silent.read(&mut [0u8; 16]).await.unwrap(), 0);
         assert_eq!(kept.read(&mut [0u8; 16]).await.unwrap(), 0);
+    }
+
+    /// A connection whose first bytes so far could begin the HTTP/2
+    /// preface goes to the server that reads the version itself, and is
+    /// served once the rest arrives; it ends when the server stops.
+    #[tokio::test]
+    async fn a_connection_that_could_still_be_http2_is_served() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.set_nodelay(true).unwrap();
+        client.write_all(b"P").await.unwrap();
+        // The byte has arrived (and the socket is known to be readable).
+        assert_eq!(server.peek(&mut [0u8; 24]).await.unwrap(), 1);
+        let router = axum::Router::new().route("/", axum::routing::post(|| async { "served" }));
+        let (stop, stopping) = tokio::sync::watch::channel(());
+        let served = tokio::spawn(super::connection(server, router, stopping));
+        // The connection's task peeks before this task writes again (one
+        // thread: the spawned task runs when this one yields).
+        tokio::task::yield_now().await;
+        client
+            .write_all(b"OST / HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 1024];
+        let n = client.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("served"), "{answer}");
+        stop.send_replace(());
+        assert_eq!(served.await.unwrap(), Some(super::Protocol::Undecided));
+        assert_eq!(client.read(&mut [0u8; 16]).await.unwrap(), 0);
     }
 
     #[test]

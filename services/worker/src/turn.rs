@@ -1412,8 +1412,9 @@ async fn dispatch(ctx: &Context, next: Option<Uuid>, lsn: Lsn) {
 /// How long the emitter keeps retrying one event while Redis is away.
 const EMIT_PATIENCE: Duration = Duration::from_secs(15);
 
-/// The most events the emitter appends in one round trip.
-const EMIT_BATCH: usize = 64;
+/// The most events the emitter appends in one round trip: what an api's
+/// per-response buffer holds, so a stream is never behind by one append.
+const EMIT_BATCH: usize = events::LIVE_BUFFER;
 
 /// Appends events to the response's log in order, on its own task, so the
 /// model stream never waits on Redis.
