@@ -194,6 +194,16 @@ mod tests {
         assert!(accepted.nodelay().unwrap());
     }
 
+    /// Reads one answer from `stream`: the test router's 200.
+    async fn assert_served(stream: &mut tokio::net::TcpStream) {
+        use tokio::io::AsyncReadExt as _;
+        let mut answer = vec![0u8; 1024];
+        let n = stream.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("served"), "{answer}");
+    }
+
     /// `serve` answers, and stops at shutdown although a connection has
     /// sent nothing (its protocol is never known) and another is still open.
     #[tokio::test]
@@ -212,11 +222,7 @@ mod tests {
         kept.write_all(b"POST / HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n")
             .await
             .unwrap();
-        let mut answer = vec![0u8; 1024];
-        let n = kept.read(&mut answer).await.unwrap();
-        let answer = String::from_utf8_lossy(&answer[..n]);
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.ends_with("served"), "{answer}");
+        assert_served(&mut kept).await;
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
@@ -250,11 +256,7 @@ mod tests {
             .write_all(b"OST / HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n")
             .await
             .unwrap();
-        let mut answer = vec![0u8; 1024];
-        let n = client.read(&mut answer).await.unwrap();
-        let answer = String::from_utf8_lossy(&answer[..n]);
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.ends_with("served"), "{answer}");
+        assert_served(&mut client).await;
         stop.send_replace(());
         assert_eq!(served.await.unwrap(), Some(super::Protocol::Undecided));
         assert_eq!(client.read(&mut [0u8; 16]).await.unwrap(), 0);
