@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use turnpike_core::db::{Consistency, Lsn};
 use turnpike_core::queue::Delivery;
@@ -217,9 +217,9 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
 
     let snapshot = serde_json::to_value(row.to_api()).unwrap_or(Value::Null);
     if logged.is_none() {
-        let _ = events_tx.send(json!({"type": "response.created", "response": snapshot}));
+        events_tx.send(json!({"type": "response.created", "response": snapshot}));
     }
-    let _ = events_tx.send(json!({"type": "response.in_progress", "response": snapshot}));
+    events_tx.send(json!({"type": "response.in_progress", "response": snapshot}));
 
     let conversation = row.conversation_id;
     let last_seq = row.input_last_seq;
@@ -411,7 +411,7 @@ struct Loop<'a> {
     last_model_from: usize,
     /// Prompt tokens the provider measured, and the window length they cover.
     measured: Option<(u64, usize)>,
-    events: mpsc::UnboundedSender<Value>,
+    events: Events,
     lsn: Lsn,
     /// Set when the model ended its answer `incomplete`: the turn ends so.
     incomplete: Option<Value>,
@@ -437,7 +437,7 @@ impl<'a> Loop<'a> {
         mcp_tools: &[Value],
         frozen: Frozen,
         window: Vec<Value>,
-        events: mpsc::UnboundedSender<Value>,
+        events: Events,
         lsn: Lsn,
     ) -> Self {
         // Functions inside a client's `namespace` tools are offered too.
@@ -577,6 +577,7 @@ impl<'a> Loop<'a> {
         let Some(Pending { step, announce }) = self.pending.take() else {
             return Ok(());
         };
+        self.events.logged().await;
         if !store_step(self.ctx, self.row, &step).await? {
             return Err(TurnError::Superseded);
         }
@@ -725,7 +726,7 @@ impl<'a> Loop<'a> {
     }
 
     fn emit(&self, event: Value) {
-        let _ = self.events.send(event);
+        self.events.send(event);
     }
 
     async fn compact(&mut self) -> Result<(), LoopError> {
@@ -989,7 +990,7 @@ type EventKey = (String, u64, String);
 /// for the text beyond what clients have: a retry that repeats the
 /// failed attempt shows each piece of text once.
 struct Relay<'a> {
-    events: &'a mpsc::UnboundedSender<Value>,
+    events: &'a Events,
     offset: u64,
     include_obfuscation: bool,
     item_ids: ItemIds,
@@ -1050,11 +1051,7 @@ impl<'a> Relay<'a> {
         self.attempt = Some(HashMap::new());
     }
 
-    fn new(
-        events: &'a mpsc::UnboundedSender<Value>,
-        offset: u64,
-        include_obfuscation: bool,
-    ) -> Self {
+    fn new(events: &'a Events, offset: u64, include_obfuscation: bool) -> Self {
         Self {
             events,
             offset,
@@ -1083,8 +1080,7 @@ impl<'a> Relay<'a> {
                 added["id"] = json!(public);
                 turns::escape_nul(&mut added);
                 self.item_ids.insert(output_index, (uuid, public));
-                let _ = self
-                    .events
+                self.events
                     .send(json!({"type": "response.output_item.added",
                     "output_index": self.offset + output_index, "item": added}));
             }
@@ -1144,7 +1140,7 @@ impl<'a> Relay<'a> {
         // Streamed as it is stored.
         let mut forwarded = Value::Object(forwarded);
         turns::escape_nul(&mut forwarded);
-        let _ = self.events.send(forwarded);
+        self.events.send(forwarded);
     }
 }
 
@@ -1223,7 +1219,7 @@ async fn fail(
     ctx: &Context,
     row: &ResponseRow,
     emitter: tokio::task::JoinHandle<()>,
-    events_tx: mpsc::UnboundedSender<Value>,
+    events_tx: Events,
     error: &Value,
     usage: Option<&Usage>,
     first_frozen: Option<&Frozen>,
@@ -1263,7 +1259,7 @@ async fn finish(
     ctx: &Context,
     row: &ResponseRow,
     emitter: tokio::task::JoinHandle<()>,
-    events_tx: mpsc::UnboundedSender<Value>,
+    events_tx: Events,
     ending: Ending<'_>,
 ) -> Result<(), TurnError> {
     let Ending {
@@ -1274,6 +1270,9 @@ async fn finish(
     } = ending;
     let unstored = row.request.0.store == Some(false);
     let step = last_step.as_ref().map(|pending| &pending.step);
+    if step.is_some() {
+        events_tx.logged().await;
+    }
     let committed = async {
         let mut tx = ctx.router.write().await?;
         let (finished, next) = turns::finish(&mut tx, row, outcome, step, first_frozen).await?;
@@ -1333,19 +1332,17 @@ async fn finish(
     if let Some(Pending { step, announce }) = last_step {
         record_usage(ctx, row.user_id, step.usage.as_ref()).await;
         if finished.is_some() {
-            announce.into_iter().for_each(|event| {
-                let _ = events_tx.send(event);
-            });
+            announce.into_iter().for_each(|event| events_tx.send(event));
         }
     }
     match finished {
         Some(done) => {
             let snapshot = serde_json::to_value(done.to_api()).unwrap_or(Value::Null);
-            let _ = events_tx.send(json!({"type": terminal, "response": snapshot}));
+            events_tx.send(json!({"type": terminal, "response": snapshot}));
         }
         None => {
             // Cancelled while running: the stream ends with the cancellation.
-            let _ = events_tx.send(json!({"type": "response.cancelled",
+            events_tx.send(json!({"type": "response.cancelled",
                 "response": {"id": row.public_id(), "status": "cancelled"}}));
         }
     }
@@ -1416,6 +1413,36 @@ const EMIT_PATIENCE: Duration = Duration::from_secs(15);
 /// per-response buffer holds, so a stream is never behind by one append.
 const EMIT_BATCH: usize = events::LIVE_BUFFER;
 
+/// What the emitter is sent: an event to log, or a request to be answered
+/// once everything sent before it is logged.
+enum Emit {
+    Event(Value),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A turn's way to its event log, through its `Emitter`.
+#[derive(Clone)]
+struct Events(mpsc::UnboundedSender<Emit>);
+
+impl Events {
+    /// Queues an event; the emitter logs events in the order sent.
+    fn send(&self, event: Value) {
+        let _ = self.0.send(Emit::Event(event));
+    }
+
+    /// Waits until every event sent so far is logged, or given up by the
+    /// emitter (after `EMIT_PATIENCE` without Redis). A step is stored only
+    /// after this: a worker lost between the two leaves no stored step
+    /// whose streamed text was not all logged for its clients, and the
+    /// redelivery, which goes on from the stored steps, has none to fill in.
+    async fn logged(&self) {
+        let (done, logged) = oneshot::channel();
+        if self.0.send(Emit::Flush(done)).is_ok() {
+            let _ = tokio::time::timeout(2 * EMIT_PATIENCE, logged).await;
+        }
+    }
+}
+
 /// Appends events to the response's log in order, on its own task, so the
 /// model stream never waits on Redis.
 struct Emitter;
@@ -1426,8 +1453,8 @@ impl Emitter {
         response: String,
         first_seq: u64,
         retention: Duration,
-    ) -> (tokio::task::JoinHandle<()>, mpsc::UnboundedSender<Value>) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
+    ) -> (tokio::task::JoinHandle<()>, Events) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Emit>();
         let kv = ctx.kv.clone();
         let task = tokio::spawn(async move {
             let mut seq = first_seq;
@@ -1435,36 +1462,62 @@ impl Emitter {
             while rx.recv_many(&mut batch, EMIT_BATCH).await > 0 {
                 // What has queued up since the last append goes in one round
                 // trip: nothing waits for a batch to fill.
+                let mut flushes = Vec::new();
                 let texts: Vec<String> = batch
                     .drain(..)
+                    .filter_map(|emit| match emit {
+                        Emit::Event(event) => Some(event),
+                        Emit::Flush(done) => {
+                            flushes.push(done);
+                            None
+                        }
+                    })
                     .zip(seq..)
                     .map(|(mut event, n)| {
                         event["sequence_number"] = json!(n);
                         event.to_string()
                     })
                     .collect();
-                let mut delay = Duration::from_millis(20);
-                // An event lost here is a gap in every client's stream: keep
-                // trying through a Redis restart (the events wait here, in
-                // order; the model stream does not), and give up only after
-                // EMIT_PATIENCE. A retried batch skips what already made it.
-                let since = tokio::time::Instant::now();
-                loop {
-                    match events::append_all(&kv, &response, seq, &texts, retention).await {
-                        Ok(_) => break,
-                        Err(e) if since.elapsed() >= EMIT_PATIENCE => {
-                            tracing::warn!(error = %e, seq, events = texts.len(), "could not log events; streams will have a gap");
-                            break;
-                        }
-                        Err(_) => {
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_millis(500));
-                        }
-                    }
+                if !texts.is_empty() {
+                    append(&kv, &response, seq, &texts, retention).await;
+                    seq += texts.len() as u64;
                 }
-                seq += texts.len() as u64;
+                // Whatever was sent before these requests is in this batch
+                // or an earlier one.
+                for done in flushes {
+                    let _ = done.send(());
+                }
             }
         });
-        (task, tx)
+        (task, Events(tx))
+    }
+}
+
+/// Appends `texts` to the response's log from `seq`. An event lost here is
+/// a gap in every client's stream: it keeps trying through a Redis restart
+/// (the events wait in the emitter, in order; the model stream does not),
+/// and gives up only after `EMIT_PATIENCE`. A retried batch skips what
+/// already made it.
+async fn append(
+    kv: &turnpike_core::kv::Kv,
+    response: &str,
+    seq: u64,
+    texts: &[String],
+    retention: Duration,
+) {
+    let mut delay = Duration::from_millis(20);
+    let since = tokio::time::Instant::now();
+    loop {
+        match events::append_all(kv, response, seq, texts, retention).await {
+            Ok(_) => return,
+            Err(e) if since.elapsed() >= EMIT_PATIENCE => {
+                tracing::warn!(error = %e, seq, events = texts.len(), "could not log events; streams will have a gap");
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        }
     }
 }

@@ -578,3 +578,82 @@ async fn a_turn_whose_finish_failed_is_finished_without_asking_the_model_again()
     assert_eq!(items.len(), 2, "{items:?}");
     turnpike_testkit::assert_stream_matches(&events, &items[1..]);
 }
+
+/// A step is stored only once the events that streamed it are in the
+/// response's log, so a worker lost in between never leaves a stored
+/// answer whose text its clients were not all sent. Planted: Redis holds
+/// every write (`CLIENT PAUSE WRITE`) from the moment the model is asked
+/// until well after the answer has streamed; the turn stays unfinished
+/// meanwhile, and ends once Redis takes writes again, its stream exactly
+/// what is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_is_stored_only_after_its_events_are_logged() {
+    let stack = Stack::private().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    // An answer of 40 tokens streamed over about a second.
+    let agents = Agents::spawn_slow(&mut settings, 40, 40).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let conversation = user.create_conversation(json!({"items": []})).await;
+    let conversation = conversation.ok()["id"].as_str().unwrap().to_owned();
+    let created = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": "tell me a story", "background": true})),
+        )
+        .await;
+    let id = created.ok()["id"].as_str().unwrap().to_owned();
+    let uuid = turnpike_core::ids::parse(turnpike_protocol::ids::RESPONSE, &id).unwrap();
+
+    eventually("the model is asked", Duration::from_secs(20), || async {
+        (!agents.model_requests(&conversation).await.is_empty()).then_some(())
+    })
+    .await;
+    let kv = turnpike_core::kv::Kv::new(&settings.redis).unwrap();
+    let client = |args: &'static [&'static str]| {
+        let kv = kv.clone();
+        async move {
+            kv.run(|mut conn| async move {
+                redis::cmd("CLIENT")
+                    .arg(args)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await
+            .unwrap();
+        }
+    };
+    client(&["PAUSE", "60000", "WRITE"]).await;
+    // Three times the answer's streaming time: a worker storing steps
+    // before logging their events would have finished the turn by now.
+    let admin = stack.superuser("primary").await;
+    let held = std::time::Instant::now();
+    while held.elapsed() < Duration::from_secs(3) {
+        let status: String = sqlx::query_scalar("SELECT status FROM responses WHERE id = $1")
+            .bind(uuid)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        assert_eq!(
+            status, "in_progress",
+            "stored while its events could not be logged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client(&["UNPAUSE"]).await;
+
+    let (status, events) = user
+        .stream("GET", &format!("/v1/responses/{id}?stream=true"), None, &[])
+        .await;
+    assert_eq!(status, 200);
+    let last = &events.last().unwrap().data;
+    assert_eq!(last["type"], "response.completed", "{last}");
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event.data["sequence_number"], i as u64);
+    }
+    let items = user.list_items(&conversation, "?order=asc").await;
+    let items = items.ok()["data"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 2, "{items:?}");
+    turnpike_testkit::assert_stream_matches(&events, &items[1..]);
+}
