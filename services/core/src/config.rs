@@ -756,7 +756,7 @@ impl OverloadSettings {
 pub struct MockSettings {
     pub host: String,
     pub port: u16,
-    /// Delay before the first token.
+    /// Delay before the first token of an answer, or before a tool call.
     pub ttft_ms: u64,
     /// Streaming speed; 0 streams as fast as possible.
     pub tokens_per_s: u64,

@@ -516,7 +516,13 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
             Plan::Text(pieces) => {
                 stream_answer(tx, &settings, answer, &pieces, disconnect).await;
             }
-            Plan::Calls(calls) => stream_calls(tx, answer, &calls, &kinds).await,
+            Plan::Calls(calls) => {
+                // A provider takes its time before a tool call too.
+                if settings.ttft_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(settings.ttft_ms)).await;
+                }
+                stream_calls(tx, answer, &calls, &kinds).await;
+            }
         }
     });
     Sse::new(ReceiverStream::new(rx)).into_response()

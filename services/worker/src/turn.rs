@@ -1431,7 +1431,7 @@ impl Events {
     }
 
     /// Waits until every event sent so far is logged, or given up by the
-    /// emitter (after `EMIT_PATIENCE` without Redis). A step is stored only
+    /// emitter (see `append`). A step is stored only
     /// after this: a worker lost between the two leaves no stored step
     /// whose streamed text was not all logged for its clients, and the
     /// redelivery, which goes on from the stored steps, has none to fill in.
@@ -1459,6 +1459,11 @@ impl Emitter {
         let task = tokio::spawn(async move {
             let mut seq = first_seq;
             let mut batch = Vec::new();
+            // Redis refused a batch for all of `EMIT_PATIENCE`: later batches
+            // get one try each until one is taken, so that a turn waiting in
+            // `Events::logged` to store a step does not wait out the
+            // patience again for every batch.
+            let mut away = false;
             while rx.recv_many(&mut batch, EMIT_BATCH).await > 0 {
                 // What has queued up since the last append goes in one round
                 // trip: nothing waits for a batch to fill.
@@ -1479,7 +1484,8 @@ impl Emitter {
                     })
                     .collect();
                 if !texts.is_empty() {
-                    append(&kv, &response, seq, &texts, retention).await;
+                    let patience = if away { Duration::ZERO } else { EMIT_PATIENCE };
+                    away = !append(&kv, &response, seq, &texts, retention, patience).await;
                     seq += texts.len() as u64;
                 }
                 // Whatever was sent before these requests is in this batch
@@ -1493,26 +1499,27 @@ impl Emitter {
     }
 }
 
-/// Appends `texts` to the response's log from `seq`. An event lost here is
-/// a gap in every client's stream: it keeps trying through a Redis restart
-/// (the events wait in the emitter, in order; the model stream does not),
-/// and gives up only after `EMIT_PATIENCE`. A retried batch skips what
-/// already made it.
+/// Appends `texts` to the response's log from `seq`; false when it gave
+/// up. An event lost here is a gap in every client's stream: it keeps
+/// trying through a Redis restart (the events wait in the emitter, in
+/// order; the model stream does not) for `patience`. A retried batch skips
+/// what already made it.
 async fn append(
     kv: &turnpike_core::kv::Kv,
     response: &str,
     seq: u64,
     texts: &[String],
     retention: Duration,
-) {
+    patience: Duration,
+) -> bool {
     let mut delay = Duration::from_millis(20);
     let since = tokio::time::Instant::now();
     loop {
         match events::append_all(kv, response, seq, texts, retention).await {
-            Ok(_) => return,
-            Err(e) if since.elapsed() >= EMIT_PATIENCE => {
+            Ok(_) => return true,
+            Err(e) if since.elapsed() >= patience => {
                 tracing::warn!(error = %e, seq, events = texts.len(), "could not log events; streams will have a gap");
-                return;
+                return false;
             }
             Err(_) => {
                 tokio::time::sleep(delay).await;

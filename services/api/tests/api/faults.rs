@@ -579,30 +579,34 @@ async fn a_turn_whose_finish_failed_is_finished_without_asking_the_model_again()
     turnpike_testkit::assert_stream_matches(&events, &items[1..]);
 }
 
-/// A step is stored only once the events that streamed it are in the
-/// response's log, so a worker lost in between never leaves a stored
-/// answer whose text its clients were not all sent. Planted: Redis holds
-/// every write (`CLIENT PAUSE WRITE`) from the moment the model is asked
-/// until well after the answer has streamed; the turn stays unfinished
-/// meanwhile, and ends once Redis takes writes again, its stream exactly
-/// what is stored.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_step_is_stored_only_after_its_events_are_logged() {
+/// Redis holds every write (`CLIENT PAUSE WRITE`) from the moment the
+/// model is asked for `request`'s turn, for `hold`; meanwhile, every 100 ms,
+/// every item of a stored model step must have its events in the response's
+/// log (reads go on), and `while_held` must hold of the response's status.
+/// Then Redis takes writes again and the turn must end with its stream
+/// exactly what is stored. What it shows: a step is stored only once the
+/// events that streamed it are logged, so a worker lost in between never
+/// leaves a stored step whose text its clients were not all sent.
+async fn hold_redis_writes_while_a_turn_runs(
+    request: serde_json::Value,
+    ttft_ms: u64,
+    hold: Duration,
+    while_held: fn(&str) -> bool,
+) {
     let stack = Stack::private().await;
     let mut settings = stack.settings(Paths::DIRECT);
-    // An answer of 40 tokens streamed over about a second.
+    settings.mock.ttft_ms = ttft_ms;
+    // The turn's claim must not go stale while Redis holds its heartbeats.
+    settings.worker.reclaim_idle_ms = 60_000;
     let agents = Agents::spawn_slow(&mut settings, 40, 40).await;
     let app = TestApp::spawn_with(settings.clone()).await;
     let user = app.new_user().await;
     let conversation = user.create_conversation(json!({"items": []})).await;
     let conversation = conversation.ok()["id"].as_str().unwrap().to_owned();
-    let created = user
-        .call(
-            "POST",
-            "/v1/responses",
-            Some(json!({"conversation": conversation, "input": "tell me a story", "background": true})),
-        )
-        .await;
+    let mut body = request;
+    body["conversation"] = json!(conversation);
+    body["background"] = json!(true);
+    let created = user.call("POST", "/v1/responses", Some(body)).await;
     let id = created.ok()["id"].as_str().unwrap().to_owned();
     let uuid = turnpike_core::ids::parse(turnpike_protocol::ids::RESPONSE, &id).unwrap();
 
@@ -625,20 +629,54 @@ async fn a_step_is_stored_only_after_its_events_are_logged() {
         }
     };
     client(&["PAUSE", "60000", "WRITE"]).await;
-    // Three times the answer's streaming time: a worker storing steps
-    // before logging their events would have finished the turn by now.
     let admin = stack.superuser("primary").await;
+    let log = format!("tp:{{{id}}}:events");
     let held = std::time::Instant::now();
-    while held.elapsed() < Duration::from_secs(3) {
-        let status: String = sqlx::query_scalar("SELECT status FROM responses WHERE id = $1")
-            .bind(uuid)
-            .fetch_one(&admin)
+    while held.elapsed() < hold {
+        let (status, stored): (String, Vec<serde_json::Value>) = sqlx::query_as(
+            "SELECT r.status, coalesce(array_agg(s.items) FILTER (WHERE s.kind = 'model'), '{}')
+             FROM responses r LEFT JOIN response_steps s ON s.response_id = r.id
+             WHERE r.id = $1 GROUP BY r.status",
+        )
+        .bind(uuid)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        assert!(
+            while_held(&status),
+            "the turn went on to {status} while Redis held writes"
+        );
+        let logged: Vec<(String, std::collections::HashMap<String, String>)> = kv
+            .run(|mut conn| {
+                let log = log.clone();
+                async move {
+                    redis::cmd("XRANGE")
+                        .arg(log)
+                        .arg("-")
+                        .arg("+")
+                        .query_async(&mut conn)
+                        .await
+                }
+            })
             .await
             .unwrap();
-        assert_eq!(
-            status, "in_progress",
-            "stored while its events could not be logged"
-        );
+        let logged: Vec<serde_json::Value> = logged
+            .iter()
+            .map(|(_, fields)| serde_json::from_str(&fields["d"]).unwrap())
+            .collect();
+        for item in stored.iter().flat_map(|items| items.as_array().unwrap()) {
+            let last = match item["type"].as_str().unwrap() {
+                "function_call" => "response.function_call_arguments.done",
+                "message" => "response.output_text.done",
+                _ => continue,
+            };
+            assert!(
+                logged
+                    .iter()
+                    .any(|e| e["type"] == last && e["item_id"] == item["id"]),
+                "stored before its events were logged: {item}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     client(&["UNPAUSE"]).await;
@@ -654,6 +692,36 @@ async fn a_step_is_stored_only_after_its_events_are_logged() {
     }
     let items = user.list_items(&conversation, "?order=asc").await;
     let items = items.ok()["data"].as_array().unwrap().clone();
-    assert_eq!(items.len(), 2, "{items:?}");
     turnpike_testkit::assert_stream_matches(&events, &items[1..]);
+}
+
+/// An answer (stored with the turn's outcome) streamed over about a second:
+/// while Redis holds writes for three times that, the turn stays unfinished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_is_stored_only_after_its_events_are_logged() {
+    hold_redis_writes_while_a_turn_runs(
+        json!({"input": "tell me a story"}),
+        0,
+        Duration::from_secs(3),
+        |status| status == "in_progress",
+    )
+    .await;
+}
+
+/// A tool call (stored on its own before the tool runs) that the model
+/// sends a second after it is asked, while Redis holds writes: it is not
+/// stored until its events are logged, so the tool does not run and the
+/// turn does not go on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_is_stored_only_after_its_events_are_logged() {
+    hold_redis_writes_while_a_turn_runs(
+        json!({
+            "tools": [{"type": "conversation_search"}],
+            "input": "/call conversation_search {\"query\":\"anything\"}",
+        }),
+        1_000,
+        Duration::from_secs(3),
+        |status| status == "in_progress",
+    )
+    .await;
 }
