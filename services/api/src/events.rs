@@ -16,9 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use turnpike_core::db::Consistency;
 use turnpike_core::events::{self, Live};
-use turnpike_core::ids;
 use turnpike_core::turns::{self, ResponseRow};
-use turnpike_protocol::ids as prefixes;
 use turnpike_protocol::item::{ContentPart, Item};
 
 use crate::AppState;
@@ -87,9 +85,10 @@ pub fn follow(
         id: row.id,
         user: row.user_id,
     };
+    let response = row.public_id();
     drop(row);
     tokio::spawn(async move {
-        pump(app, followed, after, tx).await;
+        pump(app, followed, response, after, tx).await;
         drop(slot);
     });
     rx
@@ -170,10 +169,10 @@ async fn replay(
 async fn pump(
     app: AppState,
     followed: Followed,
+    response: String,
     after: Option<u64>,
     tx: mpsc::Sender<Box<Logged>>,
 ) {
-    let response = ids::encode(prefixes::RESPONSE, followed.id);
     // Subscribe before reading the log: nothing published in between is lost.
     let mut subscription = Box::pin(app.hub.subscribe(&response)).await;
     let mut last = match Box::pin(replay(&app, &response, after, &tx)).await {

@@ -517,10 +517,9 @@ async fn responses(State(state): State<MockState>, body: axum::body::Bytes) -> R
                 stream_answer(tx, &settings, answer, &pieces, disconnect).await;
             }
             Plan::Calls(calls) => {
-                // A provider takes its time before a tool call too.
-                if settings.ttft_ms > 0 {
-                    tokio::time::sleep(Duration::from_millis(settings.ttft_ms)).await;
-                }
+                // A provider takes its time before a tool call too (sent
+                // whole, so the pace between tokens does not apply).
+                first_token_wait(&settings).await;
                 stream_calls(tx, answer, &calls, &kinds).await;
             }
         }

@@ -556,12 +556,7 @@ async fn a_turn_whose_finish_failed_is_finished_without_asking_the_model_again()
         )
         .await;
     let id = created.ok()["id"].as_str().unwrap().to_owned();
-    let (status, events) = user
-        .stream("GET", &format!("/v1/responses/{id}?stream=true"), None, &[])
-        .await;
-    assert_eq!(status, 200);
-    let last = &events.last().unwrap().data;
-    assert_eq!(last["type"], "response.completed", "{last}");
+    let events = stream_to_completion(&user, &id).await;
     let tries: i64 = sqlx::query_scalar("SELECT last_value FROM planted_finish_failures")
         .fetch_one(&admin)
         .await
@@ -579,20 +574,34 @@ async fn a_turn_whose_finish_failed_is_finished_without_asking_the_model_again()
     turnpike_testkit::assert_stream_matches(&events, &items[1..]);
 }
 
+/// Every event of response `id`'s stream, read to its end, which must be
+/// `response.completed`.
+async fn stream_to_completion(
+    user: &turnpike_testkit::User,
+    id: &str,
+) -> Vec<turnpike_testkit::SseEvent> {
+    let (status, events) = user
+        .stream("GET", &format!("/v1/responses/{id}?stream=true"), None, &[])
+        .await;
+    assert_eq!(status, 200);
+    let last = &events.last().unwrap().data;
+    assert_eq!(last["type"], "response.completed", "{last}");
+    events
+}
+
+/// How long Redis holds writes in `hold_redis_writes_while_a_turn_runs`:
+/// three times the time the slowed model takes to stream its answer.
+const WRITES_HELD: Duration = Duration::from_secs(3);
+
 /// Redis holds every write (`CLIENT PAUSE WRITE`) from the moment the
-/// model is asked for `request`'s turn, for `hold`; meanwhile, every 100 ms,
-/// every item of a stored model step must have its events in the response's
-/// log (reads go on), and `while_held` must hold of the response's status.
+/// model is asked for `request`'s turn, for `WRITES_HELD`; meanwhile, every
+/// 100 ms, every item of a stored model step must have its events in the
+/// response's log (reads go on), and the turn must not have ended.
 /// Then Redis takes writes again and the turn must end with its stream
 /// exactly what is stored. What it shows: a step is stored only once the
 /// events that streamed it are logged, so a worker lost in between never
 /// leaves a stored step whose text its clients were not all sent.
-async fn hold_redis_writes_while_a_turn_runs(
-    request: serde_json::Value,
-    ttft_ms: u64,
-    hold: Duration,
-    while_held: fn(&str) -> bool,
-) {
+async fn hold_redis_writes_while_a_turn_runs(request: serde_json::Value, ttft_ms: u64) {
     let stack = Stack::private().await;
     let mut settings = stack.settings(Paths::DIRECT);
     settings.mock.ttft_ms = ttft_ms;
@@ -605,9 +614,7 @@ async fn hold_redis_writes_while_a_turn_runs(
     let conversation = conversation.ok()["id"].as_str().unwrap().to_owned();
     let mut body = request;
     body["conversation"] = json!(conversation);
-    body["background"] = json!(true);
-    let created = user.call("POST", "/v1/responses", Some(body)).await;
-    let id = created.ok()["id"].as_str().unwrap().to_owned();
+    let id = user.create_background(body).await;
     let uuid = turnpike_core::ids::parse(turnpike_protocol::ids::RESPONSE, &id).unwrap();
 
     eventually("the model is asked", Duration::from_secs(20), || async {
@@ -630,9 +637,8 @@ async fn hold_redis_writes_while_a_turn_runs(
     };
     client(&["PAUSE", "60000", "WRITE"]).await;
     let admin = stack.superuser("primary").await;
-    let log = format!("tp:{{{id}}}:events");
     let held = std::time::Instant::now();
-    while held.elapsed() < hold {
+    while held.elapsed() < WRITES_HELD {
         let (status, stored): (String, Vec<serde_json::Value>) = sqlx::query_as(
             "SELECT r.status, coalesce(array_agg(s.items) FILTER (WHERE s.kind = 'model'), '{}')
              FROM responses r LEFT JOIN response_steps s ON s.response_id = r.id
@@ -642,27 +648,15 @@ async fn hold_redis_writes_while_a_turn_runs(
         .fetch_one(&admin)
         .await
         .unwrap();
-        assert!(
-            while_held(&status),
-            "the turn went on to {status} while Redis held writes"
+        assert_eq!(
+            status, "in_progress",
+            "the turn went on while Redis held writes"
         );
-        let logged: Vec<(String, std::collections::HashMap<String, String>)> = kv
-            .run(|mut conn| {
-                let log = log.clone();
-                async move {
-                    redis::cmd("XRANGE")
-                        .arg(log)
-                        .arg("-")
-                        .arg("+")
-                        .query_async(&mut conn)
-                        .await
-                }
-            })
+        let logged: Vec<serde_json::Value> = turnpike_core::events::read_after(&kv, &id, None)
             .await
-            .unwrap();
-        let logged: Vec<serde_json::Value> = logged
+            .unwrap()
             .iter()
-            .map(|(_, fields)| serde_json::from_str(&fields["d"]).unwrap())
+            .map(|(_, data)| serde_json::from_str(data).unwrap())
             .collect();
         for item in stored.iter().flat_map(|items| items.as_array().unwrap()) {
             let last = match item["type"].as_str().unwrap() {
@@ -681,12 +675,7 @@ async fn hold_redis_writes_while_a_turn_runs(
     }
     client(&["UNPAUSE"]).await;
 
-    let (status, events) = user
-        .stream("GET", &format!("/v1/responses/{id}?stream=true"), None, &[])
-        .await;
-    assert_eq!(status, 200);
-    let last = &events.last().unwrap().data;
-    assert_eq!(last["type"], "response.completed", "{last}");
+    let events = stream_to_completion(&user, &id).await;
     for (i, event) in events.iter().enumerate() {
         assert_eq!(event.data["sequence_number"], i as u64);
     }
@@ -699,13 +688,7 @@ async fn hold_redis_writes_while_a_turn_runs(
 /// while Redis holds writes for three times that, the turn stays unfinished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_is_stored_only_after_its_events_are_logged() {
-    hold_redis_writes_while_a_turn_runs(
-        json!({"input": "tell me a story"}),
-        0,
-        Duration::from_secs(3),
-        |status| status == "in_progress",
-    )
-    .await;
+    hold_redis_writes_while_a_turn_runs(json!({"input": "tell me a story"}), 0).await;
 }
 
 /// A tool call (stored on its own before the tool runs) that the model
@@ -720,8 +703,6 @@ async fn a_tool_call_is_stored_only_after_its_events_are_logged() {
             "input": "/call conversation_search {\"query\":\"anything\"}",
         }),
         1_000,
-        Duration::from_secs(3),
-        |status| status == "in_progress",
     )
     .await;
 }
