@@ -240,6 +240,12 @@ pub struct ConversationRow {
     pub created_at: i64,
 }
 
+turnpike_core::statement_row!(ConversationRow {
+    id,
+    metadata,
+    created_at
+});
+
 impl ConversationRow {
     pub fn into_api(self) -> Conversation {
         Conversation {

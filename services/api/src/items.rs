@@ -489,6 +489,8 @@ struct PageRow {
     body: Option<StoredJson>,
 }
 
+turnpike_core::statement_row!(PageRow { id, kind, body });
+
 pub struct ItemRow {
     pub id: Uuid,
     pub kind: String,

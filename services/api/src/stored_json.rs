@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgTypeInfo, PgValueFormat, PgValueRef};
 use sqlx::{Decode, Postgres, Type};
+use turnpike_core::db::statement::{self, Column, PipelinedRow, RowIndex};
 
 /// The text of a `jsonb` value.
 #[derive(Debug, Clone)]
@@ -30,6 +31,15 @@ impl<'r> Decode<'r, Postgres> for StoredJson {
             }
         }
         Ok(StoredJson(std::str::from_utf8(bytes)?.to_owned()))
+    }
+}
+
+impl Column for StoredJson {
+    fn nullable<I>(row: &PipelinedRow, index: I) -> Result<Option<Self>, sqlx::Error>
+    where
+        I: RowIndex + std::fmt::Display + Copy,
+    {
+        Ok(statement::json_string(row, index)?.map(StoredJson))
     }
 }
 

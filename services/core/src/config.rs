@@ -217,6 +217,14 @@ pub struct DatabaseSettings {
     pub replica_path: ConnectPath,
     /// Pool size per node and process. Every pod counts against the server's `max_connections`.
     pub max_connections_per_node: u32,
+    /// Shared, pipelined connections per directly connected node and
+    /// process, on which single-statement reads go out together instead of
+    /// one per pooled connection; 0 sends every read through the pool.
+    pub pipelined_connections_per_node: u32,
+    /// A pipelined connection with statements in flight and no answer for
+    /// this long (a statement waiting on a lock ahead of them) takes no new
+    /// reads; with every one like that, reads take pooled connections.
+    pub pipeline_stalled_after_ms: u64,
     /// How long a query waits for a pooled connection before the node counts as failing.
     pub acquire_timeout_ms: u64,
     /// Server-side `statement_timeout` on direct connections (set it on the role for PgBouncer).
@@ -266,6 +274,8 @@ impl Default for DatabaseSettings {
             primary_path: ConnectPath::Pgbouncer,
             replica_path: ConnectPath::Direct,
             max_connections_per_node: 16,
+            pipelined_connections_per_node: 2,
+            pipeline_stalled_after_ms: 20,
             acquire_timeout_ms: 500,
             statement_timeout_ms: 5_000,
             health_interval_ms: 250,

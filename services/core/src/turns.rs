@@ -89,6 +89,24 @@ pub struct ResponseRow {
     pub created_at: i64,
 }
 
+crate::statement_row!(ResponseRow {
+    id,
+    conversation_id,
+    user_id,
+    status,
+    model,
+    background,
+    request,
+    output,
+    usage,
+    error,
+    incomplete_details,
+    input_first_seq,
+    input_last_seq,
+    pending_input,
+    created_at,
+});
+
 impl ResponseRow {
     pub fn public_id(&self) -> String {
         ids::encode(prefixes::RESPONSE, self.id)
@@ -260,6 +278,15 @@ struct StartedRow {
     #[sqlx(flatten)]
     row: ResponseRow,
     frozen: Option<SqlJson<crate::steps::Frozen>>,
+}
+
+impl statement::StatementRow for StartedRow {
+    fn from_pipelined(row: &statement::PipelinedRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            row: ResponseRow::from_pipelined(row)?,
+            frozen: statement::Column::column(row, "frozen")?,
+        })
+    }
 }
 
 /// Makes the turn's input end at `last_seq` (a developer message appended

@@ -339,3 +339,179 @@ async fn one_message_statements_carry_their_arguments_exactly(paths: Paths) {
         done.unwrap();
     }
 }
+
+/// `SELECT pg_backend_pid()` as a strong read: the primary's server
+/// process that ran it.
+async fn backend_of_a_strong_read(router: &turnpike_core::db::Router) -> i32 {
+    use turnpike_core::db::Consistency;
+    use turnpike_core::db::statement;
+
+    router
+        .read_one_message(Consistency::Strong, |db| {
+            Box::pin(async move {
+                let rows: Vec<(i32,)> =
+                    statement::fetch_all(db, "SELECT pg_backend_pid()", &[]).await?;
+                Ok(rows[0].0)
+            })
+        })
+        .await
+        .unwrap()
+}
+
+/// Single-statement reads on a direct connection share the node's few
+/// pipelined connections, however many run at once. A statement stuck
+/// behind a lock holds up its own connection only: the next read takes
+/// the other one, and with both stuck a read takes a pooled connection
+/// instead of queueing behind them. Once the lock goes, the stuck reads
+/// answer and the pipelined connections take reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_reads_share_two_connections_and_step_around_a_stuck_one() {
+    use std::collections::HashSet;
+    use turnpike_core::db::Consistency;
+    use turnpike_core::db::statement;
+
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT).database;
+    settings.pipelined_connections_per_node = 2;
+    settings.pipeline_stalled_after_ms = 200;
+    settings.read_attempt_timeout_ms = 30_000;
+    let router = std::sync::Arc::new(turnpike_core::db::Router::new(&settings).unwrap());
+
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let router = std::sync::Arc::clone(&router);
+        readers.spawn(async move { backend_of_a_strong_read(&router).await });
+    }
+    let mut lanes = HashSet::new();
+    while let Some(pid) = readers.join_next().await {
+        lanes.insert(pid.unwrap());
+    }
+    assert!(
+        !lanes.is_empty() && lanes.len() <= 2,
+        "64 reads ran on {} server connections",
+        lanes.len()
+    );
+
+    // A table locked the way a migration's DDL locks it: a read of it waits.
+    let table = format!("pipeline_lock_{}", uuid::Uuid::new_v4().simple());
+    let holder = stack.superuser("primary").await;
+    sqlx::query(&format!("CREATE TABLE {table} (n int)"))
+        .execute(&holder)
+        .await
+        .unwrap();
+    sqlx::query(&format!("GRANT SELECT ON {table} TO turnpike"))
+        .execute(&holder)
+        .await
+        .unwrap();
+    let mut lock = holder.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(format!("%{table}%"))
+        .fetch_one(&holder)
+        .await
+        .unwrap()
+    };
+    let mut stuck = Vec::new();
+    for n in 1..=2 {
+        let (router, sql) = (
+            std::sync::Arc::clone(&router),
+            format!("SELECT count(*) FROM {table}"),
+        );
+        stuck.push(tokio::spawn(async move {
+            router
+                .read_one_message(Consistency::Strong, move |db| {
+                    let sql = sql.clone();
+                    Box::pin(async move {
+                        let rows: Vec<(i64,)> = statement::fetch_all(db, &sql, &[]).await?;
+                        Ok(rows[0].0)
+                    })
+                })
+                .await
+        }));
+        eventually(
+            "the read to wait on the lock",
+            Duration::from_secs(10),
+            || async { (waiting().await == n).then_some(()) },
+        )
+        .await;
+    }
+
+    // Both pipelined connections wait behind the lock with a statement in
+    // flight: past `pipeline_stalled_after_ms` without an answer (a time,
+    // so waited out) they count as stalled, and a read takes a pooled one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = tokio::time::timeout(Duration::from_secs(10), backend_of_a_strong_read(&router))
+        .await
+        .expect("a read queued behind the stuck statements");
+    assert!(!lanes.contains(&pid), "the read ran on a stuck connection");
+
+    lock.rollback().await.unwrap();
+    for read in stuck {
+        assert_eq!(read.await.unwrap().unwrap(), 0);
+    }
+    let pid = backend_of_a_strong_read(&router).await;
+    assert!(
+        lanes.contains(&pid),
+        "reads went back to the pipelined connections"
+    );
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&holder)
+        .await
+        .unwrap();
+}
+
+/// A pipelined connection the server cuts (a restart, an operator's
+/// `pg_terminate_backend`) fails the reads on it over to the other
+/// replica; the node is read again once it is back, on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_connection_cut_by_the_server_fails_over_and_is_replaced() {
+    use turnpike_core::db::Consistency;
+    use turnpike_core::db::statement;
+
+    let stack = Stack::shared().await;
+    let settings = stack.settings(Paths::DIRECT).database;
+    let router = std::sync::Arc::new(turnpike_core::db::Router::new(&settings).unwrap());
+    router.spawn_monitor().await;
+    let read = || async {
+        router
+            .read_one_message(Consistency::Eventual, |db| {
+                Box::pin(async move {
+                    let node = db.node().to_owned();
+                    let rows: Vec<(i32,)> =
+                        statement::fetch_all(db, "SELECT pg_backend_pid()", &[]).await?;
+                    Ok((node, rows[0].0))
+                })
+            })
+            .await
+            .unwrap()
+    };
+    let (node, pid) = eventually("a read on replica1", Duration::from_secs(10), || async {
+        let (node, pid) = read().await;
+        (node == "replica1").then_some((node, pid))
+    })
+    .await;
+
+    let replica = stack.superuser(&node).await;
+    let cut: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&replica)
+        .await
+        .unwrap();
+    assert!(cut);
+    // Every read answers (the first on the cut connection is retried on replica2).
+    for _ in 0..50 {
+        read().await;
+    }
+    let (_, again) = eventually("replica1 read again", Duration::from_secs(30), || async {
+        let (node, pid) = read().await;
+        (node == "replica1").then_some((node, pid))
+    })
+    .await;
+    assert_ne!(again, pid, "replica1 is read on a new connection");
+}

@@ -8,6 +8,7 @@
 mod budget;
 pub mod migrate;
 mod node;
+mod pipeline;
 mod pool;
 mod router;
 pub mod statement;
@@ -18,6 +19,7 @@ use std::str::FromStr;
 
 pub use budget::{BudgetStatus, LaneStatus};
 pub use node::{Node, NodeState, NodeStatus, PoolStatus};
+pub use pipeline::Pipelined;
 pub use router::{OneStatement, Reader, Router, Writer};
 pub use turnpike_protocol::QueryClass;
 
@@ -173,6 +175,11 @@ pub trait DbConn: Send {
     /// PgBouncer.
     fn conn_for_one_message(&mut self) -> &mut sqlx::PgConnection {
         self.conn()
+    }
+    /// The node's pipelined connection this read runs on, if it runs on
+    /// one ([`statement`] sends its statements there).
+    fn pipelined(&self) -> Option<&std::sync::Arc<Pipelined>> {
+        None
     }
 }
 

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::Lsn;
 use super::budget::{Budget, BudgetStatus};
+use super::pipeline::Pipeline;
 use super::pool::NodePool;
 use crate::config::{ConnectPath, NodeGroup, NodeRole};
 
@@ -70,6 +71,8 @@ pub struct Node {
     /// Which query classes it serves.
     pub group: NodeGroup,
     pub(super) pool: NodePool,
+    /// Shared connections for single-statement reads, on a direct path.
+    pub(super) pipeline: Option<Pipeline>,
     /// Admission: how many queries of each class may run here at once.
     pub(super) budget: Budget,
     in_flight: AtomicUsize,
@@ -88,6 +91,8 @@ pub struct PoolStatus {
     /// Open connections not in use.
     pub idle: usize,
     pub max: usize,
+    /// Open pipelined connections (shared by single-statement reads).
+    pub pipelined: usize,
 }
 
 /// One node as `GET /v1/admin/topology` shows it.
@@ -151,6 +156,7 @@ impl Node {
             path,
             group,
             pool,
+            pipeline: None,
             budget,
             in_flight: AtomicUsize::new(0),
             // Unknown until the first probe; `Up` lets the first requests try it.
@@ -160,6 +166,12 @@ impl Node {
             lag_ms: AtomicU64::new(0),
             ban: Mutex::new(Ban::default()),
         }
+    }
+
+    /// Single-statement reads run on `pipeline`'s connections.
+    pub(super) fn with_pipeline(mut self, pipeline: Option<Pipeline>) -> Self {
+        self.pipeline = pipeline;
+        self
     }
 
     pub fn state(&self) -> NodeState {
@@ -286,6 +298,7 @@ impl Node {
                 size: usage.size,
                 idle: usage.available,
                 max: usage.max,
+                pipelined: self.pipeline.as_ref().map_or(0, Pipeline::open),
             },
             last_error: self.lock_ban().last_error.clone(),
         }

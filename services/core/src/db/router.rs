@@ -18,6 +18,7 @@ use sqlx::postgres::PgConnectOptions;
 
 use super::budget::{Admission, Budget, ShedReason};
 use super::node::{InFlight, Node};
+use super::pipeline::{Pipeline, Pipelined};
 use super::pool::{NodePool, Pooled};
 use super::{
     Consistency, DbConn, DbError, Lsn, NodeState, NodeStatus, QueryClass, current_class,
@@ -616,6 +617,20 @@ fn build_node(
             .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1)),
     };
     let addr = format!("{}:{}", options.get_host(), options.get_port());
+    let pipeline = match path {
+        ConnectPath::Direct if settings.pipelined_connections_per_node > 0 => {
+            let config = tokio_postgres::Config::from_str(url.expose_secret())
+                .map_err(|e| ConfigError::Invalid(format!("database.nodes.{name}: {e}")))?;
+            Some(Pipeline::new(
+                config,
+                usize::try_from(settings.pipelined_connections_per_node).unwrap_or(usize::MAX),
+                Duration::from_millis(settings.pipeline_stalled_after_ms),
+                Duration::from_millis(settings.statement_timeout_ms),
+                Duration::from_millis(settings.acquire_timeout_ms),
+            ))
+        }
+        _ => None,
+    };
     let pool = NodePool::new(
         options,
         usize::try_from(settings.max_connections_per_node).unwrap_or(usize::MAX),
@@ -630,7 +645,8 @@ fn build_node(
         node.group,
         pool,
         budget,
-    ))
+    )
+    .with_pipeline(pipeline))
 }
 
 /// A read session on one node. Through PgBouncer a read made with
@@ -638,14 +654,35 @@ fn build_node(
 /// statement's Parse and Execute are separate round trips that transaction
 /// pooling may send to different servers otherwise; one made with
 /// [`Router::read_one_message`] is not, and may only send statements as one
-/// message each ([`super::statement`]): anything else panics.
+/// message each ([`super::statement`]): anything else panics. On a node
+/// with pipelined connections a `read_one_message` runs on one of them, and
+/// the same holds: only [`super::statement`]'s functions may use it.
 pub struct Reader {
-    session: Session,
+    conn: ReaderConn,
+}
+
+enum ReaderConn {
+    Pooled(Session),
+    Pipelined {
+        connection: Arc<Pipelined>,
+        node: InFlight,
+    },
 }
 
 impl Reader {
     async fn open(node: &Arc<Node>, one_message: bool) -> Result<Self, sqlx::Error> {
         let guard = InFlight::enter(node);
+        if let (true, Some(pipeline)) = (one_message, &node.pipeline) {
+            // Every lane stalled: this read takes a pooled connection.
+            if let Some(connection) = pipeline.connection().await? {
+                return Ok(Self {
+                    conn: ReaderConn::Pipelined {
+                        connection,
+                        node: guard,
+                    },
+                });
+            }
+        }
         let mut conn = node.pool.get().await?;
         let through_pgbouncer = node.path == ConnectPath::Pgbouncer;
         if through_pgbouncer && !one_message {
@@ -653,41 +690,67 @@ impl Reader {
             conn.in_transaction = true;
         }
         Ok(Self {
-            session: Session {
+            conn: ReaderConn::Pooled(Session {
                 conn,
                 node: guard,
                 one_message_only: through_pgbouncer && one_message,
-            },
+            }),
         })
     }
 
-    async fn finish(mut self) -> Result<(), sqlx::Error> {
-        let conn = &mut self.session.conn;
+    async fn finish(self) -> Result<(), sqlx::Error> {
+        let ReaderConn::Pooled(mut session) = self.conn else {
+            return Ok(());
+        };
+        let conn = &mut session.conn;
         if conn.in_transaction {
             sqlx::Executor::execute(conn.conn(), "COMMIT").await?;
             conn.in_transaction = false;
         }
-        self.session.conn.done();
+        session.conn.done();
         Ok(())
     }
 
     /// The name of the node this read runs on.
     pub fn node(&self) -> &str {
-        &self.session.node.node().name
+        match &self.conn {
+            ReaderConn::Pooled(session) => &session.node.node().name,
+            ReaderConn::Pipelined { node, .. } => &node.node().name,
+        }
+    }
+
+    fn session(&mut self) -> &mut Session {
+        match &mut self.conn {
+            ReaderConn::Pooled(session) => session,
+            // A bug, caught in the tests as the PgBouncer case is.
+            ReaderConn::Pipelined { .. } => {
+                panic!("a statement not sent through db::statement on a pipelined read")
+            }
+        }
     }
 }
 
 impl DbConn for Reader {
     fn prepared(&self) -> bool {
-        self.session.prepared()
+        match &self.conn {
+            ReaderConn::Pooled(session) => session.prepared(),
+            ReaderConn::Pipelined { .. } => true,
+        }
     }
 
     fn conn(&mut self) -> &mut sqlx::PgConnection {
-        self.session.conn()
+        self.session().conn()
     }
 
     fn conn_for_one_message(&mut self) -> &mut sqlx::PgConnection {
-        self.session.conn_for_one_message()
+        self.session().conn_for_one_message()
+    }
+
+    fn pipelined(&self) -> Option<&Arc<Pipelined>> {
+        match &self.conn {
+            ReaderConn::Pooled(_) => None,
+            ReaderConn::Pipelined { connection, .. } => Some(connection),
+        }
     }
 }
 

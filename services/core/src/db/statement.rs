@@ -14,16 +14,27 @@
 //! is printed from its value; text (JSON too, cast in the SQL) is an escape
 //! string with every backslash and quote doubled (text with a NUL byte is
 //! refused; PostgreSQL cannot store one).
+//!
+//! A read on a node's pipelined connection ([`super::pipeline`]) goes out
+//! prepared and bound there, with the same argument types, and its rows are
+//! decoded by [`StatementRow`], which every row type read here implements
+//! beside sqlx's `FromRow` ([`statement_row!`](crate::statement_row) for a
+//! struct, by column name).
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use futures_util::TryStreamExt as _;
 use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
 use sqlx::{Arguments as _, Either, Executor as _, FromRow};
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use uuid::Uuid;
 
 use super::DbConn;
+
+/// A row of a pipelined read, and what indexes its columns.
+pub use tokio_postgres::Row as PipelinedRow;
+pub use tokio_postgres::row::RowIndex;
 
 /// A statement's argument (`$1` is the first).
 #[derive(Debug, Clone, Copy)]
@@ -75,8 +86,12 @@ pub async fn fetch_all<T>(
     args: &[Arg<'_>],
 ) -> Result<Vec<T>, sqlx::Error>
 where
-    T: for<'r> FromRow<'r, PgRow>,
+    T: StatementRow,
 {
+    if let Some(shared) = db.pipelined() {
+        let rows = shared.query(sql, args).await?;
+        return rows.iter().map(T::from_pipelined).collect();
+    }
     send(db, sql, args)
         .await?
         .iter()
@@ -92,7 +107,7 @@ pub async fn fetch_optional<T>(
     args: &[Arg<'_>],
 ) -> Result<Option<T>, sqlx::Error>
 where
-    T: for<'r> FromRow<'r, PgRow>,
+    T: StatementRow,
 {
     Ok(fetch_all(db, sql, args).await?.into_iter().next())
 }
@@ -103,6 +118,9 @@ pub async fn execute(
     sql: &str,
     args: &[Arg<'_>],
 ) -> Result<u64, sqlx::Error> {
+    if let Some(shared) = db.pipelined() {
+        return shared.execute(sql, args).await;
+    }
     Ok(send(db, sql, args)
         .await?
         .iter()
@@ -246,6 +264,211 @@ fn array<T>(
 
 fn bad(message: String) -> sqlx::Error {
     sqlx::Error::Protocol(message)
+}
+
+impl Arg<'_> {
+    /// The type the argument is bound as (sqlx binds the same).
+    pub(super) fn pg_type(&self) -> Type {
+        match self {
+            Arg::Uuid(_) => Type::UUID,
+            Arg::Int(_) => Type::INT8,
+            Arg::Text(_) => Type::TEXT,
+            Arg::Bool(_) => Type::BOOL,
+            Arg::Ints(_) => Type::INT8_ARRAY,
+            Arg::Uuids(_) => Type::UUID_ARRAY,
+            Arg::Texts(_) => Type::TEXT_ARRAY,
+        }
+    }
+
+    /// The argument's value, owned, to bind as [`Arg::pg_type`].
+    pub(super) fn param(self) -> Box<dyn ToSql + Send + Sync> {
+        match self {
+            Arg::Uuid(v) => Box::new(v),
+            Arg::Int(v) => Box::new(v),
+            Arg::Text(v) => Box::new(v.map(str::to_owned)),
+            Arg::Bool(v) => Box::new(v),
+            Arg::Ints(v) => Box::new(v.to_vec()),
+            Arg::Uuids(v) => Box::new(v.to_vec()),
+            Arg::Texts(v) => Box::new(v.to_vec()),
+        }
+    }
+}
+
+/// A row type the statements here return, from either driver: sqlx's
+/// `FromRow` for pooled connections, [`StatementRow::from_pipelined`] for
+/// pipelined ones. Tuples of [`Column`]s have it; a struct gets it from
+/// [`statement_row!`](crate::statement_row).
+pub trait StatementRow: for<'r> FromRow<'r, PgRow> + Sized {
+    fn from_pipelined(row: &PipelinedRow) -> Result<Self, sqlx::Error>;
+}
+
+/// A column type [`StatementRow`] can decode from a pipelined row (by
+/// position or by name), as sqlx decodes it from a pooled one; `Option<T>`
+/// of any of them too.
+pub trait Column: Sized {
+    /// The column's value, `None` for NULL.
+    fn nullable<I>(row: &PipelinedRow, index: I) -> Result<Option<Self>, sqlx::Error>
+    where
+        I: RowIndex + fmt::Display + Copy;
+
+    /// The column's value; NULL is an error.
+    fn column<I>(row: &PipelinedRow, index: I) -> Result<Self, sqlx::Error>
+    where
+        I: RowIndex + fmt::Display + Copy,
+    {
+        Self::nullable(row, index)?.ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: index.to_string(),
+            source: "unexpected NULL".into(),
+        })
+    }
+}
+
+impl<T: Column> Column for Option<T> {
+    fn nullable<I>(row: &PipelinedRow, index: I) -> Result<Option<Self>, sqlx::Error>
+    where
+        I: RowIndex + fmt::Display + Copy,
+    {
+        T::nullable(row, index).map(Some)
+    }
+}
+
+fn decode_error<I: fmt::Display>(
+    index: I,
+    source: impl Into<sqlx::error::BoxDynError>,
+) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: index.to_string(),
+        source: source.into(),
+    }
+}
+
+macro_rules! native_columns {
+    ($($t:ty),*) => {$(
+        impl Column for $t {
+            fn nullable<I>(row: &PipelinedRow, index: I) -> Result<Option<Self>, sqlx::Error>
+            where
+                I: RowIndex + fmt::Display + Copy,
+            {
+                row.try_get(index).map_err(|e| decode_error(index, e))
+            }
+        }
+    )*};
+}
+
+native_columns!(
+    Uuid,
+    i64,
+    i32,
+    bool,
+    String,
+    Vec<u8>,
+    Vec<i64>,
+    Vec<Uuid>,
+    Vec<String>,
+    Vec<Option<String>>
+);
+
+/// The text of a `json` or `jsonb` value, as the server sent it.
+struct JsonText<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for JsonText<'a> {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
+            // jsonb's binary form: a version byte (1), then the JSON text.
+            return match raw.split_first() {
+                Some((1, rest)) => Ok(JsonText(rest)),
+                _ => Err("unsupported jsonb binary version".into()),
+            };
+        }
+        Ok(JsonText(raw))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(*ty, Type::JSON | Type::JSONB)
+    }
+}
+
+/// A `json` or `jsonb` column parsed with serde, as sqlx's `Json<T>` and
+/// `serde_json::Value` are.
+fn json_column<T, I>(row: &PipelinedRow, index: I) -> Result<Option<T>, sqlx::Error>
+where
+    T: serde::de::DeserializeOwned,
+    I: RowIndex + fmt::Display + Copy,
+{
+    let text: Option<JsonText<'_>> = row.try_get(index).map_err(|e| decode_error(index, e))?;
+    text.map(|text| serde_json::from_slice(text.0).map_err(|e| decode_error(index, e)))
+        .transpose()
+}
+
+/// The text of a `json` or `jsonb` column, unparsed; `None` for NULL.
+pub fn json_string<I>(row: &PipelinedRow, index: I) -> Result<Option<String>, sqlx::Error>
+where
+    I: RowIndex + fmt::Display + Copy,
+{
+    let text: Option<JsonText<'_>> = row.try_get(index).map_err(|e| decode_error(index, e))?;
+    text.map(|text| String::from_utf8(text.0.to_vec()).map_err(|e| decode_error(index, e)))
+        .transpose()
+}
+
+impl<T: serde::de::DeserializeOwned> Column for sqlx::types::Json<T> {
+    fn nullable<I>(row: &PipelinedRow, index: I) -> Result<Option<Self>, sqlx::Error>
+    where
+        I: RowIndex + fmt::Display + Copy,
+    {
+        Ok(json_column(row, index)?.map(sqlx::types::Json))
+    }
+}
+
+impl Column for serde_json::Value {
+    fn nullable<I>(row: &PipelinedRow, index: I) -> Result<Option<Self>, sqlx::Error>
+    where
+        I: RowIndex + fmt::Display + Copy,
+    {
+        json_column(row, index)
+    }
+}
+
+macro_rules! tuple_rows {
+    ($(($($t:ident $i:tt),+)),*) => {$(
+        impl<$($t),+> StatementRow for ($($t,)+)
+        where
+            $($t: Column + for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,)+
+        {
+            fn from_pipelined(row: &PipelinedRow) -> Result<Self, sqlx::Error> {
+                Ok(($($t::column(row, $i)?,)+))
+            }
+        }
+    )*};
+}
+
+tuple_rows!(
+    (A 0),
+    (A 0, B 1),
+    (A 0, B 1, C 2),
+    (A 0, B 1, C 2, D 3),
+    (A 0, B 1, C 2, D 3, E 4),
+    (A 0, B 1, C 2, D 3, E 4, F 5)
+);
+
+/// [`StatementRow`] for a struct that derives `sqlx::FromRow`, decoding
+/// each named field from the column of the same name:
+/// `statement_row!(ConversationRow { id, metadata, created_at });`.
+#[macro_export]
+macro_rules! statement_row {
+    ($row:ty { $($field:ident),* $(,)? }) => {
+        impl $crate::db::statement::StatementRow for $row {
+            fn from_pipelined(
+                row: &$crate::db::statement::PipelinedRow,
+            ) -> Result<Self, ::sqlx::Error> {
+                Ok(Self {
+                    $($field: $crate::db::statement::Column::column(row, stringify!($field))?,)*
+                })
+            }
+        }
+    };
 }
 
 #[cfg(test)]

@@ -1,0 +1,375 @@
+//! Pipelined connections to one node, for single-statement reads.
+//!
+//! A pooled connection carries one query at a time: each read is its own
+//! round trip, a system call on each side and a wake-up of the server
+//! process. A pipelined connection (tokio-postgres) is shared: concurrent
+//! readers' statements go out together in one write and the server works
+//! through them without sleeping in between, so a read costs both sides
+//! less CPU, and a pod needs a few connections per node instead of one per
+//! query in flight. Only statements sent through [`super::statement`] on a
+//! direct connection go this way (PgBouncer 1.18 in transaction mode keeps
+//! no prepared statements).
+//!
+//! Each node has `database.pipelined_connections_per_node` lanes; a read
+//! takes the lane with the fewest statements in flight. Answers come back
+//! in order, so a slow statement (one waiting on a lock, say) holds up the
+//! reads behind it on its lane: a lane with statements in flight and no
+//! answer for `database.pipeline_stalled_after_ms` takes no new reads, and when every lane is
+//! like that a read takes a pooled connection of its own, as it would
+//! without pipelining. A statement runs to its answer on a task of its own
+//! even when its reader gives up (a timeout, a client gone), so that a
+//! lane's count of statements in flight is what the server still owes it.
+//! A lane whose connection failed connects again on its next use; the
+//! failure reaches the reads in flight as a connection error, on which the
+//! router bans the node and retries elsewhere.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls, Row, Statement};
+
+use super::statement::Arg;
+
+/// The pipelined lanes of one node.
+pub(super) struct Pipeline {
+    config: tokio_postgres::Config,
+    lanes: Vec<Lane>,
+    /// A lane with statements in flight and no answer for this long is stalled.
+    stalled_after_us: u64,
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("lanes", &self.lanes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Lane {
+    open: Mutex<Option<Arc<Pipelined>>>,
+    /// Held while connecting, so that one reader connects and the others wait for it.
+    connecting: tokio::sync::Mutex<()>,
+    /// Failed attempts to connect: a reader that waited for an attempt that
+    /// failed fails too, at once, rather than trying again in turn.
+    failures: AtomicU64,
+}
+
+/// Prepared statements by SQL text, then by argument types.
+type Prepared = HashMap<String, Vec<(Vec<Type>, Statement)>>;
+
+/// One pipelined connection, shared by every read on its lane.
+pub struct Pipelined {
+    client: Client,
+    /// Its prepared statements by SQL text and argument types.
+    statements: Mutex<Prepared>,
+    in_flight: AtomicUsize,
+    /// When it last answered a statement, or last took one while idle
+    /// ([`since_start`]).
+    progress_us: AtomicU64,
+}
+
+impl Pipeline {
+    /// `lanes` connections to the node `config` names, opened on first use;
+    /// each statement is cut off by the server after `statement_timeout`.
+    pub(super) fn new(
+        mut config: tokio_postgres::Config,
+        lanes: usize,
+        stalled_after: Duration,
+        statement_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
+        config
+            .application_name("turnpike")
+            .options(format!(
+                "-c statement_timeout={}ms -c idle_in_transaction_session_timeout=10s",
+                statement_timeout.as_millis()
+            ))
+            .connect_timeout(connect_timeout);
+        Self {
+            config,
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            stalled_after_us: u64::try_from(stalled_after.as_micros()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The open connection of the least busy lane that is not stalled,
+    /// connecting it if need be; `None` when every lane is stalled.
+    pub(super) async fn connection(&self) -> Result<Option<Arc<Pipelined>>, sqlx::Error> {
+        let now = since_start();
+        let mut best: Option<(&Lane, Option<Arc<Pipelined>>, usize)> = None;
+        for lane in &self.lanes {
+            let open = lane.current();
+            let load = match &open {
+                Some(c) if c.stalled(now, self.stalled_after_us) => continue,
+                Some(c) => c.in_flight.load(Ordering::Relaxed),
+                None => 0,
+            };
+            if best.as_ref().is_none_or(|(_, _, least)| load < *least) {
+                best = Some((lane, open, load));
+            }
+            if load == 0 {
+                break;
+            }
+        }
+        match best {
+            None => Ok(None),
+            Some((_, Some(open), _)) => Ok(Some(open)),
+            Some((lane, None, _)) => self.connect(lane).await.map(Some),
+        }
+    }
+
+    async fn connect(&self, lane: &Lane) -> Result<Arc<Pipelined>, sqlx::Error> {
+        let failures = lane.failures.load(Ordering::Relaxed);
+        let _connecting = lane.connecting.lock().await;
+        if let Some(shared) = lane.current() {
+            return Ok(shared);
+        }
+        if lane.failures.load(Ordering::Relaxed) != failures {
+            return Err(sqlx::Error::Io(std::io::Error::other(
+                "connecting a pipelined connection failed just now",
+            )));
+        }
+        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+            lane.failures.fetch_add(1, Ordering::Relaxed);
+            to_sqlx(e)
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "pipelined database connection ended");
+            }
+        });
+        let shared = Arc::new(Pipelined {
+            client,
+            statements: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            progress_us: AtomicU64::new(since_start()),
+        });
+        *lane.lock() = Some(Arc::clone(&shared));
+        Ok(shared)
+    }
+
+    /// Open connections.
+    pub(super) fn open(&self) -> usize {
+        self.lanes.iter().filter(|l| l.current().is_some()).count()
+    }
+}
+
+impl Lane {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Pipelined>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lane's connection unless it has closed.
+    fn current(&self) -> Option<Arc<Pipelined>> {
+        let mut open = self.lock();
+        if open.as_ref().is_some_and(|c| c.client.is_closed()) {
+            *open = None;
+        }
+        open.clone()
+    }
+}
+
+impl Pipelined {
+    /// Runs `sql` with `args` (prepared on this connection once per SQL
+    /// text and argument types) and returns its rows. It runs to its
+    /// answer on a task of its own; dropping the future only stops waiting.
+    pub async fn query(
+        self: &Arc<Self>,
+        sql: &str,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<Row>, sqlx::Error> {
+        let request = self.request(sql, args);
+        let this = Arc::clone(self);
+        let run = tokio::spawn(async move {
+            let statement = this.statement(&request).await?;
+            let params: Vec<&(dyn ToSql + Sync)> =
+                request.params.iter().map(|p| p.as_ref() as _).collect();
+            this.client
+                .query(&statement, &params)
+                .await
+                .map_err(to_sqlx)
+        });
+        joined(run.await)
+    }
+
+    /// Runs `sql`; the number of rows it changed. As [`Pipelined::query`].
+    pub async fn execute(
+        self: &Arc<Self>,
+        sql: &str,
+        args: &[Arg<'_>],
+    ) -> Result<u64, sqlx::Error> {
+        let request = self.request(sql, args);
+        let this = Arc::clone(self);
+        let run = tokio::spawn(async move {
+            let statement = this.statement(&request).await?;
+            let params: Vec<&(dyn ToSql + Sync)> =
+                request.params.iter().map(|p| p.as_ref() as _).collect();
+            this.client
+                .execute(&statement, &params)
+                .await
+                .map_err(to_sqlx)
+        });
+        joined(run.await)
+    }
+
+    /// A statement and its arguments, owned by the task that sends them,
+    /// counted in flight until that task ends.
+    fn request(self: &Arc<Self>, sql: &str, args: &[Arg<'_>]) -> Request {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.progress_us.store(since_start(), Ordering::Relaxed);
+        }
+        Request {
+            sql: sql.to_owned(),
+            types: args.iter().map(Arg::pg_type).collect(),
+            params: args.iter().map(|arg| arg.param()).collect(),
+            _counted: Counted(Arc::clone(self)),
+        }
+    }
+
+    fn stalled(&self, now_us: u64, after_us: u64) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+            && now_us.saturating_sub(self.progress_us.load(Ordering::Relaxed)) > after_us
+    }
+
+    async fn statement(&self, request: &Request) -> Result<Statement, sqlx::Error> {
+        let known = self
+            .lock_statements()
+            .get(&request.sql)
+            .and_then(|all| all.iter().find(|(t, _)| *t == request.types))
+            .map(|(_, statement)| statement.clone());
+        if let Some(statement) = known {
+            return Ok(statement);
+        }
+        // Two readers may prepare the same statement at once; the second
+        // one's copy is closed when it is dropped.
+        let statement = self
+            .client
+            .prepare_typed(&request.sql, &request.types)
+            .await
+            .map_err(to_sqlx)?;
+        self.lock_statements()
+            .entry(request.sql.clone())
+            .or_default()
+            .push((request.types.clone(), statement.clone()));
+        Ok(statement)
+    }
+
+    fn lock_statements(&self) -> std::sync::MutexGuard<'_, Prepared> {
+        self.statements.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a statement's task owns.
+struct Request {
+    sql: String,
+    types: Vec<Type>,
+    params: Vec<Box<dyn ToSql + Send + Sync>>,
+    _counted: Counted,
+}
+
+/// Counts a statement in flight on its connection until its task ends,
+/// which is when the server has answered it.
+struct Counted(Arc<Pipelined>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.progress_us.store(since_start(), Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn joined<T>(
+    outcome: Result<Result<T, sqlx::Error>, tokio::task::JoinError>,
+) -> Result<T, sqlx::Error> {
+    outcome.unwrap_or_else(|e| Err(sqlx::Error::AnyDriverError(Box::new(e))))
+}
+
+/// Microseconds since the first call: a clock for the lanes' progress.
+fn since_start() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A tokio-postgres error as the sqlx error the router classifies: the
+/// server's errors keep their SQLSTATE, a closed or failed connection is an
+/// I/O error (the node is banned and the read retried elsewhere).
+pub(super) fn to_sqlx(e: tokio_postgres::Error) -> sqlx::Error {
+    if let Some(db) = e.as_db_error() {
+        return sqlx::Error::Database(Box::new(ServerError {
+            code: db.code().code().to_owned(),
+            message: db.message().to_owned(),
+            constraint: db.constraint().map(str::to_owned),
+            table: db.table().map(str::to_owned),
+        }));
+    }
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
+        return sqlx::Error::Io(std::io::Error::other(e));
+    }
+    sqlx::Error::AnyDriverError(Box::new(e))
+}
+
+/// An error the server sent on a pipelined connection.
+#[derive(Debug)]
+struct ServerError {
+    code: String,
+    message: String,
+    constraint: Option<String>,
+    table: Option<String>,
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+impl sqlx::error::DatabaseError for ServerError {
+    fn message(&self) -> &str {
+        &self.message
+    }
+
+    fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some(self.code.as_str().into())
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+
+    fn constraint(&self) -> Option<&str> {
+        self.constraint.as_deref()
+    }
+
+    fn table(&self) -> Option<&str> {
+        self.table.as_deref()
+    }
+
+    fn kind(&self) -> sqlx::error::ErrorKind {
+        use sqlx::error::ErrorKind;
+        match self.code.as_str() {
+            "23505" => ErrorKind::UniqueViolation,
+            "23503" => ErrorKind::ForeignKeyViolation,
+            "23502" => ErrorKind::NotNullViolation,
+            "23514" => ErrorKind::CheckViolation,
+            _ => ErrorKind::Other,
+        }
+    }
+}
