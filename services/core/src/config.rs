@@ -221,6 +221,10 @@ pub struct DatabaseSettings {
     /// process, on which single-statement reads go out together instead of
     /// one per pooled connection; 0 sends every read through the pool.
     pub pipelined_connections_per_node: u32,
+    /// Statements one pipelined connection carries at once before reads
+    /// go to the next; pipelined reads have a budget of their own, this
+    /// many per connection (`max_in_flight_per_node` is the pool's).
+    pub pipeline_depth: u32,
     /// A pipelined connection with statements in flight and no answer for
     /// this long (a statement waiting on a lock ahead of them) takes no new
     /// reads; with every one like that, reads take pooled connections.
@@ -275,6 +279,7 @@ impl Default for DatabaseSettings {
             replica_path: ConnectPath::Direct,
             max_connections_per_node: 16,
             pipelined_connections_per_node: 2,
+            pipeline_depth: 32,
             pipeline_stalled_after_ms: 20,
             acquire_timeout_ms: 500,
             statement_timeout_ms: 5_000,
@@ -299,6 +304,13 @@ impl Default for DatabaseSettings {
 impl DatabaseSettings {
     pub fn health_interval(&self) -> Duration {
         Duration::from_millis(self.health_interval_ms)
+    }
+
+    /// The budget of a node's pipelined reads per process: their
+    /// connections' depth in all.
+    pub fn pipeline_budget(&self) -> u32 {
+        self.pipelined_connections_per_node
+            .saturating_mul(self.pipeline_depth.max(1))
     }
 
     /// A node's concurrency budget per process: `max_in_flight_per_node`,

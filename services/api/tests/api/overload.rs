@@ -53,8 +53,12 @@ fn id(reply: &Value) -> String {
 async fn load_over_the_budget_is_shed_fast_and_admitted_reads_keep_a_bounded_p99() {
     let stack = Stack::shared().await;
     let mut settings = stack.settings(Paths::DIRECT);
-    // One interactive query per replica at a time, two waiting at most, 50 ms each.
+    // One interactive query per replica at a time, two waiting at most, 50 ms
+    // each: on pooled connections and, in a budget of their own, on the
+    // replicas' pipelined connections (where these reads go).
     settings.database.max_in_flight_per_node = 1;
+    settings.database.pipelined_connections_per_node = 1;
+    settings.database.pipeline_depth = 1;
     settings.database.background_share_percent = 0;
     settings.database.max_queued_per_node = 2;
     settings.database.queue_timeout_ms = 50;

@@ -360,9 +360,10 @@ async fn backend_of_a_strong_read(router: &turnpike_core::db::Router) -> i32 {
 
 /// Single-statement reads on a direct connection share the node's few
 /// pipelined connections, however many run at once. A statement stuck
-/// behind a lock holds up its own connection only: the next read takes
-/// the other one, and with both stuck a read takes a pooled connection
-/// instead of queueing behind them. Once the lock goes, the stuck reads
+/// behind a lock holds up its own connection only: once it has gone
+/// without an answer for `pipeline_stalled_after_ms`, reads take the other
+/// one, and with both stuck a read takes a pooled connection instead of
+/// queueing behind them. Once the lock goes, the stuck reads
 /// answer and the pipelined connections take reads again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_reads_share_two_connections_and_step_around_a_stuck_one() {
@@ -417,6 +418,10 @@ async fn pipelined_reads_share_two_connections_and_step_around_a_stuck_one() {
         .await
         .unwrap()
     };
+    // Each stuck read waits on the lock with a statement in flight: once it
+    // has gone `pipeline_stalled_after_ms` without an answer (a time, so
+    // waited out), its connection takes no new reads, and the next read
+    // goes to the other one; with both stalled, a read takes a pooled one.
     let mut stuck = Vec::new();
     for n in 1..=2 {
         let (router, sql) = (
@@ -440,12 +445,8 @@ async fn pipelined_reads_share_two_connections_and_step_around_a_stuck_one() {
             || async { (waiting().await == n).then_some(()) },
         )
         .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
-
-    // Both pipelined connections wait behind the lock with a statement in
-    // flight: past `pipeline_stalled_after_ms` without an answer (a time,
-    // so waited out) they count as stalled, and a read takes a pooled one.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = tokio::time::timeout(Duration::from_secs(10), backend_of_a_strong_read(&router))
         .await
         .expect("a read queued behind the stuck statements");

@@ -3,9 +3,10 @@
 //!
 //! A query that finds its class's slots taken waits at most
 //! `queue_timeout_ms`, behind at most `max_queued_per_node` others; past
-//! either it is shed (503 `overloaded`) instead of piling up. The budget
-//! never exceeds the node's pool, so an admitted query does not wait for a
-//! connection. On a node that serves both classes the budget is split:
+//! either it is shed (503 `overloaded`) instead of piling up. The budget of
+//! queries on pooled connections never exceeds the node's pool, so an
+//! admitted query does not wait for a connection; reads on the node's
+//! pipelined connections have a budget of their own, the connections' depth. On a node that serves both classes the budget is split:
 //! background queries use their share only, interactive ones their own
 //! share and any idle background slot.
 
@@ -127,10 +128,14 @@ pub struct BudgetStatus {
 }
 
 impl Budget {
-    pub(super) fn new(node: &str, group: NodeGroup, settings: &DatabaseSettings) -> Self {
-        let total = usize::try_from(settings.node_budget())
-            .unwrap_or(usize::MAX)
-            .max(1);
+    /// `total` slots (at least one), split between the classes `group` serves.
+    pub(super) fn new(
+        node: &str,
+        group: NodeGroup,
+        settings: &DatabaseSettings,
+        total: u32,
+    ) -> Self {
+        let total = usize::try_from(total).unwrap_or(usize::MAX).max(1);
         let (interactive, background) = match group {
             NodeGroup::Interactive => (Some(total), None),
             NodeGroup::Background => (None, Some(total)),
@@ -266,6 +271,11 @@ mod tests {
         }
     }
 
+    /// The budget of a node's pooled queries.
+    fn pooled(node: &str, group: NodeGroup, settings: &DatabaseSettings) -> Budget {
+        Budget::new(node, group, settings, settings.node_budget())
+    }
+
     fn limits(budget: &Budget) -> (Option<usize>, Option<usize>) {
         let status = budget.status();
         (
@@ -278,39 +288,34 @@ mod tests {
     fn a_shared_node_splits_its_budget_and_a_dedicated_one_gives_it_all() {
         let s = settings(8, 25, 0, 0);
         assert_eq!(
-            limits(&Budget::new("n", NodeGroup::Both, &s)),
+            limits(&pooled("n", NodeGroup::Both, &s)),
             (Some(6), Some(2))
         );
         assert_eq!(
-            limits(&Budget::new("n", NodeGroup::Interactive, &s)),
+            limits(&pooled("n", NodeGroup::Interactive, &s)),
             (Some(8), None)
         );
         assert_eq!(
-            limits(&Budget::new("n", NodeGroup::Background, &s)),
+            limits(&pooled("n", NodeGroup::Background, &s)),
             (None, Some(8))
         );
         let none = settings(8, 0, 0, 0);
         assert_eq!(
-            limits(&Budget::new("n", NodeGroup::Both, &none)),
+            limits(&pooled("n", NodeGroup::Both, &none)),
             (Some(8), None)
         );
         let tiny = settings(1, 25, 0, 0);
         assert_eq!(
-            limits(&Budget::new("n", NodeGroup::Both, &tiny)),
+            limits(&pooled("n", NodeGroup::Both, &tiny)),
             (Some(1), Some(1))
         );
         // 0 means the pool less the probes' connection; more is capped to that.
         assert_eq!(
-            limits(&Budget::new(
-                "n",
-                NodeGroup::Interactive,
-                &settings(0, 25, 0, 0)
-            ))
-            .0,
+            limits(&pooled("n", NodeGroup::Interactive, &settings(0, 25, 0, 0))).0,
             Some(15)
         );
         assert_eq!(
-            limits(&Budget::new(
+            limits(&pooled(
                 "n",
                 NodeGroup::Interactive,
                 &settings(99, 25, 0, 0)
@@ -323,7 +328,7 @@ mod tests {
     #[tokio::test]
     async fn background_never_takes_interactive_slots_but_interactive_borrows_idle_background_ones()
     {
-        let budget = Budget::new("n", NodeGroup::Both, &settings(4, 25, 0, 0));
+        let budget = pooled("n", NodeGroup::Both, &settings(4, 25, 0, 0));
         let mut held = Vec::new();
         for _ in 0..4 {
             held.push(
@@ -358,11 +363,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_budget_queues_briefly_then_sheds() {
-        let budget = Arc::new(Budget::new(
-            "n",
-            NodeGroup::Interactive,
-            &settings(1, 0, 1, 50),
-        ));
+        let budget = Arc::new(pooled("n", NodeGroup::Interactive, &settings(1, 0, 1, 50)));
         let first = budget.admit(QueryClass::Interactive).await;
         assert!(first.is_ok());
         // One may wait; the second waiter is refused at once.

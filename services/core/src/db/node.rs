@@ -71,8 +71,9 @@ pub struct Node {
     /// Which query classes it serves.
     pub group: NodeGroup,
     pub(super) pool: NodePool,
-    /// Shared connections for single-statement reads, on a direct path.
-    pub(super) pipeline: Option<Pipeline>,
+    /// Shared connections for single-statement reads, on a direct path,
+    /// and those reads' own budget.
+    pub(super) pipeline: Option<(Pipeline, Budget)>,
     /// Admission: how many queries of each class may run here at once.
     pub(super) budget: Budget,
     in_flight: AtomicUsize,
@@ -114,6 +115,9 @@ pub struct NodeStatus {
     pub group: &'static str,
     /// Each served class's slots, in use and queued.
     pub budget: BudgetStatus,
+    /// The same for reads on pipelined connections, where the node has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipelined_budget: Option<BudgetStatus>,
     pub pool: PoolStatus,
     pub last_error: Option<String>,
 }
@@ -168,8 +172,8 @@ impl Node {
         }
     }
 
-    /// Single-statement reads run on `pipeline`'s connections.
-    pub(super) fn with_pipeline(mut self, pipeline: Option<Pipeline>) -> Self {
+    /// Single-statement reads run on `pipeline`'s connections, admitted by its budget.
+    pub(super) fn with_pipeline(mut self, pipeline: Option<(Pipeline, Budget)>) -> Self {
         self.pipeline = pipeline;
         self
     }
@@ -184,7 +188,11 @@ impl Node {
 
     /// Queries running here plus those waiting for a slot: what balancing compares.
     pub fn load(&self) -> usize {
-        self.in_flight() + self.budget.queued()
+        let pipelined = self
+            .pipeline
+            .as_ref()
+            .map_or(0, |(_, budget)| budget.queued());
+        self.in_flight() + self.budget.queued() + pipelined
     }
 
     pub fn replay_lsn(&self) -> Lsn {
@@ -294,11 +302,12 @@ impl Node {
                 NodeGroup::Background => "background",
             },
             budget: self.budget.status(),
+            pipelined_budget: self.pipeline.as_ref().map(|(_, budget)| budget.status()),
             pool: PoolStatus {
                 size: usage.size,
                 idle: usage.available,
                 max: usage.max,
-                pipelined: self.pipeline.as_ref().map_or(0, Pipeline::open),
+                pipelined: self.pipeline.as_ref().map_or(0, |(p, _)| p.open()),
             },
             last_error: self.lock_ban().last_error.clone(),
         }

@@ -11,22 +11,29 @@
 //! no prepared statements).
 //!
 //! Each node has `database.pipelined_connections_per_node` lanes; a read
-//! takes the lane with the fewest statements in flight. Answers come back
-//! in order, so a slow statement (one waiting on a lock, say) holds up the
-//! reads behind it on its lane: a lane with statements in flight and no
-//! answer for `database.pipeline_stalled_after_ms` takes no new reads, and when every lane is
-//! like that a read takes a pooled connection of its own, as it would
-//! without pipelining. A statement runs to its answer on a task of its own
-//! even when its reader gives up (a timeout, a client gone), so that a
-//! lane's count of statements in flight is what the server still owes it.
+//! takes the first lane with fewer than `database.pipeline_depth`
+//! statements in flight, so that as many as can share a write. Pipelined
+//! reads have a budget of their own (the lanes' depth in all), beside the
+//! pool's. Answers come back in order, so a slow statement (one waiting on
+//! a lock, say) holds up the reads behind it on its lane: a lane with
+//! statements in flight and no answer for
+//! `database.pipeline_stalled_after_ms` takes no new reads, and when every
+//! lane is like that a read takes a pooled connection, within the pool's
+//! budget, as it would without pipelining. A statement runs to its answer
+//! even when its reader gives up (a timeout, a client gone), on a task of
+//! its own, so that a lane's count of statements in flight is what the
+//! server still owes it.
 //! A lane whose connection failed connects again on its next use; the
 //! failure reaches the reads in flight as a connection error, on which the
 //! router bans the node and retries elsewhere.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::{ToSql, Type};
@@ -38,6 +45,8 @@ use super::statement::Arg;
 pub(super) struct Pipeline {
     config: tokio_postgres::Config,
     lanes: Vec<Lane>,
+    /// Statements in flight a lane takes before a read goes to the next one.
+    depth: usize,
     /// A lane with statements in flight and no answer for this long is stalled.
     stalled_after_us: u64,
 }
@@ -80,6 +89,7 @@ impl Pipeline {
     pub(super) fn new(
         mut config: tokio_postgres::Config,
         lanes: usize,
+        depth: usize,
         stalled_after: Duration,
         statement_timeout: Duration,
         connect_timeout: Duration,
@@ -94,33 +104,50 @@ impl Pipeline {
         Self {
             config,
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            depth: depth.max(1),
             stalled_after_us: u64::try_from(stalled_after.as_micros()).unwrap_or(u64::MAX),
         }
     }
 
-    /// The open connection of the least busy lane that is not stalled,
-    /// connecting it if need be; `None` when every lane is stalled.
-    pub(super) async fn connection(&self) -> Result<Option<Arc<Pipelined>>, sqlx::Error> {
+    /// Whether a read may go here now: some lane is not stalled.
+    pub(super) fn has_room(&self) -> bool {
         let now = since_start();
-        let mut best: Option<(&Lane, Option<Arc<Pipelined>>, usize)> = None;
+        self.lanes.iter().any(|lane| {
+            lane.current()
+                .is_none_or(|c| !c.stalled(now, self.stalled_after_us))
+        })
+    }
+
+    /// The connection a read goes on, connecting it if need be: the first
+    /// lane that is not stalled and has fewer than `depth` statements in
+    /// flight (packed, so that more statements share each write), else the
+    /// least busy one, stalled or not.
+    pub(super) async fn connection(&self) -> Result<Arc<Pipelined>, sqlx::Error> {
+        let now = since_start();
+        // (stalled, in flight): the lesser, the better.
+        let mut best: Option<(&Lane, Option<Arc<Pipelined>>)> = None;
+        let mut best_busy = (true, usize::MAX);
         for lane in &self.lanes {
             let open = lane.current();
-            let load = match &open {
-                Some(c) if c.stalled(now, self.stalled_after_us) => continue,
-                Some(c) => c.in_flight.load(Ordering::Relaxed),
-                None => 0,
-            };
-            if best.as_ref().is_none_or(|(_, _, least)| load < *least) {
-                best = Some((lane, open, load));
-            }
-            if load == 0 {
+            let busy = open.as_ref().map_or((false, 0), |c| {
+                (
+                    c.stalled(now, self.stalled_after_us),
+                    c.in_flight.load(Ordering::Relaxed),
+                )
+            });
+            if !busy.0 && busy.1 < self.depth {
+                best = Some((lane, open));
                 break;
+            }
+            if best.is_none() || busy < best_busy {
+                best = Some((lane, open));
+                best_busy = busy;
             }
         }
         match best {
-            None => Ok(None),
-            Some((_, Some(open), _)) => Ok(Some(open)),
-            Some((lane, None, _)) => self.connect(lane).await.map(Some),
+            None => Err(sqlx::Error::PoolClosed),
+            Some((_, Some(open))) => Ok(open),
+            Some((lane, None)) => self.connect(lane).await,
         }
     }
 
@@ -177,8 +204,8 @@ impl Lane {
 
 impl Pipelined {
     /// Runs `sql` with `args` (prepared on this connection once per SQL
-    /// text and argument types) and returns its rows. It runs to its
-    /// answer on a task of its own; dropping the future only stops waiting.
+    /// text and argument types) and returns its rows. Dropped before the
+    /// answer, the statement still runs to its answer, on a task of its own.
     pub async fn query(
         self: &Arc<Self>,
         sql: &str,
@@ -186,16 +213,16 @@ impl Pipelined {
     ) -> Result<Vec<Row>, sqlx::Error> {
         let request = self.request(sql, args);
         let this = Arc::clone(self);
-        let run = tokio::spawn(async move {
-            let statement = this.statement(&request).await?;
+        RunToAnswer(Some(Box::pin(async move {
+            let statement = this.statement(request.statement).await?;
             let params: Vec<&(dyn ToSql + Sync)> =
                 request.params.iter().map(|p| p.as_ref() as _).collect();
             this.client
                 .query(&statement, &params)
                 .await
                 .map_err(to_sqlx)
-        });
-        joined(run.await)
+        })))
+        .await
     }
 
     /// Runs `sql`; the number of rows it changed. As [`Pipelined::query`].
@@ -206,27 +233,35 @@ impl Pipelined {
     ) -> Result<u64, sqlx::Error> {
         let request = self.request(sql, args);
         let this = Arc::clone(self);
-        let run = tokio::spawn(async move {
-            let statement = this.statement(&request).await?;
+        RunToAnswer(Some(Box::pin(async move {
+            let statement = this.statement(request.statement).await?;
             let params: Vec<&(dyn ToSql + Sync)> =
                 request.params.iter().map(|p| p.as_ref() as _).collect();
             this.client
                 .execute(&statement, &params)
                 .await
                 .map_err(to_sqlx)
-        });
-        joined(run.await)
+        })))
+        .await
     }
 
-    /// A statement and its arguments, owned by the task that sends them,
-    /// counted in flight until that task ends.
+    /// A statement and its arguments, owned, counted in flight until the
+    /// server has answered.
     fn request(self: &Arc<Self>, sql: &str, args: &[Arg<'_>]) -> Request {
         if self.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
             self.progress_us.store(since_start(), Ordering::Relaxed);
         }
+        let types: Vec<Type> = args.iter().map(Arg::pg_type).collect();
+        let known = self
+            .lock_statements()
+            .get(sql)
+            .and_then(|all| all.iter().find(|(t, _)| *t == types))
+            .map(|(_, statement)| statement.clone());
         Request {
-            sql: sql.to_owned(),
-            types: args.iter().map(Arg::pg_type).collect(),
+            statement: match known {
+                Some(statement) => ToPrepare::Known(statement),
+                None => ToPrepare::Missing(sql.to_owned(), types),
+            },
             params: args.iter().map(|arg| arg.param()).collect(),
             _counted: Counted(Arc::clone(self)),
         }
@@ -237,26 +272,22 @@ impl Pipelined {
             && now_us.saturating_sub(self.progress_us.load(Ordering::Relaxed)) > after_us
     }
 
-    async fn statement(&self, request: &Request) -> Result<Statement, sqlx::Error> {
-        let known = self
-            .lock_statements()
-            .get(&request.sql)
-            .and_then(|all| all.iter().find(|(t, _)| *t == request.types))
-            .map(|(_, statement)| statement.clone());
-        if let Some(statement) = known {
-            return Ok(statement);
-        }
+    async fn statement(&self, statement: ToPrepare) -> Result<Statement, sqlx::Error> {
+        let (sql, types) = match statement {
+            ToPrepare::Known(statement) => return Ok(statement),
+            ToPrepare::Missing(sql, types) => (sql, types),
+        };
         // Two readers may prepare the same statement at once; the second
         // one's copy is closed when it is dropped.
         let statement = self
             .client
-            .prepare_typed(&request.sql, &request.types)
+            .prepare_typed(&sql, &types)
             .await
             .map_err(to_sqlx)?;
         self.lock_statements()
-            .entry(request.sql.clone())
+            .entry(sql)
             .or_default()
-            .push((request.types.clone(), statement.clone()));
+            .push((types, statement.clone()));
         Ok(statement)
     }
 
@@ -265,15 +296,49 @@ impl Pipelined {
     }
 }
 
-/// What a statement's task owns.
+/// What a statement's future owns.
 struct Request {
-    sql: String,
-    types: Vec<Type>,
+    statement: ToPrepare,
     params: Vec<Box<dyn ToSql + Send + Sync>>,
     _counted: Counted,
 }
 
-/// Counts a statement in flight on its connection until its task ends,
+/// A statement already prepared on the connection, or its SQL and
+/// argument types to prepare it with.
+enum ToPrepare {
+    Known(Statement),
+    Missing(String, Vec<Type>),
+}
+
+/// A statement's future, awaited in place; dropped before its answer, it
+/// goes on to the answer on a task of its own, so that the connection's
+/// count of statements in flight stays what the server still owes it.
+struct RunToAnswer<T: Send + 'static>(Option<Pin<Box<dyn Future<Output = T> + Send>>>);
+
+impl<T: Send + 'static> Future for RunToAnswer<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(run) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        let answer = std::task::ready!(run.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl<T: Send + 'static> Drop for RunToAnswer<T> {
+    fn drop(&mut self) {
+        if let (Some(run), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn(async move {
+                let _ = run.await;
+            });
+        }
+    }
+}
+
+/// Counts a statement in flight on its connection until its future ends,
 /// which is when the server has answered it.
 struct Counted(Arc<Pipelined>);
 
@@ -282,12 +347,6 @@ impl Drop for Counted {
         self.0.progress_us.store(since_start(), Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-fn joined<T>(
-    outcome: Result<Result<T, sqlx::Error>, tokio::task::JoinError>,
-) -> Result<T, sqlx::Error> {
-    outcome.unwrap_or_else(|e| Err(sqlx::Error::AnyDriverError(Box::new(e))))
 }
 
 /// Microseconds since the first call: a clock for the lanes' progress.

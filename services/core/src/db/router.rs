@@ -165,8 +165,9 @@ impl Router {
             .await
             .ok_or(DbError::NoNodeAvailable)?;
         tracing::Span::current().record("node", first.name.as_str());
-        let admission = self.admit(&first, class).await?;
-        let result = self.attempt(&first, one_message, &op).await;
+        let pipelined = one_message && pipeline_has_room(&first);
+        let admission = self.admit(&first, class, pipelined).await?;
+        let result = self.attempt(&first, one_message, pipelined, &op).await;
         drop(admission);
         let error = match result {
             Ok(Ok(value)) => return Ok(value),
@@ -185,8 +186,9 @@ impl Router {
             .await
             .filter(|second| !Arc::ptr_eq(&first, second))
             .ok_or(DbError::NoNodeAvailable)?;
-        let _admission = self.admit(&second, class).await?;
-        match self.attempt(&second, one_message, &op).await {
+        let pipelined = one_message && pipeline_has_room(&second);
+        let _admission = self.admit(&second, class, pipelined).await?;
+        match self.attempt(&second, one_message, pipelined, &op).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.ban(&second, &e);
@@ -206,7 +208,7 @@ impl Router {
         if node.state() == NodeState::Down {
             return Err(DbError::PrimaryUnavailable);
         }
-        let admission = self.admit(node, QueryClass::Interactive).await?;
+        let admission = self.admit(node, QueryClass::Interactive, false).await?;
         let guard = InFlight::enter(node);
         let begin = async {
             let mut conn = node.pool.get().await?;
@@ -243,7 +245,7 @@ impl Router {
         if node.state() == NodeState::Down {
             return Err(DbError::PrimaryUnavailable);
         }
-        let admission = self.admit(node, QueryClass::Interactive).await?;
+        let admission = self.admit(node, QueryClass::Interactive, false).await?;
         let guard = InFlight::enter(node);
         match tokio::time::timeout(self.acquire_timeout(), node.pool.get()).await {
             Ok(Ok(conn)) => Ok(OneStatement {
@@ -269,9 +271,19 @@ impl Router {
         Duration::from_millis(self.settings.acquire_timeout_ms)
     }
 
-    /// A slot in `node`'s budget for `class`, or the query is shed.
-    async fn admit(&self, node: &Arc<Node>, class: QueryClass) -> Result<Admission, DbError> {
-        node.budget.admit(class).await.map_err(|reason| {
+    /// A slot in `node`'s budget for `class` (its pipelined reads' budget
+    /// for a read going there), or the query is shed.
+    async fn admit(
+        &self,
+        node: &Arc<Node>,
+        class: QueryClass,
+        pipelined: bool,
+    ) -> Result<Admission, DbError> {
+        let budget = match (&node.pipeline, pipelined) {
+            (Some((_, budget)), true) => budget,
+            _ => &node.budget,
+        };
+        budget.admit(class).await.map_err(|reason| {
             if reason == ShedReason::NotServed {
                 return DbError::NoNodeAvailable;
             }
@@ -297,13 +309,14 @@ impl Router {
         &self,
         node: &Arc<Node>,
         one_message: bool,
+        pipelined: bool,
         op: &F,
     ) -> Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>
     where
         F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
     {
         let run = async {
-            let mut reader = Reader::open(node, one_message).await?;
+            let mut reader = Reader::open(node, one_message, pipelined).await?;
             let value = op(&mut reader).await?;
             reader.finish().await?;
             Ok(value)
@@ -419,8 +432,9 @@ impl Router {
         // Its pool and its query budget's queue, as of now.
         let status = node.status();
         let in_use = status.pool.size.saturating_sub(status.pool.idle);
-        let waiting = [&status.budget.interactive, &status.budget.background]
-            .into_iter()
+        let waiting = std::iter::once(&status.budget)
+            .chain(&status.pipelined_budget)
+            .flat_map(|budget| [&budget.interactive, &budget.background])
             .flatten()
             .map(|lane| lane.queued)
             .sum::<usize>();
@@ -561,6 +575,14 @@ async fn monitor(router: Weak<Router>, node: Arc<Node>) {
     }
 }
 
+/// Whether a single-statement read on `node` goes on a pipelined
+/// connection: it has them, and one is not stalled.
+fn pipeline_has_room(node: &Node) -> bool {
+    node.pipeline
+        .as_ref()
+        .is_some_and(|(pipeline, _)| pipeline.has_room())
+}
+
 /// Power of two choices: of two random candidates, the one with fewer
 /// queries in flight or waiting for a slot.
 fn p2c<'n>(candidates: &[&'n Arc<Node>]) -> Option<&'n Arc<Node>> {
@@ -621,13 +643,16 @@ fn build_node(
         ConnectPath::Direct if settings.pipelined_connections_per_node > 0 => {
             let config = tokio_postgres::Config::from_str(url.expose_secret())
                 .map_err(|e| ConfigError::Invalid(format!("database.nodes.{name}: {e}")))?;
-            Some(Pipeline::new(
+            let pipeline = Pipeline::new(
                 config,
                 usize::try_from(settings.pipelined_connections_per_node).unwrap_or(usize::MAX),
+                usize::try_from(settings.pipeline_depth).unwrap_or(usize::MAX),
                 Duration::from_millis(settings.pipeline_stalled_after_ms),
                 Duration::from_millis(settings.statement_timeout_ms),
                 Duration::from_millis(settings.acquire_timeout_ms),
-            ))
+            );
+            let budget = Budget::new(name, node.group, settings, settings.pipeline_budget());
+            Some((pipeline, budget))
         }
         _ => None,
     };
@@ -636,7 +661,7 @@ fn build_node(
         usize::try_from(settings.max_connections_per_node).unwrap_or(usize::MAX),
         Duration::from_millis(settings.acquire_timeout_ms),
     );
-    let budget = Budget::new(name, node.group, settings);
+    let budget = Budget::new(name, node.group, settings, settings.node_budget());
     Ok(Node::new(
         name.to_owned(),
         node.role,
@@ -670,18 +695,22 @@ enum ReaderConn {
 }
 
 impl Reader {
-    async fn open(node: &Arc<Node>, one_message: bool) -> Result<Self, sqlx::Error> {
+    /// A read on `node`: on one of its pipelined connections when
+    /// `pipelined` (a single-statement read admitted to their budget), else
+    /// on a pooled connection.
+    async fn open(
+        node: &Arc<Node>,
+        one_message: bool,
+        pipelined: bool,
+    ) -> Result<Self, sqlx::Error> {
         let guard = InFlight::enter(node);
-        if let (true, Some(pipeline)) = (one_message, &node.pipeline) {
-            // Every lane stalled: this read takes a pooled connection.
-            if let Some(connection) = pipeline.connection().await? {
-                return Ok(Self {
-                    conn: ReaderConn::Pipelined {
-                        connection,
-                        node: guard,
-                    },
-                });
-            }
+        if let (true, Some((pipeline, _))) = (pipelined, &node.pipeline) {
+            return Ok(Self {
+                conn: ReaderConn::Pipelined {
+                    connection: pipeline.connection().await?,
+                    node: guard,
+                },
+            });
         }
         let mut conn = node.pool.get().await?;
         let through_pgbouncer = node.path == ConnectPath::Pgbouncer;
