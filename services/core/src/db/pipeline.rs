@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use sqlx::postgres::PgConnectOptions;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
@@ -49,6 +50,15 @@ pub(super) struct Pipeline {
     depth: usize,
     /// A lane with statements in flight and no answer for this long is stalled.
     stalled_after_us: u64,
+    /// A lane with statements in flight and no answer for this long (well
+    /// past the server's `statement_timeout`, which always answers) has a
+    /// connection that is gone without a reset: it is replaced.
+    dead_after_us: u64,
+    /// How long opening a connection may take, start-up and login included.
+    connect_timeout: Duration,
+    /// Set when a connection cannot be opened for a reason that trying
+    /// again will not fix (the settings, the login): reads use the pool.
+    disabled: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Pipeline {
@@ -84,36 +94,63 @@ pub struct Pipelined {
 }
 
 impl Pipeline {
-    /// `lanes` connections to the node `config` names, opened on first use;
-    /// each statement is cut off by the server after `statement_timeout`.
+    /// `lanes` connections to the node `options` name, as the pool reaches
+    /// it (`statement_timeout` is among its start-up options), opened on
+    /// first use.
     pub(super) fn new(
-        mut config: tokio_postgres::Config,
+        options: &PgConnectOptions,
+        password: Option<&str>,
         lanes: usize,
         depth: usize,
         stalled_after: Duration,
         statement_timeout: Duration,
         connect_timeout: Duration,
     ) -> Self {
+        let mut config = tokio_postgres::Config::new();
+        match options.get_socket() {
+            Some(socket) => config.host_path(socket),
+            None => config.host(options.get_host()),
+        };
         config
+            .port(options.get_port())
+            .user(options.get_username())
             .application_name("turnpike")
-            .options(format!(
-                "-c statement_timeout={}ms -c idle_in_transaction_session_timeout=10s",
-                statement_timeout.as_millis()
-            ))
             .connect_timeout(connect_timeout);
+        if let Some(database) = options.get_database() {
+            config.dbname(database);
+        }
+        // As sqlx does: a password from the URL, else from the environment.
+        if let Some(password) = password
+            .map(str::to_owned)
+            .or_else(|| std::env::var("PGPASSWORD").ok())
+        {
+            config.password(password);
+        }
+        // The pool's start-up options, its timeouts among them.
+        if let Some(given) = options.get_options() {
+            config.options(given);
+        }
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         Self {
             config,
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
             depth: depth.max(1),
-            stalled_after_us: u64::try_from(stalled_after.as_micros()).unwrap_or(u64::MAX),
+            stalled_after_us: micros(stalled_after),
+            dead_after_us: micros(statement_timeout + Duration::from_secs(10)),
+            connect_timeout,
+            disabled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Whether a read may go here now: some lane is not stalled.
+    /// Whether a read may go here now: some lane is not stalled (and the
+    /// node's connections can be opened at all).
     pub(super) fn has_room(&self) -> bool {
+        if self.disabled.load(Ordering::Relaxed) {
+            return false;
+        }
         let now = since_start();
         self.lanes.iter().any(|lane| {
-            lane.current()
+            self.current(lane, now)
                 .is_none_or(|c| !c.stalled(now, self.stalled_after_us))
         })
     }
@@ -128,7 +165,7 @@ impl Pipeline {
         let mut best: Option<(&Lane, Option<Arc<Pipelined>>)> = None;
         let mut best_busy = (true, usize::MAX);
         for lane in &self.lanes {
-            let open = lane.current();
+            let open = self.current(lane, now);
             let busy = open.as_ref().map_or((false, 0), |c| {
                 (
                     c.stalled(now, self.stalled_after_us),
@@ -154,18 +191,40 @@ impl Pipeline {
     async fn connect(&self, lane: &Lane) -> Result<Arc<Pipelined>, sqlx::Error> {
         let failures = lane.failures.load(Ordering::Relaxed);
         let _connecting = lane.connecting.lock().await;
-        if let Some(shared) = lane.current() {
+        if let Some(shared) = self.current(lane, since_start()) {
             return Ok(shared);
         }
         if lane.failures.load(Ordering::Relaxed) != failures {
             return Err(sqlx::Error::Io(std::io::Error::other(
-                "connecting a pipelined connection failed just now",
+                "opening a pipelined connection failed just now",
             )));
         }
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
-            lane.failures.fetch_add(1, Ordering::Relaxed);
-            to_sqlx(e)
-        })?;
+        let connected = tokio::time::timeout(self.connect_timeout, self.config.connect(NoTls));
+        let (client, connection) = match connected.await {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(e)) => {
+                lane.failures.fetch_add(1, Ordering::Relaxed);
+                let permanent = e
+                    .as_db_error()
+                    .is_some_and(|db| db.code().code().starts_with("28"))
+                    || (e.as_db_error().is_none()
+                        && !e.is_closed()
+                        && std::error::Error::source(&e).is_none_or(|s| !s.is::<std::io::Error>()));
+                if permanent && !self.disabled.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "pipelined connections cannot be opened; this node's reads use the pool");
+                }
+                // A connection error to the router either way: it bans the
+                // node for now and retries the read elsewhere.
+                return Err(sqlx::Error::Io(std::io::Error::other(e)));
+            }
+            Err(_elapsed) => {
+                lane.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "opening a pipelined connection timed out",
+                )));
+            }
+        };
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "pipelined database connection ended");
@@ -181,24 +240,31 @@ impl Pipeline {
         Ok(shared)
     }
 
+    /// `lane`'s connection, unless it has closed or stopped answering.
+    fn current(&self, lane: &Lane, now_us: u64) -> Option<Arc<Pipelined>> {
+        let mut open = lane.lock();
+        let gone = open
+            .as_ref()
+            .is_some_and(|c| c.client.is_closed() || c.stalled(now_us, self.dead_after_us));
+        if gone {
+            *open = None;
+        }
+        open.clone()
+    }
+
     /// Open connections.
     pub(super) fn open(&self) -> usize {
-        self.lanes.iter().filter(|l| l.current().is_some()).count()
+        let now = since_start();
+        self.lanes
+            .iter()
+            .filter(|lane| self.current(lane, now).is_some())
+            .count()
     }
 }
 
 impl Lane {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Pipelined>>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The lane's connection unless it has closed.
-    fn current(&self) -> Option<Arc<Pipelined>> {
-        let mut open = self.lock();
-        if open.as_ref().is_some_and(|c| c.client.is_closed()) {
-            *open = None;
-        }
-        open.clone()
     }
 }
 
@@ -277,17 +343,19 @@ impl Pipelined {
             ToPrepare::Known(statement) => return Ok(statement),
             ToPrepare::Missing(sql, types) => (sql, types),
         };
-        // Two readers may prepare the same statement at once; the second
-        // one's copy is closed when it is dropped.
         let statement = self
             .client
             .prepare_typed(&sql, &types)
             .await
             .map_err(to_sqlx)?;
-        self.lock_statements()
-            .entry(sql)
-            .or_default()
-            .push((types, statement.clone()));
+        // Another reader may have prepared it meanwhile: keep the first
+        // (this copy is closed on the server when it is dropped).
+        let mut statements = self.lock_statements();
+        let known = statements.entry(sql).or_default();
+        if let Some((_, first)) = known.iter().find(|(t, _)| *t == types) {
+            return Ok(first.clone());
+        }
+        known.push((types, statement.clone()));
         Ok(statement)
     }
 

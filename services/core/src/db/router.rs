@@ -165,8 +165,7 @@ impl Router {
             .await
             .ok_or(DbError::NoNodeAvailable)?;
         tracing::Span::current().record("node", first.name.as_str());
-        let pipelined = one_message && pipeline_has_room(&first);
-        let admission = self.admit(&first, class, pipelined).await?;
+        let (admission, pipelined) = self.admit_read(&first, class, one_message).await?;
         let result = self.attempt(&first, one_message, pipelined, &op).await;
         drop(admission);
         let error = match result {
@@ -186,8 +185,7 @@ impl Router {
             .await
             .filter(|second| !Arc::ptr_eq(&first, second))
             .ok_or(DbError::NoNodeAvailable)?;
-        let pipelined = one_message && pipeline_has_room(&second);
-        let _admission = self.admit(&second, class, pipelined).await?;
+        let (_admission, pipelined) = self.admit_read(&second, class, one_message).await?;
         match self.attempt(&second, one_message, pipelined, &op).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if is_connection_error(&e) => {
@@ -269,6 +267,25 @@ impl Router {
 
     fn acquire_timeout(&self) -> Duration {
         Duration::from_millis(self.settings.acquire_timeout_ms)
+    }
+
+    /// A slot for a read of `class` on `node`, and whether the read goes on
+    /// a pipelined connection: a single-statement read does while one is
+    /// not stalled (checked again once admitted, as the wait may be long),
+    /// in their budget; any other read takes a pooled connection, in the pool's.
+    async fn admit_read(
+        &self,
+        node: &Arc<Node>,
+        class: QueryClass,
+        one_message: bool,
+    ) -> Result<(Admission, bool), DbError> {
+        if one_message && pipeline_has_room(node) {
+            let admission = self.admit(node, class, true).await?;
+            if pipeline_has_room(node) {
+                return Ok((admission, true));
+            }
+        }
+        Ok((self.admit(node, class, false).await?, false))
     }
 
     /// A slot in `node`'s budget for `class` (its pipelined reads' budget
@@ -641,10 +658,17 @@ fn build_node(
     let addr = format!("{}:{}", options.get_host(), options.get_port());
     let pipeline = match path {
         ConnectPath::Direct if settings.pipelined_connections_per_node > 0 => {
-            let config = tokio_postgres::Config::from_str(url.expose_secret())
-                .map_err(|e| ConfigError::Invalid(format!("database.nodes.{name}: {e}")))?;
+            // The pool's options say where and as whom; the password is
+            // the one part they do not give back.
+            let password = tokio_postgres::Config::from_str(url.expose_secret())
+                .ok()
+                .and_then(|c| {
+                    c.get_password()
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                });
             let pipeline = Pipeline::new(
-                config,
+                &options,
+                password.as_deref(),
                 usize::try_from(settings.pipelined_connections_per_node).unwrap_or(usize::MAX),
                 usize::try_from(settings.pipeline_depth).unwrap_or(usize::MAX),
                 Duration::from_millis(settings.pipeline_stalled_after_ms),
