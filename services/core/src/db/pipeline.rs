@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::TryStreamExt as _;
 use sqlx::postgres::PgConnectOptions;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row, Statement};
@@ -204,12 +205,7 @@ impl Pipeline {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
                 lane.failures.fetch_add(1, Ordering::Relaxed);
-                let permanent = e
-                    .as_db_error()
-                    .is_some_and(|db| db.code().code().starts_with("28"))
-                    || (e.as_db_error().is_none()
-                        && !e.is_closed()
-                        && std::error::Error::source(&e).is_none_or(|s| !s.is::<std::io::Error>()));
+                let permanent = cannot_log_in(&e);
                 if permanent && !self.disabled.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "pipelined connections cannot be opened; this node's reads use the pool");
                 }
@@ -270,43 +266,51 @@ impl Lane {
 
 impl Pipelined {
     /// Runs `sql` with `args` (prepared on this connection once per SQL
-    /// text and argument types) and returns its rows. Dropped before the
-    /// answer, the statement still runs to its answer, on a task of its own.
+    /// text and argument types) and returns its rows.
     pub async fn query(
         self: &Arc<Self>,
         sql: &str,
         args: &[Arg<'_>],
     ) -> Result<Vec<Row>, sqlx::Error> {
-        let request = self.request(sql, args);
-        let this = Arc::clone(self);
-        RunToAnswer(Some(Box::pin(async move {
-            let statement = this.statement(request.statement).await?;
-            let params: Vec<&(dyn ToSql + Sync)> =
-                request.params.iter().map(|p| p.as_ref() as _).collect();
-            this.client
-                .query(&statement, &params)
-                .await
-                .map_err(to_sqlx)
-        })))
-        .await
+        Ok(self.run(sql, args).await?.0)
     }
 
-    /// Runs `sql`; the number of rows it changed. As [`Pipelined::query`].
+    /// Runs `sql`; the number of rows it changed (or returned).
     pub async fn execute(
         self: &Arc<Self>,
         sql: &str,
         args: &[Arg<'_>],
     ) -> Result<u64, sqlx::Error> {
+        Ok(self.run(sql, args).await?.1)
+    }
+
+    /// The rows `sql` returns and its command's row count. Dropped before
+    /// the answer, the statement still runs to its answer, on a task of its own.
+    async fn run(
+        self: &Arc<Self>,
+        sql: &str,
+        args: &[Arg<'_>],
+    ) -> Result<(Vec<Row>, u64), sqlx::Error> {
         let request = self.request(sql, args);
         let this = Arc::clone(self);
         RunToAnswer(Some(Box::pin(async move {
             let statement = this.statement(request.statement).await?;
-            let params: Vec<&(dyn ToSql + Sync)> =
-                request.params.iter().map(|p| p.as_ref() as _).collect();
-            this.client
-                .execute(&statement, &params)
+            let params = request
+                .params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync));
+            let stream = this
+                .client
+                .query_raw(&statement, params)
                 .await
-                .map_err(to_sqlx)
+                .map_err(to_sqlx)?;
+            let mut stream = std::pin::pin!(stream);
+            let mut rows = Vec::new();
+            while let Some(row) = stream.try_next().await.map_err(to_sqlx)? {
+                rows.push(row);
+            }
+            let count = stream.rows_affected().unwrap_or(rows.len() as u64);
+            Ok((rows, count))
         })))
         .await
     }
@@ -422,6 +426,19 @@ fn since_start() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Whether opening a connection failed for a reason that trying again will
+/// not fix: the server refused the login (SQLSTATE class 28), or the
+/// settings do not allow one (a password missing, say) — not a socket that
+/// failed or closed, nor a server that is starting or full.
+fn cannot_log_in(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        Some(db) => db.code().code().starts_with("28"),
+        None => {
+            !e.is_closed() && std::error::Error::source(e).is_none_or(|s| !s.is::<std::io::Error>())
+        }
+    }
 }
 
 /// A tokio-postgres error as the sqlx error the router classifies: the
