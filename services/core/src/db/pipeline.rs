@@ -37,7 +37,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt as _;
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
@@ -57,9 +57,10 @@ pub(super) struct Pipeline {
     dead_after_us: u64,
     /// How long opening a connection may take, start-up and login included.
     connect_timeout: Duration,
-    /// Set when a connection cannot be opened for a reason that trying
-    /// again will not fix (the settings, the login): reads use the pool.
-    disabled: std::sync::atomic::AtomicBool,
+    /// Until when ([`since_start`]) reads use the pool: set when a
+    /// connection could not be opened for a reason that trying again at
+    /// once will not fix (the settings, the login).
+    disabled_until_us: AtomicU64,
 }
 
 impl fmt::Debug for Pipeline {
@@ -80,12 +81,17 @@ struct Lane {
     failures: AtomicU64,
 }
 
+/// How long reads use the pool after a connection could not log in.
+const DISABLED_FOR: Duration = Duration::from_secs(60);
+
 /// Prepared statements by SQL text, then by argument types.
 type Prepared = HashMap<String, Vec<(Vec<Type>, Statement)>>;
 
 /// One pipelined connection, shared by every read on its lane.
 pub struct Pipelined {
     client: Client,
+    /// The task that drives the connection.
+    connection: tokio::task::AbortHandle,
     /// Its prepared statements by SQL text and argument types.
     statements: Mutex<Prepared>,
     in_flight: AtomicUsize,
@@ -127,32 +133,51 @@ impl Pipeline {
         {
             config.password(password);
         }
-        // The pool's start-up options, its timeouts among them.
-        if let Some(given) = options.get_options() {
-            config.options(given);
+        // The pool's start-up options, its timeouts among them, and the
+        // session settings sqlx sends with every connection.
+        let session = "-c TimeZone=UTC -c DateStyle=ISO,MDY";
+        config.options(match options.get_options() {
+            Some(given) => format!("{given} {session}"),
+            None => session.to_owned(),
+        });
+        // A node that must be reached over TLS is not reached without it:
+        // these connections have no TLS, so they fail and reads use the pool.
+        if matches!(
+            options.get_ssl_mode(),
+            PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull
+        ) {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
         }
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         Self {
             config,
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
             depth: depth.max(1),
             stalled_after_us: micros(stalled_after),
-            dead_after_us: micros(statement_timeout + Duration::from_secs(10)),
+            // No statement timeout: no bound on an answer, none on a lane.
+            dead_after_us: if statement_timeout.is_zero() {
+                u64::MAX
+            } else {
+                micros(statement_timeout + Duration::from_secs(10))
+            },
             connect_timeout,
-            disabled: std::sync::atomic::AtomicBool::new(false),
+            disabled_until_us: AtomicU64::new(0),
         }
     }
 
-    /// Whether a read may go here now: some lane is not stalled (and the
-    /// node's connections can be opened at all).
+    /// Whether a read may go here now: some lane is not stalled and has
+    /// room (fewer than `depth` statements in flight, abandoned ones
+    /// included), or is not open yet; and the node's connections can be
+    /// opened at all.
     pub(super) fn has_room(&self) -> bool {
-        if self.disabled.load(Ordering::Relaxed) {
+        let now = since_start();
+        if now < self.disabled_until_us.load(Ordering::Relaxed) {
             return false;
         }
-        let now = since_start();
         self.lanes.iter().any(|lane| {
-            self.current(lane, now)
-                .is_none_or(|c| !c.stalled(now, self.stalled_after_us))
+            self.current(lane, now).is_none_or(|c| {
+                !c.stalled(now, self.stalled_after_us)
+                    && c.in_flight.load(Ordering::Relaxed) < self.depth
+            })
         })
     }
 
@@ -206,8 +231,12 @@ impl Pipeline {
             Ok(Err(e)) => {
                 lane.failures.fetch_add(1, Ordering::Relaxed);
                 let permanent = cannot_log_in(&e);
-                if permanent && !self.disabled.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "pipelined connections cannot be opened; this node's reads use the pool");
+                if permanent {
+                    // Tried again after a while: a role, a password or a
+                    // pg_hba entry may be put right without a restart.
+                    let until = since_start().saturating_add(micros(DISABLED_FOR));
+                    self.disabled_until_us.store(until, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "pipelined connections cannot be opened; this node's reads use the pool for a minute");
                 }
                 // A connection error to the router either way: it bans the
                 // node for now and retries the read elsewhere.
@@ -221,13 +250,15 @@ impl Pipeline {
                 )));
             }
         };
-        tokio::spawn(async move {
+        let connection = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "pipelined database connection ended");
             }
-        });
+        })
+        .abort_handle();
         let shared = Arc::new(Pipelined {
             client,
+            connection,
             statements: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
             progress_us: AtomicU64::new(since_start()),
@@ -236,14 +267,15 @@ impl Pipeline {
         Ok(shared)
     }
 
-    /// `lane`'s connection, unless it has closed or stopped answering.
+    /// `lane`'s connection, unless it has closed or stopped answering; one
+    /// that stopped answering is closed, failing the reads still on it.
     fn current(&self, lane: &Lane, now_us: u64) -> Option<Arc<Pipelined>> {
         let mut open = lane.lock();
         let gone = open
             .as_ref()
             .is_some_and(|c| c.client.is_closed() || c.stalled(now_us, self.dead_after_us));
-        if gone {
-            *open = None;
+        if gone && let Some(dead) = open.take() {
+            dead.connection.abort();
         }
         open.clone()
     }
@@ -318,9 +350,12 @@ impl Pipelined {
     /// A statement and its arguments, owned, counted in flight until the
     /// server has answered.
     fn request(self: &Arc<Self>, sql: &str, args: &[Arg<'_>]) -> Request {
-        if self.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
+        // An idle connection's clock starts with its first statement, set
+        // before the count says it has one (stalled reads the two in turn).
+        if self.in_flight.load(Ordering::Acquire) == 0 {
             self.progress_us.store(since_start(), Ordering::Relaxed);
         }
+        self.in_flight.fetch_add(1, Ordering::Release);
         let types: Vec<Type> = args.iter().map(Arg::pg_type).collect();
         let known = self
             .lock_statements()
@@ -338,7 +373,7 @@ impl Pipelined {
     }
 
     fn stalled(&self, now_us: u64, after_us: u64) -> bool {
-        self.in_flight.load(Ordering::Relaxed) > 0
+        self.in_flight.load(Ordering::Acquire) > 0
             && now_us.saturating_sub(self.progress_us.load(Ordering::Relaxed)) > after_us
     }
 
@@ -419,6 +454,10 @@ impl Drop for Counted {
         self.0.progress_us.store(since_start(), Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Microseconds since the first call: a clock for the lanes' progress.

@@ -659,8 +659,11 @@ fn build_node(
     let pipeline = match path {
         ConnectPath::Direct if settings.pipelined_connections_per_node > 0 => {
             // The pool's options say where and as whom; the password is
-            // the one part they do not give back.
-            let password = tokio_postgres::Config::from_str(url.expose_secret())
+            // the one part they do not give back (tokio-postgres's parser
+            // refuses some of sqlx's query parameters: the URL goes to it
+            // without them).
+            let without_query = url.expose_secret().split('?').next().unwrap_or_default();
+            let password = tokio_postgres::Config::from_str(without_query)
                 .ok()
                 .and_then(|c| {
                     c.get_password()
