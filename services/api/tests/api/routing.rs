@@ -516,3 +516,90 @@ async fn a_pipelined_connection_cut_by_the_server_fails_over_and_is_replaced() {
     .await;
     assert_ne!(again, pid, "replica1 is read on a new connection");
 }
+
+/// A pipelined connection whose server process stops answering without
+/// closing it (a frozen process, a peer gone without a reset): the read
+/// on it times out alone, the next reads take pooled connections, and once
+/// it has owed an answer past the statement timeout plus 10 s it is closed
+/// and a new one takes reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_connection_that_stops_answering_is_replaced() {
+    use std::collections::HashSet;
+
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT).database;
+    settings.pipelined_connections_per_node = 1;
+    settings.statement_timeout_ms = 500;
+    settings.read_attempt_timeout_ms = 1_000;
+    let router = std::sync::Arc::new(turnpike_core::db::Router::new(&settings).unwrap());
+    let frozen = backend_of_a_strong_read(&router).await;
+
+    // Our own connection's server process, frozen: it neither answers nor
+    // closes the connection (and its statement timeout cannot fire). It is
+    // let go however the test ends.
+    struct Frozen(i32);
+    impl Frozen {
+        fn signal(&self, sig: &str) {
+            let status = std::process::Command::new("kill")
+                .args([sig, &self.0.to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {sig} {}", self.0);
+        }
+    }
+    impl Drop for Frozen {
+        fn drop(&mut self) {
+            self.signal("-CONT");
+        }
+    }
+    let process = Frozen(frozen);
+    process.signal("-STOP");
+    let stuck = {
+        let router = std::sync::Arc::clone(&router);
+        tokio::spawn(async move {
+            router
+                .read_one_message(turnpike_core::db::Consistency::Strong, |db| {
+                    Box::pin(async move {
+                        turnpike_core::db::statement::fetch_all::<(i32,)>(
+                            db,
+                            "SELECT pg_backend_pid()",
+                            &[],
+                        )
+                        .await
+                    })
+                })
+                .await
+        })
+    };
+    let timed_out = stuck.await.unwrap();
+    assert!(
+        matches!(timed_out, Err(turnpike_core::db::DbError::Timeout { .. })),
+        "the read on the frozen connection times out alone: {timed_out:?}"
+    );
+
+    // Meanwhile reads answer on pooled connections; past 10.5 s without an
+    // answer the frozen one is closed and a new pipelined one opened.
+    let mut pooled = HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let replacement = loop {
+        let pid = backend_of_a_strong_read(&router).await;
+        assert_ne!(pid, frozen, "a read reached the frozen connection");
+        if !pooled.is_empty() && !pooled.contains(&pid) {
+            break pid;
+        }
+        pooled.insert(pid);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new pipelined connection within 30 s"
+        );
+        // Polled: the replacement is due at a time, not on an event.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(process);
+    assert!(!pooled.contains(&replacement));
+    let again = backend_of_a_strong_read(&router).await;
+    assert_eq!(
+        again, replacement,
+        "reads stay on the new pipelined connection"
+    );
+}

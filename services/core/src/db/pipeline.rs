@@ -326,11 +326,16 @@ impl Pipelined {
         let request = self.request(sql, args);
         let this = Arc::clone(self);
         RunToAnswer(Some(Box::pin(async move {
-            let statement = this.statement(request.statement).await?;
-            let params = request
-                .params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn ToSql + Sync));
+            // The whole request, its count in flight included: a field the
+            // block does not name would stay behind, and be dropped with
+            // the caller's future rather than at the answer.
+            let Request {
+                statement,
+                params,
+                _counted,
+            } = request;
+            let statement = this.statement(statement).await?;
+            let params = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
             let stream = this
                 .client
                 .query_raw(&statement, params)
