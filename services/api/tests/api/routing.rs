@@ -343,6 +343,13 @@ async fn one_message_statements_carry_their_arguments_exactly(paths: Paths) {
 /// `SELECT pg_backend_pid()` as a strong read: the primary's server
 /// process that ran it.
 async fn backend_of_a_strong_read(router: &turnpike_core::db::Router) -> i32 {
+    try_backend_of_a_strong_read(router).await.unwrap()
+}
+
+/// The same, or why the read failed.
+async fn try_backend_of_a_strong_read(
+    router: &turnpike_core::db::Router,
+) -> Result<i32, turnpike_core::db::DbError> {
     use turnpike_core::db::Consistency;
     use turnpike_core::db::statement;
 
@@ -355,7 +362,6 @@ async fn backend_of_a_strong_read(router: &turnpike_core::db::Router) -> i32 {
             })
         })
         .await
-        .unwrap()
 }
 
 /// Single-statement reads on a direct connection share the node's few
@@ -556,20 +562,7 @@ async fn a_pipelined_connection_that_stops_answering_is_replaced() {
     process.signal("-STOP");
     let stuck = {
         let router = std::sync::Arc::clone(&router);
-        tokio::spawn(async move {
-            router
-                .read_one_message(turnpike_core::db::Consistency::Strong, |db| {
-                    Box::pin(async move {
-                        turnpike_core::db::statement::fetch_all::<(i32,)>(
-                            db,
-                            "SELECT pg_backend_pid()",
-                            &[],
-                        )
-                        .await
-                    })
-                })
-                .await
-        })
+        tokio::spawn(async move { try_backend_of_a_strong_read(&router).await })
     };
     let timed_out = stuck.await.unwrap();
     assert!(
