@@ -531,11 +531,13 @@ fn ceil_s(duration: Duration) -> u64 {
 /// What one round of a user's coalesced rate checks tells each request.
 type RoundResult = Result<RateDecision, Arc<KvError>>;
 
-/// Quota a round takes from Redis ahead of the requests that will follow,
-/// as this much of the sustained rate (at most a quarter of the burst).
-/// Unused, it expires after the same time: the fleet-wide limit is never
-/// exceeded (the quota was taken in Redis), and a process can under-use it
-/// by at most this much. Small quotas round to no prefetch at all.
+/// Quota a round takes from Redis ahead of the requests that will follow:
+/// what the user's last credit was spent at, over this long (at most this
+/// much of the sustained rate, and at most a quarter of the burst). Unused,
+/// it expires after the same time: the fleet-wide limit is never exceeded
+/// (the quota was taken in Redis), and what a process takes and leaves
+/// unused follows what the user spends there, not the quota: a user busy
+/// on one pod at a tenth of the quota leaves the rest to the others.
 const PREFETCH: Duration = Duration::from_millis(10);
 
 /// Quota this process already took from Redis for a user.
@@ -543,18 +545,36 @@ struct Credit {
     left: u64,
     until: Instant,
     decision: RateDecision,
+    /// How much was taken ahead, and when: the next round's prefetch is
+    /// the rate this was spent at.
+    granted: u64,
+    since: Instant,
+}
+
+impl Credit {
+    /// Takes one request's quota, if any is left and still valid.
+    fn spend(&mut self, now: Instant) -> Option<RateDecision> {
+        if self.left == 0 || self.until <= now {
+            return None;
+        }
+        self.left -= 1;
+        Some(RateDecision {
+            remaining: self.decision.remaining + self.left,
+            ..self.decision
+        })
+    }
 }
 
 /// Coalesces the concurrent per-user rate checks of this process: while one
 /// Redis call for a user is in flight, that user's new requests wait for the
 /// next, which checks them all at once (the script admits as many as fit,
 /// in arrival order). A busy user costs one round trip per round instead of
-/// one per request; a round also takes `PREFETCH` worth of quota ahead, which
+/// one per request; a round also takes quota ahead ([`PREFETCH`]), which
 /// the next requests spend without asking Redis.
 struct UserRate {
     kv: Kv,
     quota: Gcra,
-    /// Requests a round asks for beyond those waiting.
+    /// The most a round asks for beyond those waiting.
     prefetch: u64,
     credits: Mutex<HashMap<Uuid, Credit>>,
     /// Past this a waiting request counts as a Redis failure (a round takes
@@ -580,18 +600,14 @@ impl UserRate {
     }
 
     async fn check(self: &Arc<Self>, user: Uuid) -> RoundResult {
-        if let Some(credit) = self
+        if let Some(decision) = self
             .credits
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get_mut(&user)
-            .filter(|c| c.left > 0 && c.until > Instant::now())
+            .and_then(|credit| credit.spend(Instant::now()))
         {
-            credit.left -= 1;
-            return Ok(RateDecision {
-                remaining: credit.decision.remaining + credit.left,
-                ..credit.decision
-            });
+            return Ok(decision);
         }
         let (sender, receiver) = oneshot::channel();
         let first = {
@@ -621,7 +637,7 @@ impl UserRate {
     /// Runs rounds for `user` until no request waits.
     async fn drive(self: Arc<Self>, user: Uuid) {
         loop {
-            let round = {
+            let mut round = {
                 let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
                 match waiting.get_mut(&user) {
                     Some(queued) if !queued.is_empty() => std::mem::take(queued),
@@ -631,8 +647,41 @@ impl UserRate {
                     }
                 }
             };
+            // Those who queued while the last round was out spend the
+            // credit it brought back first: a new round (and more quota
+            // taken ahead) only for what it cannot cover.
+            let prefetch = {
+                let now = Instant::now();
+                let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut previous = None;
+                if let Some(credit) = credits.get_mut(&user) {
+                    let covered = if credit.until > now {
+                        usize::try_from(credit.left)
+                            .map_or(round.len(), |left| left.min(round.len()))
+                    } else {
+                        0
+                    };
+                    for sender in round.drain(..covered) {
+                        if let Some(decision) = credit.spend(now) {
+                            let _ = sender.send(Ok(decision));
+                        }
+                    }
+                    previous = Some((
+                        credit.granted.saturating_sub(credit.left),
+                        now.saturating_duration_since(credit.since),
+                    ));
+                }
+                if round.is_empty() {
+                    continue;
+                }
+                prefetch_after(
+                    self.prefetch,
+                    previous,
+                    u64::try_from(round.len()).unwrap_or(u64::MAX),
+                )
+            };
             let waiting = u64::try_from(round.len()).unwrap_or(u64::MAX);
-            let cost = waiting.saturating_add(self.prefetch);
+            let cost = waiting.saturating_add(prefetch);
             match state::check_user(&self.kv, user, Some(self.quota), cost, None).await {
                 Ok(checked) => {
                     let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
@@ -643,12 +692,15 @@ impl UserRate {
                     }
                     match checked.rate {
                         Some(rate) if rate.admitted > waiting => {
+                            let now = Instant::now();
                             credits.insert(
                                 user,
                                 Credit {
                                     left: rate.admitted - waiting,
-                                    until: Instant::now() + PREFETCH,
+                                    until: now + PREFETCH,
                                     decision: rate.decision(rate.admitted - 1),
+                                    granted: rate.admitted - waiting,
+                                    since: now,
                                 },
                             );
                         }
@@ -679,6 +731,21 @@ impl UserRate {
             }
         }
     }
+}
+
+/// How much a round takes ahead: the rate the user's last credit was spent
+/// at (`used` over `over`), over [`PREFETCH`]; without one, as many as wait
+/// now. At most `cap`.
+fn prefetch_after(cap: u64, previous: Option<(u64, Duration)>, waiting: u64) -> u64 {
+    let wanted = match previous {
+        Some((used, over)) => {
+            let over = u64::try_from(over.as_micros()).unwrap_or(u64::MAX).max(1);
+            let ahead = u64::try_from(PREFETCH.as_micros()).unwrap_or(u64::MAX);
+            used.saturating_mul(ahead).div_ceil(over)
+        }
+        None => waiting,
+    };
+    wanted.min(cap)
 }
 
 /// Keeps a dead Redis from costing every request a timeout: after an
@@ -793,6 +860,21 @@ impl utoipa::Modify for RateLimitedResponses {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quota_is_taken_ahead_at_the_rate_it_was_spent() {
+        let ms = Duration::from_millis;
+        // No history: as many as wait.
+        assert_eq!(prefetch_after(100, None, 3), 3);
+        // 5 spent over the 10 ms a credit lasts: 5 again.
+        assert_eq!(prefetch_after(100, Some((5, ms(10))), 1), 5);
+        // A credit spent in 2 ms: five times as much, up to the cap.
+        assert_eq!(prefetch_after(100, Some((10, ms(2))), 1), 50);
+        assert_eq!(prefetch_after(20, Some((10, ms(2))), 1), 20);
+        // A user idle for a second after its last credit: one request's worth at most.
+        assert_eq!(prefetch_after(100, Some((5, ms(1000))), 1), 1);
+        assert_eq!(prefetch_after(100, Some((0, ms(10))), 1), 0);
+    }
 
     #[test]
     fn durations_round_up_to_whole_seconds() {

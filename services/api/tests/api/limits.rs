@@ -288,6 +288,55 @@ async fn a_user_is_limited_across_two_api_processes_then_recovers() {
     );
 }
 
+/// The quota a process takes ahead for a busy user follows what the user
+/// spends there, not the user's rate: a process taking a fixed share of the
+/// rate every few milliseconds, used or not, left too little for the other
+/// processes serving the same user, which then refused it far under its
+/// limit. Two processes, each serving the user at a fifth of its rate for
+/// two seconds: nothing is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_well_under_its_rate_on_two_processes_is_never_refused() {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(Paths::DIRECT));
+    settings.limits.user_requests_per_s = 1_000;
+    settings.limits.user_burst = 100;
+    let first = TestApp::spawn_with(settings.clone()).await;
+    let second = TestApp::spawn_with(settings).await;
+    let user = first.new_user().await;
+    // Four callers per process, each a request every 20 ms: 200 a second per process.
+    let mut callers = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let caller = if i % 2 == 0 {
+            user.clone()
+        } else {
+            user.on(&second)
+        };
+        callers.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut refused = Vec::new();
+            for _ in 0..100 {
+                tick.tick().await;
+                let reply = caller.call("GET", "/v1/conversations", None).await;
+                if reply.status != 200 {
+                    refused.push(format!("{} {}", reply.status, reply.body));
+                }
+            }
+            refused
+        });
+    }
+    let mut refused = Vec::new();
+    while let Some(found) = callers.join_next().await {
+        refused.extend(found.unwrap());
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of 800 refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+}
+
 async fn active_turns_are_capped_per_user_exactly(paths: Paths) {
     let stack = Stack::shared().await;
     let mut settings = without_limits(stack.settings(paths));
