@@ -228,22 +228,41 @@ pub struct ReadConsistency {
     pub token: Option<Lsn>,
 }
 
-#[derive(serde::Deserialize)]
-struct ConsistencyParam {
-    consistency: Option<ReadMode>,
+impl ReadMode {
+    /// The mode `?consistency=` names, read without serde: every read
+    /// parses it, and the query's other parameters are its handler's.
+    fn from_query(query: &str) -> Result<Option<Self>, ApiError> {
+        let invalid = || {
+            ApiError::invalid(
+                "consistency",
+                "consistency must be one of: eventual, bounded, session, strong.",
+            )
+        };
+        let mut mode = None;
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            if name != "consistency" {
+                continue;
+            }
+            if mode.is_some() {
+                return Err(invalid());
+            }
+            mode = Some(match &*value {
+                "eventual" => ReadMode::Eventual,
+                "bounded" => ReadMode::Bounded,
+                "session" => ReadMode::Session,
+                "strong" => ReadMode::Strong,
+                _ => return Err(invalid()),
+            });
+        }
+        Ok(mode)
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let ConsistencyParam { consistency } = parse_query(parts.uri.query().unwrap_or(""))
-            .map_err(|_| {
-                ApiError::invalid(
-                    "consistency",
-                    "consistency must be one of: eventual, bounded, session, strong.",
-                )
-            })?;
+        let consistency = ReadMode::from_query(parts.uri.query().unwrap_or(""))?;
         let token = match parts.headers.get(CONSISTENCY_HEADER) {
             None => None,
             Some(value) => Some(
@@ -263,5 +282,29 @@ impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
             mode: consistency.unwrap_or(ReadMode::Session),
             token,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_consistency_parameter_is_read_from_the_query() {
+        let mode = |query| ReadMode::from_query(query).map_err(|e| e.param);
+        assert_eq!(mode(""), Ok(None));
+        assert_eq!(mode("limit=20&order=asc"), Ok(None));
+        assert_eq!(
+            mode("limit=20&consistency=eventual"),
+            Ok(Some(ReadMode::Eventual))
+        );
+        assert_eq!(mode("consistency=bounded"), Ok(Some(ReadMode::Bounded)));
+        assert_eq!(mode("consistency=session"), Ok(Some(ReadMode::Session)));
+        // Percent-encoded, as any form parser reads it.
+        assert_eq!(mode("consistency=%73trong"), Ok(Some(ReadMode::Strong)));
+        let refused = Err(Some("consistency".to_owned()));
+        assert_eq!(mode("consistency=Strong"), refused);
+        assert_eq!(mode("consistency="), refused);
+        assert_eq!(mode("consistency=strong&consistency=eventual"), refused);
     }
 }

@@ -148,11 +148,12 @@ impl Limits {
     }
 
     /// Checks one request; on success, the RateLimit fields to answer with.
-    async fn check(&self, principal: &Principal, needs: Needs) -> Result<HeaderMap, ApiError> {
-        let mut remaining: Vec<String> = Vec::with_capacity(3);
+    async fn check(&self, principal: &Principal, needs: Needs) -> Result<Granted, ApiError> {
+        // The `RateLimit` field's items, written into one buffer.
+        let mut remaining = Remaining::default();
         if let (Some(keys), Some(quota)) = (&self.keys, self.key_quota) {
             match keys.check_key(&principal.key_id) {
-                Ok(snapshot) => remaining.push(format!(
+                Ok(snapshot) => remaining.item(format_args!(
                     "\"key\";r={};t={}",
                     snapshot.remaining_burst_capacity(),
                     ceil_s(quota.interval())
@@ -206,7 +207,7 @@ impl Limits {
                         if !rate.allowed {
                             return Err(rate_limited("user", quota, rate.retry_after));
                         }
-                        remaining.push(format!(
+                        remaining.item(format_args!(
                             "\"user\";r={};t={}",
                             rate.remaining,
                             ceil_s(rate.next_unit)
@@ -216,7 +217,7 @@ impl Limits {
                         if used >= budget {
                             return Err(tokens_exhausted(budget, day.left()));
                         }
-                        remaining.push(format!(
+                        remaining.item(format_args!(
                             "\"tokens\";r={};t={}",
                             budget - used,
                             day.left().as_secs()
@@ -225,7 +226,6 @@ impl Limits {
                 }
             }
         }
-        let mut headers = HeaderMap::new();
         let policy = if needs.tokens {
             &self.policy_creating_turn
         } else if needs.user_rate {
@@ -233,13 +233,10 @@ impl Limits {
         } else {
             &self.policy_admin
         };
-        if let Some(policy) = policy {
-            headers.insert(POLICY_HEADER, policy.clone());
-        }
-        if let Some(value) = header_list(&remaining) {
-            headers.insert(STATE_HEADER, value);
-        }
-        Ok(headers)
+        Ok(Granted {
+            policy: policy.clone(),
+            state: remaining.into_value(),
+        })
     }
 
     /// Redis did not answer: the configured policy decides.
@@ -286,12 +283,15 @@ where
     parts.extensions.insert(Authenticated(principal));
     match app.limits.check(&principal, needs).await {
         Err(refused) => refused.into_response(),
-        Ok(headers) => {
+        Ok(granted) => {
             let mut response = next(Request::from_parts(parts, body)).await;
             let fields = response.headers_mut();
             // Appended: a refusal from inside (too many active turns) keeps its own items.
-            for (name, value) in &headers {
-                fields.append(name, value.clone());
+            if let Some(policy) = granted.policy {
+                fields.append(POLICY_HEADER, policy);
+            }
+            if let Some(state) = granted.state {
+                fields.append(STATE_HEADER, state);
             }
             response
         }
@@ -518,6 +518,37 @@ fn header_list(items: &[String]) -> Option<HeaderValue> {
     HeaderValue::try_from(items.join(", ")).ok()
 }
 
+/// The RateLimit fields of a request that passed.
+struct Granted {
+    policy: Option<HeaderValue>,
+    state: Option<HeaderValue>,
+}
+
+/// A `RateLimit` field's items, written into one buffer as they are known
+/// (a cached read's own work is a few microseconds; a string per item and
+/// a map of headers were a measurable part of it).
+#[derive(Default)]
+struct Remaining(String);
+
+impl Remaining {
+    fn item(&mut self, item: std::fmt::Arguments<'_>) {
+        use std::fmt::Write;
+        if self.0.is_empty() {
+            self.0.reserve(48);
+        } else {
+            self.0.push_str(", ");
+        }
+        let _ = self.0.write_fmt(item);
+    }
+
+    fn into_value(self) -> Option<HeaderValue> {
+        if self.0.is_empty() {
+            return None;
+        }
+        HeaderValue::try_from(self.0).ok()
+    }
+}
+
 /// Whole seconds, rounded up (the fields carry no fractions).
 fn ceil_s(duration: Duration) -> u64 {
     let secs = duration.as_secs();
@@ -532,23 +563,26 @@ fn ceil_s(duration: Duration) -> u64 {
 type RoundResult = Result<RateDecision, Arc<KvError>>;
 
 /// Quota a round takes from Redis ahead of the requests that will follow:
-/// what the user's last credit was spent at, over this long (at most this
-/// much of the sustained rate, and at most a quarter of the burst). Unused,
-/// it expires after the same time: the fleet-wide limit is never exceeded
-/// (the quota was taken in Redis), and what a process takes and leaves
-/// unused follows what the user spends there, not the quota: a user busy
-/// on one pod at a tenth of the quota leaves the rest to the others.
+/// as many as the process admitted for the user since its last round went
+/// out, per this long (so never more than that many, and at most this much
+/// of the sustained rate and a quarter of the burst). Unused, it expires
+/// after the same time. The fleet-wide limit is never exceeded (the quota
+/// was taken in Redis), and what a process takes and lets expire follows
+/// what the user does there: a user busy on one process at a tenth of the
+/// quota leaves the rest to the others, and a user whose requests stop
+/// leaves at most one window's worth unused.
 const PREFETCH: Duration = Duration::from_millis(10);
 
-/// Quota this process already took from Redis for a user.
+/// A user's state in this process: quota taken ahead, and how fast the
+/// process admits the user's requests.
 struct Credit {
     left: u64,
     until: Instant,
     decision: RateDecision,
-    /// How much was taken ahead, and when: the next round's prefetch is
-    /// the rate this was spent at.
-    granted: u64,
+    /// When the last round went out, and the requests admitted since (that
+    /// round's and those that spent its credit).
     since: Instant,
+    admitted: u64,
 }
 
 impl Credit {
@@ -558,6 +592,7 @@ impl Credit {
             return None;
         }
         self.left -= 1;
+        self.admitted += 1;
         Some(RateDecision {
             remaining: self.decision.remaining + self.left,
             ..self.decision
@@ -647,9 +682,10 @@ impl UserRate {
                     }
                 }
             };
+            // Requests whose callers gave up take no quota.
+            round.retain(|sender| !sender.is_closed());
             // Those who queued while the last round was out spend the
-            // credit it brought back first: a new round (and more quota
-            // taken ahead) only for what it cannot cover.
+            // credit it brought back before another round goes.
             let prefetch = {
                 let now = Instant::now();
                 let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
@@ -666,45 +702,38 @@ impl UserRate {
                             let _ = sender.send(Ok(decision));
                         }
                     }
-                    previous = Some((
-                        credit.granted.saturating_sub(credit.left),
-                        now.saturating_duration_since(credit.since),
-                    ));
+                    previous = Some((credit.admitted, now.saturating_duration_since(credit.since)));
                 }
                 if round.is_empty() {
                     continue;
                 }
-                prefetch_after(
-                    self.prefetch,
-                    previous,
-                    u64::try_from(round.len()).unwrap_or(u64::MAX),
-                )
+                prefetch_after(self.prefetch, previous)
             };
             let waiting = u64::try_from(round.len()).unwrap_or(u64::MAX);
             let cost = waiting.saturating_add(prefetch);
+            let sent = Instant::now();
             match state::check_user(&self.kv, user, Some(self.quota), cost, None).await {
                 Ok(checked) => {
                     let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
+                    let now = Instant::now();
                     if credits.len() > 10_000 {
                         // Idle users' expired credits.
-                        let now = Instant::now();
                         credits.retain(|_, c| c.until > now);
                     }
                     match checked.rate {
-                        Some(rate) if rate.admitted > waiting => {
-                            let now = Instant::now();
+                        Some(rate) => {
                             credits.insert(
                                 user,
                                 Credit {
-                                    left: rate.admitted - waiting,
+                                    left: rate.admitted.saturating_sub(waiting),
                                     until: now + PREFETCH,
-                                    decision: rate.decision(rate.admitted - 1),
-                                    granted: rate.admitted - waiting,
-                                    since: now,
+                                    decision: rate.decision(rate.admitted.saturating_sub(1)),
+                                    since: sent,
+                                    admitted: rate.admitted.min(waiting),
                                 },
                             );
                         }
-                        _ => {
+                        None => {
                             credits.remove(&user);
                         }
                     }
@@ -733,19 +762,24 @@ impl UserRate {
     }
 }
 
-/// How much a round takes ahead: the rate the user's last credit was spent
-/// at (`used` over `over`), over [`PREFETCH`]; without one, as many as wait
-/// now. At most `cap`.
-fn prefetch_after(cap: u64, previous: Option<(u64, Duration)>, waiting: u64) -> u64 {
-    let wanted = match previous {
-        Some((used, over)) => {
-            let over = u64::try_from(over.as_micros()).unwrap_or(u64::MAX).max(1);
-            let ahead = u64::try_from(PREFETCH.as_micros()).unwrap_or(u64::MAX);
-            used.saturating_mul(ahead).div_ceil(over)
-        }
-        None => waiting,
+/// How much a round takes ahead: the requests admitted since the last
+/// round went out (`admitted` over `over`), as a rate over [`PREFETCH`],
+/// counting a window shorter than that as that long (so never more than
+/// were admitted: a burst's end leaves little unused). None without a last
+/// round; at most `cap`.
+fn prefetch_after(cap: u64, previous: Option<(u64, Duration)>) -> u64 {
+    let Some((admitted, over)) = previous else {
+        return 0;
     };
-    wanted.min(cap)
+    let window = u64::try_from(PREFETCH.as_micros()).unwrap_or(u64::MAX);
+    let over = u64::try_from(over.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(window);
+    admitted
+        .saturating_mul(window)
+        .checked_div(over)
+        .unwrap_or(0)
+        .min(cap)
 }
 
 /// Keeps a dead Redis from costing every request a timeout: after an
@@ -864,16 +898,18 @@ mod tests {
     #[test]
     fn quota_is_taken_ahead_at_the_rate_it_was_spent() {
         let ms = Duration::from_millis;
-        // No history: as many as wait.
-        assert_eq!(prefetch_after(100, None, 3), 3);
-        // 5 spent over the 10 ms a credit lasts: 5 again.
-        assert_eq!(prefetch_after(100, Some((5, ms(10))), 1), 5);
-        // A credit spent in 2 ms: five times as much, up to the cap.
-        assert_eq!(prefetch_after(100, Some((10, ms(2))), 1), 50);
-        assert_eq!(prefetch_after(20, Some((10, ms(2))), 1), 20);
-        // A user idle for a second after its last credit: one request's worth at most.
-        assert_eq!(prefetch_after(100, Some((5, ms(1000))), 1), 1);
-        assert_eq!(prefetch_after(100, Some((0, ms(10))), 1), 0);
+        // No last round: nothing ahead.
+        assert_eq!(prefetch_after(100, None), 0);
+        // 5 admitted over the 10 ms a credit lasts: 5 again.
+        assert_eq!(prefetch_after(100, Some((5, ms(10)))), 5);
+        // A burst: 10 admitted in 2 ms counts as 10 per 10 ms, never more.
+        assert_eq!(prefetch_after(100, Some((10, ms(2)))), 10);
+        assert_eq!(prefetch_after(4, Some((10, ms(2)))), 4);
+        // Fewer than one per 10 ms: nothing ahead (a credit would expire unused).
+        assert_eq!(prefetch_after(100, Some((1, ms(12)))), 0);
+        assert_eq!(prefetch_after(100, Some((5, ms(1000)))), 0);
+        // 30 in 20 ms: 15 per 10 ms.
+        assert_eq!(prefetch_after(100, Some((30, ms(20)))), 15);
     }
 
     #[test]
