@@ -124,7 +124,10 @@ impl AppState {
             ReadMode::Strong => Consistency::Strong,
             ReadMode::Session => match read.token {
                 Some(token) => Consistency::Session(Some(token)),
-                None => Consistency::Session(self.last_writes.get(principal.user_id).await),
+                // Boxed: the Redis call's state would weigh on every read's future.
+                None => {
+                    Consistency::Session(Box::pin(self.last_writes.get(principal.user_id)).await)
+                }
             },
         }
     }
@@ -150,7 +153,9 @@ impl AppState {
         Fut: Future<Output = Result<Option<bytes::Bytes>, turnpike_core::db::DbError>> + Send,
     {
         if consistency == Consistency::Strong {
-            return Ok(load(consistency).await?);
+            // Boxed, as the cache's own loads are: the query's state would
+            // otherwise be copied whole with every cached read's future.
+            return Ok(Box::pin(load(consistency)).await?);
         }
         let session = match consistency {
             Consistency::Session(token) => token,

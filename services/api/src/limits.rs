@@ -180,10 +180,18 @@ impl Limits {
                     _ => {
                         let date = budget.map(|_| day.date());
                         let user = principal.user_id;
-                        state::check_user(&self.kv, user, user_quota, 1, date.as_deref())
-                            .await
-                            .map(|c| (c.rate.map(|r| r.decision(0)), c.tokens_today))
-                            .map_err(Arc::new)
+                        // Boxed: the script call's state would otherwise
+                        // weigh on every request's future.
+                        Box::pin(state::check_user(
+                            &self.kv,
+                            user,
+                            user_quota,
+                            1,
+                            date.as_deref(),
+                        ))
+                        .await
+                        .map(|c| (c.rate.map(|r| r.decision(0)), c.tokens_today))
+                        .map_err(Arc::new)
                     }
                 };
                 match result {
@@ -663,7 +671,9 @@ impl UserRate {
         if first {
             tokio::spawn(Arc::clone(self).drive(user));
         }
-        match tokio::time::timeout(self.wait_limit, receiver).await {
+        // Boxed: the timer's state would otherwise weigh on every
+        // request's future, most of which spend a credit and never wait.
+        match Box::pin(tokio::time::timeout(self.wait_limit, receiver)).await {
             Ok(Ok(result)) => result,
             _ => Err(Arc::new(KvError::Timeout)),
         }

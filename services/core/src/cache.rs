@@ -294,35 +294,73 @@ impl Cache {
                 .contains_key(&lookup.conversation);
         // Bypassed while Redis fails, and for a conversation whose
         // invalidation Redis has not taken yet (L2 may hold its old answers).
+        // Every path but an L1 hit is boxed where it starts: a future is as
+        // large as its largest state, and axum copies each handler's future
+        // whole into a box, so the loads' states (moka's fill, the lease,
+        // the caller's query) would otherwise be copied on every hit.
         if !self.inner.settings.enabled || unsettled || self.l2_open() {
             // Bypassed: nothing can be invalidated reliably right now.
             count(Outcome::Bypass);
-            let stamp = self.stamp();
-            let body = load(Lsn(0)).await.map_err(Arc::new)?;
-            return Ok(Arc::new(Entry {
-                as_of: Lsn(0),
-                body,
-                stamp,
-            }));
+            return Box::pin(self.read_through(load)).await;
         }
         if !self.inner.listening.load(Ordering::Acquire) {
             // Another process's invalidation could not reach L1: L2 only.
-            return self
-                .load_shared(lookup.conversation, lookup.field, load)
+            return Box::pin(self.load_shared(lookup.conversation, lookup.field, load))
                 .await
                 .map_err(Arc::new);
         }
         let key = format!("{}:{}", lookup.conversation.simple(), lookup.field);
-        if let Some(entry) = self.inner.l1.get(&key).await {
-            if self.valid(lookup.conversation, &entry, lookup.session) {
+        let stale = match self.inner.l1.get(&key).await {
+            Some(entry) if self.valid(lookup.conversation, &entry, lookup.session) => {
                 count(Outcome::L1Hit);
                 return Ok(entry);
             }
+            found => found.is_some(),
+        };
+        Box::pin(self.fill_l1(
+            key,
+            stale,
+            lookup.conversation,
+            lookup.field.to_owned(),
+            load,
+        ))
+        .await
+    }
+
+    /// A read past the cache, never served to anyone else.
+    async fn read_through<E, F, Fut>(&self, load: F) -> Result<Arc<Entry>, Arc<E>>
+    where
+        F: FnOnce(Lsn) -> Fut,
+        Fut: Future<Output = Result<Option<bytes::Bytes>, E>>,
+    {
+        let stamp = self.stamp();
+        let body = load(Lsn(0)).await.map_err(Arc::new)?;
+        Ok(Arc::new(Entry {
+            as_of: Lsn(0),
+            body,
+            stamp,
+        }))
+    }
+
+    /// An L1 miss (or an entry no longer valid, `stale`): one load per key
+    /// in this process, shared by its concurrent readers.
+    async fn fill_l1<E, F, Fut>(
+        &self,
+        key: String,
+        stale: bool,
+        conversation: Uuid,
+        field: String,
+        load: F,
+    ) -> Result<Arc<Entry>, Arc<E>>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+        F: FnOnce(Lsn) -> Fut + Send,
+        Fut: Future<Output = Result<Option<bytes::Bytes>, E>> + Send,
+    {
+        if stale {
             self.inner.l1.invalidate(&key).await;
         }
         let this = self.clone();
-        let conversation = lookup.conversation;
-        let field = lookup.field.to_owned();
         self.inner
             .l1
             .try_get_with(key, async move {
