@@ -176,9 +176,12 @@ fn count(outcome: Outcome) {
         [const { std::sync::OnceLock::new() }; 6];
     let index = outcome as usize;
     COUNTERS[index]
-        .get_or_init(
-            || metrics::counter!("turnpike_cache_requests_total", "result" => RESULTS[index]),
-        )
+        .get_or_init(|| {
+            // A handle taken before the recorder exists would count nothing
+            // for the life of the process.
+            crate::telemetry::metrics();
+            metrics::counter!("turnpike_cache_requests_total", "result" => RESULTS[index])
+        })
         .increment(1);
 }
 
