@@ -160,18 +160,20 @@ enum Outcome {
     LeaseTimeout,
 }
 
+/// The `result` labels of `turnpike_cache_requests_total`, in [`Outcome`]'s order.
+pub(crate) const RESULTS: [&str; 6] = [
+    "bypass",
+    "l1_hit",
+    "l2_hit",
+    "miss",
+    "lease_hit",
+    "lease_timeout",
+];
+
 /// Counts a read's outcome. The handles are registered once: the macro
 /// hashes the labels into the registry on every call, which was a
 /// measurable part of an L1 hit.
 fn count(outcome: Outcome) {
-    const RESULTS: [&str; 6] = [
-        "bypass",
-        "l1_hit",
-        "l2_hit",
-        "miss",
-        "lease_hit",
-        "lease_timeout",
-    ];
     static COUNTERS: [std::sync::OnceLock<metrics::Counter>; 6] =
         [const { std::sync::OnceLock::new() }; 6];
     let index = outcome as usize;

@@ -164,14 +164,7 @@ pub fn init_counters() {
     for limit in ["key", "user", "turns", "tokens", "streams", "storage"] {
         metrics::counter!("turnpike_rate_limited_total", "limit" => limit).increment(0);
     }
-    for result in [
-        "bypass",
-        "l1_hit",
-        "l2_hit",
-        "miss",
-        "lease_hit",
-        "lease_timeout",
-    ] {
+    for result in crate::cache::RESULTS {
         metrics::counter!("turnpike_cache_requests_total", "result" => result).increment(0);
     }
     for outcome in ["completed", "incomplete", "failed", "cancelled"] {
