@@ -320,23 +320,27 @@ where
         _ => 4,
     };
     let handles = route_metrics(route, method.as_str());
-    handles.requests[class]
-        .get_or_init(|| {
-            metrics::counter!("turnpike_http_requests_total", "route" => route.to_owned(),
-                "method" => method.as_str().to_owned(), "status" => STATUS_CLASSES[class])
-        })
-        .increment(1);
-    handles.duration.record(started.elapsed().as_secs_f64());
+    turnpike_core::telemetry::kept(&handles.requests[class], || {
+        metrics::counter!("turnpike_http_requests_total", "route" => route.to_owned(),
+            "method" => method.as_str().to_owned(), "status" => STATUS_CLASSES[class])
+    })
+    .increment(1);
+    turnpike_core::telemetry::kept(&handles.duration, || {
+        metrics::histogram!("turnpike_http_request_duration_seconds",
+            "route" => route.to_owned(), "method" => method.as_str().to_owned())
+    })
+    .record(started.elapsed().as_secs_f64());
     response
 }
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// A route's request counters (one per status class, registered when
-/// first counted) and latency histogram.
+/// A route's request counters (one per status class) and latency
+/// histogram, each registered when first recorded.
+#[derive(Default)]
 struct RouteMetrics {
     requests: [std::sync::OnceLock<metrics::Counter>; 5],
-    duration: metrics::Histogram,
+    duration: std::sync::OnceLock<metrics::Histogram>,
 }
 
 /// The handles of `route` and `method`, registered once: registering
@@ -355,11 +359,7 @@ fn route_metrics(route: &str, method: &str) -> std::sync::Arc<RouteMetrics> {
     {
         return Arc::clone(found);
     }
-    let made = Arc::new(RouteMetrics {
-        requests: Default::default(),
-        duration: metrics::histogram!("turnpike_http_request_duration_seconds",
-            "route" => route.to_owned(), "method" => method.to_owned()),
-    });
+    let made = Arc::new(RouteMetrics::default());
     Arc::clone(
         TABLE
             .write()

@@ -150,7 +150,7 @@ impl Limits {
     /// Checks one request; on success, the RateLimit fields to answer with.
     async fn check(&self, principal: &Principal, needs: Needs) -> Result<Granted, ApiError> {
         // The `RateLimit` field's items, written into one buffer.
-        let mut remaining = Remaining::default();
+        let mut remaining = FieldList::default();
         if let (Some(keys), Some(quota)) = (&self.keys, self.key_quota) {
             match keys.check_key(&principal.key_id) {
                 Ok(snapshot) => remaining.item(format_args!(
@@ -520,10 +520,11 @@ fn too_many(message: String, code: &'static str, retry_after_s: u64) -> ApiError
 
 /// A Structured Fields list of the items, or `None` for none.
 fn header_list(items: &[String]) -> Option<HeaderValue> {
-    if items.is_empty() {
-        return None;
+    let mut list = FieldList::default();
+    for item in items {
+        list.item(format_args!("{item}"));
     }
-    HeaderValue::try_from(items.join(", ")).ok()
+    list.into_value()
 }
 
 /// The RateLimit fields of a request that passed.
@@ -532,13 +533,13 @@ struct Granted {
     state: Option<HeaderValue>,
 }
 
-/// A `RateLimit` field's items, written into one buffer as they are known
+/// A Structured Fields list written into one buffer as its items are known
 /// (a cached read's own work is a few microseconds; a string per item and
 /// a map of headers were a measurable part of it).
 #[derive(Default)]
-struct Remaining(String);
+struct FieldList(String);
 
-impl Remaining {
+impl FieldList {
     fn item(&mut self, item: std::fmt::Arguments<'_>) {
         use std::fmt::Write;
         if self.0.is_empty() {
@@ -594,9 +595,14 @@ struct Credit {
 }
 
 impl Credit {
+    /// How many requests it still covers at `now`.
+    fn available(&self, now: Instant) -> u64 {
+        if self.until > now { self.left } else { 0 }
+    }
+
     /// Takes one request's quota, if any is left and still valid.
     fn spend(&mut self, now: Instant) -> Option<RateDecision> {
-        if self.left == 0 || self.until <= now {
+        if self.available(now) == 0 {
             return None;
         }
         self.left -= 1;
@@ -701,12 +707,8 @@ impl UserRate {
                 let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
                 let mut previous = None;
                 if let Some(credit) = credits.get_mut(&user) {
-                    let covered = if credit.until > now {
-                        usize::try_from(credit.left)
-                            .map_or(round.len(), |left| left.min(round.len()))
-                    } else {
-                        0
-                    };
+                    let covered = usize::try_from(credit.available(now))
+                        .map_or(round.len(), |left| left.min(round.len()));
                     for sender in round.drain(..covered) {
                         if let Some(decision) = credit.spend(now) {
                             let _ = sender.send(Ok(decision));
@@ -785,11 +787,7 @@ fn prefetch_after(cap: u64, previous: Option<(u64, Duration)>) -> u64 {
     let over = u64::try_from(over.as_micros())
         .unwrap_or(u64::MAX)
         .max(window);
-    admitted
-        .saturating_mul(window)
-        .checked_div(over)
-        .unwrap_or(0)
-        .min(cap)
+    (admitted.saturating_mul(window) / over).min(cap)
 }
 
 /// Keeps a dead Redis from costing every request a timeout: after an

@@ -157,6 +157,18 @@ pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     })
 }
 
+/// A metric handle registered once and kept in `cell`: the `counter!` and
+/// `histogram!` macros build the labels and look them up in the registry on
+/// every call, a measurable part of a cached read. The recorder is installed
+/// first: a handle taken before it exists would record nothing for the life
+/// of the process.
+pub fn kept<T>(cell: &std::sync::OnceLock<T>, register: impl FnOnce() -> T) -> &T {
+    cell.get_or_init(|| {
+        metrics();
+        register()
+    })
+}
+
 /// Registers the counters whose label values are known up front, at zero:
 /// a rate over a counter that has not moved yet is 0, not missing, so
 /// dashboards and alerts see quiet as quiet.
