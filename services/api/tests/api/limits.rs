@@ -181,14 +181,20 @@ async fn a_key_gets_its_burst_then_429_then_recovers() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_is_limited_across_two_api_processes_then_recovers() {
+/// Two api processes sharing Redis, with only the per-user rate on.
+async fn two_apps_with_user_rate(per_s: u32, burst: u32) -> (TestApp, TestApp) {
     let stack = Stack::shared().await;
     let mut settings = without_limits(stack.settings(Paths::DIRECT));
-    settings.limits.user_requests_per_s = 1;
-    settings.limits.user_burst = 4;
+    settings.limits.user_requests_per_s = per_s;
+    settings.limits.user_burst = burst;
     let first = TestApp::spawn_with(settings.clone()).await;
     let second = TestApp::spawn_with(settings).await;
+    (first, second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_is_limited_across_two_api_processes_then_recovers() {
+    let (first, second) = two_apps_with_user_rate(1, 4).await;
     let user = first.new_user().await;
     let (other_key, _) = another_key(&first, &user).await;
     let on_second = other_key.on(&second);
@@ -296,12 +302,7 @@ async fn a_user_is_limited_across_two_api_processes_then_recovers() {
 /// two seconds: nothing is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_well_under_its_rate_on_two_processes_is_never_refused() {
-    let stack = Stack::shared().await;
-    let mut settings = without_limits(stack.settings(Paths::DIRECT));
-    settings.limits.user_requests_per_s = 1_000;
-    settings.limits.user_burst = 100;
-    let first = TestApp::spawn_with(settings.clone()).await;
-    let second = TestApp::spawn_with(settings).await;
+    let (first, second) = two_apps_with_user_rate(1_000, 100).await;
     let user = first.new_user().await;
     // Four callers per process, each a request every 20 ms: 200 a second per process.
     let mut callers = tokio::task::JoinSet::new();
