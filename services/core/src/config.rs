@@ -217,10 +217,16 @@ pub struct DatabaseSettings {
     pub replica_path: ConnectPath,
     /// Pool size per node and process. Every pod counts against the server's `max_connections`.
     pub max_connections_per_node: u32,
-    /// Shared, pipelined connections per directly connected node and
-    /// process, on which single-statement reads go out together instead of
-    /// one per pooled connection; 0 sends every read through the pool.
+    /// Shared, pipelined connections per node and process, on which
+    /// single-statement reads go out together instead of one per pooled
+    /// connection; 0 sends every read through the pool.
     pub pipelined_connections_per_node: u32,
+    /// Whether nodes reached through PgBouncer get pipelined connections
+    /// too (each statement one unnamed Parse-to-Sync message). PgBouncer
+    /// keeps a client's server until every Sync it forwarded is answered;
+    /// turn this off for a pooler that hands the server back at the first
+    /// answer.
+    pub pipeline_through_pgbouncer: bool,
     /// Statements one pipelined connection carries at once before reads
     /// go to the next; pipelined reads have a budget of their own, this
     /// many per connection (`max_in_flight_per_node` is the pool's).
@@ -279,6 +285,7 @@ impl Default for DatabaseSettings {
             replica_path: ConnectPath::Direct,
             max_connections_per_node: 16,
             pipelined_connections_per_node: 2,
+            pipeline_through_pgbouncer: true,
             pipeline_depth: 32,
             pipeline_stalled_after_ms: 20,
             acquire_timeout_ms: 500,

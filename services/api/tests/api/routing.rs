@@ -340,6 +340,71 @@ async fn one_message_statements_carry_their_arguments_exactly(paths: Paths) {
     }
 }
 
+/// Through PgBouncer, single-statement reads share pipelined connections
+/// too, each statement one unnamed message: PgBouncer keeps a lane's
+/// server until every statement in flight on it is answered. Concurrent
+/// readers each get their own statement's answer, and statements that
+/// fail among them (a division by zero) fail alone, with their SQLSTATE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_pgbouncer_are_pipelined_and_a_failing_one_fails_alone() {
+    use turnpike_core::db::statement::{self, Arg};
+    use turnpike_core::db::{Consistency, DbError};
+
+    let stack = Stack::shared().await;
+    let settings = stack.settings(Paths::PGBOUNCER).database;
+    assert!(settings.pipeline_through_pgbouncer && settings.pipelined_connections_per_node > 0);
+    let router = turnpike_core::db::Router::new(&settings).unwrap();
+
+    let mut readers = tokio::task::JoinSet::new();
+    for reader in 0..32_i64 {
+        let router = std::sync::Arc::clone(&router);
+        readers.spawn(async move {
+            let mut failed = 0;
+            for round in 0..25_i64 {
+                let n = reader * 1000 + round;
+                let answer = router
+                    .read_one_message(Consistency::Strong, move |db| {
+                        Box::pin(async move {
+                            statement::fetch_all::<(i64, i64, String)>(
+                                db,
+                                "SELECT $1::int8, 60 / ($1::int8 % 5), $2",
+                                &[Arg::from(n), Arg::from(format!("reader {reader}").as_str())],
+                            )
+                            .await
+                        })
+                    })
+                    .await;
+                if n % 5 == 0 {
+                    let Err(DbError::Query(sqlx::Error::Database(e))) = &answer else {
+                        panic!("{n} / 0 answered {answer:?}");
+                    };
+                    assert_eq!(e.code().as_deref(), Some("22012"), "{e}");
+                    failed += 1;
+                } else {
+                    let rows = answer.unwrap();
+                    assert_eq!(rows, [(n, 60 / (n % 5), format!("reader {reader}"))]);
+                }
+            }
+            failed
+        });
+    }
+    let mut failed = 0;
+    while let Some(done) = readers.join_next().await {
+        failed += done.unwrap();
+    }
+    assert_eq!(failed, 32 * 5);
+    let primary = router
+        .topology()
+        .into_iter()
+        .find(|node| node.name == "primary")
+        .unwrap();
+    assert_eq!(primary.path, "pgbouncer");
+    assert!(
+        primary.pool.pipelined > 0,
+        "no pipelined connection opened through PgBouncer: {primary:?}"
+    );
+}
+
 /// `SELECT pg_backend_pid()` as a strong read: the primary's server
 /// process that ran it.
 async fn backend_of_a_strong_read(router: &turnpike_core::db::Router) -> i32 {

@@ -6,9 +6,18 @@
 //! readers' statements go out together in one write and the server works
 //! through them without sleeping in between, so a read costs both sides
 //! less CPU, and a pod needs a few connections per node instead of one per
-//! query in flight. Only statements sent through [`super::statement`] on a
-//! direct connection go this way (PgBouncer 1.18 in transaction mode keeps
-//! no prepared statements).
+//! query in flight. Only statements sent through [`super::statement`] go
+//! this way.
+//!
+//! On a direct connection each statement is prepared once per connection
+//! and then only bound and executed. Through PgBouncer in transaction mode
+//! (1.18 keeps no prepared statements) each goes as one unnamed Parse,
+//! Bind, Describe, Execute and Sync with its argument types given, so that
+//! it needs no earlier round trip: PgBouncer counts the Syncs it has
+//! forwarded and keeps the lane's server linked until each is answered, so
+//! a lane's statements in flight stay on one server and its answers in
+//! order. A pooler that hands the server back at the first answer instead
+//! cannot carry these: `database.pipeline_through_pgbouncer` turns them off.
 //!
 //! Each node has `database.pipelined_connections_per_node` lanes; a read
 //! takes the first lane with fewer than `database.pipeline_depth`
@@ -61,6 +70,18 @@ pub(super) struct Pipeline {
     /// connection could not be opened for a reason that trying again at
     /// once will not fix (the settings, the login).
     disabled_until_us: AtomicU64,
+    /// How statements go out on these connections.
+    mode: Mode,
+}
+
+/// How a pipelined connection sends its statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Prepared once per connection (a server connection of its own).
+    Prepared,
+    /// Each statement parsed, bound and run in one message (a pooler's
+    /// connection: a statement prepared on one server is not on the next).
+    Unnamed,
 }
 
 impl fmt::Debug for Pipeline {
@@ -98,13 +119,17 @@ pub struct Pipelined {
     /// When it last answered a statement, or last took one while idle
     /// ([`since_start`]).
     progress_us: AtomicU64,
+    mode: Mode,
 }
 
 impl Pipeline {
     /// `lanes` connections to the node `options` name, as the pool reaches
-    /// it (`statement_timeout` is among its start-up options), opened on
-    /// first use.
+    /// it (directly, `statement_timeout` among its start-up options; or
+    /// through PgBouncer, `Mode::Unnamed`, which refuses start-up options:
+    /// the role carries the timeouts there), opened on first use.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
+        mode: Mode,
         options: &PgConnectOptions,
         password: Option<&str>,
         lanes: usize,
@@ -135,11 +160,14 @@ impl Pipeline {
         }
         // The pool's start-up options, its timeouts among them, and the
         // session settings sqlx sends with every connection.
-        let session = "-c TimeZone=UTC -c DateStyle=ISO,MDY";
-        config.options(match options.get_options() {
-            Some(given) => format!("{given} {session}"),
-            None => session.to_owned(),
-        });
+        // (Rows come back in binary, which neither setting changes.)
+        if mode == Mode::Prepared {
+            let session = "-c TimeZone=UTC -c DateStyle=ISO,MDY";
+            config.options(match options.get_options() {
+                Some(given) => format!("{given} {session}"),
+                None => session.to_owned(),
+            });
+        }
         // A node that must be reached over TLS is not reached without it:
         // these connections have no TLS, so they fail and reads use the pool.
         if matches!(
@@ -161,6 +189,7 @@ impl Pipeline {
             },
             connect_timeout,
             disabled_until_us: AtomicU64::new(0),
+            mode,
         }
     }
 
@@ -262,6 +291,7 @@ impl Pipeline {
             statements: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
             progress_us: AtomicU64::new(since_start()),
+            mode: self.mode,
         });
         *lane.lock() = Some(Arc::clone(&shared));
         Ok(shared)
@@ -298,7 +328,8 @@ impl Lane {
 
 impl Pipelined {
     /// Runs `sql` with `args` (prepared on this connection once per SQL
-    /// text and argument types) and returns its rows.
+    /// text and argument types, or sent whole each time through a pooler)
+    /// and returns its rows.
     pub async fn query(
         self: &Arc<Self>,
         sql: &str,
@@ -334,13 +365,17 @@ impl Pipelined {
                 params,
                 _counted,
             } = request;
-            let statement = this.statement(statement).await?;
             let params = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
-            let stream = this
-                .client
-                .query_raw(&statement, params)
-                .await
-                .map_err(to_sqlx)?;
+            let stream = match statement {
+                ToPrepare::Unnamed(sql, types) => {
+                    this.client.query_typed_raw(&sql, params.zip(types)).await
+                }
+                statement => {
+                    let statement = this.statement(statement).await?;
+                    this.client.query_raw(&statement, params).await
+                }
+            }
+            .map_err(to_sqlx)?;
             let mut stream = std::pin::pin!(stream);
             let mut rows = Vec::new();
             while let Some(row) = stream.try_next().await.map_err(to_sqlx)? {
@@ -362,6 +397,14 @@ impl Pipelined {
         }
         self.in_flight.fetch_add(1, Ordering::Release);
         let types: Vec<Type> = args.iter().map(Arg::pg_type).collect();
+        let params = args.iter().map(|arg| arg.param()).collect();
+        if self.mode == Mode::Unnamed {
+            return Request {
+                statement: ToPrepare::Unnamed(sql.to_owned(), types),
+                params,
+                _counted: Counted(Arc::clone(self)),
+            };
+        }
         let known = self
             .lock_statements()
             .get(sql)
@@ -372,7 +415,7 @@ impl Pipelined {
                 Some(statement) => ToPrepare::Known(statement),
                 None => ToPrepare::Missing(sql.to_owned(), types),
             },
-            params: args.iter().map(|arg| arg.param()).collect(),
+            params,
             _counted: Counted(Arc::clone(self)),
         }
     }
@@ -385,7 +428,7 @@ impl Pipelined {
     async fn statement(&self, statement: ToPrepare) -> Result<Statement, sqlx::Error> {
         let (sql, types) = match statement {
             ToPrepare::Known(statement) => return Ok(statement),
-            ToPrepare::Missing(sql, types) => (sql, types),
+            ToPrepare::Missing(sql, types) | ToPrepare::Unnamed(sql, types) => (sql, types),
         };
         let statement = self
             .client
@@ -416,10 +459,11 @@ struct Request {
 }
 
 /// A statement already prepared on the connection, or its SQL and
-/// argument types to prepare it with.
+/// argument types to prepare it with, or to send unnamed ([`Mode::Unnamed`]).
 enum ToPrepare {
     Known(Statement),
     Missing(String, Vec<Type>),
+    Unnamed(String, Vec<Type>),
 }
 
 /// A statement's future, awaited in place; dropped before its answer, it

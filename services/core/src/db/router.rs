@@ -18,7 +18,7 @@ use sqlx::postgres::PgConnectOptions;
 
 use super::budget::{Admission, Budget, ShedReason};
 use super::node::{InFlight, Node};
-use super::pipeline::{Pipeline, Pipelined};
+use super::pipeline::{Mode, Pipeline, Pipelined};
 use super::pool::{NodePool, Pooled};
 use super::{
     Consistency, DbConn, DbError, Lsn, NodeState, NodeStatus, QueryClass, current_class,
@@ -656,8 +656,12 @@ fn build_node(
             .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1)),
     };
     let addr = format!("{}:{}", options.get_host(), options.get_port());
-    let pipeline = match path {
-        ConnectPath::Direct if settings.pipelined_connections_per_node > 0 => {
+    let mode = match path {
+        ConnectPath::Direct => Some(Mode::Prepared),
+        ConnectPath::Pgbouncer => settings.pipeline_through_pgbouncer.then_some(Mode::Unnamed),
+    };
+    let pipeline = match mode {
+        Some(mode) if settings.pipelined_connections_per_node > 0 => {
             // The pool's options say where and as whom; the password is
             // the one part they do not give back (tokio-postgres's parser
             // refuses some of sqlx's query parameters: the URL goes to it
@@ -670,6 +674,7 @@ fn build_node(
                         .map(|p| String::from_utf8_lossy(p).into_owned())
                 });
             let pipeline = Pipeline::new(
+                mode,
                 &options,
                 password.as_deref(),
                 usize::try_from(settings.pipelined_connections_per_node).unwrap_or(usize::MAX),

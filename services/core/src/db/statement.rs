@@ -16,7 +16,8 @@
 //! refused; PostgreSQL cannot store one).
 //!
 //! A read on a node's pipelined connection ([`super::pipeline`]) goes out
-//! prepared and bound there, with the same argument types, and its rows are
+//! bound there with the same argument types (prepared once per connection
+//! directly; unnamed, in one message, through PgBouncer), and its rows are
 //! decoded by [`StatementRow`], which every row type read here implements
 //! beside sqlx's `FromRow` ([`statement_row!`](crate::statement_row) for a
 //! struct, by column name).
