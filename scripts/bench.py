@@ -41,6 +41,10 @@ TURN_ROUNDS = int(os.environ.get("BENCH_TURN_ROUNDS", "3"))
 TURNS = int(os.environ.get("BENCH_TURNS", "1000"))
 FIRST_TOKEN_TURNS = int(os.environ.get("BENCH_FIRST_TOKEN_TURNS", "300"))
 FIRST_TOKEN_CONCURRENCY = int(os.environ.get("BENCH_FIRST_TOKEN_CONCURRENCY", "50"))
+# The paced line: the mock streams its answer (ANSWER_TOKENS tokens, the
+# mock's default) at this many tokens a second, as a model does.
+PACED_TOKENS_PER_S = int(os.environ.get("BENCH_PACED_TOKENS_PER_S", "50"))
+ANSWER_TOKENS = 24
 SSE_STREAMS = int(os.environ.get("BENCH_SSE_STREAMS", "1000"))
 SSE_RATE = int(os.environ.get("BENCH_SSE_RATE", "3000"))
 SSE_ROUNDS = int(os.environ.get("BENCH_SSE_ROUNDS", "3"))
@@ -382,18 +386,35 @@ def turns(**worker_settings):
     return out
 
 
-def first_token(concurrency):
+def first_token(concurrency, tokens_per_s=0):
+    """Streamed turns, `concurrency` clients back to back. With
+    `tokens_per_s`, the mock streams its answer at that pace, so each turn
+    stays in flight for a while, as with a real model, and the clients join
+    spread over one turn's length."""
+    stagger_ms = 0
+    if tokens_per_s:
+        dev("stop", "mock-model")
+        dev("start", "mock-model", TURNPIKE__MOCK__TOKENS_PER_S=str(tokens_per_s))
+        stagger_ms = round(1000 * ANSWER_TOKENS / tokens_per_s / concurrency)
     out = []
-    for round_no in range(TURN_ROUNDS):
-        say(f"time to first token, {concurrency} concurrent, round {round_no + 1} of {TURN_ROUNDS}")
-        meter = Meter(**sources("api", "worker", "primary", "pgbouncer_primary", "replicas", "redis",
-                                "mock_model", api_pid=pidfile(DEV / "run/api.pid")))
-        meter.start()
-        result = json.loads(subprocess.run(
-            [SSE_BENCH, "first-token", str(FIRST_TOKEN_TURNS), str(concurrency)],
-            capture_output=True, text=True, check=True).stdout)
-        result["cpu_us"] = meter.stop(result["turns"])
-        out.append(result)
+    try:
+        for round_no in range(TURN_ROUNDS):
+            say(f"time to first token, {concurrency} concurrent"
+                + (f", the mock at {tokens_per_s} tokens/s" if tokens_per_s else "")
+                + f", round {round_no + 1} of {TURN_ROUNDS}")
+            meter = Meter(**sources("api", "worker", "primary", "pgbouncer_primary", "replicas", "redis",
+                                    "mock_model", api_pid=pidfile(DEV / "run/api.pid")))
+            meter.start()
+            result = json.loads(subprocess.run(
+                [SSE_BENCH, "first-token", str(FIRST_TOKEN_TURNS), str(concurrency), str(stagger_ms)],
+                capture_output=True, text=True, check=True).stdout)
+            result["cpu_us"] = meter.stop(result["turns"])
+            out.append(result)
+    finally:
+        if tokens_per_s:
+            # Back to the default mock for what follows.
+            dev("stop", "mock-model")
+            dev("start", "mock-model")
     return out
 
 
@@ -459,18 +480,24 @@ def turn_lines(report, lines):
             f"CPU per turn "
             f"{cpu_text(t, ['worker', 'primary', 'pgbouncer_primary', 'replicas', 'redis', 'mock_model'])}")
 
-    for concurrency in (FIRST_TOKEN_CONCURRENCY, 1):
-        f = first_token(concurrency)
-        report[f"first_token_{concurrency}"] = f
+    for suffix, concurrency, tokens_per_s, how in [
+        ("", FIRST_TOKEN_CONCURRENCY, 0, "back to back, the mock answering at once"),
+        ("_paced", FIRST_TOKEN_CONCURRENCY, PACED_TOKENS_PER_S,
+         f"the mock streaming {ANSWER_TOKENS} tokens at {PACED_TOKENS_PER_S}/s after its first"),
+        ("_sequential", 1, 0, "the mock answering at once"),
+    ]:
+        f = first_token(concurrency, tokens_per_s)
+        report["first_token" + suffix] = f
         p50 = [x["first_delta"]["p50_ms"] for x in f]
         p99 = [x["first_delta"]["p99_ms"] for x in f]
         bad = sum(x["failed"] for x in f)
         checked = sum(x["checked"] for x in f)
         lines.append(
-            f"first_token_latency{'' if concurrency == FIRST_TOKEN_CONCURRENCY else '_sequential'}: "
+            f"first_token_latency{suffix}: "
             f"p50 {median(p50):.1f} ms p99 {median(p99):.1f} ms (ranges {spread(p50, '{:.1f}')}, "
-            f"{spread(p99, '{:.1f}')}; {concurrency} concurrent streamed turns, {TURN_ROUNDS} rounds of "
+            f"{spread(p99, '{:.1f}')}; {concurrency} concurrent streamed turns, {how}; {TURN_ROUNDS} rounds of "
             f"{FIRST_TOKEN_TURNS}; first event p50 {median([x['first_event']['p50_ms'] for x in f]):.1f} ms; "
+            f"done p50 {median([x['done']['p50_ms'] for x in f]):.1f} ms; "
             f"{median([x['turns_per_s'] for x in f]):.0f} turns/s; {checked} streams checked: sequence "
             f"and text exact, {bad} failed; CPU per turn "
             f"{cpu_text(f, ['api', 'worker', 'primary', 'pgbouncer_primary', 'replicas', 'redis', 'mock_model'])})")

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use eventsource_stream::Eventsource;
@@ -31,15 +31,25 @@ struct Turn {
     problem: Option<String>,
 }
 
-/// Runs the turns and returns the figures as one JSON object.
-pub async fn run(api: &Api, turns: usize, concurrency: usize) -> anyhow::Result<Value> {
+/// Runs the turns and returns the figures as one JSON object. Client `n`
+/// starts `n × stagger` after the first.
+pub async fn run(
+    api: &Api,
+    turns: usize,
+    concurrency: usize,
+    stagger: Duration,
+) -> anyhow::Result<Value> {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let clients: Vec<_> = (0..concurrency.max(1))
-        .map(|_| {
+        .map(|n| {
             let api = api.clone();
             let next = Arc::clone(&next);
+            let start = tokio::time::Instant::from_std(started)
+                + stagger * u32::try_from(n).unwrap_or(u32::MAX);
             tokio::spawn(async move {
+                // The load's own pacing: when this client joins.
+                tokio::time::sleep_until(start).await;
                 let mut seen = Vec::new();
                 while next.fetch_add(1, Ordering::Relaxed) < turns {
                     seen.push(one_turn(&api).await);

@@ -11,9 +11,12 @@
 //!   SSE stream per id, leaves them idle, and prints the api's resident
 //!   memory per stream; each stream on its own HTTP/1.1 connection, or
 //!   multiplexed, that many to an HTTP/2 connection.
-//! - `sse-bench first-token TURNS CONCURRENCY`: runs TURNS streamed turns,
-//!   CONCURRENCY at a time, through the whole stack (a worker must run) and
-//!   prints the time to the first delta, every stream checked.
+//! - `sse-bench first-token TURNS CONCURRENCY [STAGGER_MS]`: runs TURNS
+//!   streamed turns, CONCURRENCY at a time, through the whole stack (a
+//!   worker must run) and prints the time to the first delta, every stream
+//!   checked. With STAGGER_MS, client n starts n × STAGGER_MS ms after the
+//!   first, so that long turns (a paced model) overlap evenly instead of
+//!   starting together.
 //!
 //! `latency`, `idle` and `first-token` print one JSON object.
 //!
@@ -149,7 +152,7 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, what: &str) -> anyho
 }
 
 const USAGE: &str = "usage: sse-bench create N | latency IDS_FILE RATE SECONDS | \
-                     idle IDS_FILE API_PID [STREAMS_PER_H2_CONNECTION] | first-token TURNS CONCURRENCY";
+                     idle IDS_FILE API_PID [STREAMS_PER_H2_CONNECTION] | first-token TURNS CONCURRENCY [STAGGER_MS]";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -189,7 +192,16 @@ async fn main() -> anyhow::Result<()> {
         Some("first-token") => {
             let turns: usize = arg(&args, 1, "TURNS")?;
             let concurrency: usize = arg(&args, 2, "CONCURRENCY")?;
-            println!("{}", first_token::run(&api, turns, concurrency).await?);
+            let stagger: u64 = args
+                .get(3)
+                .map(|_| arg(&args, 3, "STAGGER_MS"))
+                .transpose()?
+                .unwrap_or(0);
+            let stagger = Duration::from_millis(stagger);
+            println!(
+                "{}",
+                first_token::run(&api, turns, concurrency, stagger).await?
+            );
         }
         _ => bail!(USAGE),
     }
