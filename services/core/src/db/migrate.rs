@@ -40,7 +40,12 @@ pub enum MigrateError {
 /// (migrations take a session advisory lock, which PgBouncer's transaction
 /// mode cannot hold), with `lock_timeout` 5 s. Then sets the role's
 /// `statement_timeout` and `idle_in_transaction_session_timeout`, which is how
-/// they reach connections made through PgBouncer.
+/// they reach connections made through PgBouncer, and its `TimeZone` and
+/// `DateStyle` to what sqlx asks for at start-up: PgBouncer sets a client's
+/// values on the server it lends it when they differ from the server's, and
+/// the pipelined connections (tokio-postgres, which sends neither) take the
+/// server's; with the role's matching sqlx's, no server ever needs a `SET`
+/// between the two kinds of client.
 pub async fn run(settings: &DatabaseSettings) -> Result<(), MigrateError> {
     let primary = settings
         .nodes
@@ -76,7 +81,9 @@ pub async fn run(settings: &DatabaseSettings) -> Result<(), MigrateError> {
     let statement_timeout = format!("{}ms", settings.statement_timeout_ms);
     sqlx::raw_sql(&format!(
         "ALTER ROLE CURRENT_USER SET statement_timeout = '{statement_timeout}';
-         ALTER ROLE CURRENT_USER SET idle_in_transaction_session_timeout = '10s';"
+         ALTER ROLE CURRENT_USER SET idle_in_transaction_session_timeout = '10s';
+         ALTER ROLE CURRENT_USER SET timezone = 'UTC';
+         ALTER ROLE CURRENT_USER SET datestyle = 'ISO, MDY';"
     ))
     .execute(&pool)
     .await?;
