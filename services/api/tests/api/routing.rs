@@ -405,6 +405,86 @@ async fn reads_through_pgbouncer_are_pipelined_and_a_failing_one_fails_alone() {
     );
 }
 
+/// A transaction whose BEGIN goes out with its first statement
+/// (`Router::write_deferred`, through PgBouncer) is still one transaction:
+/// dropped before its commit, its first statement is undone with the
+/// rest; committed, both stay. A statement not sent as one message may
+/// follow `statement::begin_now`, and without it is refused by a panic
+/// rather than run outside the transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_begin_opens_the_transaction_with_its_first_statement() {
+    use turnpike_core::db::statement::{self, Arg};
+
+    let stack = Stack::shared().await;
+    let router =
+        turnpike_core::db::Router::new(&stack.settings(Paths::PGBOUNCER).database).unwrap();
+    let table = format!("deferred_begin_{}", uuid::Uuid::new_v4().simple());
+    let admin = stack.superuser("primary").await;
+    sqlx::query(&format!("CREATE TABLE {table} (n int8)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("GRANT SELECT, INSERT ON {table} TO turnpike"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let insert = format!("INSERT INTO {table} VALUES ($1)");
+    let stored = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT n FROM {table} ORDER BY n"))
+            .fetch_all(&admin)
+            .await
+            .unwrap()
+    };
+
+    // Rolled back: the first statement (which carried the BEGIN) too.
+    let mut tx = router.write_deferred().await.unwrap();
+    statement::execute(&mut tx, &insert, &[Arg::from(1_i64)])
+        .await
+        .unwrap();
+    statement::execute(&mut tx, &insert, &[Arg::from(2_i64)])
+        .await
+        .unwrap();
+    drop(tx);
+    // Committed: both.
+    let mut tx = router.write_deferred().await.unwrap();
+    statement::execute(&mut tx, &insert, &[Arg::from(3_i64)])
+        .await
+        .unwrap();
+    sqlx::query(&insert)
+        .bind(4_i64)
+        .persistent(false)
+        .execute(turnpike_core::db::DbConn::conn(&mut tx))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // A statement that is not one message, after `begin_now`: in the
+    // transaction, so rolled back with it.
+    let mut tx = router.write_deferred().await.unwrap();
+    statement::begin_now(&mut tx).await.unwrap();
+    sqlx::query(&insert)
+        .bind(5_i64)
+        .persistent(false)
+        .execute(turnpike_core::db::DbConn::conn(&mut tx))
+        .await
+        .unwrap();
+    drop(tx);
+    // Rows written outside a transaction would show at once.
+    assert_eq!(stored().await, [3, 4]);
+
+    // Without `begin_now` the statement is refused.
+    let router = std::sync::Arc::clone(&router);
+    let refused = tokio::spawn(async move {
+        let mut tx = router.write_deferred().await.unwrap();
+        let _ = turnpike_core::db::DbConn::conn(&mut tx);
+    })
+    .await;
+    assert!(refused.is_err_and(|e| e.is_panic()));
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
 /// `SELECT pg_backend_pid()` as a strong read: the primary's server
 /// process that ran it.
 async fn backend_of_a_strong_read(router: &turnpike_core::db::Router) -> i32 {
