@@ -222,8 +222,8 @@ pub struct DatabaseSettings {
     /// connection; 0 sends every read through the pool.
     pub pipelined_connections_per_node: u32,
     /// Whether nodes reached through PgBouncer get pipelined connections
-    /// too (each statement one unnamed Parse-to-Sync message). PgBouncer
-    /// keeps a client's server until every Sync it forwarded is answered;
+    /// too (each statement one simple-protocol Query message). PgBouncer
+    /// keeps a client's server until every Query it has read is answered;
     /// turn this off for a pooler that hands the server back at the first
     /// answer.
     pub pipeline_through_pgbouncer: bool,

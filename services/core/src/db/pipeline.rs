@@ -10,14 +10,19 @@
 //! this way.
 //!
 //! On a direct connection each statement is prepared once per connection
-//! and then only bound and executed. Through PgBouncer in transaction mode
-//! (1.18 keeps no prepared statements) each goes as one unnamed Parse,
-//! Bind, Describe, Execute and Sync with its argument types given, so that
-//! it needs no earlier round trip: PgBouncer counts the Syncs it has
-//! forwarded and keeps the lane's server linked until each is answered, so
-//! a lane's statements in flight stay on one server and its answers in
-//! order. A pooler that hands the server back at the first answer instead
-//! cannot carry these: `database.pipeline_through_pgbouncer` turns them off.
+//! and then only bound and executed, its rows in binary. Through PgBouncer
+//! in transaction mode (1.18 keeps no prepared statements) each goes as one
+//! simple-protocol Query message with its arguments written in as literals
+//! ([`super::statement::render`]), its rows in text. PgBouncer counts each
+//! Query it reads the header of, before forwarding any of it, and keeps the
+//! lane's server linked until every one counted is answered, so a lane's
+//! statements in flight stay on one server and answer in order, however
+//! its bytes are split between reads. (Not so for the extended protocol's
+//! Parse, Bind, Execute and Sync: PgBouncer 1.18 counts only the Sync, and
+//! a batch split after one statement's Execute could hand the server back
+//! with half a statement on it.) A pooler that hands the server back at the
+//! first answer with more in flight cannot carry these either:
+//! `database.pipeline_through_pgbouncer` turns them off.
 //!
 //! Each node has `database.pipelined_connections_per_node` lanes; a read
 //! takes the first lane with fewer than `database.pipeline_depth`
@@ -48,9 +53,9 @@ use std::time::{Duration, Instant};
 use futures_util::TryStreamExt as _;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Statement};
 
-use super::statement::Arg;
+use super::statement::{Arg, PipelinedRow};
 
 /// The pipelined lanes of one node.
 pub(super) struct Pipeline {
@@ -79,9 +84,10 @@ pub(super) struct Pipeline {
 pub(super) enum Mode {
     /// Prepared once per connection (a server connection of its own).
     Prepared,
-    /// Each statement parsed, bound and run in one message (a pooler's
-    /// connection: a statement prepared on one server is not on the next).
-    Unnamed,
+    /// Each statement one simple-protocol message, its arguments written
+    /// in (a pooler's connection: a statement prepared on one server is not
+    /// on the next).
+    Simple,
 }
 
 impl fmt::Debug for Pipeline {
@@ -125,7 +131,7 @@ pub struct Pipelined {
 impl Pipeline {
     /// `lanes` connections to the node `options` name, as the pool reaches
     /// it (directly, `statement_timeout` among its start-up options; or
-    /// through PgBouncer, `Mode::Unnamed`, which refuses start-up options:
+    /// through PgBouncer, `Mode::Simple`, which refuses start-up options:
     /// the role carries the timeouts there), opened on first use.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
@@ -334,7 +340,7 @@ impl Pipelined {
         self: &Arc<Self>,
         sql: &str,
         args: &[Arg<'_>],
-    ) -> Result<Vec<Row>, sqlx::Error> {
+    ) -> Result<Vec<PipelinedRow>, sqlx::Error> {
         Ok(self.run(sql, args).await?.0)
     }
 
@@ -353,8 +359,8 @@ impl Pipelined {
         self: &Arc<Self>,
         sql: &str,
         args: &[Arg<'_>],
-    ) -> Result<(Vec<Row>, u64), sqlx::Error> {
-        let request = self.request(sql, args);
+    ) -> Result<(Vec<PipelinedRow>, u64), sqlx::Error> {
+        let request = self.request(sql, args)?;
         let this = Arc::clone(self);
         RunToAnswer(Some(Box::pin(async move {
             // The whole request, its count in flight included: a field the
@@ -365,21 +371,31 @@ impl Pipelined {
                 params,
                 _counted,
             } = request;
-            let params = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
-            let stream = match statement {
-                ToPrepare::Unnamed(sql, types) => {
-                    this.client.query_typed_raw(&sql, params.zip(types)).await
-                }
-                statement => {
-                    let statement = this.statement(statement).await?;
-                    this.client.query_raw(&statement, params).await
-                }
-            }
-            .map_err(to_sqlx)?;
-            let mut stream = std::pin::pin!(stream);
             let mut rows = Vec::new();
+            if let ToPrepare::Whole(text) = statement {
+                let stream = this.client.simple_query_raw(&text).await.map_err(to_sqlx)?;
+                let mut stream = std::pin::pin!(stream);
+                let mut count = None;
+                while let Some(message) = stream.try_next().await.map_err(to_sqlx)? {
+                    match message {
+                        SimpleQueryMessage::Row(row) => rows.push(PipelinedRow::Text(row)),
+                        SimpleQueryMessage::CommandComplete(n) => count = Some(n),
+                        _ => {}
+                    }
+                }
+                let count = count.unwrap_or(rows.len() as u64);
+                return Ok((rows, count));
+            }
+            let statement = this.statement(statement).await?;
+            let params = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
+            let stream = this
+                .client
+                .query_raw(&statement, params)
+                .await
+                .map_err(to_sqlx)?;
+            let mut stream = std::pin::pin!(stream);
             while let Some(row) = stream.try_next().await.map_err(to_sqlx)? {
-                rows.push(row);
+                rows.push(PipelinedRow::Binary(row));
             }
             let count = stream.rows_affected().unwrap_or(rows.len() as u64);
             Ok((rows, count))
@@ -388,36 +404,40 @@ impl Pipelined {
     }
 
     /// A statement and its arguments, owned, counted in flight until the
-    /// server has answered.
-    fn request(self: &Arc<Self>, sql: &str, args: &[Arg<'_>]) -> Request {
+    /// server has answered (through a pooler, its text with the arguments
+    /// written in: refused, with nothing counted, if they cannot be).
+    fn request(self: &Arc<Self>, sql: &str, args: &[Arg<'_>]) -> Result<Request, sqlx::Error> {
+        let text = match self.mode {
+            Mode::Simple => Some(super::statement::render(sql, args)?),
+            Mode::Prepared => None,
+        };
         // An idle connection's clock starts with its first statement, set
         // before the count says it has one (stalled reads the two in turn).
         if self.in_flight.load(Ordering::Acquire) == 0 {
             self.progress_us.store(since_start(), Ordering::Relaxed);
         }
         self.in_flight.fetch_add(1, Ordering::Release);
-        let types: Vec<Type> = args.iter().map(Arg::pg_type).collect();
-        let params = args.iter().map(|arg| arg.param()).collect();
-        if self.mode == Mode::Unnamed {
-            return Request {
-                statement: ToPrepare::Unnamed(sql.to_owned(), types),
-                params,
+        if let Some(text) = text {
+            return Ok(Request {
+                statement: ToPrepare::Whole(text),
+                params: Vec::new(),
                 _counted: Counted(Arc::clone(self)),
-            };
+            });
         }
+        let types: Vec<Type> = args.iter().map(Arg::pg_type).collect();
         let known = self
             .lock_statements()
             .get(sql)
             .and_then(|all| all.iter().find(|(t, _)| *t == types))
             .map(|(_, statement)| statement.clone());
-        Request {
+        Ok(Request {
             statement: match known {
                 Some(statement) => ToPrepare::Known(statement),
                 None => ToPrepare::Missing(sql.to_owned(), types),
             },
-            params,
+            params: args.iter().map(|arg| arg.param()).collect(),
             _counted: Counted(Arc::clone(self)),
-        }
+        })
     }
 
     fn stalled(&self, now_us: u64, after_us: u64) -> bool {
@@ -428,7 +448,8 @@ impl Pipelined {
     async fn statement(&self, statement: ToPrepare) -> Result<Statement, sqlx::Error> {
         let (sql, types) = match statement {
             ToPrepare::Known(statement) => return Ok(statement),
-            ToPrepare::Missing(sql, types) | ToPrepare::Unnamed(sql, types) => (sql, types),
+            ToPrepare::Missing(sql, types) => (sql, types),
+            ToPrepare::Whole(_) => unreachable!("a statement sent whole is never prepared"),
         };
         let statement = self
             .client
@@ -459,11 +480,12 @@ struct Request {
 }
 
 /// A statement already prepared on the connection, or its SQL and
-/// argument types to prepare it with, or to send unnamed ([`Mode::Unnamed`]).
+/// argument types to prepare it with, or its whole text to send as one
+/// message ([`Mode::Simple`]).
 enum ToPrepare {
     Known(Statement),
     Missing(String, Vec<Type>),
-    Unnamed(String, Vec<Type>),
+    Whole(String),
 }
 
 /// A statement's future, awaited in place; dropped before its answer, it

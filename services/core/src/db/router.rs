@@ -680,7 +680,7 @@ fn build_node(
     let addr = format!("{}:{}", options.get_host(), options.get_port());
     let mode = match path {
         ConnectPath::Direct => Some(Mode::Prepared),
-        ConnectPath::Pgbouncer => settings.pipeline_through_pgbouncer.then_some(Mode::Unnamed),
+        ConnectPath::Pgbouncer => settings.pipeline_through_pgbouncer.then_some(Mode::Simple),
     };
     let pipeline = match mode {
         Some(mode) if settings.pipelined_connections_per_node > 0 => {

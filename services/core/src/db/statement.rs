@@ -33,9 +33,15 @@ use uuid::Uuid;
 
 use super::DbConn;
 
-/// A row of a pipelined read, and what indexes its columns.
-pub use tokio_postgres::Row as PipelinedRow;
 pub use tokio_postgres::row::RowIndex;
+
+/// A row of a pipelined read: in binary, as a prepared statement on a
+/// direct connection answers, or in text, as a simple-protocol message
+/// through PgBouncer answers.
+pub enum PipelinedRow {
+    Binary(tokio_postgres::Row),
+    Text(tokio_postgres::SimpleQueryRow),
+}
 
 /// A statement's argument (`$1` is the first).
 #[derive(Debug, Clone, Copy)]
@@ -357,6 +363,17 @@ fn decode_error<I: fmt::Display>(
     }
 }
 
+/// A column's text in a simple-protocol answer; `None` for NULL.
+pub fn text_of<I>(
+    row: &tokio_postgres::SimpleQueryRow,
+    index: I,
+) -> Result<Option<&str>, sqlx::Error>
+where
+    I: RowIndex + fmt::Display + Copy,
+{
+    row.try_get(index).map_err(|e| decode_error(index, e))
+}
+
 macro_rules! native_columns {
     ($($t:ty),*) => {$(
         impl Column for $t {
@@ -364,10 +381,130 @@ macro_rules! native_columns {
             where
                 I: RowIndex + fmt::Display + Copy,
             {
-                row.try_get(index).map_err(|e| decode_error(index, e))
+                match row {
+                    PipelinedRow::Binary(row) => row.try_get(index).map_err(|e| decode_error(index, e)),
+                    PipelinedRow::Text(row) => text_of(row, index)?
+                        .map(|text| <$t as FromText>::from_text(text).map_err(|e| decode_error(index, e)))
+                        .transpose(),
+                }
             }
         }
     )*};
+}
+
+/// A value from PostgreSQL's text output of its type.
+trait FromText: Sized {
+    fn from_text(text: &str) -> Result<Self, sqlx::error::BoxDynError>;
+}
+
+impl FromText for Uuid {
+    fn from_text(text: &str) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(Uuid::parse_str(text)?)
+    }
+}
+
+impl FromText for i64 {
+    fn from_text(text: &str) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(text.parse()?)
+    }
+}
+
+impl FromText for i32 {
+    fn from_text(text: &str) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(text.parse()?)
+    }
+}
+
+impl FromText for bool {
+    fn from_text(text: &str) -> Result<Self, sqlx::error::BoxDynError> {
+        match text {
+            "t" => Ok(true),
+            "f" => Ok(false),
+            other => Err(format!("not a boolean: {other:?}").into()),
+        }
+    }
+}
+
+impl FromText for String {
+    fn from_text(text: &str) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(text.to_owned())
+    }
+}
+
+impl FromText for Vec<u8> {
+    /// `bytea` in its hex output (`\x0a1b…`, the server's default).
+    fn from_text(text: &str) -> Result<Self, sqlx::error::BoxDynError> {
+        let hex = text.strip_prefix("\\x").ok_or("bytea not in hex output")?;
+        if hex.len() % 2 != 0 {
+            return Err("bytea hex of odd length".into());
+        }
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(Into::into))
+            .collect()
+    }
+}
+
+impl<T: FromText> FromText for Vec<T> {
+    fn from_text(text: &str) -> Result<Self, sqlx::error::BoxDynError> {
+        array_elements(text)?
+            .into_iter()
+            .map(|element| T::from_text(&element.ok_or("NULL in an array of non-null elements")?))
+            .collect()
+    }
+}
+
+impl FromText for Vec<Option<String>> {
+    fn from_text(text: &str) -> Result<Self, sqlx::error::BoxDynError> {
+        array_elements(text)
+    }
+}
+
+/// The elements of a one-dimensional array's text output (`{a,"b c",NULL}`):
+/// quoted ones unescaped, an unquoted `NULL` as `None`.
+fn array_elements(text: &str) -> Result<Vec<Option<String>>, sqlx::error::BoxDynError> {
+    let inner = text
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .ok_or_else(|| format!("not an array: {text:?}"))?;
+    let mut elements = Vec::new();
+    if inner.is_empty() {
+        return Ok(elements);
+    }
+    let mut chars = inner.chars().peekable();
+    loop {
+        let mut element = String::new();
+        let quoted = chars.peek() == Some(&'"');
+        if quoted {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') => break,
+                    Some('\\') => element.push(chars.next().ok_or("array ends in an escape")?),
+                    Some(c) => element.push(c),
+                    None => return Err("unterminated quoted array element".into()),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                if c == '{' || c == '"' || c == '\\' {
+                    return Err("a multidimensional or malformed array".into());
+                }
+                element.push(c);
+                chars.next();
+            }
+        }
+        let null = !quoted && element.eq_ignore_ascii_case("NULL");
+        elements.push((!null).then_some(element));
+        match chars.next() {
+            Some(',') => {}
+            None => return Ok(elements),
+            Some(c) => return Err(format!("unexpected {c:?} after an array element").into()),
+        }
+    }
 }
 
 native_columns!(
@@ -413,8 +550,15 @@ where
     T: serde::de::DeserializeOwned,
     I: RowIndex + fmt::Display + Copy,
 {
-    let text: Option<JsonText<'_>> = row.try_get(index).map_err(|e| decode_error(index, e))?;
-    text.map(|text| serde_json::from_slice(text.0).map_err(|e| decode_error(index, e)))
+    let text: Option<&[u8]> = match row {
+        PipelinedRow::Binary(row) => {
+            let text: Option<JsonText<'_>> =
+                row.try_get(index).map_err(|e| decode_error(index, e))?;
+            text.map(|t| t.0)
+        }
+        PipelinedRow::Text(row) => text_of(row, index)?.map(str::as_bytes),
+    };
+    text.map(|text| serde_json::from_slice(text).map_err(|e| decode_error(index, e)))
         .transpose()
 }
 
@@ -423,9 +567,15 @@ pub fn json_string<I>(row: &PipelinedRow, index: I) -> Result<Option<String>, sq
 where
     I: RowIndex + fmt::Display + Copy,
 {
-    let text: Option<JsonText<'_>> = row.try_get(index).map_err(|e| decode_error(index, e))?;
-    text.map(|text| String::from_utf8(text.0.to_vec()).map_err(|e| decode_error(index, e)))
-        .transpose()
+    match row {
+        PipelinedRow::Binary(row) => {
+            let text: Option<JsonText<'_>> =
+                row.try_get(index).map_err(|e| decode_error(index, e))?;
+            text.map(|text| String::from_utf8(text.0.to_vec()).map_err(|e| decode_error(index, e)))
+                .transpose()
+        }
+        PipelinedRow::Text(row) => Ok(text_of(row, index)?.map(str::to_owned)),
+    }
 }
 
 impl<T: serde::de::DeserializeOwned> Column for sqlx::types::Json<T> {
@@ -544,6 +694,35 @@ mod tests {
              ARRAY['00000000-0000-0000-0000-000000000001'::uuid]::uuid[], \
              ARRAY[E'a''b'::text,NULL::text]::text[], ARRAY[]::int8[]"
         );
+    }
+
+    #[test]
+    fn array_text_output_is_read_back_element_by_element() {
+        let read = |text: &str| array_elements(text).unwrap_or_default();
+        assert_eq!(read("{}"), Vec::<Option<String>>::new());
+        assert_eq!(
+            read(r#"{a,"b c",NULL,"NULL","",null}"#),
+            [Some("a"), Some("b c"), None, Some("NULL"), Some(""), None]
+                .map(|e| e.map(str::to_owned))
+        );
+        assert_eq!(
+            read(r#"{"say \"hi\"","back\\slash","{brace},comma"}"#),
+            [r#"say "hi""#, r"back\slash", "{brace},comma"].map(|e| Some(e.to_owned()))
+        );
+        for bad in ["", "a,b", "{a", r#"{"open}"#, "{{1,2},{3,4}}", "{a}b"] {
+            assert!(array_elements(bad).is_err(), "{bad:?} was read");
+        }
+        assert_eq!(
+            <Vec<i64> as FromText>::from_text("{-1,0,9223372036854775807}").ok(),
+            Some(vec![-1, 0, i64::MAX])
+        );
+        assert!(<Vec<i64> as FromText>::from_text("{1,NULL}").is_err());
+        assert_eq!(
+            <Vec<u8> as FromText>::from_text(r"\x00ff10").ok(),
+            Some(vec![0x00, 0xff, 0x10])
+        );
+        assert_eq!(<bool as FromText>::from_text("t").ok(), Some(true));
+        assert!(<bool as FromText>::from_text("yes").is_err());
     }
 
     #[test]
