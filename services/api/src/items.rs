@@ -377,8 +377,6 @@ pub async fn resolve_references(
         sqlx::types::Json<serde_json::Value>,
         Option<sqlx::types::Json<Vec<serde_json::Value>>>,
     );
-    // The first statement of a create's transaction, and not one message.
-    statement::begin_now(db).await?;
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT DISTINCT ON (i.id) i.id, i.body, i.prompt
            FROM items i JOIN conversations c ON c.id = i.conversation_id

@@ -197,9 +197,7 @@ async fn begin(
         compact,
     };
 
-    // BEGIN goes out with the first statement (one round trip fewer
-    // through PgBouncer, on the path to the first token).
-    let mut tx = app.router.write_deferred().await?;
+    let mut tx = app.router.write().await?;
     let resolved = items::resolve_references(&mut tx, principal.user_id, "input", &inputs).await?;
     let inputs = resolved.unwrap_or(inputs);
     // A turn that starts a conversation creates it holding its input's

@@ -102,8 +102,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     // Listed before the start's transaction, which locks the conversation:
     // a slow MCP server must not hold that lock.
     let mcp_tools = mcp_tools(ctx, id, delivery.lsn).await?;
-    // The start's call is its first statement: BEGIN goes out with it.
-    let mut tx = ctx.router.write_deferred().await?;
+    let mut tx = ctx.router.write().await?;
     let started = turns::start(&mut tx, id, delivery.deliveries > 1).await?;
     let Some(turns::Started {
         mut row,
@@ -1275,8 +1274,7 @@ async fn finish(
         events_tx.logged().await;
     }
     let committed = async {
-        // The finish's call is its first statement: BEGIN goes out with it.
-        let mut tx = ctx.router.write_deferred().await?;
+        let mut tx = ctx.router.write().await?;
         let (finished, next) = turns::finish(&mut tx, row, outcome, step, first_frozen).await?;
         let finished = match finished {
             turns::Finished::Done(done) => Some(done),

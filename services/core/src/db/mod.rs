@@ -181,11 +181,6 @@ pub trait DbConn: Send {
     fn pipelined(&self) -> Option<&std::sync::Arc<Pipelined>> {
         None
     }
-    /// Whether the transaction's `BEGIN` is still to go out, ahead of the
-    /// next statement ([`Router::write_deferred`]); asking takes it.
-    fn take_deferred_begin(&mut self) -> bool {
-        false
-    }
 }
 
 #[cfg(test)]

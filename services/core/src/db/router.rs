@@ -202,43 +202,21 @@ impl Router {
     /// Opens a transaction on the primary. Fails fast with
     /// [`DbError::PrimaryUnavailable`] while the primary is down.
     pub async fn write(&self) -> Result<Writer, DbError> {
-        self.open_write(false).await
-    }
-
-    /// [`Router::write`], except that where the primary is reached through
-    /// PgBouncer the `BEGIN` goes out in the same message as the
-    /// transaction's first statement instead of a round trip of its own
-    /// (statements go as one simple-protocol message each there, and one
-    /// message may carry several). The first statement must then go
-    /// through [`super::statement`], or follow
-    /// [`super::statement::begin_now`]: any other would run outside the
-    /// transaction, and panics instead.
-    pub async fn write_deferred(&self) -> Result<Writer, DbError> {
-        self.open_write(true).await
-    }
-
-    async fn open_write(&self, defer: bool) -> Result<Writer, DbError> {
         let node = &self.primary;
         if node.state() == NodeState::Down {
             return Err(DbError::PrimaryUnavailable);
         }
-        let defer = defer && node.path == ConnectPath::Pgbouncer;
         let admission = self.admit(node, QueryClass::Interactive, false).await?;
         let guard = InFlight::enter(node);
         let begin = async {
             let mut conn = node.pool.get().await?;
-            if !defer {
-                sqlx::Executor::execute(conn.conn(), "BEGIN").await?;
-            }
-            // Deferred or not: dropped before its commit, the connection
-            // is rolled back (a ROLLBACK with no BEGIN sent only warns).
+            sqlx::Executor::execute(conn.conn(), "BEGIN").await?;
             conn.in_transaction = true;
             Ok::<Pooled, sqlx::Error>(conn)
         };
         match tokio::time::timeout(self.acquire_timeout(), begin).await {
             Ok(Ok(conn)) => Ok(Writer {
                 conn,
-                begin_deferred: defer,
                 commit_timeout: Duration::from_millis(self.settings.read_attempt_timeout_ms),
                 node: guard,
                 _admission: admission,
@@ -872,9 +850,6 @@ impl Session {
 /// the consistency token; dropping it rolls back.
 pub struct Writer {
     conn: Pooled,
-    /// Its `BEGIN` is still to go out, with its first statement
-    /// ([`Router::write_deferred`]).
-    begin_deferred: bool,
     commit_timeout: Duration,
     node: InFlight,
     /// The transaction's slot in the primary's budget, held until it ends.
@@ -916,20 +891,7 @@ impl DbConn for Writer {
     }
 
     fn conn(&mut self) -> &mut sqlx::PgConnection {
-        // A bug, caught in the tests (they run through PgBouncer too).
-        assert!(
-            !self.begin_deferred,
-            "a statement outside db::statement before a deferred BEGIN went out (call statement::begin_now first)"
-        );
         self.conn.conn()
-    }
-
-    fn conn_for_one_message(&mut self) -> &mut sqlx::PgConnection {
-        self.conn.conn()
-    }
-
-    fn take_deferred_begin(&mut self) -> bool {
-        std::mem::take(&mut self.begin_deferred)
     }
 }
 

@@ -145,12 +145,7 @@ async fn send(db: &mut impl DbConn, sql: &str, args: &[Arg<'_>]) -> Result<Answe
         let query = sqlx::query_with(sql, bound(args)?).persistent(true);
         Box::pin(db.conn().fetch_many(query).try_collect())
     } else {
-        let mut text = render(sql, args)?;
-        // A deferred BEGIN goes in the same message: it opens the
-        // transaction block, which the statement then runs in.
-        if db.take_deferred_begin() {
-            text.insert_str(0, "BEGIN; ");
-        }
+        let text = render(sql, args)?;
         let conn = db.conn_for_one_message();
         Box::pin(async move { conn.fetch_many(text.as_str()).try_collect().await })
     };
@@ -175,15 +170,6 @@ fn bound(args: &[Arg<'_>]) -> Result<PgArguments, sqlx::Error> {
         .map_err(sqlx::Error::Encode)?;
     }
     Ok(arguments)
-}
-
-/// Sends a deferred `BEGIN` ([`Router::write_deferred`](super::Router::write_deferred))
-/// now, before a statement that does not go through this module.
-pub async fn begin_now(db: &mut impl DbConn) -> Result<(), sqlx::Error> {
-    if db.take_deferred_begin() {
-        db.conn_for_one_message().execute("BEGIN").await?;
-    }
-    Ok(())
 }
 
 /// `value` as JSON text, for an argument the SQL casts to `jsonb`.
