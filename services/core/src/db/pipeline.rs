@@ -131,8 +131,9 @@ pub struct Pipelined {
 impl Pipeline {
     /// `lanes` connections to the node `options` name, as the pool reaches
     /// it (directly, `statement_timeout` among its start-up options; or
-    /// through PgBouncer, `Mode::Simple`, which refuses start-up options:
-    /// the role carries the timeouts there), opened on first use.
+    /// through PgBouncer, `Mode::Simple`, where the role carries the
+    /// timeouts because PgBouncer refuses start-up options), opened on
+    /// first use.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         mode: Mode,
@@ -166,7 +167,8 @@ impl Pipeline {
         }
         // The pool's start-up options, its timeouts among them, and the
         // session settings sqlx sends with every connection.
-        // (Rows come back in binary, which neither setting changes.)
+        // Through PgBouncer, which refuses start-up options, the role
+        // carries the same session settings (`turnpike migrate`).
         if mode == Mode::Prepared {
             let session = "-c TimeZone=UTC -c DateStyle=ISO,MDY";
             config.options(match options.get_options() {

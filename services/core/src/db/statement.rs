@@ -16,8 +16,9 @@
 //! refused; PostgreSQL cannot store one).
 //!
 //! A read on a node's pipelined connection ([`super::pipeline`]) goes out
-//! bound there with the same argument types (prepared once per connection
-//! directly; unnamed, in one message, through PgBouncer), and its rows are
+//! there the same way: directly, prepared once per connection and bound
+//! with the same argument types (rows in binary); through PgBouncer, as the
+//! same one message (rows in text). Its rows are
 //! decoded by [`StatementRow`], which every row type read here implements
 //! beside sqlx's `FromRow` ([`statement_row!`](crate::statement_row) for a
 //! struct, by column name).
@@ -350,10 +351,7 @@ fn decode_error<I: fmt::Display>(
 }
 
 /// A column's text in a simple-protocol answer; `None` for NULL.
-pub fn text_of<I>(
-    row: &tokio_postgres::SimpleQueryRow,
-    index: I,
-) -> Result<Option<&str>, sqlx::Error>
+fn text_of<I>(row: &tokio_postgres::SimpleQueryRow, index: I) -> Result<Option<&str>, sqlx::Error>
 where
     I: RowIndex + fmt::Display + Copy,
 {
@@ -539,16 +537,25 @@ where
     T: serde::de::DeserializeOwned,
     I: RowIndex + fmt::Display + Copy,
 {
-    let text: Option<&[u8]> = match row {
+    json_text(row, index)?
+        .map(|text| serde_json::from_slice(text).map_err(|e| decode_error(index, e)))
+        .transpose()
+}
+
+/// The text of a `json` or `jsonb` column as the server sent it, from
+/// either kind of row; `None` for NULL.
+fn json_text<I>(row: &PipelinedRow, index: I) -> Result<Option<&[u8]>, sqlx::Error>
+where
+    I: RowIndex + fmt::Display + Copy,
+{
+    Ok(match row {
         PipelinedRow::Binary(row) => {
             let text: Option<JsonText<'_>> =
                 row.try_get(index).map_err(|e| decode_error(index, e))?;
             text.map(|t| t.0)
         }
         PipelinedRow::Text(row) => text_of(row, index)?.map(str::as_bytes),
-    };
-    text.map(|text| serde_json::from_slice(text).map_err(|e| decode_error(index, e)))
-        .transpose()
+    })
 }
 
 /// The text of a `json` or `jsonb` column, unparsed; `None` for NULL.
@@ -556,15 +563,9 @@ pub fn json_string<I>(row: &PipelinedRow, index: I) -> Result<Option<String>, sq
 where
     I: RowIndex + fmt::Display + Copy,
 {
-    match row {
-        PipelinedRow::Binary(row) => {
-            let text: Option<JsonText<'_>> =
-                row.try_get(index).map_err(|e| decode_error(index, e))?;
-            text.map(|text| String::from_utf8(text.0.to_vec()).map_err(|e| decode_error(index, e)))
-                .transpose()
-        }
-        PipelinedRow::Text(row) => Ok(text_of(row, index)?.map(str::to_owned)),
-    }
+    json_text(row, index)?
+        .map(|text| String::from_utf8(text.to_vec()).map_err(|e| decode_error(index, e)))
+        .transpose()
 }
 
 impl<T: serde::de::DeserializeOwned> Column for sqlx::types::Json<T> {
