@@ -378,6 +378,25 @@ pub async fn check_new_turn(
     check_storage(app, tx, user, incoming).await
 }
 
+/// The bounds within which a new turn passes both limits at a glance, as
+/// [`check_new_turn`]'s first read passes it: fewer queued or running turns
+/// than the first, and stored bytes with the turn's at most the second
+/// (`None`: that limit is off). `None` when the turn limit is too small to
+/// leave headroom, so every new turn is counted under its lock.
+pub fn clear_bounds(app: &AppState) -> Option<(Option<i64>, Option<i64>)> {
+    let limits = &app.settings.limits;
+    let turns = match limits.active_turns_per_user {
+        0 => None,
+        cap if cap / 4 == 0 => return None,
+        cap => Some(i64::from(cap - cap / 4)),
+    };
+    let storage = match limits.storage_bytes_per_user {
+        0 => None,
+        cap => Some(i64::try_from(cap).unwrap_or(i64::MAX)),
+    };
+    Some((turns, storage))
+}
+
 /// Refuses to store `incoming` more bytes of items for a user whose stored
 /// items would then pass `limits.storage_bytes_per_user`. Primary, in the
 /// caller's transaction.

@@ -200,6 +200,34 @@ async fn begin(
     let mut tx = app.router.write().await?;
     let resolved = items::resolve_references(&mut tx, principal.user_id, "input", &inputs).await?;
     let inputs = resolved.unwrap_or(inputs);
+    // A turn that starts a conversation, its user clear of the limits: one
+    // call, sent with the commit.
+    if body.conversation.is_none()
+        && body.previous_response_id.is_none()
+        && let Some((active_below, storage_cap)) = crate::limits::clear_bounds(app)
+    {
+        let items: Vec<Item> = inputs
+            .iter()
+            .map(|input| items::to_item(input, Uuid::now_v7()))
+            .collect();
+        let turn = turns::FirstTurn {
+            user: principal.user_id,
+            conversation: Uuid::now_v7(),
+            response: Uuid::now_v7(),
+            model: &model,
+            background,
+            request: &stored,
+            items: &items,
+            active_below,
+            storage_cap,
+            incoming: i64::try_from(input_bytes).unwrap_or(i64::MAX),
+        };
+        if let Some((row, lsn)) = turns::create_first(tx, &turn).await? {
+            return Ok(queued(app, principal, body, row, lsn, Vec::new(), true).await);
+        }
+        // Near a limit: nothing was written; each is checked in full.
+        tx = app.router.write().await?;
+    }
     // A turn that starts a conversation creates it holding its input's
     // sequence numbers: nobody else can see it yet, so there is no active
     // turn to look for and no sequence to reserve (two round trips fewer
@@ -287,35 +315,53 @@ async fn begin(
     )
     .await?;
     let lsn = tx.commit().await?;
-    app.wrote_to(principal, conversation, lsn).await;
+    Ok(queued(app, principal, body, row, lsn, interrupted, dispatch_now).await)
+}
+
+/// After a turn's commit: the caller's session window and the
+/// conversation's caches learn of it while the turns it interrupted are
+/// told to stop and it is queued (when it runs now; a turn behind an active
+/// one is dispatched by the worker that finishes that one).
+async fn queued(
+    app: &AppState,
+    principal: &turnpike_core::auth::Principal,
+    body: &CreateResponse,
+    row: ResponseRow,
+    lsn: turnpike_core::db::Lsn,
+    interrupted: Vec<(Uuid, String)>,
+    dispatch_now: bool,
+) -> Started {
     let public = row.public_id();
-    // Subscribe before the turn can start, so a fast turn's end is not missed.
-    let waiting = if body.stream != Some(true) && !background {
-        Some(app.hub.subscribe(&public).await)
-    } else {
-        None
-    };
-    for (id, previous) in interrupted {
-        announce_cancel(app, &ids::encode(prefixes::RESPONSE, id), &previous).await;
-    }
-    // A turn behind an active one is dispatched by the worker that finishes the active one.
-    let enqueued = {
-        use tracing::Instrument;
-        let span = tracing::info_span!("enqueue", response = %public);
-        async {
-            if dispatch_now {
-                queue::enqueue(&app.kv, &app.settings.worker.queue, &public, lsn).await
-            } else {
-                Ok(())
+    let dispatch = async {
+        // Subscribe before the turn can start, so a fast turn's end is not missed.
+        let waiting = if body.stream != Some(true) && !body.background.unwrap_or(false) {
+            Some(app.hub.subscribe(&public).await)
+        } else {
+            None
+        };
+        for (id, previous) in interrupted {
+            announce_cancel(app, &ids::encode(prefixes::RESPONSE, id), &previous).await;
+        }
+        if dispatch_now {
+            use tracing::Instrument;
+            let span = tracing::info_span!("enqueue", response = %public);
+            let input = queue::Input {
+                conversation: row.conversation_id,
+                last_seq: row.input_last_seq,
+                user: row.user_id,
+            };
+            let queue = &app.settings.worker.queue;
+            let enqueued = queue::enqueue_with_input(&app.kv, queue, &public, lsn, input)
+                .instrument(span)
+                .await;
+            if let Err(e) = enqueued {
+                tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
             }
         }
-        .instrument(span)
-        .await
+        waiting
     };
-    if let Err(e) = enqueued {
-        tracing::warn!(error = %e, response = %public, "could not enqueue a turn; the reconciler will");
-    }
-    Ok(Started { row, lsn, waiting })
+    let ((), waiting) = tokio::join!(app.wrote_to(principal, row.conversation_id, lsn), dispatch);
+    Started { row, lsn, waiting }
 }
 
 /// A request's `input` as items: a plain string is one user message.

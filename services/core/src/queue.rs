@@ -4,6 +4,8 @@
 //! replayed it. Delivery is at least once; workers acknowledge after the
 //! turn's outcome is persisted.
 
+use uuid::Uuid;
+
 use crate::db::Lsn;
 use crate::kv::{Kv, KvError};
 
@@ -31,7 +33,50 @@ pub const GROUP: &str = "workers";
 /// Queues a turn, with the current trace's context (W3C `traceparent`)
 /// when traces are on: the worker's spans continue the same trace.
 pub async fn enqueue(kv: &Kv, stream: &str, response: &str, lsn: Lsn) -> Result<(), KvError> {
-    add(kv, stream, response, lsn, false).await
+    add(kv, stream, response, lsn, None, false).await
+}
+
+/// Where a queued turn's input ends and whose turn it is, as its create
+/// stored them: a worker that knows reads the turn's history (and the
+/// user's token count) while it starts the turn, instead of after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Input {
+    pub conversation: Uuid,
+    pub last_seq: i64,
+    pub user: Uuid,
+}
+
+impl Input {
+    fn field(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.conversation.simple(),
+            self.last_seq,
+            self.user.simple()
+        )
+    }
+
+    fn parse(field: &str) -> Option<Self> {
+        let mut parts = field.split('/');
+        let input = Self {
+            conversation: parts.next()?.parse().ok()?,
+            last_seq: parts.next()?.parse().ok()?,
+            user: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(input)
+    }
+}
+
+/// [`enqueue`] for a turn whose input is in the conversation already (it
+/// runs at once), saying where that input ends.
+pub async fn enqueue_with_input(
+    kv: &Kv,
+    stream: &str,
+    response: &str,
+    lsn: Lsn,
+    input: Input,
+) -> Result<(), KvError> {
+    add(kv, stream, response, lsn, Some(input), false).await
 }
 
 /// Queues again a turn that was running when its entry was lost (Redis
@@ -65,7 +110,7 @@ pub async fn enqueue_redelivery(
     if marked.is_none() {
         return Ok(false);
     }
-    add(kv, stream, response, lsn, true).await?;
+    add(kv, stream, response, lsn, None, true).await?;
     Ok(true)
 }
 
@@ -115,10 +160,12 @@ async fn add(
     stream: &str,
     response: &str,
     lsn: Lsn,
+    input: Option<Input>,
     redelivery: bool,
 ) -> Result<(), KvError> {
     let (stream, response) = (stream.to_owned(), response.to_owned());
     let lsn = lsn.to_string();
+    let input = input.as_ref().map(Input::field);
     let trace = crate::telemetry::traceparent();
     kv.run(|mut conn| async move {
         let mut add = redis::cmd("XADD");
@@ -130,6 +177,9 @@ async fn add(
             .arg(lsn);
         if let Some(trace) = trace {
             add.arg("t").arg(trace);
+        }
+        if let Some(input) = input {
+            add.arg("i").arg(input);
         }
         if redelivery {
             add.arg("d").arg(2);
@@ -156,6 +206,8 @@ pub struct Delivery {
     pub deliveries: u64,
     /// The W3C `traceparent` of the trace that queued it, if traced.
     pub trace: Option<String>,
+    /// Where its input ends, when the entry says.
+    pub input: Option<Input>,
 }
 
 /// How much longer than its `BLOCK` a blocking read may take to answer
@@ -321,6 +373,7 @@ fn parse(entry: String, fields: &[(String, String)], deliveries: u64) -> Option<
         // redelivery from its first delivery on.
         deliveries: deliveries.max(field("d").and_then(|d| d.parse().ok()).unwrap_or(0)),
         trace: field("t"),
+        input: field("i").as_deref().and_then(Input::parse),
     })
 }
 
@@ -379,4 +432,28 @@ pub async fn depth(kv: &Kv, stream: &str) -> Result<Depth, KvError> {
         pending: summary.0,
         oldest_pending_idle_ms: oldest.first().map_or(0, |entry| entry.2),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entrys_input_reads_back_as_written() {
+        let input = Input {
+            conversation: Uuid::now_v7(),
+            last_seq: 42,
+            user: Uuid::now_v7(),
+        };
+        assert_eq!(Input::parse(&input.field()), Some(input));
+        for bad in [
+            "",
+            "x/1/y",
+            "a/b",
+            &format!("{}/1", Uuid::nil().simple()),
+            &format!("{}/-/{}/x", Uuid::nil(), Uuid::nil()),
+        ] {
+            assert_eq!(Input::parse(bad), None, "{bad}");
+        }
+    }
 }

@@ -199,6 +199,62 @@ pub async fn find_any(db: &mut impl DbConn, id: Uuid) -> Result<Option<ResponseR
         .await
 }
 
+/// A turn that starts a conversation, as [`create_first`] stores it.
+pub struct FirstTurn<'a> {
+    pub user: Uuid,
+    pub conversation: Uuid,
+    pub response: Uuid,
+    pub model: &'a str,
+    pub background: bool,
+    pub request: &'a StoredRequest,
+    /// The input, in order (its sequence numbers are 1..).
+    pub items: &'a [Item],
+    /// Created only while the user has fewer queued or running turns than
+    /// this (`None`: not counted) ...
+    pub active_below: Option<i64>,
+    /// ... and their stored items with these (`incoming` bytes) come to at
+    /// most this (`None`: not counted).
+    pub storage_cap: Option<i64>,
+    pub incoming: i64,
+}
+
+/// Creates a new conversation holding `turn`'s input and its queued
+/// response, and commits, in one round trip after `tx`'s `BEGIN`
+/// (`turnpike_create_first_turn`). `None` when the user is not comfortably
+/// clear of a limit: nothing was written, and the caller checks each limit
+/// in full in a new transaction.
+#[tracing::instrument(level = "debug", skip_all, fields(id = %turn.response))]
+pub async fn create_first(
+    tx: crate::db::Writer,
+    turn: &FirstTurn<'_>,
+) -> Result<Option<(ResponseRow, crate::db::Lsn)>, crate::db::DbError> {
+    let request = statement::json(turn.request)?;
+    let items = ItemColumns::of(turn.items, &[])?;
+    let (rows, lsn) = tx
+        .commit_after::<ResponseRow>(
+            &format!(
+                "SELECT {COLUMNS} FROM turnpike_create_first_turn($1, $2, '{{}}'::jsonb, $3, $4, $5,
+                     $6, $7, $8, $9::jsonb, $10::uuid[], $11::text[], $12::text[]::jsonb[])"
+            ),
+            &[
+                Arg::from(turn.user),
+                Arg::from(turn.conversation),
+                Arg::Int(turn.active_below),
+                Arg::Int(turn.storage_cap),
+                Arg::from(turn.incoming),
+                Arg::from(turn.response),
+                Arg::from(turn.model),
+                Arg::from(turn.background),
+                Arg::from(request.as_str()),
+                Arg::Uuids(&items.ids),
+                Arg::Texts(&items.kinds),
+                Arg::Texts(&items.bodies),
+            ],
+        )
+        .await?;
+    Ok(rows.into_iter().next().map(|row| (row, lsn)))
+}
+
 /// Moves a queued response to `in_progress`. A redelivered turn
 /// (`redelivery`: its worker died) also takes over one already in progress;
 /// a first delivery never does, so a duplicate queue entry cannot run a turn

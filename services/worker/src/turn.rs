@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use turnpike_core::db::{Consistency, Lsn};
+use turnpike_core::kv::KvError;
 use turnpike_core::queue::Delivery;
 use turnpike_core::steps::{self, Frozen, Step, StepKind};
 use turnpike_core::turns::{self, Outcome, ResponseRow};
@@ -102,80 +103,48 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     // Listed before the start's transaction, which locks the conversation:
     // a slow MCP server must not hold that lock.
     let mcp_tools = mcp_tools(ctx, id, delivery.lsn).await?;
-    let mut tx = ctx.router.write().await?;
-    let started = turns::start(&mut tx, id, delivery.deliveries > 1).await?;
-    let Some(turns::Started {
-        mut row,
-        appended,
-        frozen: before,
-    }) = started
+    let bounds = turns::HistoryBounds::of(&ctx.settings.worker);
+    // What the start does not decide is read while it runs: the event log's
+    // end and, for a first delivery whose entry says where its input ends,
+    // the user's tokens today and the history (a start that appends to the
+    // conversation has the history read again). The history may take longer
+    // than the start, and the turn announces itself without waiting for it.
+    let early = delivery.input.filter(|_| delivery.deliveries == 1);
+    let mut early_history = std::pin::pin!(futures_util::future::maybe_done(async {
+        let input = early?;
+        Some(
+            read_history(
+                ctx,
+                input.conversation,
+                input.last_seq,
+                delivery.lsn,
+                bounds,
+            )
+            .await,
+        )
+    }));
+    let started = std::pin::pin!(async {
+        tokio::join!(
+            begin(ctx, delivery, id, &mcp_tools),
+            events::last_sequence(&ctx.kv, &delivery.response),
+            async { tokens_today(ctx, early?.user).await },
+        )
+    });
+    let (begun, logged, early_tokens) =
+        match futures_util::future::select(started, early_history.as_mut()).await {
+            futures_util::future::Either::Left((started, _)) => started,
+            futures_util::future::Either::Right(((), started)) => started.await,
+        };
+    let Some(Begun {
+        row,
+        first_frozen,
+        frozen,
+        done,
+        lsn,
+        rewritten,
+    }) = begun?
     else {
-        // Cancelled before it started, finished already, or a duplicate
-        // delivery of a running turn: nothing to run. A cancelled turn's
-        // successor may be waiting.
-        let conversation = turns::find_any(&mut tx, id)
-            .await?
-            .map(|r| r.conversation_id);
-        let next = match conversation {
-            Some(conversation) => {
-                turns::lock_conversation(&mut tx, conversation).await?;
-                turns::next_queued(&mut tx, conversation).await?
-            }
-            None => None,
-        };
-        let lsn = tx.commit().await?;
-        dispatch(ctx, next, lsn).await;
         return Ok(());
-    };
-    // The conversation's prompt settings are frozen at its first turn; what
-    // this turn changes is told to the model in a developer message that
-    // joins the turn's input.
-    let request = &row.request.0;
-    let (refrozen, note) = prompt::refreeze(
-        before.clone(),
-        request.instructions.as_deref(),
-        &request.tools,
-        &mcp_tools,
-    );
-    // A first turn's settings are stored by its finish (the migration of
-    // the turn functions says why); a change is stored now, with the
-    // note that announces it.
-    let first_frozen = match (&before, &refrozen) {
-        (None, first) => first.clone(),
-        (Some(_), Some(changed)) => {
-            steps::freeze(&mut tx, row.conversation_id, changed).await?;
-            None
-        }
-        (Some(_), None) => None,
-    };
-    let frozen = refrozen.or(before).unwrap_or_default();
-    if let Some(note) = &note
-        && let Some(seq) = turns::reserve_seqs(&mut tx, row.conversation_id, row.user_id, 1).await?
-    {
-        let item = Item::Message {
-            id: ids::encode(prefixes::MESSAGE, Uuid::now_v7()),
-            status: "completed".into(),
-            role: Role::Developer,
-            content: vec![ContentPart::InputText { text: note.clone() }],
-            extra: Default::default(),
-        };
-        turns::insert_items(&mut tx, row.conversation_id, seq, &[item], Some(row.id)).await?;
-        turns::extend_input(&mut tx, row.id, seq).await?;
-        row.input_last_seq = seq;
-    }
-    let done = if delivery.deliveries > 1 {
-        steps::load(&mut tx, row.id).await?
-    } else {
-        Vec::new()
-    };
-    let start_lsn = tx.commit().await?;
-    // History is read on a replica that has replayed the turn's input,
-    // including anything this start appended.
-    let lsn = if appended || note.is_some() {
-        changed(ctx, row.conversation_id, start_lsn).await;
-        start_lsn
-    } else {
-        delivery.lsn
     };
 
     // How long the turn waited, created to started (first delivery only).
@@ -187,10 +156,7 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         metrics::histogram!("turnpike_turn_queue_wait_seconds").record(waited as f64);
     }
     let cancelled = ctx.cancels.register(&delivery.response);
-    let logged = events::last_sequence(&ctx.kv, &delivery.response)
-        .await
-        .ok()
-        .flatten();
+    let logged = logged.ok().flatten();
     let first_seq = logged.map_or(0, |s| s + 1);
     // A `store: false` turn's events outlive it only long enough for a
     // client that lost its connection at the end to resume.
@@ -221,15 +187,23 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     }
     events_tx.send(json!({"type": "response.in_progress", "response": snapshot}));
 
-    let conversation = row.conversation_id;
-    let last_seq = row.input_last_seq;
-    let bounds = turns::HistoryBounds::of(&ctx.settings.worker);
-    let history = ctx
-        .router
-        .read_one_message(Consistency::Session(Some(lsn)), move |db| {
-            Box::pin(async move { turns::history(db, conversation, last_seq, bounds).await })
-        })
-        .await?;
+    let read_early = early.is_some_and(|input| {
+        !rewritten
+            && input.conversation == row.conversation_id
+            && input.last_seq == row.input_last_seq
+    });
+    let early_history = if read_early {
+        early_history.as_mut().await;
+        early_history.as_mut().take_output().flatten()
+    } else {
+        None
+    };
+    let history = match early_history {
+        Some(Ok(history)) => history,
+        // Read again where a replica has what the start appended, or
+        // elsewhere after a failed early read.
+        _ => read_history(ctx, row.conversation_id, row.input_last_seq, lsn, bounds).await?,
+    };
 
     let mut turn = Loop::new(
         ctx,
@@ -240,6 +214,9 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         events_tx.clone(),
         lsn,
     );
+    if early.is_some_and(|input| input.user == row.user_id) {
+        turn.tokens_read = early_tokens;
+    }
     for step in done {
         turn.apply(step);
     }
@@ -312,6 +289,142 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
     };
     let (usage, first_frozen) = (usage.as_ref(), first_frozen.as_ref());
     fail(ctx, &row, emitter, events_tx, &error, usage, first_frozen).await
+}
+
+/// A started turn, as [`begin`] leaves it.
+struct Begun {
+    row: ResponseRow,
+    /// The prompt settings a conversation's first turn froze, stored by its
+    /// finish.
+    first_frozen: Option<Frozen>,
+    frozen: Frozen,
+    /// The steps an interrupted run of the turn stored.
+    done: Vec<Step>,
+    /// Where a replica has the turn's input.
+    lsn: Lsn,
+    /// The start added to the conversation (pending input, a note).
+    rewritten: bool,
+}
+
+/// Starts a delivered turn in one transaction: moves it to `in_progress`,
+/// appends its pending input and a note of changed prompt settings. `None`
+/// when there is nothing to run (the conversation's next queued turn, if
+/// any, is dispatched).
+async fn begin(
+    ctx: &Context,
+    delivery: &Delivery,
+    id: Uuid,
+    mcp_tools: &[Value],
+) -> Result<Option<Begun>, TurnError> {
+    let mut tx = ctx.router.write().await?;
+    let started = turns::start(&mut tx, id, delivery.deliveries > 1).await?;
+    let Some(turns::Started {
+        mut row,
+        appended,
+        frozen: before,
+    }) = started
+    else {
+        // Cancelled before it started, finished already, or a duplicate
+        // delivery of a running turn: nothing to run. A cancelled turn's
+        // successor may be waiting.
+        let conversation = turns::find_any(&mut tx, id)
+            .await?
+            .map(|r| r.conversation_id);
+        let next = match conversation {
+            Some(conversation) => {
+                turns::lock_conversation(&mut tx, conversation).await?;
+                turns::next_queued(&mut tx, conversation).await?
+            }
+            None => None,
+        };
+        let lsn = tx.commit().await?;
+        dispatch(ctx, next, lsn).await;
+        return Ok(None);
+    };
+    // The conversation's prompt settings are frozen at its first turn; what
+    // this turn changes is told to the model in a developer message that
+    // joins the turn's input.
+    let request = &row.request.0;
+    let (refrozen, note) = prompt::refreeze(
+        before.clone(),
+        request.instructions.as_deref(),
+        &request.tools,
+        mcp_tools,
+    );
+    // A first turn's settings are stored by its finish (the migration of
+    // the turn functions says why); a change is stored now, with the
+    // note that announces it.
+    let first_frozen = match (&before, &refrozen) {
+        (None, first) => first.clone(),
+        (Some(_), Some(changed)) => {
+            steps::freeze(&mut tx, row.conversation_id, changed).await?;
+            None
+        }
+        (Some(_), None) => None,
+    };
+    let frozen = refrozen.or(before).unwrap_or_default();
+    if let Some(note) = &note
+        && let Some(seq) = turns::reserve_seqs(&mut tx, row.conversation_id, row.user_id, 1).await?
+    {
+        let item = Item::Message {
+            id: ids::encode(prefixes::MESSAGE, Uuid::now_v7()),
+            status: "completed".into(),
+            role: Role::Developer,
+            content: vec![ContentPart::InputText { text: note.clone() }],
+            extra: Default::default(),
+        };
+        turns::insert_items(&mut tx, row.conversation_id, seq, &[item], Some(row.id)).await?;
+        turns::extend_input(&mut tx, row.id, seq).await?;
+        row.input_last_seq = seq;
+    }
+    let done = if delivery.deliveries > 1 {
+        steps::load(&mut tx, row.id).await?
+    } else {
+        Vec::new()
+    };
+    let start_lsn = tx.commit().await?;
+    // History is read on a replica that has replayed the turn's input,
+    // including anything this start appended.
+    let rewritten = appended || note.is_some();
+    let lsn = if rewritten {
+        changed(ctx, row.conversation_id, start_lsn).await;
+        start_lsn
+    } else {
+        delivery.lsn
+    };
+    Ok(Some(Begun {
+        row,
+        first_frozen,
+        frozen,
+        done,
+        lsn,
+        rewritten,
+    }))
+}
+
+/// The history of a turn whose input ends at `last_seq`, from a replica
+/// that has replayed `lsn`.
+async fn read_history(
+    ctx: &Context,
+    conversation: Uuid,
+    last_seq: i64,
+    lsn: Lsn,
+    bounds: turns::HistoryBounds,
+) -> Result<Vec<turns::HistoryItem>, TurnError> {
+    Ok(ctx
+        .router
+        .read_one_message(Consistency::Session(Some(lsn)), move |db| {
+            Box::pin(async move { turns::history(db, conversation, last_seq, bounds).await })
+        })
+        .await?)
+}
+
+/// The user's tokens counted today, when a daily budget is set.
+async fn tokens_today(ctx: &Context, user: Uuid) -> Option<Result<u64, KvError>> {
+    if ctx.settings.limits.daily_tokens_per_user == 0 {
+        return None;
+    }
+    Some(limits::tokens_today(&ctx.kv, user, std::time::SystemTime::now()).await)
 }
 
 /// The function definitions of the MCP tools the turn's request offers.
@@ -421,6 +534,9 @@ struct Loop<'a> {
     resumed: Vec<Value>,
     /// The step taken in last, while it is not stored yet.
     pending: Option<Pending>,
+    /// The user's tokens today, read while the turn started: the first
+    /// budget check's answer.
+    tokens_read: Option<Result<u64, KvError>>,
 }
 
 /// A step the loop has taken in but not stored, with the events that
@@ -474,6 +590,7 @@ impl<'a> Loop<'a> {
             tool_calls: 0,
             resumed: Vec::new(),
             pending: None,
+            tokens_read: None,
         }
     }
 
@@ -653,16 +770,17 @@ impl<'a> Loop<'a> {
     /// Refuses the next model call once the user's daily token budget is
     /// spent (turns already running included). When Redis cannot say, the
     /// call goes ahead: a running turn is not failed for a cache outage.
-    async fn check_budget(&self) -> Result<(), LoopError> {
+    async fn check_budget(&mut self) -> Result<(), LoopError> {
         let budget = self.ctx.settings.limits.daily_tokens_per_user;
-        if budget == 0 {
-            return Ok(());
-        }
-        let now = std::time::SystemTime::now();
-        match limits::tokens_today(&self.ctx.kv, self.row.user_id, now).await {
-            Ok(used) if used >= budget => Err(LoopError::BudgetExhausted),
-            Ok(_) => Ok(()),
-            Err(e) => {
+        let read = match self.tokens_read.take() {
+            Some(read) => Some(read),
+            None => tokens_today(self.ctx, self.row.user_id).await,
+        };
+        match read {
+            None => Ok(()),
+            Some(Ok(used)) if used >= budget => Err(LoopError::BudgetExhausted),
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "could not read the token budget; the model call goes ahead");
                 Ok(())
             }

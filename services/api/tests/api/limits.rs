@@ -16,6 +16,7 @@ use turnpike_testkit::{Agents, Paths, Reply, Stack, TestApp, User, eventually};
 use uuid::Uuid;
 
 both_paths!(active_turns_are_capped_per_user_exactly);
+both_paths!(turns_that_start_conversations_are_capped_past_the_headroom);
 
 /// A header's field lines joined into one list, as Structured Fields reads them.
 fn field(headers: &HeaderMap, name: &str) -> String {
@@ -420,6 +421,50 @@ async fn active_turns_are_capped_per_user_exactly(paths: Paths) {
     );
 }
 
+/// A turn that starts a conversation is created in one call while its user
+/// is clear of the limits by the headroom; past that it is counted in full,
+/// and the cap holds exactly.
+async fn turns_that_start_conversations_are_capped_past_the_headroom(paths: Paths) {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(paths));
+    // Headroom 2: six turns at a glance, the seventh and eighth counted.
+    settings.limits.active_turns_per_user = 8;
+    // No worker: every turn stays queued, and active.
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let turn = json!({"input": "hello", "background": true});
+    let mut created = Vec::new();
+    for _ in 0..8 {
+        created.push(user.create_background(turn.clone()).await);
+    }
+    let refused = user.call("POST", "/v1/responses", Some(turn.clone())).await;
+    assert_refused(&refused, "too_many_active_turns");
+    // Each created turn holds its own new conversation and its input.
+    let mut conversations = std::collections::HashSet::new();
+    for id in &created {
+        let reply = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+        let response = reply.ok();
+        assert_eq!(response["status"], "queued");
+        conversations.insert(response["conversation"]["id"].as_str().unwrap().to_owned());
+        let input = user
+            .call("GET", &format!("/v1/responses/{id}/input_items"), None)
+            .await;
+        assert_eq!(input.ok()["data"][0]["content"][0]["text"], "hello");
+    }
+    assert_eq!(conversations.len(), 8);
+    // A cancelled turn frees its slot; the cap holds again after the next.
+    user.call(
+        "POST",
+        &format!("/v1/responses/{}/cancel", created[0]),
+        None,
+    )
+    .await
+    .ok();
+    user.create_background(turn.clone()).await;
+    let refused = user.call("POST", "/v1/responses", Some(turn)).await;
+    assert_refused(&refused, "too_many_active_turns");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_streams_are_capped_per_user_in_each_process() {
     let stack = Stack::shared().await;
@@ -780,6 +825,15 @@ async fn each_user_stores_up_to_a_quota_and_deleting_makes_room() {
             "POST",
             "/v1/responses",
             Some(json!({"conversation": conversation, "input": [item(99)], "background": true})),
+        )
+        .await;
+    assert_eq!(turn.error(403)["code"], "storage_quota_exceeded");
+    // So does the input of a turn that starts a conversation.
+    let turn = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": [item(98)], "background": true})),
         )
         .await;
     assert_eq!(turn.error(403)["code"], "storage_quota_exceeded");

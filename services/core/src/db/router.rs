@@ -860,13 +860,41 @@ impl Writer {
     /// Commits and returns the primary's WAL position after the commit (in
     /// the same round trip): a replica that has replayed it sees this
     /// transaction.
-    pub async fn commit(mut self) -> Result<Lsn, DbError> {
-        let commit = sqlx::Executor::fetch_all(
-            self.conn.conn(),
-            "COMMIT; SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8",
-        );
-        let rows = match tokio::time::timeout(self.commit_timeout, commit).await {
-            Ok(Ok(rows)) => rows,
+    pub async fn commit(self) -> Result<Lsn, DbError> {
+        Ok(self.end(String::new()).await?.1)
+    }
+
+    /// Runs one statement (its arguments written in, as
+    /// [`statement::render`](super::statement::render) writes them) and
+    /// commits, in one message: one round trip for the transaction's last
+    /// statement and its commit, on either path (through PgBouncer the
+    /// server stays with the transaction until the whole message is
+    /// answered). The statement's rows and the WAL position after the
+    /// commit. When the statement fails nothing after it runs, and the
+    /// transaction rolls back. The whole message is bounded like a commit
+    /// (`read_attempt_timeout_ms`): a statement that waits on locks belongs
+    /// in the transaction before it.
+    pub async fn commit_after<T: super::statement::StatementRow>(
+        self,
+        sql: &str,
+        args: &[super::statement::Arg<'_>],
+    ) -> Result<(Vec<T>, Lsn), DbError> {
+        let mut statement = super::statement::render(sql, args)?;
+        statement.push_str("; ");
+        let (rows, lsn) = self.end(statement).await?;
+        let rows = rows.iter().map(T::from_row).collect::<Result<_, _>>()?;
+        Ok((rows, lsn))
+    }
+
+    /// Sends `before` (empty, or statements ending in `; `) and the commit
+    /// in one message: the rows `before` returned, and the WAL position.
+    async fn end(mut self, before: String) -> Result<(Vec<sqlx::postgres::PgRow>, Lsn), DbError> {
+        use futures_util::TryStreamExt as _;
+        let message = before + "COMMIT; SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8";
+        let commit =
+            sqlx::Executor::fetch_many(self.conn.conn(), message.as_str()).try_collect::<Vec<_>>();
+        let answer = match tokio::time::timeout(self.commit_timeout, commit).await {
+            Ok(Ok(answer)) => answer,
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.conn.discard();
                 return Err(DbError::PrimaryUnavailable);
@@ -875,13 +903,17 @@ impl Writer {
             Err(_elapsed) => return Err(DbError::PrimaryUnavailable),
         };
         self.conn.in_transaction = false;
+        // Rows in order: those of `before`, then the position's (the commit
+        // returns none).
+        let mut rows: Vec<sqlx::postgres::PgRow> =
+            answer.into_iter().filter_map(sqlx::Either::right).collect();
         let lsn: i64 = rows
-            .first()
+            .pop()
             .ok_or_else(|| sqlx::Error::RowNotFound)?
             .try_get(0)?;
         self.conn.done();
         drop(self.node);
-        Ok(Lsn(u64::try_from(lsn).unwrap_or(0)))
+        Ok((rows, Lsn(u64::try_from(lsn).unwrap_or(0))))
     }
 }
 
