@@ -200,32 +200,28 @@ async fn begin(
     let mut tx = app.router.write().await?;
     let resolved = items::resolve_references(&mut tx, principal.user_id, "input", &inputs).await?;
     let inputs = resolved.unwrap_or(inputs);
-    // A turn that starts a conversation, its user clear of the limits: one
-    // call, sent with the commit.
-    if body.conversation.is_none()
-        && body.previous_response_id.is_none()
-        && let Some((active_below, storage_cap)) = crate::limits::clear_bounds(app)
-    {
+    // The common path in one call, sent with the commit; off it (not found,
+    // busy and rejecting, a fork, near a limit) nothing was written, and the
+    // turn is created statement by statement below.
+    if let Some(placement) = placement(app, body, compact) {
         let items: Vec<Item> = inputs
             .iter()
             .map(|input| items::to_item(input, Uuid::now_v7()))
             .collect();
-        let turn = turns::FirstTurn {
+        let turn = turns::NewTurn {
             user: principal.user_id,
-            conversation: Uuid::now_v7(),
+            placement,
             response: Uuid::now_v7(),
             model: &model,
             background,
             request: &stored,
             items: &items,
-            active_below,
-            storage_cap,
             incoming: i64::try_from(input_bytes).unwrap_or(i64::MAX),
         };
-        if let Some((row, lsn)) = turns::create_first(tx, &turn).await? {
-            return Ok(queued(app, principal, body, row, lsn, Vec::new(), true).await);
+        if let Some((row, lsn)) = turns::create(tx, &turn).await? {
+            let dispatch_now = row.pending_input.is_none();
+            return Ok(queued(app, principal, body, row, lsn, Vec::new(), dispatch_now).await);
         }
-        // Near a limit: nothing was written; each is checked in full.
         tx = app.router.write().await?;
     }
     // A turn that starts a conversation creates it holding its input's
@@ -316,6 +312,37 @@ async fn begin(
     .await?;
     let lsn = tx.commit().await?;
     Ok(queued(app, principal, body, row, lsn, interrupted, dispatch_now).await)
+}
+
+/// Where the turn goes, when the request can take the path
+/// `turnpike_create_turn` takes in one call: not an interrupt, not a
+/// compaction forked from a response, and limits with headroom.
+fn placement(app: &AppState, body: &CreateResponse, compact: bool) -> Option<turns::Placement> {
+    let multitask = body.multitask.unwrap_or_default();
+    if matches!(multitask, Multitask::Interrupt) {
+        return None;
+    }
+    let (active_below, storage_cap) = crate::limits::clear_bounds(app)?;
+    // An id that does not parse is answered below, as any other miss.
+    let parse = |prefix, id| turnpike_core::ids::parse(prefix, id);
+    let destination = match (&body.conversation, &body.previous_response_id) {
+        (Some(reference), _) => match parse(prefixes::CONVERSATION, reference.id()) {
+            Some(id) => turns::Destination::Conversation(id),
+            None => return None,
+        },
+        (None, Some(_)) if compact => return None,
+        (None, Some(previous)) => match parse(prefixes::RESPONSE, previous) {
+            Some(id) => turns::Destination::After(id),
+            None => return None,
+        },
+        (None, None) => turns::Destination::New(Uuid::now_v7()),
+    };
+    Some(turns::Placement {
+        destination,
+        reject_busy: matches!(multitask, Multitask::Reject),
+        active_below,
+        storage_cap,
+    })
 }
 
 /// After a turn's commit: the caller's session window and the

@@ -199,48 +199,80 @@ pub async fn find_any(db: &mut impl DbConn, id: Uuid) -> Result<Option<ResponseR
         .await
 }
 
-/// A turn that starts a conversation, as [`create_first`] stores it.
-pub struct FirstTurn<'a> {
+/// Where a new turn goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Destination {
+    /// A new conversation, of this id.
+    New(Uuid),
+    /// The user's conversation.
+    Conversation(Uuid),
+    /// The conversation holding the user's response, after it.
+    After(Uuid),
+}
+
+/// Where a new turn goes and what it must find there to be created in one
+/// call ([`create`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    pub destination: Destination,
+    /// Whether a busy conversation refuses the turn rather than queueing it.
+    pub reject_busy: bool,
+    /// The user has fewer queued or running turns than this (`None`: not
+    /// counted) ...
+    pub active_below: Option<i64>,
+    /// ... and their stored items with the turn's come to at most this
+    /// (`None`: not counted).
+    pub storage_cap: Option<i64>,
+}
+
+/// A new turn, as [`create`] stores it.
+pub struct NewTurn<'a> {
     pub user: Uuid,
-    pub conversation: Uuid,
+    pub placement: Placement,
     pub response: Uuid,
     pub model: &'a str,
     pub background: bool,
     pub request: &'a StoredRequest,
-    /// The input, in order (its sequence numbers are 1..).
+    /// The input, in order.
     pub items: &'a [Item],
-    /// Created only while the user has fewer queued or running turns than
-    /// this (`None`: not counted) ...
-    pub active_below: Option<i64>,
-    /// ... and their stored items with these (`incoming` bytes) come to at
-    /// most this (`None`: not counted).
-    pub storage_cap: Option<i64>,
+    /// The input's size, as the storage limit counts it.
     pub incoming: i64,
 }
 
-/// Creates a new conversation holding `turn`'s input and its queued
-/// response, and commits, in one round trip after `tx`'s `BEGIN`
-/// (`turnpike_create_first_turn`). `None` when the user is not comfortably
-/// clear of a limit: nothing was written, and the caller checks each limit
-/// in full in a new transaction.
+/// Creates a turn on the common path (`turnpike_create_turn`: a new
+/// conversation, or the user's conversation or response, the turn running
+/// at once or waiting behind the active one, the user clear of the limits)
+/// and commits, in one round trip after `tx`'s `BEGIN`. `None` when the
+/// turn is off that path: nothing was written, and the caller creates it
+/// statement by statement in a new transaction, with the answers that path
+/// gives (not found, busy, a fork, a limit).
 #[tracing::instrument(level = "debug", skip_all, fields(id = %turn.response))]
-pub async fn create_first(
+pub async fn create(
     tx: crate::db::Writer,
-    turn: &FirstTurn<'_>,
+    turn: &NewTurn<'_>,
 ) -> Result<Option<(ResponseRow, crate::db::Lsn)>, crate::db::DbError> {
     let request = statement::json(turn.request)?;
     let items = ItemColumns::of(turn.items, &[])?;
+    let placement = &turn.placement;
+    let (conversation, previous, new) = match placement.destination {
+        Destination::New(id) => (None, None, Some(id)),
+        Destination::Conversation(id) => (Some(id), None, None),
+        Destination::After(id) => (None, Some(id), None),
+    };
     let (rows, lsn) = tx
         .commit_after::<ResponseRow>(
             &format!(
-                "SELECT {COLUMNS} FROM turnpike_create_first_turn($1, $2, '{{}}'::jsonb, $3, $4, $5,
-                     $6, $7, $8, $9::jsonb, $10::uuid[], $11::text[], $12::text[]::jsonb[])"
+                "SELECT {COLUMNS} FROM turnpike_create_turn($1, $2, $3, $4, $5, $6, $7, $8,
+                     $9, $10, $11, $12::jsonb, $13::uuid[], $14::text[], $15::text[]::jsonb[])"
             ),
             &[
                 Arg::from(turn.user),
-                Arg::from(turn.conversation),
-                Arg::Int(turn.active_below),
-                Arg::Int(turn.storage_cap),
+                Arg::from(conversation),
+                Arg::from(previous),
+                Arg::from(new),
+                Arg::from(placement.reject_busy),
+                Arg::Int(placement.active_below),
+                Arg::Int(placement.storage_cap),
                 Arg::from(turn.incoming),
                 Arg::from(turn.response),
                 Arg::from(turn.model),

@@ -3,7 +3,9 @@
 //! worker claims it, calls the model (the zero-latency mock), and the first
 //! `response.output_text.delta` travels back through the event log and the
 //! api to the client. `concurrency` clients do this back to back until
-//! `turns` turns have run.
+//! `turns` turns have run; with `chain` above 1 each client goes on from its
+//! last response (`previous_response_id`) for `chain` turns before it starts
+//! a new conversation, as a chat does.
 //!
 //! Every stream is checked, not assumed: sequence numbers from 0 without a
 //! gap or repeat, ending with `response.completed`, whose stored text equals
@@ -29,6 +31,8 @@ struct Turn {
     done_us: u64,
     /// What is wrong with the stream, if anything.
     problem: Option<String>,
+    /// The response's id, as `response.completed` gave it.
+    id: Option<String>,
 }
 
 /// Runs the turns and returns the figures as one JSON object. Client `n`
@@ -38,6 +42,7 @@ pub async fn run(
     turns: usize,
     concurrency: usize,
     stagger: Duration,
+    chain: usize,
 ) -> anyhow::Result<Value> {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -51,8 +56,14 @@ pub async fn run(
                 // The load's own pacing: when this client joins.
                 tokio::time::sleep_until(start).await;
                 let mut seen = Vec::new();
+                let mut previous: Option<String> = None;
                 while next.fetch_add(1, Ordering::Relaxed) < turns {
-                    seen.push(one_turn(&api).await);
+                    if seen.len() % chain.max(1) == 0 {
+                        previous = None;
+                    }
+                    let turn = one_turn(&api, previous.as_deref()).await;
+                    previous = turn.as_ref().ok().and_then(|turn| turn.id.clone());
+                    seen.push(turn);
                 }
                 seen
             })
@@ -88,6 +99,7 @@ pub async fn run(
     Ok(json!({
         "turns": turns,
         "concurrency": concurrency,
+        "chain": chain.max(1),
         "checked": done.len(),
         "failed": failed,
         "examples": problems,
@@ -115,13 +127,17 @@ fn micros(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-async fn one_turn(api: &Api) -> anyhow::Result<Turn> {
+async fn one_turn(api: &Api, previous: Option<&str>) -> anyhow::Result<Turn> {
+    let mut body = json!({"input": "how far is the next gate?", "stream": true});
+    if let Some(previous) = previous {
+        body["previous_response_id"] = json!(previous);
+    }
     let sent = Instant::now();
     let response = api
         .http
         .post(format!("{}/v1/responses", api.url))
         .bearer_auth(&api.key)
-        .json(&json!({"input": "how far is the next gate?", "stream": true}))
+        .json(&body)
         .send()
         .await?
         .error_for_status()?;
@@ -157,6 +173,7 @@ async fn one_turn(api: &Api) -> anyhow::Result<Turn> {
             "response.completed" => {
                 turn.done_us = at;
                 stored = Some(output_text(&data["response"]));
+                turn.id = data["response"]["id"].as_str().map(str::to_owned);
                 break;
             }
             "response.failed" | "response.incomplete" | "error" => {

@@ -11,7 +11,7 @@
 //!   SSE stream per id, leaves them idle, and prints the api's resident
 //!   memory per stream; each stream on its own HTTP/1.1 connection, or
 //!   multiplexed, that many to an HTTP/2 connection.
-//! - `sse-bench first-token TURNS CONCURRENCY [STAGGER_MS]`: runs TURNS
+//! - `sse-bench first-token TURNS CONCURRENCY [STAGGER_MS [CHAIN]]`: runs TURNS
 //!   streamed turns, CONCURRENCY at a time, through the whole stack (a
 //!   worker must run) and prints the time to the first delta, every stream
 //!   checked. With STAGGER_MS, client n starts n × STAGGER_MS ms after the
@@ -152,7 +152,7 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, what: &str) -> anyho
 }
 
 const USAGE: &str = "usage: sse-bench create N | latency IDS_FILE RATE SECONDS | \
-                     idle IDS_FILE API_PID [STREAMS_PER_H2_CONNECTION] | first-token TURNS CONCURRENCY [STAGGER_MS]";
+                     idle IDS_FILE API_PID [STREAMS_PER_H2_CONNECTION] | first-token TURNS CONCURRENCY [STAGGER_MS [CHAIN]]";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -198,9 +198,14 @@ async fn main() -> anyhow::Result<()> {
                 .transpose()?
                 .unwrap_or(0);
             let stagger = Duration::from_millis(stagger);
+            let chain: usize = args
+                .get(4)
+                .map(|_| arg(&args, 4, "CHAIN"))
+                .transpose()?
+                .unwrap_or(1);
             println!(
                 "{}",
-                first_token::run(&api, turns, concurrency, stagger).await?
+                first_token::run(&api, turns, concurrency, stagger, chain).await?
             );
         }
         _ => bail!(USAGE),
