@@ -367,8 +367,7 @@ pub async fn check_new_turn(
     let (turns_cap, storage_cap) = (limits.active_turns_per_user, limits.storage_bytes_per_user);
     let headroom = i64::from(turns_cap / 4);
     if headroom > 0 && storage_cap > 0 {
-        let (active, stored) =
-            state::active_turns_and_stored_bytes(tx, user, i64::from(turns_cap)).await?;
+        let (active, stored) = state::active_turns_and_stored_bytes(tx, user).await?;
         let after = u64::try_from(stored).unwrap_or(0) + incoming as u64;
         if active < i64::from(turns_cap) - headroom && after <= storage_cap {
             return Ok(());

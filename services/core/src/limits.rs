@@ -301,21 +301,20 @@ pub async fn active_turns(db: &mut impl DbConn, user: Uuid, cap: i64) -> Result<
     Ok(counted.map_or(0, |(count,)| count))
 }
 
-/// The user's queued and running turns counted up to `cap` (as
-/// [`active_turns`], without its lock), and the bytes their items hold: a
-/// new turn's two limits read in one round trip. Primary only.
+/// The user's queued and running turns, as their striped count keeps them
+/// (exact as of the statement's snapshot; [`active_turns`] counts the
+/// responses themselves), and the bytes their items hold: a new turn's two
+/// limits read in one round trip. Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn active_turns_and_stored_bytes(
     db: &mut impl DbConn,
     user: Uuid,
-    cap: i64,
 ) -> Result<(i64, i64), sqlx::Error> {
     let counted: Option<(i64, i64)> = statement::fetch_optional(
         db,
-        "SELECT (SELECT count(*) FROM (SELECT 1 FROM responses
-                   WHERE user_id = $1 AND status IN ('queued', 'in_progress') LIMIT $2) AS active),
+        "SELECT (SELECT coalesce(sum(turns), 0)::int8 FROM user_active_turns WHERE user_id = $1),
                 (SELECT coalesce(sum(bytes), 0)::int8 FROM user_stored_bytes WHERE user_id = $1)",
-        &[Arg::from(user), Arg::from(cap)],
+        &[Arg::from(user)],
     )
     .await?;
     Ok(counted.unwrap_or((0, 0)))

@@ -465,6 +465,75 @@ async fn turns_that_start_conversations_are_capped_past_the_headroom(paths: Path
     assert_refused(&refused, "too_many_active_turns");
 }
 
+/// A user's active turns as their striped count has them, and as the
+/// responses themselves say.
+async fn active_counts(settings: &Settings, user: &User) -> (i64, i64) {
+    let router = turnpike_core::db::Router::new(&settings.database).unwrap();
+    let mut tx = router.write().await.unwrap();
+    let counts: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT coalesce(sum(a.turns), 0)::int8 FROM user_active_turns a
+                   JOIN users u ON u.id = a.user_id WHERE u.name = $1),
+                (SELECT count(*) FROM responses r JOIN users u ON u.id = r.user_id
+                  WHERE u.name = $1 AND r.status IN ('queued', 'in_progress'))",
+    )
+    .bind(&user.name)
+    .persistent(false)
+    .fetch_one(turnpike_core::db::DbConn::conn(&mut tx))
+    .await
+    .unwrap();
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_count_of_active_turns_follows_every_start_and_end() {
+    let stack = Stack::shared().await;
+    let mut settings = without_limits(stack.settings(Paths::PGBOUNCER));
+    settings.limits.active_turns_per_user = 100;
+    // No worker at first: every turn stays queued.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let turn = json!({"input": "/echo hi", "background": true});
+    let mut fresh = Vec::new();
+    for _ in 0..3 {
+        fresh.push(user.create_background(turn.clone()).await);
+    }
+    let conversation = user.create_conversation(json!({})).await.ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let in_conversation =
+        json!({"conversation": conversation, "input": "/echo again", "background": true});
+    let running = user.create_background(in_conversation.clone()).await;
+    let waiting = user.create_background(in_conversation.clone()).await;
+    assert_eq!(active_counts(&settings, &user).await, (5, 5));
+    // A cancelled turn and a deleted one end.
+    user.call("POST", &format!("/v1/responses/{}/cancel", fresh[0]), None)
+        .await
+        .ok();
+    user.call("DELETE", &format!("/v1/responses/{}", fresh[1]), None)
+        .await
+        .ok();
+    assert_eq!(active_counts(&settings, &user).await, (3, 3));
+    // An interrupt ends the turns it replaces and adds itself.
+    let interrupt = json!({"conversation": conversation, "input": "/echo now", "background": true, "multitask": "interrupt"});
+    let urgent = user.create_background(interrupt).await;
+    for id in [&running, &waiting] {
+        let reply = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+        assert_eq!(reply.ok()["status"], "cancelled");
+    }
+    assert_eq!(active_counts(&settings, &user).await, (2, 2));
+    // Workers run what is left to its end.
+    let _agents = Agents::spawn(&mut settings).await;
+    for id in [&fresh[2], &urgent] {
+        eventually("the turn to complete", Duration::from_secs(20), || async {
+            let reply = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+            (reply.body["status"] == "completed").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(active_counts(&settings, &user).await, (0, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_streams_are_capped_per_user_in_each_process() {
     let stack = Stack::shared().await;

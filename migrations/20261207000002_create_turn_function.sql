@@ -84,10 +84,7 @@ BEGIN
         END IF;
     END IF;
     IF p_active_below IS NOT NULL AND (
-        SELECT count(*) FROM (
-            SELECT 1 FROM responses
-             WHERE user_id = p_user AND status IN ('queued', 'in_progress')
-             LIMIT p_active_below) AS active
+        SELECT coalesce(sum(turns), 0) FROM user_active_turns WHERE user_id = p_user
     ) >= p_active_below THEN
         RETURN;
     END IF;
