@@ -603,55 +603,109 @@ pub async fn finish(
     last_step: Option<&crate::steps::Step>,
     first_frozen: Option<&crate::steps::Frozen>,
 ) -> Result<(Finished, Option<Uuid>), sqlx::Error> {
-    let output = statement::json(outcome.output)?;
-    let first_frozen = first_frozen.map(statement::json).transpose()?;
-    let usage = outcome.usage.map(statement::json).transpose()?;
-    let error = outcome.error.map(statement::json).transpose()?;
-    let incomplete = outcome
-        .incomplete_details
-        .map(statement::json)
-        .transpose()?;
-    let step_items = last_step.map(|s| statement::json(&s.items)).transpose()?;
-    let step_usage = last_step
-        .and_then(|s| s.usage.as_ref())
-        .map(statement::json)
-        .transpose()?;
-    let step_prompt = last_step
-        .and_then(|s| s.prompt.as_ref())
-        .map(statement::json)
-        .transpose()?;
-    let items = ItemColumns::of(outcome.output, outcome.prompts)?;
-    let row: Option<(String, Option<Uuid>)> = statement::fetch_optional(
-        db,
-        "SELECT outcome, next_queued FROM turnpike_finish_turn($1, $2, $3, $4,
-            $5::jsonb, $6::jsonb, $7::jsonb, $8::jsonb,
-            $9, $10, $11::jsonb, $12::jsonb, $13::jsonb,
-            $14::uuid[], $15::text[], $16::text[]::jsonb[], $17::text[]::jsonb[], $18, $19::jsonb)",
-        &[
+    let call = FinishCall::of(outcome, last_step, first_frozen)?;
+    let row: Option<(String, Option<Uuid>)> =
+        statement::fetch_optional(db, FINISH, &call.args(response)).await?;
+    let (status, next) = row.ok_or(sqlx::Error::RowNotFound)?;
+    Ok((finished(&status, response, outcome), next))
+}
+
+/// [`finish`] as the last statement of `tx`, sent with its commit in one
+/// message: the stripes of the user's counts it locks are held for no round
+/// trip after it. Whatever the outcome, the transaction commits: a finish
+/// that finds the turn ended or superseded writes nothing.
+#[tracing::instrument(level = "debug", skip(tx, outcome, last_step, first_frozen))]
+pub async fn finish_and_commit(
+    tx: crate::db::Writer,
+    response: &ResponseRow,
+    outcome: &Outcome<'_>,
+    last_step: Option<&crate::steps::Step>,
+    first_frozen: Option<&crate::steps::Frozen>,
+) -> Result<(Finished, Option<Uuid>, crate::db::Lsn), crate::db::DbError> {
+    let call = FinishCall::of(outcome, last_step, first_frozen)?;
+    let (rows, lsn) = tx
+        .commit_after::<(String, Option<Uuid>)>(FINISH, &call.args(response))
+        .await?;
+    let (status, next) = rows.into_iter().next().ok_or(sqlx::Error::RowNotFound)?;
+    Ok((finished(&status, response, outcome), next, lsn))
+}
+
+const FINISH: &str = "SELECT outcome, next_queued FROM turnpike_finish_turn($1, $2, $3, $4,
+    $5::jsonb, $6::jsonb, $7::jsonb, $8::jsonb,
+    $9, $10, $11::jsonb, $12::jsonb, $13::jsonb,
+    $14::uuid[], $15::text[], $16::text[]::jsonb[], $17::text[]::jsonb[], $18, $19::jsonb)";
+
+/// The arguments of a `turnpike_finish_turn` call, as text.
+struct FinishCall<'a> {
+    status: &'a str,
+    output: String,
+    usage: Option<String>,
+    error: Option<String>,
+    incomplete: Option<String>,
+    step: Option<(i64, &'a str)>,
+    step_items: Option<String>,
+    step_usage: Option<String>,
+    step_prompt: Option<String>,
+    items: ItemColumns,
+    first_frozen: Option<String>,
+}
+
+impl<'a> FinishCall<'a> {
+    fn of(
+        outcome: &'a Outcome<'_>,
+        last_step: Option<&'a crate::steps::Step>,
+        first_frozen: Option<&crate::steps::Frozen>,
+    ) -> Result<Self, sqlx::Error> {
+        let json = |value: Option<&serde_json::Value>| value.map(statement::json).transpose();
+        Ok(Self {
+            status: outcome.status.as_str(),
+            output: statement::json(outcome.output)?,
+            usage: outcome.usage.map(statement::json).transpose()?,
+            error: json(outcome.error)?,
+            incomplete: json(outcome.incomplete_details)?,
+            step: last_step.map(|s| (s.index, s.kind.as_str())),
+            step_items: last_step.map(|s| statement::json(&s.items)).transpose()?,
+            step_usage: last_step
+                .and_then(|s| s.usage.as_ref())
+                .map(statement::json)
+                .transpose()?,
+            step_prompt: last_step
+                .and_then(|s| s.prompt.as_ref())
+                .map(statement::json)
+                .transpose()?,
+            items: ItemColumns::of(outcome.output, outcome.prompts)?,
+            first_frozen: first_frozen.map(statement::json).transpose()?,
+        })
+    }
+
+    fn args(&self, response: &ResponseRow) -> [Arg<'_>; 19] {
+        [
             Arg::from(response.id),
             Arg::from(response.conversation_id),
             Arg::from(response.user_id),
-            Arg::from(outcome.status.as_str()),
-            Arg::from(output.as_str()),
-            Arg::Text(usage.as_deref()),
-            Arg::Text(error.as_deref()),
-            Arg::Text(incomplete.as_deref()),
-            Arg::Int(last_step.map(|s| s.index)),
-            Arg::Text(last_step.map(|s| s.kind.as_str())),
-            Arg::Text(step_items.as_deref()),
-            Arg::Text(step_usage.as_deref()),
-            Arg::Text(step_prompt.as_deref()),
-            Arg::Uuids(&items.ids),
-            Arg::Texts(&items.kinds),
-            Arg::Texts(&items.bodies),
-            Arg::Texts(&items.prompts),
+            Arg::from(self.status),
+            Arg::from(self.output.as_str()),
+            Arg::Text(self.usage.as_deref()),
+            Arg::Text(self.error.as_deref()),
+            Arg::Text(self.incomplete.as_deref()),
+            Arg::Int(self.step.map(|(index, _)| index)),
+            Arg::Text(self.step.map(|(_, kind)| kind)),
+            Arg::Text(self.step_items.as_deref()),
+            Arg::Text(self.step_usage.as_deref()),
+            Arg::Text(self.step_prompt.as_deref()),
+            Arg::Uuids(&self.items.ids),
+            Arg::Texts(&self.items.kinds),
+            Arg::Texts(&self.items.bodies),
+            Arg::Texts(&self.items.prompts),
             Arg::from(response.input_last_seq + 1),
-            Arg::Text(first_frozen.as_deref()),
-        ],
-    )
-    .await?;
-    let (status, next) = row.ok_or(sqlx::Error::RowNotFound)?;
-    let finished = match status.as_str() {
+            Arg::Text(self.first_frozen.as_deref()),
+        ]
+    }
+}
+
+/// What a finish's outcome means for the response.
+fn finished(status: &str, response: &ResponseRow, outcome: &Outcome<'_>) -> Finished {
+    match status {
         "done" => {
             let mut done = response.clone();
             done.status = outcome.status.as_str().to_owned();
@@ -663,8 +717,7 @@ pub async fn finish(
         }
         "superseded" => Finished::Superseded,
         _ => Finished::Ended,
-    };
-    Ok((finished, next))
+    }
 }
 
 /// Items as the columns they are stored in, one array per column.

@@ -1393,6 +1393,17 @@ async fn finish(
     }
     let committed = async {
         let mut tx = ctx.router.write().await?;
+        // Sent with the commit, unless the conversation goes too.
+        if !unstored {
+            let (finished, next, lsn) =
+                turns::finish_and_commit(tx, row, outcome, step, first_frozen).await?;
+            return match finished {
+                turns::Finished::Done(done) => Ok((Some(done), next, lsn)),
+                turns::Finished::Ended => Ok((None, next, lsn)),
+                // It wrote nothing.
+                turns::Finished::Superseded => Err(TurnError::Superseded),
+            };
+        }
         let (finished, next) = turns::finish(&mut tx, row, outcome, step, first_frozen).await?;
         let finished = match finished {
             turns::Finished::Done(done) => Some(done),
@@ -1402,9 +1413,7 @@ async fn finish(
         };
         // `store: false`: the turn ran and streamed; nothing of it is kept.
         // Such a turn always has a conversation of its own.
-        if unstored {
-            turns::purge_conversation(&mut tx, row.conversation_id).await?;
-        }
+        turns::purge_conversation(&mut tx, row.conversation_id).await?;
         let lsn: Lsn = tx.commit().await?;
         Ok((finished, next, lsn))
     }

@@ -218,6 +218,7 @@ impl Router {
             Ok(Ok(conn)) => Ok(Writer {
                 conn,
                 commit_timeout: Duration::from_millis(self.settings.read_attempt_timeout_ms),
+                statement_timeout: Duration::from_millis(self.settings.statement_timeout_ms),
                 node: guard,
                 _admission: admission,
             }),
@@ -851,6 +852,11 @@ impl Session {
 pub struct Writer {
     conn: Pooled,
     commit_timeout: Duration,
+    /// The server's bound on one statement: a statement sent with the
+    /// commit is given that long before the commit's own bound starts, so
+    /// a slow one fails on the server, rolled back, rather than here with
+    /// its outcome unknown.
+    statement_timeout: Duration,
     node: InFlight,
     /// The transaction's slot in the primary's budget, held until it ends.
     _admission: Admission,
@@ -871,9 +877,8 @@ impl Writer {
     /// server stays with the transaction until the whole message is
     /// answered). The statement's rows and the WAL position after the
     /// commit. When the statement fails nothing after it runs, and the
-    /// transaction rolls back. The whole message is bounded like a commit
-    /// (`read_attempt_timeout_ms`): a statement that waits on locks belongs
-    /// in the transaction before it.
+    /// transaction rolls back. The message is given the server's statement
+    /// timeout and then the commit's.
     pub async fn commit_after<T: super::statement::StatementRow>(
         self,
         sql: &str,
@@ -890,10 +895,15 @@ impl Writer {
     /// in one message: the rows `before` returned, and the WAL position.
     async fn end(mut self, before: String) -> Result<(Vec<sqlx::postgres::PgRow>, Lsn), DbError> {
         use futures_util::TryStreamExt as _;
+        let bound = if before.is_empty() {
+            self.commit_timeout
+        } else {
+            self.commit_timeout + self.statement_timeout
+        };
         let message = before + "COMMIT; SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8";
         let commit =
             sqlx::Executor::fetch_many(self.conn.conn(), message.as_str()).try_collect::<Vec<_>>();
-        let answer = match tokio::time::timeout(self.commit_timeout, commit).await {
+        let answer = match tokio::time::timeout(bound, commit).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.conn.discard();
