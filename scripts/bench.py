@@ -45,6 +45,9 @@ FIRST_TOKEN_CONCURRENCY = int(os.environ.get("BENCH_FIRST_TOKEN_CONCURRENCY", "5
 # mock's default) at this many tokens a second, as a model does.
 PACED_TOKENS_PER_S = int(os.environ.get("BENCH_PACED_TOKENS_PER_S", "50"))
 ANSWER_TOKENS = 24
+# The chat line: each client goes on from its last response
+# (previous_response_id) for this many turns before a new conversation.
+CHAT_TURNS = int(os.environ.get("BENCH_CHAT_TURNS", "10"))
 SSE_STREAMS = int(os.environ.get("BENCH_SSE_STREAMS", "1000"))
 SSE_RATE = int(os.environ.get("BENCH_SSE_RATE", "3000"))
 SSE_ROUNDS = int(os.environ.get("BENCH_SSE_ROUNDS", "3"))
@@ -386,11 +389,12 @@ def turns(**worker_settings):
     return out
 
 
-def first_token(concurrency, tokens_per_s=0):
+def first_token(concurrency, tokens_per_s=0, chain=1):
     """Streamed turns, `concurrency` clients back to back. With
     `tokens_per_s`, the mock streams its answer at that pace, so each turn
     stays in flight for a while, as with a real model, and the clients join
-    spread over one turn's length."""
+    spread over one turn's length. With `chain`, each client continues its
+    conversation for that many turns, as a chat does."""
     stagger_ms = 0
     if tokens_per_s:
         dev("stop", "mock-model")
@@ -406,7 +410,8 @@ def first_token(concurrency, tokens_per_s=0):
                                     "mock_model", api_pid=pidfile(DEV / "run/api.pid")))
             meter.start()
             result = json.loads(subprocess.run(
-                [SSE_BENCH, "first-token", str(FIRST_TOKEN_TURNS), str(concurrency), str(stagger_ms)],
+                [SSE_BENCH, "first-token", str(FIRST_TOKEN_TURNS), str(concurrency), str(stagger_ms),
+                 str(chain)],
                 capture_output=True, text=True, check=True).stdout)
             result["cpu_us"] = meter.stop(result["turns"])
             out.append(result)
@@ -480,13 +485,15 @@ def turn_lines(report, lines):
             f"CPU per turn "
             f"{cpu_text(t, ['worker', 'primary', 'pgbouncer_primary', 'replicas', 'redis', 'mock_model'])}")
 
-    for suffix, concurrency, tokens_per_s, how in [
-        ("", FIRST_TOKEN_CONCURRENCY, 0, "back to back, the mock answering at once"),
-        ("_paced", FIRST_TOKEN_CONCURRENCY, PACED_TOKENS_PER_S,
-         f"the mock streaming {ANSWER_TOKENS} tokens at {PACED_TOKENS_PER_S}/s after its first"),
-        ("_sequential", 1, 0, "the mock answering at once"),
+    paced = f"the mock streaming {ANSWER_TOKENS} tokens at {PACED_TOKENS_PER_S}/s after its first"
+    for suffix, concurrency, tokens_per_s, chain, how in [
+        ("", FIRST_TOKEN_CONCURRENCY, 0, 1, "back to back, the mock answering at once"),
+        ("_paced", FIRST_TOKEN_CONCURRENCY, PACED_TOKENS_PER_S, 1, paced),
+        ("_paced_chat", FIRST_TOKEN_CONCURRENCY, PACED_TOKENS_PER_S, CHAT_TURNS,
+         f"{paced}, each client going on from its last response for {CHAT_TURNS} turns"),
+        ("_sequential", 1, 0, 1, "the mock answering at once"),
     ]:
-        f = first_token(concurrency, tokens_per_s)
+        f = first_token(concurrency, tokens_per_s, chain)
         report["first_token" + suffix] = f
         p50 = [x["first_delta"]["p50_ms"] for x in f]
         p99 = [x["first_delta"]["p99_ms"] for x in f]
