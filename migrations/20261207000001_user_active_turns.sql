@@ -8,8 +8,13 @@
 -- count is now kept here, in the stripe of the turn's conversation, by
 -- triggers on every change that starts or ends a turn's activity: a new
 -- turn, a status change into or out of queued/in progress, a deleted
--- response. A turn's create and finish already lock the same stripe's
--- stored bytes, first; this stripe comes after, in every transaction.
+-- response. The triggers are deferred to the commit, so a transaction locks
+-- its active-turn stripe after everything else it locks (the conversation,
+-- the user's row near the cap, the stored bytes' stripe when it writes
+-- items), whatever order its statements ran in: an interrupt cancels the
+-- turns it replaces before it appends its input, a create appends its
+-- input before it inserts its response, and neither can hold one stripe
+-- while waiting for the other's.
 SET lock_timeout = '5s';
 SET statement_timeout = '60s';
 
@@ -48,18 +53,21 @@ $$;
 LOCK TABLE responses IN SHARE ROW EXCLUSIVE MODE;
 
 DROP TRIGGER IF EXISTS responses_active_inserted ON responses;
-CREATE TRIGGER responses_active_inserted AFTER INSERT ON responses
+CREATE CONSTRAINT TRIGGER responses_active_inserted AFTER INSERT ON responses
+DEFERRABLE INITIALLY DEFERRED
 FOR EACH ROW WHEN (NEW.status IN ('queued', 'in_progress'))
 EXECUTE FUNCTION turnpike_count_active_turns();
 
 DROP TRIGGER IF EXISTS responses_active_changed ON responses;
-CREATE TRIGGER responses_active_changed AFTER UPDATE OF status ON responses
+CREATE CONSTRAINT TRIGGER responses_active_changed AFTER UPDATE OF status ON responses
+DEFERRABLE INITIALLY DEFERRED
 FOR EACH ROW
 WHEN ((OLD.status IN ('queued', 'in_progress')) IS DISTINCT FROM (NEW.status IN ('queued', 'in_progress')))
 EXECUTE FUNCTION turnpike_count_active_turns();
 
 DROP TRIGGER IF EXISTS responses_active_deleted ON responses;
-CREATE TRIGGER responses_active_deleted AFTER DELETE ON responses
+CREATE CONSTRAINT TRIGGER responses_active_deleted AFTER DELETE ON responses
+DEFERRABLE INITIALLY DEFERRED
 FOR EACH ROW WHEN (OLD.status IN ('queued', 'in_progress'))
 EXECUTE FUNCTION turnpike_count_active_turns();
 

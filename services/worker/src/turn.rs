@@ -196,6 +196,8 @@ async fn run_turn(ctx: &Context, delivery: &Delivery) -> Result<(), TurnError> {
         early_history.as_mut().await;
         early_history.as_mut().take_output().flatten()
     } else {
+        // Not needed: dropped now, with the read's slot in its node's budget.
+        early_history.set(futures_util::future::MaybeDone::Gone);
         None
     };
     let history = match early_history {

@@ -637,6 +637,11 @@ fn build_node(
     let mut options = PgConnectOptions::from_str(url.expose_secret())
         .map_err(|e| ConfigError::Invalid(format!("database.nodes.{name}: {e}")))?
         .application_name("turnpike");
+    // Statements sent as one message carry their values (a user's text
+    // among them): through PgBouncer every statement, on either path a
+    // transaction's last one sent with its commit. sqlx's warning about a
+    // slow statement quotes it whole, so it is a debug line.
+    options = options.log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
     options = match path {
         // Direct: prepared statements cached per connection; the timeouts ride on the startup packet.
         ConnectPath::Direct => options.options([
@@ -649,12 +654,7 @@ fn build_node(
         // PgBouncer 1.18 in transaction mode: no named statements survive a
         // transaction, and it refuses unknown startup options, so the
         // timeouts are set on the role (`turnpike migrate` does that).
-        // Statements sent as one message carry their values (a user's
-        // text among them): sqlx's warning about a slow statement, which
-        // quotes it whole, is a debug line here.
-        ConnectPath::Pgbouncer => options
-            .statement_cache_capacity(0)
-            .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1)),
+        ConnectPath::Pgbouncer => options.statement_cache_capacity(0),
     };
     let addr = format!("{}:{}", options.get_host(), options.get_port());
     let mode = match path {
@@ -852,10 +852,10 @@ impl Session {
 pub struct Writer {
     conn: Pooled,
     commit_timeout: Duration,
-    /// The server's bound on one statement: a statement sent with the
-    /// commit is given that long before the commit's own bound starts, so
-    /// a slow one fails on the server, rolled back, rather than here with
-    /// its outcome unknown.
+    /// The bound on one statement: a statement sent with the commit runs
+    /// under it on the server and is waited for that long before the
+    /// commit's own bound starts, so a slow one fails on the server, rolled
+    /// back, rather than here with its outcome unknown.
     statement_timeout: Duration,
     node: InFlight,
     /// The transaction's slot in the primary's budget, held until it ends.
@@ -877,8 +877,10 @@ impl Writer {
     /// server stays with the transaction until the whole message is
     /// answered). The statement's rows and the WAL position after the
     /// commit. When the statement fails nothing after it runs, and the
-    /// transaction rolls back. The message is given the server's statement
-    /// timeout and then the commit's.
+    /// transaction rolls back. The statement runs under this process's
+    /// `statement_timeout_ms` (set for the transaction in the same message,
+    /// whatever the role's is), and the message is waited for that long and
+    /// then the commit's bound.
     pub async fn commit_after<T: super::statement::StatementRow>(
         self,
         sql: &str,
@@ -895,15 +897,35 @@ impl Writer {
     /// in one message: the rows `before` returned, and the WAL position.
     async fn end(mut self, before: String) -> Result<(Vec<sqlx::postgres::PgRow>, Lsn), DbError> {
         use futures_util::TryStreamExt as _;
-        let bound = if before.is_empty() {
-            self.commit_timeout
+        // A statement sent with the commit runs under the statement timeout
+        // this process is configured with (not the role's, which may
+        // differ), and is waited for that long before the commit's bound
+        // starts; without one, it is waited for as long as it runs.
+        let (message, bound) = if before.is_empty() {
+            (before, Some(self.commit_timeout))
+        } else if self.statement_timeout.is_zero() {
+            (
+                "SET LOCAL statement_timeout = 0; ".to_owned() + &before,
+                None,
+            )
         } else {
-            self.commit_timeout + self.statement_timeout
+            let set = format!(
+                "SET LOCAL statement_timeout = '{}ms'; ",
+                self.statement_timeout.as_millis()
+            );
+            (
+                set + &before,
+                Some(self.commit_timeout + self.statement_timeout),
+            )
         };
-        let message = before + "COMMIT; SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8";
+        let message = message + "COMMIT; SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8";
         let commit =
             sqlx::Executor::fetch_many(self.conn.conn(), message.as_str()).try_collect::<Vec<_>>();
-        let answer = match tokio::time::timeout(bound, commit).await {
+        let answer = match bound {
+            Some(bound) => tokio::time::timeout(bound, commit).await,
+            None => Ok(commit.await),
+        };
+        let answer = match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) if is_connection_error(&e) => {
                 self.conn.discard();
