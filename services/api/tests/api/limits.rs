@@ -534,6 +534,71 @@ async fn the_count_of_active_turns_follows_every_start_and_end() {
     assert_eq!(active_counts(&settings, &user).await, (0, 0));
 }
 
+/// An interrupt cancels the turns it replaces before it appends its input;
+/// a create in an idle conversation appends its input before it inserts
+/// its response. In two conversations of one user whose counts share a
+/// stripe, the two run side by side without a deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupts_and_creates_sharing_a_stripe_never_deadlock() {
+    let stack = Stack::shared().await;
+    let settings = without_limits(stack.settings(Paths::PGBOUNCER));
+    // No worker: an interrupted conversation always has a turn to cancel.
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let stripe = |id: &str| {
+        let id = turnpike_core::ids::parse("conv", id).unwrap();
+        id.as_bytes()[15] % 16
+    };
+    let mut seen: std::collections::HashMap<u8, String> = Default::default();
+    let (a, b) = loop {
+        let id = user.create_conversation(json!({})).await.ok()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if let Some(other) = seen.insert(stripe(&id), id.clone()) {
+            break (other, id);
+        }
+    };
+    let interrupts = {
+        let user = user.clone();
+        tokio::spawn(async move {
+            let turn = json!({"conversation": a, "input": "now", "background": true, "multitask": "interrupt"});
+            let mut failed = Vec::new();
+            for _ in 0..60 {
+                let reply = user.call("POST", "/v1/responses", Some(turn.clone())).await;
+                if reply.status != 200 {
+                    failed.push(format!("{} {}", reply.status, reply.body));
+                }
+            }
+            failed
+        })
+    };
+    let turn = json!({"conversation": b, "input": "hello", "background": true});
+    let mut failed = Vec::new();
+    for _ in 0..60 {
+        let reply = user.call("POST", "/v1/responses", Some(turn.clone())).await;
+        if reply.status != 200 {
+            failed.push(format!("{} {}", reply.status, reply.body));
+            continue;
+        }
+        // Idle again for the next create.
+        let id = reply.body["id"].as_str().unwrap_or_default().to_owned();
+        let cancelled = user
+            .call("POST", &format!("/v1/responses/{id}/cancel"), None)
+            .await;
+        if cancelled.status != 200 {
+            failed.push(format!("{} {}", cancelled.status, cancelled.body));
+        }
+    }
+    failed.extend(interrupts.await.unwrap());
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_streams_are_capped_per_user_in_each_process() {
     let stack = Stack::shared().await;
