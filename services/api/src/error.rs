@@ -244,6 +244,15 @@ impl From<DbError> for ApiError {
             }
             DbError::Timeout { .. } => Self::query_timeout(),
             DbError::Query(e) if turnpike_core::db::is_query_timeout(&e) => Self::query_timeout(),
+            DbError::Query(e) if turnpike_core::db::is_transaction_conflict(&e) => {
+                tracing::warn!(error = %e, "a transaction collided with another and was rolled back");
+                let mut e = Self::unavailable(
+                    "The request collided with another on the same data and was rolled back; nothing was written. Retry it.",
+                    1,
+                );
+                e.code = Some("conflict_retry");
+                e
+            }
             e if e.is_retryable() => {
                 tracing::warn!(error = %e, "database unavailable");
                 Self::unavailable("The database is temporarily unavailable. Retry shortly.", 1)

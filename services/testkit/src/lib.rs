@@ -1071,6 +1071,11 @@ impl Process {
                 "WORKER__RECLAIM_IDLE_MS",
                 settings.worker.reclaim_idle_ms.to_string(),
             ),
+            // As in-process workers: not another test's queued turns.
+            (
+                "WORKER__STRANDED_AFTER_MS",
+                settings.worker.stranded_after_ms.to_string(),
+            ),
             ("MODEL__BASE_URL", settings.model.base_url.clone()),
             (
                 "MODEL__RETRY_BASE_MS",

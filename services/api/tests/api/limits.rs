@@ -599,6 +599,79 @@ async fn interrupts_and_creates_sharing_a_stripe_never_deadlock() {
     );
 }
 
+/// A create that PostgreSQL picks to break a deadlock is rolled back and
+/// answered 503 with Retry-After, in the one error shape; its retry runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_chosen_to_break_a_deadlock_is_answered_503_to_retry() {
+    let stack = Stack::shared().await;
+    let settings = without_limits(stack.settings(Paths::DIRECT));
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let conversation = user.create_conversation(json!({})).await.ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id = turnpike_core::ids::parse("conv", &conversation).unwrap();
+    let router = turnpike_core::db::Router::new(&settings.database).unwrap();
+    // Hold the stripe of the user's stored bytes the create will add to.
+    let mut mine = router.write().await.unwrap();
+    sqlx::query(
+        "INSERT INTO user_stored_bytes AS s (user_id, stripe, bytes)
+         SELECT user_id, turnpike_storage_stripe(id), 0 FROM conversations WHERE id = $1
+         ON CONFLICT (user_id, stripe) DO UPDATE SET bytes = s.bytes",
+    )
+    .bind(id)
+    .execute(turnpike_core::db::DbConn::conn(&mut mine))
+    .await
+    .unwrap();
+    // The create locks the conversation, then waits for the stripe.
+    let create = {
+        let user = user.clone();
+        let turn = json!({"conversation": conversation, "input": "hi", "background": true});
+        tokio::spawn(async move { user.call("POST", "/v1/responses", Some(turn)).await })
+    };
+    eventually(
+        "the create to wait for the stripe",
+        Duration::from_secs(10),
+        || async {
+            let mut probe = router.write().await.ok()?;
+            let (waiting,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE '%turnpike_create_turn%'",
+            )
+            .fetch_one(turnpike_core::db::DbConn::conn(&mut probe))
+            .await
+            .ok()?;
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    // Now this one waits for the conversation: the create, waiting longer,
+    // finds the deadlock and is rolled back.
+    sqlx::query("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(turnpike_core::db::DbConn::conn(&mut mine))
+        .await
+        .unwrap();
+    drop(mine);
+    let refused = create.await.unwrap();
+    assert_eq!(
+        refused.error(503)["code"],
+        "conflict_retry",
+        "{}",
+        refused.body
+    );
+    assert_eq!(retry_after(&refused), 1);
+    let retried = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"conversation": conversation, "input": "hi", "background": true})),
+        )
+        .await;
+    assert_eq!(retried.ok()["status"], "queued");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_streams_are_capped_per_user_in_each_process() {
     let stack = Stack::shared().await;

@@ -123,7 +123,9 @@ impl DbError {
             | Self::NoNodeAvailable
             | Self::Overloaded { .. }
             | Self::Timeout { .. } => true,
-            Self::Query(e) => is_connection_error(e) || is_query_timeout(e),
+            Self::Query(e) => {
+                is_connection_error(e) || is_query_timeout(e) || is_transaction_conflict(e)
+            }
         }
     }
 
@@ -141,6 +143,14 @@ impl DbError {
 pub fn is_query_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db)
         if db.code().is_some_and(|code| matches!(code.as_ref(), "57014" | "55P03")))
+}
+
+/// Errors that say the transaction collided with another and was rolled
+/// back, so that the same request may succeed at once: a deadlock (40P01)
+/// or a serialization failure (40001).
+pub fn is_transaction_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|code| matches!(code.as_ref(), "40P01" | "40001")))
 }
 
 /// Errors that say the node (or the path to it) failed, not the query:
