@@ -613,48 +613,63 @@ async fn a_create_chosen_to_break_a_deadlock_is_answered_503_to_retry() {
         .to_owned();
     let id = turnpike_core::ids::parse("conv", &conversation).unwrap();
     let router = turnpike_core::db::Router::new(&settings.database).unwrap();
-    // Hold the stripe of the user's stored bytes the create will add to.
-    let mut mine = router.write().await.unwrap();
-    sqlx::query(
-        "INSERT INTO user_stored_bytes AS s (user_id, stripe, bytes)
-         SELECT user_id, turnpike_storage_stripe(id), 0 FROM conversations WHERE id = $1
-         ON CONFLICT (user_id, stripe) DO UPDATE SET bytes = s.bytes",
-    )
-    .bind(id)
-    .execute(turnpike_core::db::DbConn::conn(&mut mine))
-    .await
-    .unwrap();
-    // The create locks the conversation, then waits for the stripe.
-    let create = {
-        let user = user.clone();
-        let turn = json!({"conversation": conversation, "input": "hi", "background": true});
-        tokio::spawn(async move { user.call("POST", "/v1/responses", Some(turn)).await })
-    };
-    eventually(
-        "the create to wait for the stripe",
-        Duration::from_secs(10),
-        || async {
-            let mut probe = router.write().await.ok()?;
-            let (waiting,): (i64,) = sqlx::query_as(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE wait_event_type = 'Lock' AND query LIKE '%turnpike_create_turn%'",
-            )
-            .fetch_one(turnpike_core::db::DbConn::conn(&mut probe))
-            .await
-            .ok()?;
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
-    // Now this one waits for the conversation: the create, waiting longer,
-    // finds the deadlock and is rolled back.
-    sqlx::query("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE")
+    // Whichever waiter checks first after `deadlock_timeout` (1 s) is
+    // rolled back: the create, which waits first, unless the machine was
+    // so slow that its check ran before this side closed the cycle.
+    let mut refused = None;
+    for _ in 0..3 {
+        // Hold the stripe of the user's stored bytes the create adds to.
+        let mut mine = router.write().await.unwrap();
+        sqlx::query(
+            "INSERT INTO user_stored_bytes AS s (user_id, stripe, bytes)
+             SELECT user_id, turnpike_storage_stripe(id), 0 FROM conversations WHERE id = $1
+             ON CONFLICT (user_id, stripe) DO UPDATE SET bytes = s.bytes",
+        )
         .bind(id)
         .execute(turnpike_core::db::DbConn::conn(&mut mine))
         .await
         .unwrap();
-    drop(mine);
-    let refused = create.await.unwrap();
+        // The create locks the conversation, then waits for the stripe.
+        let create = {
+            let user = user.clone();
+            let turn = json!({"conversation": conversation, "input": "hi", "background": true});
+            tokio::spawn(async move { user.call("POST", "/v1/responses", Some(turn)).await })
+        };
+        eventually(
+            "the create to wait for the stripe",
+            Duration::from_secs(10),
+            || async {
+                let mut probe = router.write().await.ok()?;
+                let (waiting,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE wait_event_type = 'Lock' AND query LIKE '%turnpike_create_turn%'",
+                )
+                .fetch_one(turnpike_core::db::DbConn::conn(&mut probe))
+                .await
+                .ok()?;
+                (waiting > 0).then_some(())
+            },
+        )
+        .await;
+        // This side now waits for the conversation: a deadlock.
+        let closed = sqlx::query("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .execute(turnpike_core::db::DbConn::conn(&mut mine))
+            .await;
+        drop(mine);
+        let reply = create.await.unwrap();
+        if closed.is_ok() {
+            refused = Some(reply);
+            break;
+        }
+        // This side was rolled back instead, and the create went through:
+        // cancelled, the conversation is idle for the next try.
+        let id = reply.ok()["id"].as_str().unwrap_or_default().to_owned();
+        user.call("POST", &format!("/v1/responses/{id}/cancel"), None)
+            .await
+            .ok();
+    }
+    let refused = refused.expect("the create was chosen once in three tries");
     assert_eq!(
         refused.error(503)["code"],
         "conflict_retry",
