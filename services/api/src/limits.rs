@@ -307,12 +307,12 @@ where
 }
 
 /// Refuses a new turn when the user already has `active_turns_per_user`
-/// queued or running. Runs in the creating transaction on the primary. Far
-/// from the cap (more than a quarter of it left) the count alone decides:
-/// the per-user lock would serialize every create of a busy user for
-/// nothing. Near it, the count is taken again under the lock, so concurrent
-/// creates cannot overshoot (only more than a quarter of the cap racing at
-/// once from far below could).
+/// queued or running, counted under the user's lock, so concurrent creates
+/// cannot overshoot. Runs in the creating transaction on the primary, when
+/// the striped count did not show the user clear of the cap
+/// ([`check_new_turn`]): far from it the lock would serialize every create
+/// of a busy user for nothing (only more than a quarter of the cap racing
+/// at once from far below could overshoot).
 pub async fn check_active_turns(
     app: &AppState,
     tx: &mut impl DbConn,
@@ -321,13 +321,6 @@ pub async fn check_active_turns(
     let cap = app.settings.limits.active_turns_per_user;
     if cap == 0 {
         return Ok(());
-    }
-    let headroom = i64::from(cap / 4);
-    if headroom > 0 {
-        let active = state::active_turns(tx, user, i64::from(cap)).await?;
-        if active < i64::from(cap) - headroom {
-            return Ok(());
-        }
     }
     state::lock_user_turns(tx, user).await?;
     let active = state::active_turns(tx, user, i64::from(cap)).await?;
@@ -353,32 +346,38 @@ pub async fn check_active_turns(
     .with_headers(headers))
 }
 
-/// A new turn's limits: [`check_active_turns`] and [`check_storage`], read
-/// together in one round trip while both are comfortably clear (below the
-/// active-turn headroom, within the quota); near either one, each is
-/// checked as on its own, the turns under the user's lock.
+/// A new turn's limits, read together in one round trip (the striped
+/// counts); a limit the user is not comfortably clear of ([`clear_bounds`])
+/// is checked in full: the turns under the user's lock
+/// ([`check_active_turns`]), the storage on its own ([`check_storage`]).
 pub async fn check_new_turn(
     app: &AppState,
     tx: &mut impl DbConn,
     user: Uuid,
     incoming: usize,
 ) -> Result<(), ApiError> {
-    let limits = &app.settings.limits;
-    let (turns_cap, storage_cap) = (limits.active_turns_per_user, limits.storage_bytes_per_user);
-    let headroom = i64::from(turns_cap / 4);
-    if headroom > 0 && storage_cap > 0 {
-        let (active, stored) = state::active_turns_and_stored_bytes(tx, user).await?;
-        let after = u64::try_from(stored).unwrap_or(0) + incoming as u64;
-        if active < i64::from(turns_cap) - headroom && after <= storage_cap {
-            return Ok(());
+    let (turns_clear, storage_clear) = match clear_bounds(app) {
+        Some((active_below, storage_cap)) => {
+            let (active, stored) = state::active_turns_and_stored_bytes(tx, user).await?;
+            let after = stored.saturating_add(i64::try_from(incoming).unwrap_or(i64::MAX));
+            (
+                active_below.is_none_or(|below| active < below),
+                storage_cap.is_none_or(|cap| after <= cap),
+            )
         }
+        None => (false, false),
+    };
+    if !turns_clear {
+        check_active_turns(app, tx, user).await?;
     }
-    check_active_turns(app, tx, user).await?;
-    check_storage(app, tx, user, incoming).await
+    if !storage_clear {
+        check_storage(app, tx, user, incoming).await?;
+    }
+    Ok(())
 }
 
-/// The bounds within which a new turn passes both limits at a glance, as
-/// [`check_new_turn`]'s first read passes it: fewer queued or running turns
+/// The bounds within which a new turn passes both limits at a glance, in
+/// [`check_new_turn`] and in `turnpike_create_turn`: fewer queued or running turns
 /// than the first, and stored bytes with the turn's at most the second
 /// (`None`: that limit is off). `None` when the turn limit is too small to
 /// leave headroom, so every new turn is counted under its lock.
