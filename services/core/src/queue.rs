@@ -265,12 +265,24 @@ impl Consumer {
 
     /// Waits up to `block_ms` for a new turn.
     pub async fn next(&mut self, block_ms: u64) -> Result<Option<Delivery>, KvError> {
+        Ok(self.next_batch(block_ms, 1).await?.into_iter().next())
+    }
+
+    /// Waits up to `block_ms` for new turns and claims up to `count` of
+    /// them in one round trip. Under load, turns are queued faster than one
+    /// read a round trip can claim them: each would wait behind the reads
+    /// of all those before it.
+    pub async fn next_batch(
+        &mut self,
+        block_ms: u64,
+        count: usize,
+    ) -> Result<Vec<Delivery>, KvError> {
         let reply: Option<Vec<(String, Vec<Entry>)>> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
             .arg(&self.name)
             .arg("COUNT")
-            .arg(1)
+            .arg(count.max(1))
             .arg("BLOCK")
             .arg(block_ms)
             .arg("STREAMS")
@@ -282,7 +294,8 @@ impl Consumer {
             .into_iter()
             .flatten()
             .flat_map(|(_, entries)| entries)
-            .find_map(|(entry, fields)| parse(entry, &fields, 1)))
+            .filter_map(|(entry, fields)| parse(entry, &fields, 1))
+            .collect())
     }
 
     /// Claims turns another consumer has held for longer than `idle_ms`

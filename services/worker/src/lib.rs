@@ -146,21 +146,31 @@ impl Worker {
                     }
                 },
             };
-            let mut delivery = None;
+            let mut deliveries = Vec::new();
             if last_reclaim.elapsed() >= reclaim_every {
                 last_reclaim = Instant::now();
                 match conn.reclaim(settings.reclaim_idle_ms).await {
-                    Ok(found) => delivery = found,
+                    Ok(found) => deliveries.extend(found),
                     Err(e) => tracing::warn!(error = %e, "reclaim failed"),
                 }
             }
-            if delivery.is_none() {
+            // One read claims as many turns as there are free slots (up to
+            // a bound): a busy queue is drained in one round trip, not one
+            // per turn.
+            let mut permits_held = vec![permit];
+            if deliveries.is_empty() {
+                while permits_held.len() < CLAIM_BATCH {
+                    match Arc::clone(&permits).try_acquire_owned() {
+                        Ok(more) => permits_held.push(more),
+                        Err(_) => break,
+                    }
+                }
                 let next = tokio::select! {
                     () = &mut shutdown => break,
-                    next = conn.next(settings.block_ms) => next,
+                    next = conn.next_batch(settings.block_ms, permits_held.len()) => next,
                 };
                 match next {
-                    Ok(found) => delivery = found,
+                    Ok(found) => deliveries = found,
                     Err(e) => {
                         tracing::warn!(error = %e, "reading the turn queue failed; reconnecting");
                         consumer = None;
@@ -168,7 +178,9 @@ impl Worker {
                     }
                 }
             }
-            if let Some(delivery) = delivery {
+            // Each claimed turn runs with one slot; the slots left over
+            // go back when `permits_held` drops.
+            for (delivery, permit) in deliveries.into_iter().zip(permits_held.drain(..)) {
                 let ctx = Arc::clone(&ctx);
                 turns.spawn(async move {
                     turn::run(&ctx, delivery).await;
@@ -194,6 +206,9 @@ impl Worker {
         drop(listener);
     }
 }
+
+/// The most turns one read of the queue claims.
+const CLAIM_BATCH: usize = 16;
 
 /// Stops a helper task when its owner ends, however it ends: a turn's
 /// heartbeat with the turn (an aborted turn must not keep heartbeating its

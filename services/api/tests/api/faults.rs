@@ -212,6 +212,39 @@ async fn an_empty_blocking_queue_read_is_not_an_error() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(1_400));
 }
 
+/// A worker claims queued turns in batches no larger than it asks for, in
+/// queue order, each turn once: what one read leaves is there for the next
+/// read, and nothing a read claimed goes to another consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_read_claims_a_batch_of_turns_in_order_and_no_more() {
+    use turnpike_core::queue::{self, Consumer};
+    let stack = Stack::shared().await;
+    let settings = stack.settings(Paths::DIRECT);
+    let kv = turnpike_core::kv::Kv::new(&settings.redis).unwrap();
+    let url = settings.redis.url().to_owned();
+    let stream = format!("tp:test-batch-{}", uuid::Uuid::now_v7().simple());
+    let lsn: turnpike_core::db::Lsn = "0/0".parse().unwrap();
+    let mut first = Consumer::connect(&url, &stream, "first", 100)
+        .await
+        .unwrap();
+    let mut second = Consumer::connect(&url, &stream, "second", 100)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        queue::enqueue(&kv, &stream, &format!("resp_{i}"), lsn)
+            .await
+            .unwrap();
+    }
+    let names = |batch: Vec<queue::Delivery>| -> Vec<String> {
+        batch.into_iter().map(|d| d.response).collect()
+    };
+    let batch = first.next_batch(100, 3).await.unwrap();
+    assert_eq!(names(batch), ["resp_0", "resp_1", "resp_2"]);
+    let batch = second.next_batch(100, 16).await.unwrap();
+    assert_eq!(names(batch), ["resp_3", "resp_4"]);
+    assert!(first.next_batch(100, 16).await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reclaiming_walks_past_claims_of_running_turns() {
     use turnpike_core::queue::{self, Consumer};
