@@ -165,6 +165,7 @@ async fn begin(
         check_context_management(entries)?;
     }
     check_passed_through(body.reasoning.as_ref(), body.text.as_ref())?;
+    check_sampling(body.temperature, body.top_p)?;
     let provider_params = provider_params(body)?;
     let model = body
         .model
@@ -1236,6 +1237,23 @@ fn check_context_management(entries: &[serde_json::Value]) -> Result<(), ApiErro
 
 /// `reasoning` and `text` go to the model as given: refuse what no provider
 /// would take, so the mistake is a 400 now rather than a failed turn later.
+/// Sampling parameters within the ranges OpenAI accepts: a value outside
+/// them is the caller's mistake, answered now rather than by a failed turn
+/// once the provider refuses it.
+fn check_sampling(temperature: Option<f64>, top_p: Option<f64>) -> Result<(), ApiError> {
+    for (name, value, max) in [("temperature", temperature, 2.0), ("top_p", top_p, 1.0)] {
+        if let Some(value) = value
+            && !(0.0..=max).contains(&value)
+        {
+            return Err(ApiError::invalid(
+                name,
+                format!("{name} must be between 0 and {max}; got {value}."),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_passed_through(
     reasoning: Option<&serde_json::Value>,
     text: Option<&serde_json::Value>,

@@ -38,8 +38,10 @@ pub struct CreateChatCompletion {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_completion_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
     /// Only 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,6 +69,7 @@ pub struct CreateChatCompletion {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<u32>,
     /// Accepted and ignored: the Responses API has no counterpart.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -76,8 +76,10 @@ pub struct CreateResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<bool>,
@@ -118,6 +120,7 @@ pub struct CreateResponse {
     pub service_tier: Option<String>,
     /// Passed to the provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<u32>,
     /// Passed to the provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -289,6 +289,9 @@ async fn model_parameters_are_checked_before_a_turn_exists() {
             "tools[0].name",
         ),
         (json!({"service_tier": "turbo"}), "service_tier"),
+        (json!({"temperature": -0.5}), "temperature"),
+        (json!({"temperature": 2.5}), "temperature"),
+        (json!({"top_p": 1.5}), "top_p"),
         (json!({"top_logprobs": 21}), "top_logprobs"),
         (
             json!({"prompt_cache_retention": "forever"}),
@@ -344,7 +347,8 @@ async fn model_parameters_are_checked_before_a_turn_exists() {
             "POST",
             "/v1/responses",
             Some(json!({"input": "hello", "background": true,
-                "reasoning": {"effort": "low", "summary": "auto"}, "text": {"format": {"type": "text"}}})),
+                "reasoning": {"effort": "low", "summary": "auto"}, "text": {"format": {"type": "text"}},
+                "temperature": 2, "top_p": 0})),
         )
         .await;
     assert_eq!(ok.ok()["status"], "queued");
