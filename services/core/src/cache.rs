@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::Script;
+use std::sync::LazyLock;
 use uuid::Uuid;
 
 use crate::config::CacheSettings;
@@ -59,6 +60,7 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '|' .. (now_ms + tonumber(ARGV[3
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {2, ARGV[2], floor}
 ";
+static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
 
 /// Fills L2 if the lease is still ours. Returns 1 when filled.
 const FILL: &str = r"
@@ -69,6 +71,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 ";
+static FILL_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FILL));
 
 /// Drops a conversation's L2 entries and leases, raises its floor, and
 /// tells every process.
@@ -83,6 +86,7 @@ end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 ";
+static INVALIDATE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(INVALIDATE));
 
 fn keys(conversation: Uuid) -> [String; 3] {
     let tag = conversation.simple();
@@ -396,7 +400,7 @@ impl Cache {
                     token.clone(),
                 );
                 async move {
-                    Script::new(LOOKUP)
+                    LOOKUP_SCRIPT
                         .key(data)
                         .key(leases)
                         .key(floor_key)
@@ -508,7 +512,7 @@ impl Cache {
             .inner
             .kv
             .run(|mut conn| async move {
-                Script::new(FILL)
+                FILL_SCRIPT
                     .key(data)
                     .key(leases)
                     .arg(field)
@@ -576,7 +580,7 @@ pub async fn invalidate(
     let [data, leases, floor] = keys(conversation);
     let result = kv
         .run(|mut conn| async move {
-            Script::new(INVALIDATE)
+            INVALIDATE_SCRIPT
                 .key(data)
                 .key(leases)
                 .key(floor)

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::Script;
+use std::sync::LazyLock;
 use tokio::sync::broadcast;
 
 use crate::kv::{Kv, KvError};
@@ -62,6 +63,8 @@ end
 if added > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return added
 ";
+/// Hashed once: `Script::new` computes the SHA-1 each `EVALSHA` sends.
+static APPEND_ALL_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(APPEND_ALL));
 
 /// Appends `events` with consecutive sequence numbers from `first` in one
 /// round trip, in order, publishing each; an event whose sequence number
@@ -82,7 +85,7 @@ pub async fn append_all(
     let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
     let channel = channel(response);
     kv.run(|mut conn| async move {
-        let script = Script::new(APPEND_ALL);
+        let script = &*APPEND_ALL_SCRIPT;
         let mut invocation = script.key(key);
         invocation.arg(retention_ms).arg(channel);
         for (seq, json) in (first..).zip(events) {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use moka::sync::Cache;
 use redis::Script;
+use std::sync::LazyLock;
 use uuid::Uuid;
 
 use crate::db::Lsn;
@@ -23,6 +24,7 @@ if (not current) or tonumber(current) < tonumber(ARGV[1]) then
 end
 return 1
 ";
+static SET_MAX_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SET_MAX));
 
 /// Remembers each user's latest write position for a short window.
 #[derive(Debug, Clone)]
@@ -61,7 +63,7 @@ impl LastWrites {
         let result = self
             .kv
             .run(|mut conn| async move {
-                Script::new(SET_MAX)
+                SET_MAX_SCRIPT
                     .key(key)
                     .arg(lsn.0)
                     .arg(window_ms)

@@ -115,6 +115,7 @@ impl Worker {
         let reconciler = AbortOnDrop(tokio::spawn(reconcile::run(Arc::clone(&ctx))));
         let mut consumer: Option<Consumer> = None;
         let mut last_reclaim = Instant::now();
+        let mut stopping = false;
         let reclaim_every = Duration::from_millis((settings.reclaim_idle_ms / 4).max(100));
         tokio::pin!(shutdown);
         loop {
@@ -165,15 +166,30 @@ impl Worker {
                         Err(_) => break,
                     }
                 }
-                let next = tokio::select! {
-                    () = &mut shutdown => break,
-                    next = conn.next_batch(settings.block_ms, permits_held.len()) => next,
+                // A read in flight when the worker is told to stop is
+                // finished, not dropped: Redis may have claimed turns for
+                // it already, and a dropped reply would leave them to wait
+                // `reclaim_idle_ms` for another worker. What it claims runs
+                // within the grace period; no read follows it.
+                let next = {
+                    let read = conn.next_batch(settings.block_ms, permits_held.len());
+                    tokio::pin!(read);
+                    tokio::select! {
+                        next = &mut read => next,
+                        () = &mut shutdown => {
+                            stopping = true;
+                            read.await
+                        }
+                    }
                 };
                 match next {
                     Ok(found) => deliveries = found,
                     Err(e) => {
                         tracing::warn!(error = %e, "reading the turn queue failed; reconnecting");
                         consumer = None;
+                        if stopping {
+                            break;
+                        }
                         continue;
                     }
                 }
@@ -186,6 +202,9 @@ impl Worker {
                     turn::run(&ctx, delivery).await;
                     drop(permit);
                 });
+            }
+            if stopping {
+                break;
             }
         }
         drop(reconciler);

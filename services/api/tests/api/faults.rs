@@ -212,6 +212,53 @@ async fn an_empty_blocking_queue_read_is_not_an_error() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(1_400));
 }
 
+/// A worker told to stop while its read of the queue waits finishes that
+/// read instead of dropping it: a turn queued in that moment, which Redis
+/// hands to the waiting read, is run by the stopping worker within its
+/// grace period, not left claimed by a worker that is gone (for another to
+/// reclaim after `reclaim_idle_ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_queued_as_its_worker_stops_is_run_not_stranded() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.worker.queue = format!("tp:test-stop-{}", uuid::Uuid::now_v7().simple());
+    settings.worker.block_ms = 10_000;
+    let mut agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let kv = turnpike_core::kv::Kv::new(&settings.redis).unwrap();
+    let queue = settings.worker.queue.clone();
+    // A first turn: the worker claims it, reads the queue again at once
+    // (now waiting, for up to 10 s), and finishes it.
+    let first = user
+        .create_background(json!({"input": "/echo first"}))
+        .await;
+    let events = user
+        .open_stream("GET", &format!("/v1/responses/{first}?stream=true"), None)
+        .await
+        .read_to_end()
+        .await;
+    assert_eq!(events.last().unwrap().data["type"], "response.completed");
+    // SIGTERM, and a turn queued just after it.
+    let (_, id) = tokio::join!(
+        agents.stop_workers(),
+        user.create_background(json!({"input": "/echo just in time"}))
+    );
+    let done = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+    assert_eq!(done.ok()["status"], "completed");
+    let pending: (u64, redis::Value, redis::Value, redis::Value) = kv
+        .run(|mut conn| async move {
+            redis::cmd("XPENDING")
+                .arg(&queue)
+                .arg("workers")
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(pending.0, 0, "nothing left claimed and unacknowledged");
+}
+
 /// A worker claims queued turns in batches no larger than it asks for, in
 /// queue order, each turn once: what one read leaves is there for the next
 /// read, and nothing a read claimed goes to another consumer.
