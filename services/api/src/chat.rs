@@ -245,6 +245,8 @@ fn to_response_request(body: &CreateChatCompletion) -> Result<CreateResponse, Ap
 fn messages_to_input(messages: &[Value]) -> Result<(Option<String>, Vec<InputItem>), ApiError> {
     let mut instructions: Vec<String> = Vec::new();
     let mut input = Vec::new();
+    // The ids of the assistant's tool calls so far: a tool message answers one.
+    let mut calls: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for (i, message) in messages.iter().enumerate() {
         let param = format!("messages[{i}]");
         let role = message.get("role").and_then(Value::as_str).ok_or_else(|| {
@@ -301,6 +303,9 @@ fn messages_to_input(messages: &[Value]) -> Result<(Option<String>, Vec<InputIte
                     .enumerate()
                 {
                     let call_param = format!("{param}.tool_calls[{j}]");
+                    if let Some(id) = call.get("id").and_then(Value::as_str) {
+                        calls.insert(id);
+                    }
                     let value = match call.get("type").and_then(Value::as_str) {
                         Some("custom") => json!({"type": "custom_tool_call", "call_id": call["id"],
                             "name": call.pointer("/custom/name"), "input": call.pointer("/custom/input")}),
@@ -318,6 +323,14 @@ fn messages_to_input(messages: &[Value]) -> Result<(Option<String>, Vec<InputIte
                         "a tool message needs the tool_call_id it answers.",
                     )
                 })?;
+                if !call_id.as_str().is_some_and(|id| calls.contains(id)) {
+                    return Err(ApiError::invalid(
+                        format!("{param}.tool_call_id"),
+                        format!(
+                            "a message with role 'tool' must answer a tool call of an earlier assistant message; none has the id {call_id}."
+                        ),
+                    ));
+                }
                 input.push(item(
                     &param,
                     json!({"type": "function_call_output", "call_id": call_id, "output": plain_text(content)}),

@@ -201,6 +201,9 @@ async fn begin(
     let mut tx = app.router.write().await?;
     let resolved = items::resolve_references(&mut tx, principal.user_id, "input", &inputs).await?;
     let inputs = resolved.unwrap_or(inputs);
+    if body.conversation.is_none() && body.previous_response_id.is_none() {
+        check_outputs_answer_calls(&inputs)?;
+    }
     // The common path in one call, sent with the commit; off it (not found,
     // busy and rejecting, a fork, near a limit) nothing was written, and the
     // turn is created statement by statement below.
@@ -1237,6 +1240,35 @@ fn check_context_management(entries: &[serde_json::Value]) -> Result<(), ApiErro
 
 /// `reasoning` and `text` go to the model as given: refuse what no provider
 /// would take, so the mistake is a 400 now rather than a failed turn later.
+/// A request that starts a conversation has nothing but its own input for
+/// a tool call's output to answer: an output whose `call_id` names no call
+/// in the input is refused here, as OpenAI refuses it, rather than by the
+/// provider once the turn runs.
+fn check_outputs_answer_calls(inputs: &[InputItem]) -> Result<(), ApiError> {
+    let calls: std::collections::HashSet<&str> = inputs
+        .iter()
+        .filter_map(|item| match item {
+            InputItem::FunctionCall { call_id, .. } => Some(call_id.as_str()),
+            // Custom and hosted tool calls, kept as sent.
+            InputItem::Other(other) => other.get("call_id").and_then(|id| id.as_str()),
+            _ => None,
+        })
+        .collect();
+    for (i, item) in inputs.iter().enumerate() {
+        if let InputItem::FunctionCallOutput { call_id, .. } = item
+            && !calls.contains(call_id.as_str())
+        {
+            return Err(ApiError::invalid(
+                format!("input[{i}].call_id"),
+                format!(
+                    "No tool call found for function call output with call_id {call_id}: a new conversation's input must hold the call it answers (or continue with previous_response_id or conversation)."
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Sampling parameters within the ranges OpenAI accepts: a value outside
 /// them is the caller's mistake, answered now rather than by a failed turn
 /// once the provider refuses it.

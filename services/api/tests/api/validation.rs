@@ -354,6 +354,62 @@ async fn model_parameters_are_checked_before_a_turn_exists() {
     assert_eq!(ok.ok()["status"], "queued");
 }
 
+/// A tool call's output in a request that starts a conversation must answer
+/// a call in the same request (a chat's tool message, a call of an earlier
+/// assistant message): an orphan is a 400 naming it, as OpenAI answers,
+/// not a turn the provider fails. Answered calls pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_outputs_must_answer_a_call() {
+    let stack = Stack::shared().await;
+    let app = TestApp::spawn(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let call = json!({"type": "function_call", "call_id": "call_1", "name": "get_weather",
+        "arguments": "{}"});
+    let output =
+        |id: &str| json!({"type": "function_call_output", "call_id": id, "output": "rainy"});
+    let orphan = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": [call, output("call_2")], "background": true})),
+        )
+        .await;
+    assert_eq!(orphan.error(400)["param"], "input[1].call_id");
+    let answered = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(
+                json!({"input": [{"role": "user", "content": "weather?"}, call, output("call_1")],
+                "background": true}),
+            ),
+        )
+        .await;
+    assert_eq!(answered.ok()["status"], "queued");
+
+    let asked = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+        "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]});
+    let tool = |id: &str| json!({"role": "tool", "tool_call_id": id, "content": "rainy"});
+    let orphan = user
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(json!({"model": "mock-1", "messages": [
+                {"role": "user", "content": "weather?"}, asked, tool("call_2")]})),
+        )
+        .await;
+    assert_eq!(orphan.error(400)["param"], "messages[2].tool_call_id");
+    let orphan = user
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(json!({"model": "mock-1", "messages": [
+                {"role": "user", "content": "weather?"}, tool("call_1")]})),
+        )
+        .await;
+    assert_eq!(orphan.error(400)["param"], "messages[1].tool_call_id");
+}
+
 /// A number as large as a double goes in, is stored (PostgreSQL keeps it
 /// as an exact decimal and prints every digit), and comes back: reading
 /// it again rounds exactly instead of overflowing into a 500.
