@@ -1238,8 +1238,6 @@ fn check_context_management(entries: &[serde_json::Value]) -> Result<(), ApiErro
     Ok(())
 }
 
-/// `reasoning` and `text` go to the model as given: refuse what no provider
-/// would take, so the mistake is a 400 now rather than a failed turn later.
 /// A request that starts a conversation has nothing but its own input for
 /// a tool call's output to answer: an output whose `call_id` names no call
 /// in the input is refused here, as OpenAI refuses it, rather than by the
@@ -1286,6 +1284,8 @@ fn check_sampling(temperature: Option<f64>, top_p: Option<f64>) -> Result<(), Ap
     Ok(())
 }
 
+/// `reasoning` and `text` go to the model as given: refuse what no provider
+/// would take, so the mistake is a 400 now rather than a failed turn later.
 fn check_passed_through(
     reasoning: Option<&serde_json::Value>,
     text: Option<&serde_json::Value>,

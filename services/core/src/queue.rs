@@ -298,12 +298,12 @@ impl Consumer {
             .collect())
     }
 
-    /// Claims turns another consumer has held for longer than `idle_ms`
-    /// (a crashed worker's), one at a time. Each call scans the next window
-    /// of pending entries (Redis looks at ten per entry asked for), so
-    /// claims held by running turns never hide a crashed worker's behind
-    /// them.
-    pub async fn reclaim(&mut self, idle_ms: u64) -> Result<Option<Delivery>, KvError> {
+    /// Claims up to `count` turns another consumer has held for longer
+    /// than `idle_ms` (a crashed worker's, or turns whose read's reply was
+    /// lost). Each call scans the next window of pending entries (Redis
+    /// looks at ten per entry asked for), so claims held by running turns
+    /// never hide a crashed worker's behind them.
+    pub async fn reclaim(&mut self, idle_ms: u64, count: usize) -> Result<Vec<Delivery>, KvError> {
         let reply: (String, Vec<Entry>, Vec<String>) = redis::cmd("XAUTOCLAIM")
             .arg(&self.stream)
             .arg(GROUP)
@@ -311,23 +311,34 @@ impl Consumer {
             .arg(idle_ms)
             .arg(&self.claim_cursor)
             .arg("COUNT")
-            .arg(1)
+            .arg(count.max(1))
             .query_async(&mut self.conn)
             .await?;
         self.claim_cursor = reply.0;
-        let Some((entry, fields)) = reply.1.into_iter().next() else {
-            return Ok(None);
-        };
-        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-            .arg(&self.stream)
-            .arg(GROUP)
-            .arg(&entry)
-            .arg(&entry)
-            .arg(1)
-            .query_async(&mut self.conn)
-            .await?;
-        let deliveries = pending.first().map_or(2, |p| p.3);
-        Ok(parse(entry, &fields, deliveries))
+        if reply.1.is_empty() {
+            return Ok(Vec::new());
+        }
+        // How often each was delivered (this claim counted), in one round trip.
+        let mut pipe = redis::pipe();
+        for (entry, _) in &reply.1 {
+            pipe.cmd("XPENDING")
+                .arg(&self.stream)
+                .arg(GROUP)
+                .arg(entry)
+                .arg(entry)
+                .arg(1);
+        }
+        let pending: Vec<Vec<(String, String, u64, u64)>> =
+            pipe.query_async(&mut self.conn).await?;
+        Ok(reply
+            .1
+            .into_iter()
+            .zip(pending)
+            .filter_map(|((entry, fields), pending)| {
+                let deliveries = pending.first().map_or(2, |p| p.3);
+                parse(entry, &fields, deliveries)
+            })
+            .collect())
     }
 }
 

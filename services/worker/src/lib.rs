@@ -121,6 +121,7 @@ impl Worker {
         loop {
             while turns.try_join_next().is_some() {}
             let permit = tokio::select! {
+                biased;
                 () = &mut shutdown => break,
                 permit = Arc::clone(&permits).acquire_owned() => match permit {
                     Ok(permit) => permit,
@@ -147,39 +148,51 @@ impl Worker {
                     }
                 },
             };
+            // One read claims as many turns as there are free slots (up to
+            // a bound): a busy queue is drained in one round trip, not one
+            // per turn. A reclaim takes as many.
+            let mut permits_held = vec![permit];
+            while permits_held.len() < CLAIM_BATCH {
+                match Arc::clone(&permits).try_acquire_owned() {
+                    Ok(more) => permits_held.push(more),
+                    Err(_) => break,
+                }
+            }
             let mut deliveries = Vec::new();
             if last_reclaim.elapsed() >= reclaim_every {
                 last_reclaim = Instant::now();
-                match conn.reclaim(settings.reclaim_idle_ms).await {
-                    Ok(found) => deliveries.extend(found),
+                match conn
+                    .reclaim(settings.reclaim_idle_ms, permits_held.len())
+                    .await
+                {
+                    Ok(found) => deliveries = found,
                     Err(e) => tracing::warn!(error = %e, "reclaim failed"),
                 }
             }
-            // One read claims as many turns as there are free slots (up to
-            // a bound): a busy queue is drained in one round trip, not one
-            // per turn.
-            let mut permits_held = vec![permit];
             if deliveries.is_empty() {
-                while permits_held.len() < CLAIM_BATCH {
-                    match Arc::clone(&permits).try_acquire_owned() {
-                        Ok(more) => permits_held.push(more),
-                        Err(_) => break,
-                    }
-                }
                 // A read in flight when the worker is told to stop is
                 // finished, not dropped: Redis may have claimed turns for
                 // it already, and a dropped reply would leave them to wait
                 // `reclaim_idle_ms` for another worker. What it claims runs
-                // within the grace period; no read follows it.
+                // within the grace period; no read follows it, and none is
+                // sent once the stop has come.
                 let next = {
-                    let read = conn.next_batch(settings.block_ms, permits_held.len());
+                    let sent = std::sync::atomic::AtomicBool::new(false);
+                    let read = async {
+                        sent.store(true, std::sync::atomic::Ordering::Relaxed);
+                        conn.next_batch(settings.block_ms, permits_held.len()).await
+                    };
                     tokio::pin!(read);
                     tokio::select! {
-                        next = &mut read => next,
+                        biased;
                         () = &mut shutdown => {
                             stopping = true;
+                            if !sent.load(std::sync::atomic::Ordering::Relaxed) {
+                                break;
+                            }
                             read.await
                         }
+                        next = &mut read => next,
                     }
                 };
                 match next {
@@ -196,6 +209,7 @@ impl Worker {
             }
             // Each claimed turn runs with one slot; the slots left over
             // go back when `permits_held` drops.
+            debug_assert!(deliveries.len() <= permits_held.len());
             for (delivery, permit) in deliveries.into_iter().zip(permits_held.drain(..)) {
                 let ctx = Arc::clone(&ctx);
                 turns.spawn(async move {

@@ -290,6 +290,9 @@ async fn one_read_claims_a_batch_of_turns_in_order_and_no_more() {
     let batch = second.next_batch(100, 16).await.unwrap();
     assert_eq!(names(batch), ["resp_3", "resp_4"]);
     assert!(first.next_batch(100, 16).await.unwrap().is_empty());
+    let _: Result<u64, _> = kv
+        .run(|mut conn| async move { redis::cmd("DEL").arg(&stream).query_async(&mut conn).await })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,12 +329,41 @@ async fn reclaiming_walks_past_claims_of_running_turns() {
         .unwrap();
     let mut rescued = Vec::new();
     for _ in 0..10 {
-        if let Some(delivery) = rescuer.reclaim(50).await.unwrap() {
+        for delivery in rescuer.reclaim(50, 1).await.unwrap() {
             rescued.push(delivery.response);
         }
     }
     rescued.sort();
     assert_eq!(rescued, ["resp_12", "resp_13", "resp_14"]);
+
+    // The rescuer dies too: a worker with free slots takes all three back
+    // in one reclaim, each counted as delivered a third time.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    for entry in &running {
+        queue::heartbeat(&kv, &stream, "live", entry).await.unwrap();
+    }
+    let mut second = Consumer::connect(&url, &stream, "second", 100)
+        .await
+        .unwrap();
+    let mut again: Vec<(String, u64)> = second
+        .reclaim(50, 16)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.response, d.deliveries))
+        .collect();
+    again.sort();
+    assert_eq!(
+        again,
+        [
+            ("resp_12".to_owned(), 3),
+            ("resp_13".to_owned(), 3),
+            ("resp_14".to_owned(), 3)
+        ]
+    );
+    let _: Result<u64, _> = kv
+        .run(|mut conn| async move { redis::cmd("DEL").arg(&stream).query_async(&mut conn).await })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
