@@ -166,6 +166,17 @@ fn to_response_request(body: &CreateChatCompletion) -> Result<CreateResponse, Ap
             "only the text modality is supported.",
         ));
     }
+    for (name, cap) in [
+        ("max_tokens", body.max_tokens),
+        ("max_completion_tokens", body.max_completion_tokens),
+    ] {
+        if cap == Some(0) {
+            return Err(ApiError::invalid(
+                name,
+                format!("{name} must be at least 1."),
+            ));
+        }
+    }
     let (instructions, input) = messages_to_input(&body.messages)?;
     let tools = body
         .tools

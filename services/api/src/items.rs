@@ -313,6 +313,12 @@ pub fn check_items(
                 ..
             } => {
                 for (j, part) in parts.iter().enumerate() {
+                    if let ContentPart::InputImage {
+                        image_url, file_id, ..
+                    } = part
+                    {
+                        check_image(&format!("{param}[{i}].content[{j}]"), image_url, file_id)?;
+                    }
                     if let ContentPart::Other(fields) = part
                         && !OPENAI_PART_TYPES.contains(&part.kind())
                     {
@@ -333,6 +339,36 @@ pub fn check_items(
         }
     }
     Ok(total)
+}
+
+/// An image part names its image: by an http(s) or `data:` URL, or by a
+/// file id. Anything else would reach the provider and fail the turn.
+fn check_image(
+    param: &str,
+    image_url: &Option<String>,
+    file_id: &Option<String>,
+) -> Result<(), ApiError> {
+    match (image_url.as_deref(), file_id.as_deref()) {
+        (Some(url), _) => {
+            let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+            if lower.starts_with("https://")
+                || lower.starts_with("http://")
+                || lower.starts_with("data:")
+            {
+                Ok(())
+            } else {
+                Err(ApiError::invalid(
+                    format!("{param}.image_url"),
+                    "image_url must be an http(s) URL or a data: URL.",
+                ))
+            }
+        }
+        (None, Some(id)) if !id.is_empty() => Ok(()),
+        _ => Err(ApiError::invalid(
+            param,
+            "an input_image needs an image_url or a file_id.",
+        )),
+    }
 }
 
 /// The id an `item_reference` input names, if it is one.

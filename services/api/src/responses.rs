@@ -166,6 +166,7 @@ async fn begin(
     }
     check_passed_through(body.reasoning.as_ref(), body.text.as_ref())?;
     check_sampling(body.temperature, body.top_p)?;
+    check_choices(body, &app.settings.tools)?;
     let provider_params = provider_params(body)?;
     let model = body
         .model
@@ -1263,6 +1264,66 @@ fn check_outputs_answer_calls(inputs: &[InputItem]) -> Result<(), ApiError> {
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// `tool_choice`, `truncation` and `max_output_tokens` as OpenAI takes
+/// them: a mode it knows, a function the request offers, a cap of at least
+/// one token. An object `tool_choice` of another type (hosted tools,
+/// `allowed_tools`) goes to the provider as given.
+fn check_choices(
+    body: &CreateResponse,
+    settings: &turnpike_core::config::ToolSettings,
+) -> Result<(), ApiError> {
+    const MODES: [&str; 3] = ["none", "auto", "required"];
+    match &body.tool_choice {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::String(mode)) if MODES.contains(&mode.as_str()) => {}
+        Some(serde_json::Value::Object(choice)) => {
+            let kind = choice.get("type").and_then(|t| t.as_str());
+            if kind.is_none() {
+                return Err(ApiError::invalid(
+                    "tool_choice.type",
+                    "tool_choice needs a type.",
+                ));
+            }
+            if let Some(kind @ ("function" | "custom")) = kind {
+                let name = choice.get("name").and_then(|n| n.as_str()).unwrap_or("");
+                let offered = body.tools.iter().flatten().any(|tool| {
+                    tool.get("type").and_then(|t| t.as_str()) == Some(kind)
+                        && tool.get("name").and_then(|n| n.as_str()) == Some(name)
+                });
+                // Tools of configured MCP servers are named only once the
+                // worker lists them.
+                if !offered && settings.mcp_servers.is_empty() {
+                    return Err(ApiError::invalid(
+                        "tool_choice.name",
+                        format!("Tool choice '{kind}' names '{name}', which is not in tools."),
+                    ));
+                }
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "tool_choice must be one of none, auto, required, or an object naming a tool.",
+            ));
+        }
+    }
+    if let Some(truncation) = &body.truncation
+        && !["auto", "disabled"].contains(&truncation.as_str())
+    {
+        return Err(ApiError::invalid(
+            "truncation",
+            "truncation must be auto or disabled.",
+        ));
+    }
+    if body.max_output_tokens == Some(0) {
+        return Err(ApiError::invalid(
+            "max_output_tokens",
+            "max_output_tokens must be at least 1.",
+        ));
     }
     Ok(())
 }

@@ -14,6 +14,44 @@ pub enum ResponseInput {
     Items(Vec<InputItem>),
 }
 
+/// `tool_choice` as the API documents it: a mode, or an object naming a
+/// tool by its `type` (and `name`, for a function or custom tool). The
+/// request keeps the JSON as sent; this type only describes it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(ToolChoiceMode),
+    Tool(NamedTool),
+}
+
+/// Whether the model may, must not, or must call a tool.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChoiceMode {
+    None,
+    Auto,
+    Required,
+}
+
+/// The tool the model must call.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NamedTool {
+    /// `function`, `custom`, or a hosted tool's type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A `function` or `custom` tool's name, one of the request's `tools`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// How a context too long for the model is handled.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Truncation {
+    Auto,
+    Disabled,
+}
+
 /// The conversation a response belongs to: its id, or `{"id": …}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
@@ -63,7 +101,7 @@ pub struct CreateResponse {
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<serde_json::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Value>)]
+    #[schema(value_type = Option<ToolChoice>)]
     pub tool_choice: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
@@ -74,6 +112,7 @@ pub struct CreateResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel_tool_calls: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub max_output_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 2)]
@@ -96,6 +135,7 @@ pub struct CreateResponse {
     #[schema(value_type = Option<Object>)]
     pub reasoning: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Truncation>)]
     pub truncation: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub include: Option<Vec<String>>,

@@ -292,6 +292,22 @@ async fn model_parameters_are_checked_before_a_turn_exists() {
         (json!({"temperature": -0.5}), "temperature"),
         (json!({"temperature": 2.5}), "temperature"),
         (json!({"top_p": 1.5}), "top_p"),
+        (json!({"tool_choice": "sometimes"}), "tool_choice"),
+        (json!({"tool_choice": {"name": "x"}}), "tool_choice.type"),
+        (
+            json!({"tool_choice": {"type": "function", "name": "nowhere"}}),
+            "tool_choice.name",
+        ),
+        (json!({"truncation": "maybe"}), "truncation"),
+        (json!({"max_output_tokens": 0}), "max_output_tokens"),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "not a url"}]}]}),
+            "input[0].content[0].image_url",
+        ),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+            "input[0].content[0]",
+        ),
         (json!({"top_logprobs": 21}), "top_logprobs"),
         (
             json!({"prompt_cache_retention": "forever"}),
@@ -348,7 +364,9 @@ async fn model_parameters_are_checked_before_a_turn_exists() {
             "/v1/responses",
             Some(json!({"input": "hello", "background": true,
                 "reasoning": {"effort": "low", "summary": "auto"}, "text": {"format": {"type": "text"}},
-                "temperature": 2, "top_p": 0})),
+                "temperature": 2, "top_p": 0, "truncation": "auto", "max_output_tokens": 1,
+                "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+                "tool_choice": {"type": "function", "name": "get_weather"}})),
         )
         .await;
     assert_eq!(ok.ok()["status"], "queued");
@@ -408,6 +426,15 @@ async fn tool_outputs_must_answer_a_call() {
         )
         .await;
     assert_eq!(orphan.error(400)["param"], "messages[1].tool_call_id");
+    let capped = user
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(json!({"model": "mock-1", "max_tokens": 0,
+                "messages": [{"role": "user", "content": "weather?"}]})),
+        )
+        .await;
+    assert_eq!(capped.error(400)["param"], "max_tokens");
 }
 
 /// A number as large as a double goes in, is stored (PostgreSQL keeps it
