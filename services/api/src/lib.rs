@@ -260,7 +260,8 @@ pub(crate) fn body_limit_for(settings: &turnpike_core::config::ApiSettings, path
 pub fn routes(state: AppState) -> axum::Router {
     let body_limit = state.settings.api.body_limit_bytes;
     let input_limit = DefaultBodyLimit::max(body_limit_for(&state.settings.api, "/v1/responses"));
-    axum::Router::new()
+    let cors = cors(&state.settings.api.cors_allowed_origins);
+    let router = axum::Router::new()
         .merge(conversations::router())
         .merge(items::router())
         .merge(responses::router().layer(input_limit))
@@ -274,7 +275,51 @@ pub fn routes(state: AppState) -> axum::Router {
         .layer(EdgeLayer(state.clone()))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
-        .with_state(state)
+        .with_state(state);
+    // Outermost: a browser's preflight is answered before the edge (it
+    // carries no key), and every answer, errors included, is readable.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// CORS for the configured origins (`*`: any), or none. Requests carry
+/// their key in `Authorization`, never in cookies, so no credentials are
+/// allowed; preflights are answered with the headers the page asks for
+/// (a wildcard would not cover `Authorization`), and a page can read the
+/// rate-limit state, `Retry-After` and the consistency token.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::DELETE,
+            ])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers([
+                crate::limits::POLICY_HEADER,
+                crate::limits::STATE_HEADER,
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderName::from_static(CONSISTENCY_HEADER),
+            ])
+            .max_age(Duration::from_secs(3600)),
+    )
 }
 
 /// Per-route request counts and latencies, labelled by the route's

@@ -51,6 +51,7 @@ impl Settings {
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("tools.http_fetch.allow_hosts")
+                    .with_list_parse_key("api.cors_allowed_origins")
                     .with_list_parse_key("overload.background_routes"),
             )
             .build()?
@@ -79,10 +80,36 @@ impl Settings {
             ));
         }
         self.database.validate_budgets()?;
+        for origin in &self.api.cors_allowed_origins {
+            if !is_origin(origin) {
+                return Err(ConfigError::Invalid(format!(
+                    "api.cors_allowed_origins: '{origin}' is not an origin; \
+                     write scheme://host[:port] with no path, or * for any"
+                )));
+            }
+        }
         self.overload.validate()?;
         self.tools.validate()?;
         Ok(())
     }
+}
+
+/// `*`, or what a browser sends as `Origin`: `http(s)://host[:port]`,
+/// nothing after it.
+fn is_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let Some(rest) = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
 }
 
 /// The HTTP API process.
@@ -122,6 +149,11 @@ pub struct ApiSettings {
     /// metrics are not public; the main port then does not serve them.
     /// 0: `/metrics` on the main port.
     pub metrics_port: u16,
+    /// Origins whose web pages may call the API from a browser (CORS):
+    /// `https://app.example.com`, or `*` for any (keys travel in the
+    /// `Authorization` header, never in cookies). Empty: no CORS headers,
+    /// for an API only servers call.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for ApiSettings {
@@ -139,6 +171,7 @@ impl Default for ApiSettings {
             idempotency_claim_ms: 180_000,
             key_lookups_per_s: 1_000,
             metrics_port: 0,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -829,4 +862,33 @@ impl Default for LogSettings {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_origin;
+
+    #[test]
+    fn cors_origins_are_origins_and_nothing_more() {
+        for good in [
+            "*",
+            "https://app.example.com",
+            "http://localhost:3000",
+            "http://[::1]:8080",
+        ] {
+            assert!(is_origin(good), "{good}");
+        }
+        for bad in [
+            "",
+            "app.example.com",
+            "https://",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "https://*.example.com",
+            "ftp://files.example.com",
+            "https://app.example.com ",
+        ] {
+            assert!(!is_origin(bad), "{bad}");
+        }
+    }
 }

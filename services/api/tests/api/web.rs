@@ -79,3 +79,103 @@ async fn the_ops_page_plots_the_live_service_for_an_admin() {
     )
     .await;
 }
+
+/// A web page of another origin calls the API from Chromium with its key
+/// (`api.cors_allowed_origins`): the preflight, the answer, an error and the
+/// rate-limit state are all readable by the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_another_origin_calls_the_api_from_a_browser() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.api.cors_allowed_origins = vec!["*".into()];
+    let _agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    drive(
+        "cors.mjs",
+        "cors.png",
+        vec![
+            ("TURNPIKE_URL", app.url.clone()),
+            ("TURNPIKE_API_KEY", user.key),
+        ],
+    )
+    .await;
+}
+
+/// CORS headers go only to the configured origins, and not at all by
+/// default: a preflight from another origin is answered for an allowed one
+/// (the headers it asks for, `Authorization` among them), an answer carries
+/// the origin and the headers a page may read, and an origin not listed
+/// gets nothing a browser would accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_only_the_configured_origins() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.api.cors_allowed_origins = vec!["https://app.example".into()];
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let http = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        http.request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/responses", app.url),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+    };
+    let allowed = preflight("https://app.example").await.unwrap();
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    let header = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_ascii_lowercase)
+    };
+    assert_eq!(
+        header(&allowed, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert!(
+        header(&allowed, "access-control-allow-headers")
+            .is_some_and(|h| h.contains("authorization"))
+    );
+    assert!(header(&allowed, "access-control-allow-methods").is_some_and(|m| m.contains("post")));
+    let other = preflight("https://evil.example").await.unwrap();
+    assert_eq!(header(&other, "access-control-allow-origin"), None);
+
+    let answer = http
+        .get(format!("{}/v1/models", app.url))
+        .header("origin", "https://app.example")
+        .bearer_auth(&user.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        header(&answer, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert!(
+        header(&answer, "access-control-expose-headers")
+            .is_some_and(|h| h.contains("ratelimit") && h.contains("retry-after"))
+    );
+
+    // Off by default: no CORS headers, and a preflight is not answered.
+    let plain = TestApp::spawn(&stack, Paths::DIRECT).await;
+    let refused = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/responses", plain.url),
+        )
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&refused, "access-control-allow-origin"), None);
+}
