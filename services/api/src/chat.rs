@@ -189,13 +189,16 @@ fn to_response_request(body: &CreateChatCompletion) -> Result<CreateResponse, Ap
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
-    let tool_choice =
-        body.tool_choice
-            .as_ref()
-            .map(|choice| match choice.pointer("/function/name") {
-                Some(name) => json!({"type": "function", "name": name}),
-                None => choice.clone(),
-            });
+    let tool_choice = body.tool_choice.as_ref().map(|choice| {
+        match (
+            choice.pointer("/function/name"),
+            choice.pointer("/custom/name"),
+        ) {
+            (Some(name), _) => json!({"type": "function", "name": name}),
+            (None, Some(name)) => json!({"type": "custom", "name": name}),
+            (None, None) => choice.clone(),
+        }
+    });
     let mut text = serde_json::Map::new();
     if let Some(format) = &body.response_format {
         match format.get("type").and_then(Value::as_str) {

@@ -288,7 +288,8 @@ pub fn routes(state: AppState) -> axum::Router {
 /// their key in `Authorization`, never in cookies, so no credentials are
 /// allowed; preflights are answered with the headers the page asks for
 /// (a wildcard would not cover `Authorization`), and a page can read the
-/// rate-limit state, `Retry-After` and the consistency token.
+/// rate-limit state, `Retry-After`, the consistency token and whether an
+/// answer was an idempotent replay.
 fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
     if origins.is_empty() {
@@ -297,11 +298,20 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(
-            origins
-                .iter()
-                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
-        )
+        // As a browser sends it: lowercase, without the scheme's default port.
+        AllowOrigin::list(origins.iter().filter_map(|origin| {
+            let origin = origin.to_ascii_lowercase();
+            let origin = origin
+                .strip_suffix(":443")
+                .filter(|o| o.starts_with("https://"))
+                .or_else(|| {
+                    origin
+                        .strip_suffix(":80")
+                        .filter(|o| o.starts_with("http://"))
+                })
+                .unwrap_or(&origin);
+            HeaderValue::from_str(origin).ok()
+        }))
     };
     Some(
         CorsLayer::new()
@@ -317,6 +327,7 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 crate::limits::STATE_HEADER,
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderName::from_static(CONSISTENCY_HEADER),
+                axum::http::HeaderName::from_static("idempotent-replayed"),
             ])
             .max_age(Duration::from_secs(3600)),
     )

@@ -1290,10 +1290,8 @@ fn check_choices(
             }
             if let Some(kind @ ("function" | "custom")) = kind {
                 let name = choice.get("name").and_then(|n| n.as_str()).unwrap_or("");
-                let offered = body.tools.iter().flatten().any(|tool| {
-                    tool.get("type").and_then(|t| t.as_str()) == Some(kind)
-                        && tool.get("name").and_then(|n| n.as_str()) == Some(name)
-                });
+                let offered = offered_names(body.tools.as_deref().unwrap_or_default())
+                    .any(|offered| offered == name);
                 // Tools of configured MCP servers are named only once the
                 // worker lists them.
                 if !offered && settings.mcp_servers.is_empty() {
@@ -1326,6 +1324,31 @@ fn check_choices(
         ));
     }
     Ok(())
+}
+
+/// The names a forced tool choice may give: each tool's name, a server-side
+/// tool's type (the function the worker offers in its place), and the
+/// functions of a namespace, bare and qualified (`crm.lookup`).
+fn offered_names(tools: &[serde_json::Value]) -> impl Iterator<Item = String> + '_ {
+    let text = |value: &serde_json::Value, key: &str| {
+        value.get(key).and_then(|v| v.as_str()).map(str::to_owned)
+    };
+    tools.iter().flat_map(move |tool| {
+        let mut names: Vec<String> = [text(tool, "name"), text(tool, "type")]
+            .into_iter()
+            .flatten()
+            .collect();
+        if let (Some(space), Some(inner)) = (
+            text(tool, "name"),
+            tool.get("tools").and_then(|t| t.as_array()),
+        ) {
+            for name in inner.iter().filter_map(|t| text(t, "name")) {
+                names.push(format!("{space}.{name}"));
+                names.push(name);
+            }
+        }
+        names
+    })
 }
 
 /// Sampling parameters within the ranges OpenAI accepts: a value outside

@@ -321,8 +321,8 @@ fn function_tools(request: &Value) -> Vec<Value> {
         .collect()
 }
 
-/// `auto`, `none` and `required` as they are; a named function in the
-/// Chat Completions shape; an `allowed_tools` choice as its mode.
+/// `auto`, `none` and `required` as they are; a named function or custom
+/// tool in the Chat Completions shape; an `allowed_tools` choice as its mode.
 fn tool_choice(choice: &Value) -> Option<Value> {
     match choice {
         Value::String(_) => Some(choice.clone()),
@@ -330,6 +330,10 @@ fn tool_choice(choice: &Value) -> Option<Value> {
             Some("function") => {
                 let name = object.get("name").and_then(Value::as_str)?;
                 Some(json!({"type": "function", "function": {"name": name}}))
+            }
+            Some("custom") => {
+                let name = object.get("name").and_then(Value::as_str)?;
+                Some(json!({"type": "custom", "custom": {"name": name}}))
             }
             Some("allowed_tools") => object.get("mode").filter(|m| m.is_string()).cloned(),
             _ => None,
@@ -810,6 +814,24 @@ mod tests {
                 "stream_options": {"include_usage": true}
             })
         );
+    }
+
+    #[test]
+    fn named_tool_choices_take_the_chat_shape() {
+        assert_eq!(
+            tool_choice(&json!({"type": "function", "name": "weather"})),
+            Some(json!({"type": "function", "function": {"name": "weather"}}))
+        );
+        assert_eq!(
+            tool_choice(&json!({"type": "custom", "name": "grep"})),
+            Some(json!({"type": "custom", "custom": {"name": "grep"}}))
+        );
+        assert_eq!(tool_choice(&json!("required")), Some(json!("required")));
+        assert_eq!(
+            tool_choice(&json!({"type": "allowed_tools", "mode": "auto", "tools": []})),
+            Some(json!("auto"))
+        );
+        assert_eq!(tool_choice(&json!({"type": "web_search"})), None);
     }
 
     #[test]

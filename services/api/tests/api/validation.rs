@@ -372,6 +372,52 @@ async fn model_parameters_are_checked_before_a_turn_exists() {
     assert_eq!(ok.ok()["status"], "queued");
 }
 
+/// A forced tool choice passes when it names what the request offers: a
+/// namespace's function (qualified or bare), a server-side tool (which the
+/// worker offers as a function), a chat's custom tool in the Chat
+/// Completions shape; each turn then runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_tool_choices_naming_offered_tools_pass() {
+    let stack = Stack::shared().await;
+    let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    // A forced tool may be a namespace's function (qualified or bare) or a
+    // server-side tool, which the worker offers as a function.
+    let namespace = json!({"type": "namespace", "name": "crm", "description": "CRM",
+        "tools": [{"type": "function", "name": "lookup_account", "parameters": {"type": "object"}}]});
+    for (tools, name) in [
+        (json!([namespace]), "crm.lookup_account"),
+        (json!([namespace]), "lookup_account"),
+        (
+            json!([{"type": "conversation_search"}]),
+            "conversation_search",
+        ),
+    ] {
+        let forced = user
+            .call(
+                "POST",
+                "/v1/responses",
+                Some(json!({"input": "hello", "background": true, "tools": tools,
+                    "tool_choice": {"type": "function", "name": name}})),
+            )
+            .await;
+        assert_eq!(forced.ok()["status"], "queued", "{name}");
+    }
+    // A chat's named custom tool choice, in the Chat Completions shape.
+    let chat = user
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(
+                json!({"model": "mock-1", "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "custom", "custom": {"name": "grep"}}],
+                "tool_choice": {"type": "custom", "custom": {"name": "grep"}}}),
+            ),
+        )
+        .await;
+    chat.ok();
+}
+
 /// A tool call's output in a request that starts a conversation must answer
 /// a call in the same request (a chat's tool message, a call of an earlier
 /// assistant message): an orphan is a 400 naming it, as OpenAI answers,

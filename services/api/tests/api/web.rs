@@ -111,7 +111,8 @@ async fn a_page_of_another_origin_calls_the_api_from_a_browser() {
 async fn cors_answers_only_the_configured_origins() {
     let stack = Stack::shared().await;
     let mut settings = stack.settings(Paths::DIRECT);
-    settings.api.cors_allowed_origins = vec!["https://app.example".into()];
+    // Written as an operator might; a browser sends `https://app.example`.
+    settings.api.cors_allowed_origins = vec!["https://App.Example:443".into()];
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
     let http = reqwest::Client::new();
