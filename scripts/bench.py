@@ -509,6 +509,26 @@ def turn_lines(report, lines):
             f"and text exact, {bad} failed; CPU per turn "
             f"{cpu_text(f, ['api', 'worker', 'primary', 'pgbouncer_primary', 'replicas', 'redis', 'mock_model'])})")
 
+    # Back to back from one client to FIRST_TOKEN_CONCURRENCY: where the
+    # throughput stops growing, the time in the system is clients over
+    # throughput (Little's law), and the first token moves with it.
+    by_clients = {1: report["first_token_sequential"],
+                  FIRST_TOKEN_CONCURRENCY: report["first_token"]}
+    for clients in (5, 10, 25):
+        if clients < FIRST_TOKEN_CONCURRENCY:
+            by_clients[clients] = first_token(clients)
+    report["first_token_by_clients"] = {str(c): r for c, r in by_clients.items()}
+    cells = []
+    for clients in sorted(by_clients):
+        f = by_clients[clients]
+        rate = median([x["turns_per_s"] for x in f])
+        cells.append(
+            f"{clients}: {rate:.0f} turns/s, clients/throughput {1000 * clients / rate:.1f} ms, "
+            f"done p50 {median([x['done']['p50_ms'] for x in f]):.1f} ms, "
+            f"first delta p50 {median([x['first_delta']['p50_ms'] for x in f]):.1f} ms")
+    lines.append("first_token_by_clients (back to back, the mock answering at once; medians of "
+                 f"{TURN_ROUNDS} rounds): " + "; ".join(cells))
+
 
 def main():
     report = {"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS}

@@ -263,11 +263,6 @@ impl Consumer {
         })
     }
 
-    /// Waits up to `block_ms` for a new turn.
-    pub async fn next(&mut self, block_ms: u64) -> Result<Option<Delivery>, KvError> {
-        Ok(self.next_batch(block_ms, 1).await?.into_iter().next())
-    }
-
     /// Waits up to `block_ms` for new turns and claims up to `count` of
     /// them in one round trip. Under load, turns are queued faster than one
     /// read a round trip can claim them: each would wait behind the reads

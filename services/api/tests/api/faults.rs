@@ -207,8 +207,8 @@ async fn an_empty_blocking_queue_read_is_not_an_error() {
     .await
     .unwrap();
     let started = std::time::Instant::now();
-    let read = consumer.next(1_500).await;
-    assert!(matches!(read, Ok(None)), "{read:?}");
+    let read = consumer.next_batch(1_500, 1).await;
+    assert!(read.as_ref().is_ok_and(Vec::is_empty), "{read:?}");
     assert!(started.elapsed() >= std::time::Duration::from_millis(1_400));
 }
 
@@ -314,7 +314,7 @@ async fn reclaiming_walks_past_claims_of_running_turns() {
             .await
             .unwrap();
         let claimer = if i < 12 { &mut live } else { &mut dead };
-        let delivery = claimer.next(100).await.unwrap().unwrap();
+        let delivery = claimer.next_batch(100, 1).await.unwrap().remove(0);
         if i < 12 {
             running.push(delivery.entry);
         }
