@@ -246,6 +246,19 @@ async fn a_turn_queued_as_its_worker_stops_is_run_not_stranded() {
     );
     let done = user.call("GET", &format!("/v1/responses/{id}"), None).await;
     assert_eq!(done.ok()["status"], "completed");
+    // What a client streaming it sees: every event once, in order, to the end.
+    let events = user
+        .open_stream("GET", &format!("/v1/responses/{id}?stream=true"), None)
+        .await
+        .read_to_end()
+        .await;
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(
+            event.data["sequence_number"], i as u64,
+            "no event lost or repeated"
+        );
+    }
+    assert_eq!(events.last().unwrap().data["type"], "response.completed");
     let pending: (u64, redis::Value, redis::Value, redis::Value) = kv
         .run(|mut conn| async move {
             redis::cmd("XPENDING")
