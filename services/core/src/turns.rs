@@ -301,33 +301,13 @@ pub async fn start(
     redelivery: bool,
 ) -> Result<Option<Started>, sqlx::Error> {
     let prepared = db.prepared();
-    // `turnpike_start_turn` locks the conversation first, as every other
-    // writer of its turns does (an interrupting create locks the
-    // conversation, then its responses; the turn goes on to append pending
-    // input and freeze the prompt): one lock order, no deadlock. It also
-    // reads the conversation's frozen prompt settings as of that lock: the
-    // caller refreezes them under it. When nothing is started the caller
-    // locks the conversation itself.
-    let started: Option<StartedRow> = statement::fetch_optional(
-        db,
-        &format!(
-            "SELECT {COLUMNS}, frozen FROM (
-               SELECT (s.r).*, s.frozen FROM turnpike_start_turn($1, $2) s) AS started"
-        ),
-        &[Arg::from(id), Arg::from(redelivery)],
-    )
-    .await?;
-    let Some(StartedRow { row, frozen }) = started else {
+    let Some(started) = start_alone(db, id, redelivery).await? else {
         return Ok(None);
     };
-    let frozen = frozen.map(|f| f.0);
-    let Some(pending) = row.pending_input.as_ref().map(|p| p.0.clone()) else {
-        return Ok(Some(Started {
-            row,
-            appended: false,
-            frozen,
-        }));
+    let Some(pending) = started.row.pending_input.as_ref().map(|p| p.0.clone()) else {
+        return Ok(Some(started));
     };
+    let Started { row, frozen, .. } = started;
     // Its turn has come: the input joins the conversation after everything before it.
     let Some(first) = reserve_seqs(db, row.conversation_id, row.user_id, pending.len()).await?
     else {
@@ -349,6 +329,40 @@ pub async fn start(
         row,
         appended: true,
         frozen,
+    }))
+}
+
+/// The one statement of [`start`]: moves the turn to `in_progress` and
+/// reads the conversation's frozen prompt settings, and leaves its pending
+/// input (`row.pending_input`) where it is. On a connection of its own
+/// ([`crate::db::Router::write_one_message`]) it is a transaction of its
+/// own, one round trip. Primary only.
+#[tracing::instrument(level = "debug", skip(db))]
+pub async fn start_alone(
+    db: &mut impl DbConn,
+    id: Uuid,
+    redelivery: bool,
+) -> Result<Option<Started>, sqlx::Error> {
+    // `turnpike_start_turn` locks the conversation first, as every other
+    // writer of its turns does (an interrupting create locks the
+    // conversation, then its responses; the turn goes on to append pending
+    // input and freeze the prompt): one lock order, no deadlock. It also
+    // reads the conversation's frozen prompt settings as of that lock: the
+    // caller refreezes them under it. When nothing is started the caller
+    // locks the conversation itself.
+    let started: Option<StartedRow> = statement::fetch_optional(
+        db,
+        &format!(
+            "SELECT {COLUMNS}, frozen FROM (
+               SELECT (s.r).*, s.frozen FROM turnpike_start_turn($1, $2) s) AS started"
+        ),
+        &[Arg::from(id), Arg::from(redelivery)],
+    )
+    .await?;
+    Ok(started.map(|StartedRow { row, frozen }| Started {
+        row,
+        appended: false,
+        frozen: frozen.map(|f| f.0),
     }))
 }
 

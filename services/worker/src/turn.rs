@@ -308,18 +308,40 @@ struct Begun {
     rewritten: bool,
 }
 
-/// Starts a delivered turn in one transaction: moves it to `in_progress`,
-/// appends its pending input and a note of changed prompt settings. `None`
-/// when there is nothing to run (the conversation's next queued turn, if
-/// any, is dispatched).
+/// Starts a delivered turn: moves it to `in_progress`, appends its pending
+/// input and a note of changed prompt settings. `None` when there is
+/// nothing to run (the conversation's next queued turn, if any, is
+/// dispatched).
+///
+/// A first delivery starts in one statement that is a transaction of its
+/// own: one round trip to the primary instead of three (`BEGIN`, the
+/// start, `COMMIT`). Most turns write nothing else; one that does (input
+/// that waited behind the turn before it, prompt settings that changed, a
+/// turn already ended) is finished by the transaction below, which takes
+/// the turn over as a redelivery would if its worker died in between.
 async fn begin(
     ctx: &Context,
     delivery: &Delivery,
     id: Uuid,
     mcp_tools: &[Value],
 ) -> Result<Option<Begun>, TurnError> {
+    let mut take_over = delivery.deliveries > 1;
+    if !take_over && let Some(started) = start_alone(ctx, id).await? {
+        let settled = Settled::of(started.frozen, &started.row, mcp_tools);
+        if started.row.pending_input.is_none() && settled.changed.is_none() {
+            return Ok(Some(Begun {
+                row: started.row,
+                first_frozen: settled.first_frozen,
+                frozen: settled.frozen,
+                done: Vec::new(),
+                lsn: delivery.lsn,
+                rewritten: false,
+            }));
+        }
+        take_over = true;
+    }
     let mut tx = ctx.router.write().await?;
-    let started = turns::start(&mut tx, id, delivery.deliveries > 1).await?;
+    let started = turns::start(&mut tx, id, take_over).await?;
     let Some(turns::Started {
         mut row,
         appended,
@@ -343,28 +365,15 @@ async fn begin(
         dispatch(ctx, next, lsn).await;
         return Ok(None);
     };
-    // The conversation's prompt settings are frozen at its first turn; what
-    // this turn changes is told to the model in a developer message that
-    // joins the turn's input.
-    let request = &row.request.0;
-    let (refrozen, note) = prompt::refreeze(
-        before.clone(),
-        request.instructions.as_deref(),
-        &request.tools,
-        mcp_tools,
-    );
-    // A first turn's settings are stored by its finish (the migration of
-    // the turn functions says why); a change is stored now, with the
-    // note that announces it.
-    let first_frozen = match (&before, &refrozen) {
-        (None, first) => first.clone(),
-        (Some(_), Some(changed)) => {
-            steps::freeze(&mut tx, row.conversation_id, changed).await?;
-            None
-        }
-        (Some(_), None) => None,
-    };
-    let frozen = refrozen.or(before).unwrap_or_default();
+    let Settled {
+        first_frozen,
+        changed: refrozen,
+        note,
+        frozen,
+    } = Settled::of(before, &row, mcp_tools);
+    if let Some(changed) = &refrozen {
+        steps::freeze(&mut tx, row.conversation_id, changed).await?;
+    }
     if let Some(note) = &note
         && let Some(seq) = turns::reserve_seqs(&mut tx, row.conversation_id, row.user_id, 1).await?
     {
@@ -402,6 +411,56 @@ async fn begin(
         lsn,
         rewritten,
     }))
+}
+
+/// [`turns::start_alone`] on a connection of its own, bounded as a commit is.
+async fn start_alone(ctx: &Context, id: Uuid) -> Result<Option<turns::Started>, TurnError> {
+    let limit = Duration::from_millis(ctx.settings.database.read_attempt_timeout_ms);
+    let mut db = ctx.router.write_one_message().await?;
+    // Out of time, the statement may still have started the turn: left
+    // unacknowledged, it is redelivered and taken over.
+    let started = tokio::time::timeout(limit, turns::start_alone(&mut db, id, false))
+        .await
+        .map_err(|_elapsed| turnpike_core::db::DbError::PrimaryUnavailable)??;
+    db.done();
+    Ok(started)
+}
+
+/// A turn's prompt settings against the conversation's frozen ones, which
+/// are frozen at its first turn; what a later turn changes is told to the
+/// model in a developer message that joins the turn's input.
+struct Settled {
+    /// A first turn's settings, stored by its finish (the migration of the
+    /// turn functions says why).
+    first_frozen: Option<Frozen>,
+    /// A later turn's change, stored by its start with the note that
+    /// announces it.
+    changed: Option<Frozen>,
+    note: Option<String>,
+    /// What the turn's prompt is built from.
+    frozen: Frozen,
+}
+
+impl Settled {
+    fn of(before: Option<Frozen>, row: &ResponseRow, mcp_tools: &[Value]) -> Self {
+        let request = &row.request.0;
+        let (refrozen, note) = prompt::refreeze(
+            before.clone(),
+            request.instructions.as_deref(),
+            &request.tools,
+            mcp_tools,
+        );
+        let (first_frozen, changed) = match (&before, &refrozen) {
+            (None, first) => (first.clone(), None),
+            (Some(_), changed) => (None, changed.clone()),
+        };
+        Self {
+            first_frozen,
+            changed,
+            note,
+            frozen: refrozen.or(before).unwrap_or_default(),
+        }
+    }
 }
 
 /// The history of a turn whose input ends at `last_seq`, from a replica

@@ -272,6 +272,115 @@ async fn a_turn_queued_as_its_worker_stops_is_run_not_stranded() {
     assert_eq!(pending.0, 0, "nothing left claimed and unacknowledged");
 }
 
+/// A first delivery starts its turn in one statement that commits on its
+/// own; a turn with more to write at its start (input that waited behind
+/// the turn before it, changed instructions) has it written by a second
+/// transaction. A worker that dies between the two leaves the turn started,
+/// its input not yet in the conversation: the redelivery takes the turn
+/// over and writes the rest, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dead_between_a_turns_start_and_the_rest_of_it_leaves_it_to_the_redelivery() {
+    use turnpike_core::queue::Consumer;
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.worker.queue = format!("tp:test-split-start-{}", uuid::Uuid::now_v7().simple());
+    // A stopping worker finishes the read it has in flight: a short one.
+    settings.worker.block_ms = 100;
+    settings.worker.reclaim_idle_ms = 300;
+    let mut agents = Agents::spawn_slow(&mut settings, 20, 30).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    // A first turn runs; a second, with new instructions, waits behind it.
+    let first = user
+        .create_background(
+            json!({"input": "a long answer, please", "instructions": "Answer briefly."}),
+        )
+        .await;
+    let _running = user.follow_until_answering(&first).await;
+    let conversation = user
+        .call("GET", &format!("/v1/responses/{first}"), None)
+        .await;
+    let conversation = conversation.ok()["conversation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second = user
+        .create_background(
+            json!({"conversation": conversation, "input": "/echo second",
+            "instructions": "Answer in French."}),
+        )
+        .await;
+    // The worker stops once the first turn is done; that turn's end queues
+    // the second, which no worker claims.
+    agents.stop_workers().await;
+    let first_status = user
+        .call("GET", &format!("/v1/responses/{first}"), None)
+        .await;
+    assert_eq!(first_status.ok()["status"], "completed");
+    // A worker claims the second and starts it with its one statement, then dies.
+    let mut dead = Consumer::connect(settings.redis.url(), &settings.worker.queue, "dead", 100)
+        .await
+        .unwrap();
+    let claimed = dead.next_batch(1_000, 16).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].response, second);
+    let router = turnpike_core::db::Router::new(&settings.database).unwrap();
+    let mut db = router.write_one_message().await.unwrap();
+    let id = turnpike_core::ids::parse(turnpike_protocol::ids::RESPONSE, &second).unwrap();
+    let started = turnpike_core::turns::start_alone(&mut db, id, false)
+        .await
+        .unwrap()
+        .expect("the turn starts");
+    db.done();
+    assert!(started.row.pending_input.is_some(), "its input waits");
+    drop(dead);
+    let waiting = user
+        .call("GET", &format!("/v1/responses/{second}"), None)
+        .await;
+    assert_eq!(waiting.ok()["status"], "in_progress");
+
+    // Another worker reclaims it and writes what the start left.
+    agents.add_worker(&settings).await;
+    let done = eventually("the second turn ran", Duration::from_secs(20), || async {
+        let reply = user
+            .call("GET", &format!("/v1/responses/{second}"), None)
+            .await;
+        (reply.ok()["status"] == "completed").then_some(reply.body)
+    })
+    .await;
+    assert_eq!(done["output"][0]["content"][0]["text"], "second");
+    let items = user.list_items(&conversation, "?order=asc").await;
+    let roles: Vec<(&str, &str)> = items.ok()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            (
+                item["role"].as_str().unwrap_or(""),
+                item["content"][0]["text"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(roles.len(), 5, "{roles:?}");
+    assert_eq!(roles[0], ("user", "a long answer, please"));
+    assert_eq!(roles[1].0, "assistant");
+    assert_eq!(roles[2], ("user", "/echo second"));
+    assert_eq!(roles[3].0, "developer");
+    assert!(roles[3].1.contains("Answer in French."), "{roles:?}");
+    assert_eq!(roles[4], ("assistant", "second"));
+    // The model was asked once for the second turn, with the note once.
+    let requests = agents.model_requests(&conversation).await;
+    assert_eq!(requests.len(), 2);
+    let notes = requests[1]["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|item| item["role"] == "developer")
+        .count();
+    assert_eq!(notes, 1);
+    agents.shutdown().await;
+}
+
 /// A worker claims queued turns in batches no larger than it asks for, in
 /// queue order, each turn once: what one read leaves is there for the next
 /// read, and nothing a read claimed goes to another consumer.
