@@ -11,7 +11,8 @@ use turnpike_testkit::{NODES, Paths, REPLICAS, Stack, TestApp, User, eventually}
 both_paths!(
     reads_spread_over_replicas_and_skip_the_primary,
     session_reads_see_own_writes_while_replay_is_paused,
-    one_message_statements_carry_their_arguments_exactly
+    one_message_statements_carry_their_arguments_exactly,
+    a_session_read_right_after_its_write_sees_it
 );
 
 /// The item-page statement, as pg_stat_statements records it.
@@ -211,6 +212,59 @@ type Arrays = (
 /// written into it as literals) returns exactly what a bound statement
 /// would, whatever the text holds; a NUL byte is refused, not sent; and
 /// concurrent readers through PgBouncer each get their own statement's rows.
+/// A session read sent right after its write commits, before any replica
+/// is known to have replayed it, goes to a replica behind a question for
+/// its replay position, and is kept only if that position covers the
+/// write: each of many such reads sees its own write, replicas serving
+/// those that replay in time and the usual wait the rest.
+async fn a_session_read_right_after_its_write_sees_it(paths: Paths) {
+    use turnpike_core::db::statement::{self, Arg};
+    use turnpike_core::db::{Consistency, DbConn};
+
+    let stack = Stack::shared().await;
+    let router = turnpike_core::db::Router::new(&stack.settings(paths).database).unwrap();
+    let table = format!("session_reads_{}", uuid::Uuid::now_v7().simple());
+    let mut tx = router.write().await.unwrap();
+    sqlx::query(&format!("CREATE TABLE {table} (id int8 PRIMARY KEY)"))
+        .execute(tx.conn())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut on_replicas = 0;
+    for id in 0..200_i64 {
+        let mut tx = router.write().await.unwrap();
+        sqlx::query(&format!("INSERT INTO {table} VALUES ($1)"))
+            .bind(id)
+            .persistent(false)
+            .execute(tx.conn())
+            .await
+            .unwrap();
+        let lsn = tx.commit().await.unwrap();
+        let sql = format!("SELECT count(*)::int8, pg_is_in_recovery() FROM {table} WHERE id = $1");
+        let (seen, on_replica): (i64, bool) = router
+            .read_one_message(Consistency::Session(Some(lsn)), |db| {
+                let sql = sql.clone();
+                Box::pin(async move {
+                    let rows: Vec<(i64, bool)> =
+                        statement::fetch_all(db, &sql, &[Arg::from(id)]).await?;
+                    Ok(rows[0])
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen, 1, "read {id} did not see its own write");
+        on_replicas += i64::from(on_replica);
+    }
+    assert!(on_replicas > 0, "no session read was served by a replica");
+    println!("session reads served by replicas: {on_replicas} of 200");
+    let mut tx = router.write().await.unwrap();
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(tx.conn())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
 async fn one_message_statements_carry_their_arguments_exactly(paths: Paths) {
     use turnpike_core::db::Consistency;
     use turnpike_core::db::statement::{self, Arg};

@@ -363,6 +363,38 @@ impl Pipelined {
         args: &[Arg<'_>],
     ) -> Result<(Vec<PipelinedRow>, u64), sqlx::Error> {
         let request = self.request(sql, args)?;
+        self.send(request).await
+    }
+
+    /// The node's replay position (a replica's; none on a primary), sent as
+    /// one simple-protocol message whatever the connection's mode, so that
+    /// it goes out when first polled, before any statement asked for after
+    /// it: the server answers them in order, and what they read was
+    /// replayed at least this far.
+    pub async fn replay_lsn(self: &Arc<Self>) -> Result<Option<super::Lsn>, sqlx::Error> {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            self.progress_us.store(since_start(), Ordering::Relaxed);
+        }
+        self.in_flight.fetch_add(1, Ordering::Release);
+        let request = Request {
+            statement: ToPrepare::Whole(
+                "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8".to_owned(),
+            ),
+            params: Vec::new(),
+            _counted: Counted(Arc::clone(self)),
+        };
+        let (rows, _) = self.send(request).await?;
+        Ok(rows.first().and_then(|row| match row {
+            PipelinedRow::Text(row) => row.get(0)?.parse::<u64>().ok().map(super::Lsn),
+            PipelinedRow::Binary(_) => None,
+        }))
+    }
+
+    /// Sends a request and reads its answer.
+    fn send(
+        self: &Arc<Self>,
+        request: Request,
+    ) -> RunToAnswer<Result<(Vec<PipelinedRow>, u64), sqlx::Error>> {
         let this = Arc::clone(self);
         RunToAnswer(Some(Box::pin(async move {
             // The whole request, its count in flight included: a field the
@@ -402,7 +434,6 @@ impl Pipelined {
             let count = stream.rows_affected().unwrap_or(rows.len() as u64);
             Ok((rows, count))
         })))
-        .await
     }
 
     /// A statement and its arguments, owned, counted in flight until the

@@ -160,6 +160,11 @@ impl Router {
     where
         F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
     {
+        if let (true, Consistency::Session(Some(lsn))) = (one_message, consistency)
+            && let Some(value) = self.read_checked(class, lsn, &op).await?
+        {
+            return Ok(value);
+        }
         let first = self
             .pick(class, consistency, None)
             .await
@@ -197,6 +202,99 @@ impl Router {
                 node: second.name.clone(),
             }),
         }
+    }
+
+    /// A session read that no replica is known to have replayed far enough
+    /// for: rather than asking replicas for their replay position and then
+    /// reading, one round trip after the other, the read goes to a replica
+    /// on one of its pipelined connections right behind a question for its
+    /// replay position. The server answers the two in order, so the read
+    /// saw at least what the answer says was replayed: far enough, it is
+    /// the read's value (the usual case, the replica a few milliseconds
+    /// behind the commit at most); not far enough, the read is thrown away
+    /// and goes the usual way, which waits for a replica (`None`, as when
+    /// a replica is known to have replayed far enough, or no pipelined
+    /// connection has room).
+    async fn read_checked<T, F>(
+        &self,
+        class: QueryClass,
+        lsn: Lsn,
+        op: &F,
+    ) -> Result<Option<T>, DbError>
+    where
+        F: for<'c> Fn(&'c mut Reader) -> BoxFuture<'c, Result<T, sqlx::Error>>,
+    {
+        let up: Vec<&Arc<Node>> = self
+            .replicas
+            .iter()
+            .filter(|n| n.state() == NodeState::Up && n.budget.serves(class))
+            .collect();
+        if up.iter().any(|n| n.replay_lsn() >= lsn) {
+            return Ok(None);
+        }
+        let roomy: Vec<&Arc<Node>> = up.into_iter().filter(|n| pipeline_has_room(n)).collect();
+        let Some(node) = p2c(&roomy) else {
+            return Ok(None);
+        };
+        let (admission, pipelined) = self.admit_read(node, class, true).await?;
+        if !pipelined {
+            return Ok(None);
+        }
+        tracing::Span::current().record("node", node.name.as_str());
+        let run = async {
+            let mut reader = Reader::open(node, true, true).await?;
+            let ReaderConn::Pipelined { connection, .. } = &reader.conn else {
+                return Ok(None);
+            };
+            let lane = Arc::clone(connection);
+            // The question goes out first: `join` polls it first.
+            let answers = futures_util::future::join(lane.replay_lsn(), op(&mut reader)).await;
+            Ok::<_, sqlx::Error>(Some(answers))
+        };
+        let limit = Duration::from_millis(self.settings.read_attempt_timeout_ms);
+        let result = tokio::time::timeout(limit, run).await;
+        drop(admission);
+        let (replayed, value) = match result {
+            Ok(Ok(Some(answers))) => answers,
+            Ok(Ok(None)) => return Ok(None),
+            Ok(Err(e)) => return self.retry_elsewhere(node, e),
+            Err(_elapsed) => {
+                return Err(DbError::Timeout {
+                    node: node.name.clone(),
+                });
+            }
+        };
+        match replayed {
+            Ok(Some(replayed)) => {
+                node.observe_replay_lsn(replayed);
+                if replayed < lsn {
+                    return Ok(None);
+                }
+            }
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                if is_connection_error(&e) {
+                    self.ban(node, &e);
+                }
+                return Ok(None);
+            }
+        }
+        match value {
+            Ok(value) => Ok(Some(value)),
+            Err(e) => self.retry_elsewhere(node, e),
+        }
+    }
+
+    /// A checked read that failed: on a connection error the node is
+    /// banned and the read goes the usual way, to another; any other error
+    /// is the read's.
+    fn retry_elsewhere<T>(&self, node: &Node, error: sqlx::Error) -> Result<Option<T>, DbError> {
+        if !is_connection_error(&error) {
+            return Err(DbError::Query(error));
+        }
+        tracing::warn!(node = %node.name, error = %error, "read failed on node; retrying elsewhere");
+        self.ban(node, &error);
+        Ok(None)
     }
 
     /// Opens a transaction on the primary. Fails fast with
