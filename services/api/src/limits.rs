@@ -323,7 +323,7 @@ pub async fn check_active_turns(
         return Ok(());
     }
     state::lock_user_turns(tx, user).await?;
-    let active = state::active_turns(tx, user, i64::from(cap)).await?;
+    let active = state::active_turns(tx, user).await?;
     if active < i64::from(cap) {
         return Ok(());
     }

@@ -285,25 +285,26 @@ pub async fn lock_user_turns(db: &mut impl DbConn, user: Uuid) -> Result<(), sql
     Ok(())
 }
 
-/// The user's queued and running turns, counted up to `cap` (no further:
-/// the answer only needs to say whether the cap is reached). Served by
-/// `responses_user_active_idx`. Primary only, after [`lock_user_turns`] in
-/// the same transaction.
+/// The user's queued and running turns, as their striped count keeps them.
+/// Exact after [`lock_user_turns`] in the same transaction: a create counts
+/// its turn in `user_active_turns` at its commit, which it reaches holding
+/// that lock, so the next holder's count has it; an end only lowers the
+/// count. (The responses themselves are not counted: that needed an index
+/// over every user's active turns, which the planner then chose for
+/// questions about one conversation.) Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
-pub async fn active_turns(db: &mut impl DbConn, user: Uuid, cap: i64) -> Result<i64, sqlx::Error> {
+pub async fn active_turns(db: &mut impl DbConn, user: Uuid) -> Result<i64, sqlx::Error> {
     let counted: Option<(i64,)> = statement::fetch_optional(
         db,
-        "SELECT count(*) FROM (SELECT 1 FROM responses
-             WHERE user_id = $1 AND status IN ('queued', 'in_progress') LIMIT $2) AS active",
-        &[Arg::from(user), Arg::from(cap)],
+        "SELECT coalesce(sum(turns), 0)::int8 FROM user_active_turns WHERE user_id = $1",
+        &[Arg::from(user)],
     )
     .await?;
     Ok(counted.map_or(0, |(count,)| count))
 }
 
 /// The user's queued and running turns, as their striped count keeps them
-/// (exact as of the statement's snapshot; [`active_turns`] counts the
-/// responses themselves), and the bytes their items hold: a new turn's two
+/// (as of the statement's snapshot), and the bytes their items hold: a new turn's two
 /// limits read in one round trip. Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn active_turns_and_stored_bytes(

@@ -534,6 +534,77 @@ async fn the_count_of_active_turns_follows_every_start_and_end() {
     assert_eq!(active_counts(&settings, &user).await, (0, 0));
 }
 
+/// Whether a conversation has an active turn, and which of its turns runs
+/// next, are asked on every create, start and finish. With one user's
+/// turns queued in 300 conversations, the plans a session caches for those
+/// questions (generic ones) read that conversation's entries only, on an
+/// index keyed on it. (The plan that read all of a busy user's active
+/// turns came from the statistics of a table after thousands of one user's
+/// turns, which a test database does not reach; the index it used is gone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversations_active_turns_are_read_without_the_users_others() {
+    let stack = Stack::shared().await;
+    let settings = without_limits(stack.settings(Paths::DIRECT));
+    // No worker: every turn stays queued.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let pool = stack.superuser("primary").await;
+    let turn = json!({"input": "/echo hi", "background": true});
+    let mut last = String::new();
+    for _ in 0..300 {
+        last = user.create_background(turn.clone()).await;
+    }
+    let reply = user
+        .call("GET", &format!("/v1/responses/{last}"), None)
+        .await;
+    let conversation = reply.ok()["conversation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let conversation = turnpike_core::ids::parse("conv", &conversation).unwrap();
+    let mut db = pool.acquire().await.unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *db)
+        .await
+        .unwrap();
+    for (name, question) in [
+        (
+            "active",
+            "SELECT 1 FROM responses WHERE conversation_id = $1 AND status IN ('queued', 'in_progress') LIMIT 1",
+        ),
+        (
+            "next",
+            "SELECT q.id FROM responses q WHERE q.conversation_id = $1 AND q.status = 'queued'
+               AND NOT EXISTS (SELECT 1 FROM responses a WHERE a.conversation_id = $1 AND a.status = 'in_progress')
+             ORDER BY q.id LIMIT 1",
+        ),
+    ] {
+        let statement = format!("q_{name}_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(&format!("PREPARE {statement}(uuid) AS {question}"))
+            .execute(&mut *db)
+            .await
+            .unwrap();
+        let plan: Vec<(String,)> = sqlx::query_as(&format!(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE {statement}('{conversation}')"
+        ))
+        .fetch_all(&mut *db)
+        .await
+        .unwrap();
+        let plan: Vec<String> = plan.into_iter().map(|(line,)| line).collect();
+        let removed: u64 = plan
+            .iter()
+            .filter_map(|line| line.split("Rows Removed by Filter: ").nth(1))
+            .map(|n| n.trim().parse::<u64>().unwrap())
+            .sum();
+        assert!(removed <= 5, "{name} read the user's other turns:\n{}", plan.join("\n"));
+        assert!(
+            plan.iter().any(|line| line.contains("Index Cond: (conversation_id = $1)")),
+            "{name}:\n{}",
+            plan.join("\n")
+        );
+    }
+}
+
 /// An interrupt cancels the turns it replaces before it appends its input;
 /// a create in an idle conversation appends its input before it inserts
 /// its response. In two conversations of one user whose counts share a

@@ -1,0 +1,11 @@
+-- no-transaction
+-- A user's active turns are counted in `user_active_turns` (striped,
+-- maintained by triggers, read under the user's lock near the cap), and
+-- nothing reads `responses_user_active_idx` any more. Left in place, the
+-- planner would still pick it for a conversation's active turns (the
+-- migration before this one says why), and every start and end of a turn
+-- would still write to it. Dropped concurrently: the responses table is
+-- live. sqlx runs this file outside a transaction (the first line says
+-- so), and it must hold this one statement only.
+-- squawk-ignore ban-concurrent-index-creation-in-transaction, require-timeout-settings
+DROP INDEX CONCURRENTLY IF EXISTS responses_user_active_idx;
