@@ -4,7 +4,11 @@
 -- nothing reads `responses_user_active_idx` any more. Left in place, the
 -- planner would still pick it for a conversation's active turns (the
 -- migration before this one says why), and every start and end of a turn
--- would still write to it. Dropped concurrently: the responses table is
+-- would still write to it. An api of the release before counts a user's
+-- active responses on it near the cap; until it is replaced, that count
+-- reads every active turn on the index of the conversations' active turns
+-- (the migration before this one), not the table. Dropped concurrently:
+-- the responses table is
 -- live. sqlx runs this file outside a transaction (the first line says
 -- so), and it must hold this one statement only.
 -- squawk-ignore ban-concurrent-index-creation-in-transaction, require-timeout-settings

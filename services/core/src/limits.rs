@@ -286,10 +286,12 @@ pub async fn lock_user_turns(db: &mut impl DbConn, user: Uuid) -> Result<(), sql
 }
 
 /// The user's queued and running turns, as their striped count keeps them.
-/// Exact after [`lock_user_turns`] in the same transaction: a create counts
-/// its turn in `user_active_turns` at its commit, which it reaches holding
-/// that lock, so the next holder's count has it; an end only lowers the
-/// count. (The responses themselves are not counted: that needed an index
+/// After [`lock_user_turns`] in the same transaction it has every turn of
+/// the creates that took that lock: such a create counts its turn in
+/// `user_active_turns` at its commit, which it reaches holding the lock,
+/// and an end only lowers the count. (Creates far from the cap take no
+/// lock, as before; only more than a quarter of the cap racing at once
+/// from there could overshoot.) (The responses themselves are not counted: that needed an index
 /// over every user's active turns, which the planner then chose for
 /// questions about one conversation.) Primary only.
 #[tracing::instrument(level = "debug", skip(db))]

@@ -313,12 +313,16 @@ struct Begun {
 /// nothing to run (the conversation's next queued turn, if any, is
 /// dispatched).
 ///
-/// A first delivery starts in one statement that is a transaction of its
-/// own: one round trip to the primary instead of three (`BEGIN`, the
-/// start, `COMMIT`). Most turns write nothing else; one that does (input
-/// that waited behind the turn before it, prompt settings that changed, a
-/// turn already ended) is finished by the transaction below, which takes
-/// the turn over as a redelivery would if its worker died in between.
+/// A first delivery whose queue entry says where its input ends (its input
+/// is in the conversation: it did not wait behind another turn) starts in
+/// one statement that is a transaction of its own: one round trip to the
+/// primary instead of three (`BEGIN`, the start, `COMMIT`). Most such turns
+/// write nothing else; one that does (prompt settings that changed) has
+/// it written by the transaction below, which takes the turn over as a
+/// redelivery would if its worker died in between. A turn that ended in
+/// between (cancelled, deleted, interrupted) runs as one that ended just
+/// after its start always has: its finish finds it ended, and dispatches
+/// the conversation's next turn.
 async fn begin(
     ctx: &Context,
     delivery: &Delivery,
@@ -326,18 +330,24 @@ async fn begin(
     mcp_tools: &[Value],
 ) -> Result<Option<Begun>, TurnError> {
     let mut take_over = delivery.deliveries > 1;
-    if !take_over && let Some(started) = start_alone(ctx, id).await? {
-        let settled = Settled::of(started.frozen, &started.row, mcp_tools);
-        if started.row.pending_input.is_none() && settled.changed.is_none() {
-            return Ok(Some(Begun {
-                row: started.row,
-                first_frozen: settled.first_frozen,
-                frozen: settled.frozen,
-                done: Vec::new(),
-                lsn: delivery.lsn,
-                rewritten: false,
-            }));
+    let mut started_alone = None;
+    if !take_over
+        && delivery.input.is_some()
+        && let Some(started) = start_alone(ctx, id).await?
+    {
+        let settled = Settled::of(started.frozen.clone(), &started.row, mcp_tools);
+        let begun = Begun {
+            row: started.row,
+            first_frozen: settled.first_frozen,
+            frozen: settled.frozen,
+            done: Vec::new(),
+            lsn: delivery.lsn,
+            rewritten: false,
+        };
+        if begun.row.pending_input.is_none() && settled.changed.is_none() {
+            return Ok(Some(begun));
         }
+        started_alone = Some(begun);
         take_over = true;
     }
     let mut tx = ctx.router.write().await?;
@@ -348,6 +358,11 @@ async fn begin(
         frozen: before,
     }) = started
     else {
+        if let Some(begun) = started_alone {
+            // Ended since its start: it runs to its finish, as before.
+            drop(tx);
+            return Ok(Some(begun));
+        }
         // Cancelled before it started, finished already, or a duplicate
         // delivery of a running turn: nothing to run. A cancelled turn's
         // successor may be waiting.
@@ -413,9 +428,10 @@ async fn begin(
     }))
 }
 
-/// [`turns::start_alone`] on a connection of its own, bounded as a commit is.
+/// [`turns::start_alone`] on a connection of its own, bounded as the
+/// transaction it stands for is (`database.statement_timeout_ms`).
 async fn start_alone(ctx: &Context, id: Uuid) -> Result<Option<turns::Started>, TurnError> {
-    let limit = Duration::from_millis(ctx.settings.database.read_attempt_timeout_ms);
+    let limit = Duration::from_millis(ctx.settings.database.statement_timeout_ms);
     let mut db = ctx.router.write_one_message().await?;
     // Out of time, the statement may still have started the turn: left
     // unacknowledged, it is redelivered and taken over.

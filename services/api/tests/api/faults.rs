@@ -273,11 +273,10 @@ async fn a_turn_queued_as_its_worker_stops_is_run_not_stranded() {
 }
 
 /// A first delivery starts its turn in one statement that commits on its
-/// own; a turn with more to write at its start (input that waited behind
-/// the turn before it, changed instructions) has it written by a second
-/// transaction. A worker that dies between the two leaves the turn started,
-/// its input not yet in the conversation: the redelivery takes the turn
-/// over and writes the rest, once, in order.
+/// own; a turn whose prompt settings changed has the note that says so
+/// written by a second transaction. A worker that dies between the two
+/// leaves the turn started without its note: the redelivery takes the turn
+/// over and writes the note, once, after the turn's input.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_dead_between_a_turns_start_and_the_rest_of_it_leaves_it_to_the_redelivery() {
     use turnpike_core::queue::Consumer;
@@ -287,43 +286,40 @@ async fn a_worker_dead_between_a_turns_start_and_the_rest_of_it_leaves_it_to_the
     // A stopping worker finishes the read it has in flight: a short one.
     settings.worker.block_ms = 100;
     settings.worker.reclaim_idle_ms = 300;
-    let mut agents = Agents::spawn_slow(&mut settings, 20, 30).await;
+    let mut agents = Agents::spawn(&mut settings).await;
     let app = TestApp::spawn_with(settings.clone()).await;
     let user = app.new_user().await;
-    // A first turn runs; a second, with new instructions, waits behind it.
     let first = user
-        .create_background(
-            json!({"input": "a long answer, please", "instructions": "Answer briefly."}),
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "/echo first", "instructions": "Answer briefly."})),
         )
         .await;
-    let _running = user.follow_until_answering(&first).await;
-    let conversation = user
-        .call("GET", &format!("/v1/responses/{first}"), None)
-        .await;
-    let conversation = conversation.ok()["conversation"]["id"]
+    assert_eq!(first.ok()["status"], "completed");
+    let conversation = first.ok()["conversation"]["id"]
         .as_str()
         .unwrap()
         .to_owned();
+    // No worker claims the next turn, which changes the instructions.
+    agents.stop_workers().await;
     let second = user
         .create_background(
             json!({"conversation": conversation, "input": "/echo second",
             "instructions": "Answer in French."}),
         )
         .await;
-    // The worker stops once the first turn is done; that turn's end queues
-    // the second, which no worker claims.
-    agents.stop_workers().await;
-    let first_status = user
-        .call("GET", &format!("/v1/responses/{first}"), None)
-        .await;
-    assert_eq!(first_status.ok()["status"], "completed");
-    // A worker claims the second and starts it with its one statement, then dies.
+    // A worker claims it and starts it with its one statement, then dies.
     let mut dead = Consumer::connect(settings.redis.url(), &settings.worker.queue, "dead", 100)
         .await
         .unwrap();
     let claimed = dead.next_batch(1_000, 16).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].response, second);
+    assert!(
+        claimed[0].input.is_some(),
+        "a turn that starts in one statement"
+    );
     let router = turnpike_core::db::Router::new(&settings.database).unwrap();
     let mut db = router.write_one_message().await.unwrap();
     let id = turnpike_core::ids::parse(turnpike_protocol::ids::RESPONSE, &second).unwrap();
@@ -332,7 +328,7 @@ async fn a_worker_dead_between_a_turns_start_and_the_rest_of_it_leaves_it_to_the
         .unwrap()
         .expect("the turn starts");
     db.done();
-    assert!(started.row.pending_input.is_some(), "its input waits");
+    assert_eq!(started.row.status, "in_progress");
     drop(dead);
     let waiting = user
         .call("GET", &format!("/v1/responses/{second}"), None)
@@ -362,8 +358,8 @@ async fn a_worker_dead_between_a_turns_start_and_the_rest_of_it_leaves_it_to_the
         })
         .collect();
     assert_eq!(roles.len(), 5, "{roles:?}");
-    assert_eq!(roles[0], ("user", "a long answer, please"));
-    assert_eq!(roles[1].0, "assistant");
+    assert_eq!(roles[0], ("user", "/echo first"));
+    assert_eq!(roles[1], ("assistant", "first"));
     assert_eq!(roles[2], ("user", "/echo second"));
     assert_eq!(roles[3].0, "developer");
     assert!(roles[3].1.contains("Answer in French."), "{roles:?}");

@@ -538,9 +538,11 @@ async fn the_count_of_active_turns_follows_every_start_and_end() {
 /// next, are asked on every create, start and finish. With one user's
 /// turns queued in 300 conversations, the plans a session caches for those
 /// questions (generic ones) read that conversation's entries only, on an
-/// index keyed on it. (The plan that read all of a busy user's active
+/// index keyed on it, and every partial index over active turns is keyed
+/// on the conversation. (The plan that read all of a busy user's active
 /// turns came from the statistics of a table after thousands of one user's
-/// turns, which a test database does not reach; the index it used is gone.)
+/// turns, which a test database does not reach; the index it used, keyed
+/// on the user, is gone.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversations_active_turns_are_read_without_the_users_others() {
     let stack = Stack::shared().await;
@@ -562,6 +564,23 @@ async fn a_conversations_active_turns_are_read_without_the_users_others() {
         .unwrap()
         .to_owned();
     let conversation = turnpike_core::ids::parse("conv", &conversation).unwrap();
+    // No partial index over active turns that a plan could read for one
+    // conversation without its key: each is keyed on the conversation.
+    let partial: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_get_indexdef(i.indexrelid, 1, true)
+           FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+          WHERE i.indrelid = 'responses'::regclass AND i.indpred IS NOT NULL",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(!partial.is_empty());
+    for (index, first_key) in &partial {
+        assert_eq!(
+            first_key, "conversation_id",
+            "{index} is keyed on {first_key}"
+        );
+    }
     let mut db = pool.acquire().await.unwrap();
     sqlx::query("SET plan_cache_mode = force_generic_plan")
         .execute(&mut *db)

@@ -208,10 +208,6 @@ type Arrays = (
     bool,
 );
 
-/// A statement sent as one message (through PgBouncer, its arguments
-/// written into it as literals) returns exactly what a bound statement
-/// would, whatever the text holds; a NUL byte is refused, not sent; and
-/// concurrent readers through PgBouncer each get their own statement's rows.
 /// A session read sent right after its write commits, before any replica
 /// is known to have replayed it, goes to a replica behind a question for
 /// its replay position, and is kept only if that position covers the
@@ -265,6 +261,10 @@ async fn a_session_read_right_after_its_write_sees_it(paths: Paths) {
     tx.commit().await.unwrap();
 }
 
+/// A statement sent as one message (through PgBouncer, its arguments
+/// written into it as literals) returns exactly what a bound statement
+/// would, whatever the text holds; a NUL byte is refused, not sent; and
+/// concurrent readers through PgBouncer each get their own statement's rows.
 async fn one_message_statements_carry_their_arguments_exactly(paths: Paths) {
     use turnpike_core::db::Consistency;
     use turnpike_core::db::statement::{self, Arg};

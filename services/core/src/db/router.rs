@@ -236,10 +236,10 @@ impl Router {
         let Some(node) = p2c(&roomy) else {
             return Ok(None);
         };
-        let (admission, pipelined) = self.admit_read(node, class, true).await?;
-        if !pipelined {
+        // A slot in the pipelined reads' budget, or the usual way.
+        let Ok(admission) = self.admit(node, class, true).await else {
             return Ok(None);
-        }
+        };
         tracing::Span::current().record("node", node.name.as_str());
         let run = async {
             let mut reader = Reader::open(node, true, true).await?;
