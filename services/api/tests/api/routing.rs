@@ -142,6 +142,23 @@ async fn session_reads_see_own_writes_while_replay_is_paused(paths: Paths) {
         ["before", "after"],
         "session read with the token"
     );
+    // It went to a replica first, behind a question for its replay
+    // position, and was read again once the answer showed it behind.
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|line| line
+            .starts_with("turnpike_db_session_reads_checked_total")
+            && line.contains("outcome=\"behind\"")),
+        "{metrics}"
+    );
     let without_token = user.list_items(&id, "?order=asc").await;
     assert_eq!(
         texts(without_token.ok()),

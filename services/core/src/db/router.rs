@@ -267,7 +267,12 @@ impl Router {
         match replayed {
             Ok(Some(replayed)) => {
                 node.observe_replay_lsn(replayed);
-                if replayed < lsn {
+                let kept = replayed >= lsn;
+                metrics::counter!("turnpike_db_session_reads_checked_total",
+                    "node" => node.name.clone(),
+                    "outcome" => if kept { "kept" } else { "behind" })
+                .increment(1);
+                if !kept {
                     return Ok(None);
                 }
             }
