@@ -154,9 +154,10 @@ async fn session_reads_see_own_writes_while_replay_is_paused(paths: Paths) {
         .await
         .unwrap();
     assert!(
-        metrics.lines().any(|line| line
-            .starts_with("turnpike_db_session_reads_checked_total")
-            && line.contains("outcome=\"behind\"")),
+        metrics.lines().any(
+            |line| line.starts_with("turnpike_db_session_reads_checked_total")
+                && line.contains("outcome=\"behind\"")
+        ),
         "{metrics}"
     );
     let without_token = user.list_items(&id, "?order=asc").await;
