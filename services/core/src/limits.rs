@@ -291,9 +291,9 @@ pub async fn lock_user_turns(db: &mut impl DbConn, user: Uuid) -> Result<(), sql
 /// `user_active_turns` at its commit, which it reaches holding the lock,
 /// and an end only lowers the count. (Creates far from the cap take no
 /// lock, as before; only more than a quarter of the cap racing at once
-/// from there could overshoot.) (The responses themselves are not counted: that needed an index
-/// over every user's active turns, which the planner then chose for
-/// questions about one conversation.) Primary only.
+/// from there could overshoot.) Counting the responses themselves needed
+/// an index over every user's active turns, which the planner then chose
+/// for questions about one conversation. Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn active_turns(db: &mut impl DbConn, user: Uuid) -> Result<i64, sqlx::Error> {
     let counted: Option<(i64,)> = statement::fetch_optional(
@@ -306,8 +306,8 @@ pub async fn active_turns(db: &mut impl DbConn, user: Uuid) -> Result<i64, sqlx:
 }
 
 /// The user's queued and running turns, as their striped count keeps them
-/// (as of the statement's snapshot), and the bytes their items hold: a new turn's two
-/// limits read in one round trip. Primary only.
+/// (as of the statement's snapshot), and the bytes their items hold: a new
+/// turn's two limits read in one round trip. Primary only.
 #[tracing::instrument(level = "debug", skip(db))]
 pub async fn active_turns_and_stored_bytes(
     db: &mut impl DbConn,

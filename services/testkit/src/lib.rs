@@ -620,6 +620,18 @@ impl TestApp {
         }
     }
 
+    /// What the api's `/metrics` serves now, in Prometheus' text format.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics' text")
+    }
+
     /// A new user with a fresh key.
     pub async fn new_user(&self) -> User {
         self.new_key(false).await

@@ -335,7 +335,7 @@ async fn begin(
         && delivery.input.is_some()
         && let Some(started) = start_alone(ctx, id).await?
     {
-        let settled = Settled::of(started.frozen.clone(), &started.row, mcp_tools);
+        let settled = Settled::of(started.frozen, &started.row, mcp_tools);
         let begun = Begun {
             row: started.row,
             first_frozen: settled.first_frozen,

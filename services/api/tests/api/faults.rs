@@ -334,17 +334,27 @@ async fn a_worker_dead_between_a_turns_start_and_the_rest_of_it_leaves_it_to_the
         .call("GET", &format!("/v1/responses/{second}"), None)
         .await;
     assert_eq!(waiting.ok()["status"], "in_progress");
+    // A client follows the turn from before it is taken over.
+    let stream = user
+        .open_stream("GET", &format!("/v1/responses/{second}?stream=true"), None)
+        .await;
 
     // Another worker reclaims it and writes what the start left.
     agents.add_worker(&settings).await;
-    let done = eventually("the second turn ran", Duration::from_secs(20), || async {
-        let reply = user
-            .call("GET", &format!("/v1/responses/{second}"), None)
-            .await;
-        (reply.ok()["status"] == "completed").then_some(reply.body)
-    })
+    let done = completed(
+        &user,
+        &second,
+        "the second turn ran",
+        Duration::from_secs(20),
+    )
     .await;
     assert_eq!(done["output"][0]["content"][0]["text"], "second");
+    // The client saw every event once, in order, to the end, and the
+    // deltas add up to the stored answer.
+    let events = stream.read_to_end().await;
+    assert_eq!(events[0].data["type"], "response.created");
+    assert_eq!(events.last().unwrap().data["type"], "response.completed");
+    turnpike_testkit::assert_stream_matches(&events, done["output"].as_array().unwrap());
     let items = user.list_items(&conversation, "?order=asc").await;
     let roles: Vec<(&str, &str)> = items.ok()["data"]
         .as_array()
@@ -587,12 +597,12 @@ async fn cancelling_a_turn_lets_the_one_queued_behind_it_run() {
         .await;
     assert_eq!(cancelled.ok()["status"], "cancelled");
     let _agents = Agents::spawn(&mut settings).await;
-    let done = eventually("the second turn ran", Duration::from_secs(15), || async {
-        let reply = user
-            .call("GET", &format!("/v1/responses/{second}"), None)
-            .await;
-        (reply.ok()["status"] == "completed").then_some(reply.body)
-    })
+    let done = completed(
+        &user,
+        &second,
+        "the second turn ran",
+        Duration::from_secs(15),
+    )
     .await;
     assert_eq!(done["output"][0]["content"][0]["text"], "second");
     // What a client following it sees: every event of the stored answer.
@@ -642,11 +652,7 @@ async fn a_turn_whose_queue_entry_was_lost_is_queued_again() {
         .unwrap();
     assert_eq!(trimmed, 1);
     let agents = Agents::spawn(&mut settings).await;
-    let done = eventually("the stranded turn ran", Duration::from_secs(20), || async {
-        let reply = user.call("GET", &format!("/v1/responses/{id}"), None).await;
-        (reply.ok()["status"] == "completed").then_some(reply.body)
-    })
-    .await;
+    let done = completed(&user, &id, "the stranded turn ran", Duration::from_secs(20)).await;
     assert_eq!(done["output"][0]["content"][0]["text"], "found again");
     let conversation = done["conversation"]["id"].as_str().unwrap();
     let items = user.list_items(conversation, "?order=asc").await;
@@ -935,4 +941,18 @@ async fn a_tool_call_is_stored_only_after_its_events_are_logged() {
         1_000,
     )
     .await;
+}
+
+/// The response once it has completed, waiting up to `within` for it.
+async fn completed(
+    user: &turnpike_testkit::User,
+    id: &str,
+    what: &str,
+    within: Duration,
+) -> serde_json::Value {
+    eventually(what, within, || async {
+        let reply = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+        (reply.ok()["status"] == "completed").then_some(reply.body)
+    })
+    .await
 }

@@ -79,17 +79,6 @@ fn redis_cli(stack: &Stack, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-async fn metrics(app: &TestApp) -> String {
-    app.http
-        .get(format!("{}/metrics", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Settings with every limit off, for a test to turn on the one it is about.
 fn without_limits(mut settings: Settings) -> Settings {
     settings.limits.key_requests_per_s = 0;
@@ -160,7 +149,7 @@ async fn a_key_gets_its_burst_then_429_then_recovers() {
     .await;
     assert!(field(&recovered.headers, "ratelimit").starts_with(r#""key";r="#));
     assert!(
-        metrics(&app)
+        app.metrics()
             .await
             .contains(r#"turnpike_rate_limited_total{limit="key"}"#)
     );
@@ -259,7 +248,8 @@ async fn a_user_is_limited_across_two_api_processes_then_recovers() {
         "rate_limited",
     );
     assert!(
-        metrics(&first)
+        first
+            .metrics()
             .await
             .contains(r#"turnpike_rate_limited_total{limit="user"}"#)
     );
@@ -415,7 +405,7 @@ async fn active_turns_are_capped_per_user_exactly(paths: Paths) {
             .ok();
     }
     assert!(
-        metrics(&app)
+        app.metrics()
             .await
             .contains(r#"turnpike_rate_limited_total{limit="turns"}"#)
     );
@@ -949,7 +939,7 @@ async fn the_daily_token_budget_is_fed_by_turn_usage() {
         .await;
     assert_eq!(again.ok()["status"], "completed");
     assert!(
-        metrics(&app)
+        app.metrics()
             .await
             .contains(r#"turnpike_rate_limited_total{limit="tokens"}"#)
     );
@@ -1018,7 +1008,7 @@ async fn a_redis_outage_follows_the_failure_policy_and_recovers() {
     let error = unavailable.error(503);
     assert_eq!(error["code"], "rate_limits_unavailable");
     assert_eq!(retry_after(&unavailable), 1);
-    let seen = metrics(&open).await;
+    let seen = open.metrics().await;
     for decision in ["fail_open", "fail_closed"] {
         assert!(
             seen.contains(&format!(

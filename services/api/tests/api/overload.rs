@@ -27,15 +27,7 @@ fn quantile_ms(samples: &mut [Duration], q: f64) -> f64 {
 
 /// Sum of a Prometheus counter's samples whose labels include every one of `labels`.
 async fn metric(app: &TestApp, name: &str, labels: &[&str]) -> f64 {
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     text.lines()
         .filter(|line| {
             line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))

@@ -144,15 +144,7 @@ async fn session_reads_see_own_writes_while_replay_is_paused(paths: Paths) {
     );
     // It went to a replica first, behind a question for its replay
     // position, and was read again once the answer showed it behind.
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.lines().any(
             |line| line.starts_with("turnpike_db_session_reads_checked_total")

@@ -57,6 +57,9 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Statement};
 
 use super::statement::{Arg, PipelinedRow};
 
+/// A replica's replay position as a number (none on a primary).
+pub(super) const REPLAY_LSN: &str = "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8";
+
 /// The pipelined lanes of one node.
 pub(super) struct Pipeline {
     config: tokio_postgres::Config,
@@ -372,16 +375,10 @@ impl Pipelined {
     /// it: the server answers them in order, and what they read was
     /// replayed at least this far.
     pub async fn replay_lsn(self: &Arc<Self>) -> Result<Option<super::Lsn>, sqlx::Error> {
-        if self.in_flight.load(Ordering::Acquire) == 0 {
-            self.progress_us.store(since_start(), Ordering::Relaxed);
-        }
-        self.in_flight.fetch_add(1, Ordering::Release);
         let request = Request {
-            statement: ToPrepare::Whole(
-                "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8".to_owned(),
-            ),
+            statement: ToPrepare::Whole(REPLAY_LSN.to_owned()),
             params: Vec::new(),
-            _counted: Counted(Arc::clone(self)),
+            _counted: self.count_in(),
         };
         let (rows, _) = self.send(request).await?;
         Ok(rows.first().and_then(|row| match row {
@@ -444,17 +441,12 @@ impl Pipelined {
             Mode::Simple => Some(super::statement::render(sql, args)?),
             Mode::Prepared => None,
         };
-        // An idle connection's clock starts with its first statement, set
-        // before the count says it has one (stalled reads the two in turn).
-        if self.in_flight.load(Ordering::Acquire) == 0 {
-            self.progress_us.store(since_start(), Ordering::Relaxed);
-        }
-        self.in_flight.fetch_add(1, Ordering::Release);
+        let counted = self.count_in();
         if let Some(text) = text {
             return Ok(Request {
                 statement: ToPrepare::Whole(text),
                 params: Vec::new(),
-                _counted: Counted(Arc::clone(self)),
+                _counted: counted,
             });
         }
         let types: Vec<Type> = args.iter().map(Arg::pg_type).collect();
@@ -469,8 +461,20 @@ impl Pipelined {
                 None => ToPrepare::Missing(sql.to_owned(), types),
             },
             params: args.iter().map(|arg| arg.param()).collect(),
-            _counted: Counted(Arc::clone(self)),
+            _counted: counted,
         })
+    }
+
+    /// Counts a statement in flight until the returned guard is dropped (at
+    /// its answer). An idle connection's clock starts with its first
+    /// statement, set before the count says it has one (stalled reads the
+    /// two in turn).
+    fn count_in(self: &Arc<Self>) -> Counted {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            self.progress_us.store(since_start(), Ordering::Relaxed);
+        }
+        self.in_flight.fetch_add(1, Ordering::Release);
+        Counted(Arc::clone(self))
     }
 
     fn stalled(&self, now_us: u64, after_us: u64) -> bool {

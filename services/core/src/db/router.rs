@@ -521,9 +521,7 @@ impl Router {
         order.sort_by_key(|n| n.load());
         loop {
             for node in &order {
-                let probe = node
-                    .pool
-                    .simple_row("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8");
+                let probe = node.pool.simple_row(super::pipeline::REPLAY_LSN);
                 if let Ok(Ok(row)) = tokio::time::timeout(probe_timeout, probe).await {
                     let replayed = row.try_get::<Option<i64>, _>(0).ok().flatten().unwrap_or(0);
                     let replayed = Lsn(u64::try_from(replayed).unwrap_or(0));
