@@ -2,6 +2,8 @@
 //! strings that name the offending field, bearer-key authentication, and the
 //! read's consistency (query parameter or header).
 
+use std::borrow::Cow;
+
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -15,6 +17,11 @@ use crate::error::ApiError;
 
 /// The consistency-token header, on write responses and read requests.
 pub const CONSISTENCY_HEADER: &str = "turnpike-consistency";
+
+/// [`CONSISTENCY_HEADER`] as a header name: a look-up by `&str` parses and
+/// checks the name on every request.
+static CONSISTENCY_NAME: axum::http::HeaderName =
+    axum::http::HeaderName::from_static(CONSISTENCY_HEADER);
 
 /// A JSON body. Unknown fields, wrong types and malformed JSON are 400s that
 /// name the field; an empty body reads as `{}`; a body over the limit is 413.
@@ -232,6 +239,22 @@ impl ReadMode {
     /// The mode `?consistency=` names, read without serde: every read
     /// parses it, and the query's other parameters are its handler's.
     fn from_query(query: &str) -> Result<Option<Self>, ApiError> {
+        // A query with nothing escaped is split as it is, as the form
+        // parser would split it, without decoding each name and value.
+        if query.contains(['%', '+']) {
+            Self::pick(form_urlencoded::parse(query.as_bytes()))
+        } else {
+            Self::pick(query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (Cow::Borrowed(name), Cow::Borrowed(value))
+            }))
+        }
+    }
+
+    /// The `consistency` parameter among a query's pairs, if any.
+    fn pick<'a>(
+        pairs: impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
+    ) -> Result<Option<Self>, ApiError> {
         let invalid = || {
             ApiError::invalid(
                 "consistency",
@@ -239,7 +262,7 @@ impl ReadMode {
             )
         };
         let mut mode = None;
-        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        for (name, value) in pairs {
             if name != "consistency" {
                 continue;
             }
@@ -263,7 +286,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
         let consistency = ReadMode::from_query(parts.uri.query().unwrap_or(""))?;
-        let token = match parts.headers.get(CONSISTENCY_HEADER) {
+        let token = match parts.headers.get(&CONSISTENCY_NAME) {
             None => None,
             Some(value) => Some(
                 value
@@ -306,5 +329,14 @@ mod tests {
         assert_eq!(mode("consistency=Strong"), refused);
         assert_eq!(mode("consistency="), refused);
         assert_eq!(mode("consistency=strong&consistency=eventual"), refused);
+        // Split as the form parser splits: empty pairs skipped, a name
+        // without `=` has an empty value.
+        assert_eq!(mode("&&consistency=strong&"), Ok(Some(ReadMode::Strong)));
+        assert_eq!(mode("consistency"), refused);
+        assert_eq!(
+            mode("q=a+b&consistency=bounded"),
+            Ok(Some(ReadMode::Bounded))
+        );
+        assert_eq!(mode("consistency=+strong"), refused);
     }
 }

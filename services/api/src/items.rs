@@ -115,14 +115,7 @@ pub async fn list(
         limit,
     };
     let consistency = app.consistency(&principal, read).await;
-    // Everything the page depends on, the caller included (the query checks ownership).
-    let field = format!(
-        "items:{}:{:?}:{}:{limit}",
-        principal.user_id.simple(),
-        page.order,
-        page.after
-            .map_or_else(|| "-".to_owned(), |a| a.simple().to_string()),
-    );
+    let field = page_field(&page);
     let router = std::sync::Arc::clone(&app.router);
     let max_bytes = app.settings.limits.max_page_bytes;
     let body = app
@@ -139,6 +132,26 @@ pub async fn list(
         Some(body) => Ok(stored_json::response(body)),
         None => Err(ApiError::not_found("conversation", &conversation_id)),
     }
+}
+
+/// A page's name in the cache: everything it depends on, the caller
+/// included (the query checks ownership). Written without `fmt`, which
+/// took a tenth of a cached read's own instructions.
+fn page_field(page: &PageQuery) -> String {
+    let mut field = String::with_capacity(96);
+    field.push_str("items:");
+    field.push_str(page.user.simple().encode_lower(&mut Uuid::encode_buffer()));
+    field.push_str(match page.order {
+        Order::Asc => ":Asc:",
+        Order::Desc => ":Desc:",
+    });
+    match page.after {
+        Some(after) => field.push_str(after.simple().encode_lower(&mut Uuid::encode_buffer())),
+        None => field.push('-'),
+    }
+    field.push(':');
+    field.push_str(itoa::Buffer::new().format(page.limit));
+    field
 }
 
 /// Turns `limit + 1` rows into a page of at most `max_bytes` of items
@@ -634,4 +647,32 @@ async fn delete_item(
         .execute(db.conn())
         .await?;
     Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pages_cache_field_names_everything_it_depends_on() {
+        let user = Uuid::now_v7();
+        let after = Uuid::now_v7();
+        let page = |order, after, limit| PageQuery {
+            conversation: Uuid::now_v7(),
+            user,
+            after,
+            order,
+            limit,
+        };
+        // The form every api release has written, so that L2 entries are
+        // shared across a rolling update.
+        assert_eq!(
+            page_field(&page(Order::Desc, None, 20)),
+            format!("items:{}:Desc:-:20", user.simple())
+        );
+        assert_eq!(
+            page_field(&page(Order::Asc, Some(after), 100)),
+            format!("items:{}:Asc:{}:100", user.simple(), after.simple())
+        );
+    }
 }

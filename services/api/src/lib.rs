@@ -272,9 +272,15 @@ pub fn routes(state: AppState) -> axum::Router {
         .merge(web::router())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(EdgeLayer(state.clone()))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+        // One layer of three (outermost first): `Router::layer` wraps each
+        // route in a box of its own per layer, which every request then
+        // allocates, copies its future into, and clones the route for.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+                .layer(DefaultBodyLimit::max(body_limit))
+                .layer(EdgeLayer(state.clone())),
+        )
         .with_state(state);
     // Outermost: a browser's preflight is answered before the edge (it
     // carries no key), and every answer, errors included, is readable.
@@ -347,7 +353,7 @@ where
 {
     use tracing::Instrument;
     let route = matched.map_or("-", axum::extract::MatchedPath::as_str);
-    let method = request.method().clone();
+    let method = method_label(request.method());
     let started = std::time::Instant::now();
     // The request's span (a trace's root, or a child of the caller's
     // `traceparent`); its trace id goes into the log lines inside it.
@@ -364,7 +370,7 @@ where
         &span,
         request
             .headers()
-            .get("traceparent")
+            .get(&TRACEPARENT)
             .and_then(|v| v.to_str().ok()),
     );
     let response = next(request).instrument(span).await;
@@ -375,19 +381,40 @@ where
         4 => 3,
         _ => 4,
     };
-    let handles = route_metrics(route, method.as_str());
+    let handles = route_metrics(route, method);
     turnpike_core::telemetry::kept(&handles.requests[class], || {
         metrics::counter!("turnpike_http_requests_total", "route" => route.to_owned(),
-            "method" => method.as_str().to_owned(), "status" => STATUS_CLASSES[class])
+            "method" => method, "status" => STATUS_CLASSES[class])
     })
     .increment(1);
     turnpike_core::telemetry::kept(&handles.duration, || {
         metrics::histogram!("turnpike_http_request_duration_seconds",
-            "route" => route.to_owned(), "method" => method.as_str().to_owned())
+            "route" => route.to_owned(), "method" => method)
     })
     .record(started.elapsed().as_secs_f64());
     response
 }
+
+/// A request's method as a metric label: the standard methods by name and
+/// any other as `_OTHER` (as OpenTelemetry names it), so that made-up methods cannot grow the series
+/// (or the table of their handles) without bound.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
+
+/// The W3C trace context header, as a name (a `&str` is parsed per look-up).
+static TRACEPARENT: axum::http::HeaderName = axum::http::HeaderName::from_static("traceparent");
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -402,10 +429,14 @@ struct RouteMetrics {
 /// The handles of `route` and `method`, registered once: registering
 /// builds the labels and hashes them into the registry on every call, more
 /// than a cached read spends on anything else of its own.
-fn route_metrics(route: &str, method: &str) -> std::sync::Arc<RouteMetrics> {
+fn route_metrics(route: &str, method: &'static str) -> std::sync::Arc<RouteMetrics> {
     use std::collections::HashMap;
     use std::sync::{Arc, LazyLock, PoisonError, RwLock};
-    type Table = RwLock<HashMap<String, HashMap<String, Arc<RouteMetrics>>>>;
+    // foldhash, seeded per process: the keys are the routes' templates and
+    // the method labels, a bounded set, and SipHash over them was a
+    // measurable part of a cached read.
+    type Methods = HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>;
+    type Table = RwLock<HashMap<String, Methods, foldhash::fast::RandomState>>;
     static TABLE: LazyLock<Table> = LazyLock::new(Table::default);
     if let Some(found) = TABLE
         .read()
@@ -422,7 +453,7 @@ fn route_metrics(route: &str, method: &str) -> std::sync::Arc<RouteMetrics> {
             .unwrap_or_else(PoisonError::into_inner)
             .entry(route.to_owned())
             .or_default()
-            .entry(method.to_owned())
+            .entry(method)
             .or_insert(made),
     )
 }
@@ -484,12 +515,18 @@ where
         // The service polled ready goes with the request; a clone stays.
         let ready = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, ready);
-        let app = self.app.clone();
-        Box::pin(async move { Ok(edge(&app, request, inner).await) })
+        // Boxed as it is, not inside another `async` block: a future is
+        // copied whole into its box, and every layer that holds the one
+        // inside it makes every request copy it once more.
+        Box::pin(edge(self.app.clone(), request, inner))
     }
 }
 
-async fn edge<S>(app: &AppState, request: axum::extract::Request, mut inner: S) -> Response
+async fn edge<S>(
+    app: AppState,
+    request: axum::extract::Request,
+    mut inner: S,
+) -> Result<Response, std::convert::Infallible>
 where
     S: tower::Service<
             axum::extract::Request,
@@ -501,7 +538,8 @@ where
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .cloned();
-    http_metrics(matched.as_ref(), request, move |request| async move {
+    let app = &app;
+    let response = http_metrics(matched.as_ref(), request, move |request| async move {
         if let Some(refusal) = oversized(&app.settings.api, &request) {
             return refusal;
         }
@@ -517,7 +555,8 @@ where
         })
         .await
     })
-    .await
+    .await;
+    Ok(response)
 }
 
 /// The refusal of a body whose Content-Length is over the limit.

@@ -13,6 +13,7 @@ use std::future::Future;
 use axum::extract::{MatchedPath, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
 use turnpike_core::config::{ConfigError, OverloadSettings};
 use turnpike_core::db::{QueryClass, with_class};
 use turnpike_core::switches::{Refusal, RoutePattern};
@@ -57,7 +58,11 @@ fn exempt(route: &str) -> bool {
 }
 
 /// Refuses what a switch refuses and runs the rest (`next`) in its class.
-pub async fn around<F, Fut>(app: &AppState, request: Request, next: F) -> Response
+pub fn around<F, Fut>(
+    app: &AppState,
+    request: Request,
+    next: F,
+) -> impl Future<Output = Response> + use<F, Fut>
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
@@ -76,10 +81,11 @@ where
         };
         (class, refusal)
     };
-    if let Some(refusal) = refusal {
-        return refused(&refusal).into_response();
+    // Not an `async fn`, which would hold the request's future twice.
+    match refusal {
+        Some(refusal) => Either::Left(std::future::ready(refused(&refusal).into_response())),
+        None => Either::Right(with_class(class, next(request))),
     }
-    with_class(class, next(request)).await
 }
 
 /// A switch's refusal in the error shape: a block is a 503, a throttle a 429.

@@ -306,3 +306,37 @@ async fn metrics_can_be_served_on_ports_of_their_own() {
         assert!(body.contains("turnpike_turns_total"), "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_methods_share_one_metric_label() {
+    let stack = Stack::shared().await;
+    let app = TestApp::spawn_with(stack.settings(Paths::DIRECT)).await;
+    let http = reqwest::Client::new();
+    for method in ["FROB", "QUUX", "get"] {
+        let reply = http
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}/v1/conversations", app.url),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            reply.status().is_client_error(),
+            "{method}: {}",
+            reply.status()
+        );
+    }
+    let text = app.metrics().await;
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("turnpike_http_requests_total{"))
+        .collect();
+    assert!(
+        series.iter().any(|l| l.contains("method=\"_OTHER\"")),
+        "{series:#?}"
+    );
+    for method in ["FROB", "QUUX", "method=\"get\""] {
+        assert!(!text.contains(method), "{method} has a series: {series:#?}");
+    }
+}

@@ -40,9 +40,11 @@ pub fn current_class() -> QueryClass {
 }
 
 /// Runs `work` with `class` as its [`current_class`]. Work it spawns onto
-/// other tasks does not inherit it.
-pub async fn with_class<F: Future>(class: QueryClass, work: F) -> F::Output {
-    CLASS.scope(class, work).await
+/// other tasks does not inherit it. Not an `async fn`: that would hold
+/// `work` twice (as its argument and inside the scope it awaits), and every
+/// request's future, which has this inside, would be copied twice as large.
+pub fn with_class<F: Future>(class: QueryClass, work: F) -> impl Future<Output = F::Output> {
+    CLASS.scope(class, work)
 }
 
 /// A position in the primary's write-ahead log, in bytes since `0/0`.
