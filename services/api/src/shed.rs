@@ -58,6 +58,8 @@ fn exempt(route: &str) -> bool {
 }
 
 /// Refuses what a switch refuses and runs the rest (`next`) in its class.
+/// `next` is called here, outside the class's scope, and only its future
+/// runs inside it: it must do nothing until polled (an `async fn` call).
 pub fn around<F, Fut>(
     app: &AppState,
     request: Request,
