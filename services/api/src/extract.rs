@@ -241,7 +241,7 @@ impl ReadMode {
     fn from_query(query: &str) -> Result<Option<Self>, ApiError> {
         // A query with nothing escaped is split as it is, as the form
         // parser would split it, without decoding each name and value.
-        if query.contains(['%', '+']) {
+        if query.bytes().any(|b| matches!(b, b'%' | b'+')) {
             Self::pick(form_urlencoded::parse(query.as_bytes()))
         } else {
             Self::pick(query.split('&').filter(|p| !p.is_empty()).map(|pair| {

@@ -230,12 +230,11 @@ async fn a_session_read_right_after_its_write_sees_it(paths: Paths) {
     let stack = Stack::shared().await;
     let router = turnpike_core::db::Router::new(&stack.settings(paths).database).unwrap();
     let table = format!("session_reads_{}", uuid::Uuid::now_v7().simple());
-    let mut tx = router.write().await.unwrap();
-    sqlx::query(&format!("CREATE TABLE {table} (id int8 PRIMARY KEY)"))
-        .execute(tx.conn())
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    committed(
+        &router,
+        &format!("CREATE TABLE {table} (id int8 PRIMARY KEY)"),
+    )
+    .await;
     let mut on_replicas = 0;
     for id in 0..200_i64 {
         let mut tx = router.write().await.unwrap();
@@ -263,11 +262,14 @@ async fn a_session_read_right_after_its_write_sees_it(paths: Paths) {
     }
     assert!(on_replicas > 0, "no session read was served by a replica");
     println!("session reads served by replicas: {on_replicas} of 200");
+    committed(&router, &format!("DROP TABLE {table}")).await;
+}
+
+/// One statement on the primary, committed.
+async fn committed(router: &turnpike_core::db::Router, sql: &str) {
+    use turnpike_core::db::DbConn;
     let mut tx = router.write().await.unwrap();
-    sqlx::query(&format!("DROP TABLE {table}"))
-        .execute(tx.conn())
-        .await
-        .unwrap();
+    sqlx::query(sql).execute(tx.conn()).await.unwrap();
     tx.commit().await.unwrap();
 }
 
