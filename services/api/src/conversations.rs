@@ -108,8 +108,11 @@ pub struct ListParams {
     /// `asc` or `desc` (default, newest first).
     pub order: Option<Order>,
     /// `eventual`, `bounded`, `session` (default) or `strong`.
+    // Read by `ReadConsistency`; named here for the API's description
+    // only, and skipped unread.
     #[allow(dead_code)]
-    pub consistency: Option<String>,
+    #[param(value_type = Option<String>)]
+    pub consistency: Option<serde::de::IgnoredAny>,
 }
 
 /// List the caller's conversations (extension: OpenAI has no list call).

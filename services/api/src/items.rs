@@ -52,6 +52,9 @@ pub enum Order {
     Desc,
 }
 
+/// `include` is no field: clients send it once, repeated or as `include[]`,
+/// and every form is accepted and ignored (an unknown parameter is); the
+/// path's `params` describe it.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
@@ -61,12 +64,12 @@ pub struct ListParams {
     pub after: Option<String>,
     /// `asc` or `desc` (default).
     pub order: Option<Order>,
-    /// Accepted for compatibility; every item is returned whole.
-    #[allow(dead_code)]
-    pub include: Option<Vec<String>>,
     /// `eventual`, `bounded`, `session` (default) or `strong`.
+    // Read by `ReadConsistency`; named here for the API's description
+    // only, and skipped unread.
     #[allow(dead_code)]
-    pub consistency: Option<String>,
+    #[param(value_type = Option<String>)]
+    pub consistency: Option<serde::de::IgnoredAny>,
 }
 
 /// Validates `limit` (1–100, default 20).
@@ -83,7 +86,7 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 
 /// List a conversation's items.
 #[utoipa::path(get, path = "/v1/conversations/{conversation_id}/items", tag = "items",
-    params(("conversation_id" = String, Path), ListParams),
+    params(("conversation_id" = String, Path), ListParams, ("include" = Option<Vec<String>>, Query, description = "Accepted for compatibility and ignored.")),
     responses((status = 200, body = List<Item>), (status = 400, body = turnpike_protocol::ErrorBody),
         (status = 401, body = turnpike_protocol::ErrorBody), (status = 404, body = turnpike_protocol::ErrorBody),
         (status = 503, body = turnpike_protocol::ErrorBody)))]

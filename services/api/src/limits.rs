@@ -53,8 +53,17 @@ const REDIS_FAILURE_METRIC: &str = "turnpike_rate_limit_redis_failures_total";
 /// no one knows when a turn ends, and a second is a polite poll.
 const ACTIVE_TURNS_RETRY_S: u64 = 1;
 
-type KeyLimiter =
-    RateLimiter<Uuid, DefaultKeyedStateStore<Uuid>, DefaultClock, StateInformationMiddleware>;
+/// The hasher of the per-key and per-user maps: their keys are ids from
+/// the database, which no caller can choose, so SipHash's defence against
+/// chosen keys would cost every request and buy nothing.
+type Hasher = foldhash::fast::RandomState;
+
+type KeyLimiter = RateLimiter<
+    Uuid,
+    DefaultKeyedStateStore<Uuid, Hasher>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
 
 /// The limits of one api process.
 pub struct Limits {
@@ -104,7 +113,12 @@ impl Limits {
             let limiter =
                 Quota::with_period(quota.interval())?.allow_burst(NonZeroU32::new(quota.burst)?);
             let limiter = Arc::new(
-                RateLimiter::keyed(limiter).with_middleware::<StateInformationMiddleware>(),
+                RateLimiter::dashmap_with_clock_and_hasher(
+                    limiter,
+                    DefaultClock::default(),
+                    Hasher::default(),
+                )
+                .with_middleware::<StateInformationMiddleware>(),
             );
             tokio::spawn(forget_idle_keys(Arc::downgrade(&limiter)));
             Some(limiter)
@@ -645,13 +659,13 @@ struct UserRate {
     quota: Gcra,
     /// The most a round asks for beyond those waiting.
     prefetch: u64,
-    credits: Mutex<HashMap<Uuid, Credit>>,
+    credits: Mutex<HashMap<Uuid, Credit, Hasher>>,
     /// Past this a waiting request counts as a Redis failure (a round takes
     /// at most one Redis timeout, and a request waits for at most two).
     wait_limit: Duration,
     /// Users whose rounds are being driven, with the requests waiting for
     /// the next round.
-    waiting: Mutex<HashMap<Uuid, Vec<oneshot::Sender<RoundResult>>>>,
+    waiting: Mutex<HashMap<Uuid, Vec<oneshot::Sender<RoundResult>>, Hasher>>,
 }
 
 impl UserRate {
@@ -662,9 +676,9 @@ impl UserRate {
             kv,
             quota,
             prefetch: ahead.min(u64::from(quota.burst) / 4),
-            credits: Mutex::new(HashMap::new()),
+            credits: Mutex::new(HashMap::default()),
             wait_limit: redis_timeout * 2 + Duration::from_millis(50),
-            waiting: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::default()),
         }
     }
 

@@ -518,6 +518,7 @@ fn provider_params(
     Ok(params)
 }
 
+/// `include` is no field, as in [`crate::items::ListParams`].
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct RetrieveParams {
@@ -525,18 +526,19 @@ pub struct RetrieveParams {
     pub stream: Option<bool>,
     /// With `stream`: resume after this sequence number (or send `Last-Event-ID`).
     pub starting_after: Option<u64>,
-    /// Accepted for compatibility.
-    #[allow(dead_code)]
-    pub include: Option<Vec<String>>,
     #[allow(dead_code)]
     pub include_obfuscation: Option<bool>,
+    /// `eventual`, `bounded`, `session` (default) or `strong`.
+    // Read by `ReadConsistency`; named here for the API's description
+    // only, and skipped unread.
     #[allow(dead_code)]
-    pub consistency: Option<String>,
+    #[param(value_type = Option<String>)]
+    pub consistency: Option<serde::de::IgnoredAny>,
 }
 
 /// Retrieve a response.
 #[utoipa::path(get, path = "/v1/responses/{response_id}", tag = "responses",
-    params(("response_id" = String, Path), RetrieveParams),
+    params(("response_id" = String, Path), RetrieveParams, ("include" = Option<Vec<String>>, Query, description = "Accepted for compatibility and ignored.")),
     responses((status = 200, description = "the response; with `stream=true` its events (SSE, one JSON event per `data:` line)",
             content((Response = "application/json"), (crate::events::SseEvent = "text/event-stream"))),
         (status = 400, body = turnpike_protocol::ErrorBody),
@@ -586,6 +588,7 @@ pub async fn retrieve(
     Ok(axum::Json(row.to_api()).into_response())
 }
 
+/// `include` is no field, as in [`crate::items::ListParams`].
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct InputItemsParams {
@@ -595,16 +598,17 @@ pub struct InputItemsParams {
     pub after: Option<String>,
     /// `asc` or `desc` (default).
     pub order: Option<Order>,
-    /// Accepted for compatibility.
+    /// `eventual`, `bounded`, `session` (default) or `strong`.
+    // Read by `ReadConsistency`; named here for the API's description
+    // only, and skipped unread.
     #[allow(dead_code)]
-    pub include: Option<Vec<String>>,
-    #[allow(dead_code)]
-    pub consistency: Option<String>,
+    #[param(value_type = Option<String>)]
+    pub consistency: Option<serde::de::IgnoredAny>,
 }
 
 /// List the items a response was created with.
 #[utoipa::path(get, path = "/v1/responses/{response_id}/input_items", tag = "responses",
-    params(("response_id" = String, Path), InputItemsParams),
+    params(("response_id" = String, Path), InputItemsParams, ("include" = Option<Vec<String>>, Query, description = "Accepted for compatibility and ignored.")),
     responses((status = 200, body = List<Item>), (status = 400, body = turnpike_protocol::ErrorBody),
         (status = 401, body = turnpike_protocol::ErrorBody), (status = 404, body = turnpike_protocol::ErrorBody),
         (status = 503, body = turnpike_protocol::ErrorBody)))]

@@ -164,10 +164,10 @@ pub struct Authenticator {
     router: Arc<Router>,
     kv: Option<Kv>,
     known_ttl: Duration,
-    keys: moka::future::Cache<[u8; 32], Option<Principal>>,
+    keys: moka::future::Cache<[u8; 32], Option<Principal>, KeyHasher>,
     /// Keys found unknown, kept apart so that a flood of made-up keys
     /// never takes the place of real ones.
-    unknown: moka::future::Cache<[u8; 32], ()>,
+    unknown: moka::future::Cache<[u8; 32], (), KeyHasher>,
     primary_checks: Arc<governor::DefaultDirectRateLimiter>,
     /// Database look-ups of keys neither cache level knows, per process.
     lookups: Arc<governor::DefaultDirectRateLimiter>,
@@ -178,6 +178,10 @@ impl std::fmt::Debug for Authenticator {
         f.debug_struct("Authenticator").finish_non_exhaustive()
     }
 }
+
+/// The key caches' hasher. Their keys are SHA-256 digests, which no caller
+/// can aim at a bucket; SipHash's resistance would buy nothing but cost.
+type KeyHasher = foldhash::fast::RandomState;
 
 /// How long an unknown key stays unknown: short, so that a key created on
 /// another process starts working quickly.
@@ -222,11 +226,11 @@ impl Authenticator {
             keys: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .expire_after(KeyExpiry { known: ttl })
-                .build(),
+                .build_with_hasher(KeyHasher::default()),
             unknown: moka::future::Cache::builder()
                 .max_capacity(UNKNOWN_KEYS_CACHED)
                 .time_to_live(UNKNOWN_TTL)
-                .build(),
+                .build_with_hasher(KeyHasher::default()),
             primary_checks: Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
                 per_second,
             ))),

@@ -186,21 +186,26 @@ fn count(outcome: Outcome) {
     .increment(1);
 }
 
+/// The hasher of L1 and of the per-conversation maps. Their keys are ids
+/// this process checked and wrote out itself: SipHash's defence against
+/// chosen keys would cost every hit and buy nothing.
+type Hasher = foldhash::fast::RandomState;
+
 struct Inner {
     settings: CacheSettings,
     kv: Kv,
-    l1: moka::future::Cache<String, Arc<Entry>>,
+    l1: moka::future::Cache<String, Arc<Entry>, Hasher>,
     /// Stamps are taken from here: an entry is valid only if its load began
     /// after its conversation's last invalidation in this process.
     clock: AtomicU64,
     /// Conversation → (stamp of its last invalidation, when). Entries older
     /// than the L1 TTL are swept: by then every L1 entry they guard expired.
-    invalidated: Mutex<HashMap<Uuid, (u64, Instant)>>,
+    invalidated: Mutex<HashMap<Uuid, (u64, Instant), Hasher>>,
     /// L2 is skipped until this many ms after `epoch`.
     breaker_until_ms: AtomicU64,
     epoch: Instant,
     /// Invalidations Redis did not take yet: retried in the background.
-    pending: Mutex<HashMap<Uuid, Lsn>>,
+    pending: Mutex<HashMap<Uuid, Lsn, Hasher>>,
     /// Whether `pending` has anything: reads skip its lock while it does not.
     any_pending: std::sync::atomic::AtomicBool,
     /// Whether this process hears invalidations now. Until it does (at
@@ -225,17 +230,17 @@ impl Cache {
                 u32::try_from(size).unwrap_or(u32::MAX)
             })
             .time_to_live(Duration::from_millis(settings.l1_ttl_ms))
-            .build();
+            .build_with_hasher(Hasher::default());
         let cache = Cache {
             inner: Arc::new(Inner {
                 settings,
                 kv,
                 l1,
                 clock: AtomicU64::new(1),
-                invalidated: Mutex::new(HashMap::new()),
+                invalidated: Mutex::new(HashMap::default()),
                 breaker_until_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
-                pending: Mutex::new(HashMap::new()),
+                pending: Mutex::new(HashMap::default()),
                 any_pending: std::sync::atomic::AtomicBool::new(false),
                 listening: std::sync::atomic::AtomicBool::new(false),
             }),

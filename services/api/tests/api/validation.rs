@@ -517,3 +517,46 @@ async fn the_largest_double_in_a_request_reads_back() {
     let stored = user.call("GET", &format!("/v1/responses/{id}"), None).await;
     assert_eq!(stored.ok()["id"], id);
 }
+
+/// `include` is accepted in every form clients send it (once, repeated, or
+/// bracketed as the OpenAI SDKs do) and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn include_is_accepted_in_every_form() {
+    let stack = Stack::shared().await;
+    let app = TestApp::spawn(&stack, Paths::DIRECT).await;
+    let user = app.new_user().await;
+    let conversation = user
+        .create_conversation(json!({"items": [{"role": "user", "content": "hi"}]}))
+        .await
+        .ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = user
+        .call(
+            "POST",
+            "/v1/responses",
+            Some(json!({"input": "hello", "background": true})),
+        )
+        .await
+        .ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let whole = user.list_items(&conversation, "").await.ok().clone();
+    for include in [
+        "include=message.output_text.logprobs",
+        "include=a&include=b",
+        "include[]=a&include[]=b",
+        "include%5B%5D=a",
+    ] {
+        let listed = user.list_items(&conversation, &format!("?{include}")).await;
+        assert_eq!(listed.ok(), &whole, "{include}");
+        for path in [
+            format!("/v1/responses/{response}?{include}"),
+            format!("/v1/responses/{response}/input_items?{include}"),
+        ] {
+            user.call("GET", &path, None).await.ok();
+        }
+    }
+}
