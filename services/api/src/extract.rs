@@ -430,6 +430,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::expect_used)]
     use super::*;
 
     #[derive(Debug, PartialEq, serde::Deserialize)]
