@@ -170,7 +170,14 @@ fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let param = (path != ".").then_some(path);
+        // A repeated parameter is refused before its value is read, where
+        // the path is still the whole query: the message names it.
+        let repeated = inner
+            .to_string()
+            .strip_prefix("duplicate field `")
+            .and_then(|rest| rest.strip_suffix('`'))
+            .map(str::to_owned);
+        let param = (path != ".").then_some(path).or(repeated);
         let message = match &param {
             Some(p) => format!("Invalid query parameter '{p}': {inner}"),
             None => format!("Invalid query string: {inner}"),
@@ -195,7 +202,8 @@ fn plain_pairs(query: &str) -> Option<impl Iterator<Item = (&str, &str)>> {
     )
 }
 
-/// Deserializing a plain query's pairs as `serde_urlencoded` would: a
+/// Deserializing a plain query's pairs into a struct of parameters as
+/// `serde_urlencoded` would: a
 /// value is text, parsed where a number or a `bool` is wanted, a variant's
 /// name for an enum, and `Some` for an option that is present. Any error
 /// sends the query through `serde_urlencoded`, which words the refusal.
@@ -448,6 +456,7 @@ mod tests {
         stream: Option<bool>,
         starting_after: Option<u64>,
         ratio: Option<f64>,
+        consistency: Option<serde::de::IgnoredAny>,
     }
 
     #[test]
@@ -481,6 +490,35 @@ mod tests {
         }
         assert!(plain_pairs("after=a%20b").is_none());
         assert!(plain_pairs("after=a+b").is_none());
+    }
+
+    #[test]
+    fn a_refused_query_names_its_parameter() {
+        let refusal = |query| match parse_query::<Params>(query) {
+            Ok(params) => panic!("{query} was read as {params:?}"),
+            Err(e) => (e.param, e.message),
+        };
+        assert_eq!(
+            refusal("limit=ten"),
+            (
+                Some("limit".to_owned()),
+                "Invalid query parameter 'limit': invalid digit found in string".to_owned()
+            )
+        );
+        // Escaped, so read by the form parser.
+        assert_eq!(refusal("order=%20asc").0.as_deref(), Some("order"));
+        assert_eq!(
+            refusal("limit=1&after=x&limit=2"),
+            (
+                Some("limit".to_owned()),
+                "Invalid query parameter 'limit': duplicate field `limit`".to_owned()
+            )
+        );
+        let read = parse_query::<Params>("after=a%20b&order=asc").map_err(|e| e.message);
+        assert_eq!(
+            read.map(|p| (p.after, p.order)),
+            Ok((Some("a b".to_owned()), Some(Order::Asc)))
+        );
     }
 
     #[test]
