@@ -774,6 +774,16 @@ impl User {
         self.call("POST", "/v1/conversations", Some(body)).await
     }
 
+    /// Creates a conversation holding `items` and returns its id.
+    pub async fn new_conversation(&self, items: Value) -> String {
+        self.create_conversation(serde_json::json!({ "items": items }))
+            .await
+            .ok()["id"]
+            .as_str()
+            .expect("a conversation id")
+            .to_owned()
+    }
+
     pub async fn add_items(&self, conversation: &str, items: Value) -> Reply {
         self.call(
             "POST",

@@ -17,15 +17,6 @@ fn kinds(items: &[Value]) -> Vec<&str> {
     items.iter().map(|i| i["type"].as_str().unwrap()).collect()
 }
 
-async fn new_conversation(user: &turnpike_testkit::User, items: Value) -> String {
-    user.create_conversation(json!({ "items": items }))
-        .await
-        .ok()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 async fn items_of(user: &turnpike_testkit::User, conversation: &str) -> Vec<Value> {
     user.list_items(conversation, "?order=asc&limit=100")
         .await
@@ -40,9 +31,7 @@ async fn server_side_tools_loop_until_the_model_answers() {
     let stack = Stack::shared().await;
     let (app, _agents) = TestApp::spawn_with_agents(&stack, Paths::DIRECT).await;
     let user = app.new_user().await;
-    let conversation = new_conversation(
-        &user,
-        json!([{"role": "user", "content": "Remember: the toll on the north bridge is 4 coins."},
+    let conversation = user.new_conversation(json!([{"role": "user", "content": "Remember: the toll on the north bridge is 4 coins."},
                {"role": "assistant", "content": "Noted."}]),
     )
     .await;
@@ -226,7 +215,7 @@ async fn compaction_run(
     let agents = Agents::spawn(&mut settings).await;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
-    let conversation = new_conversation(&user, json!([])).await;
+    let conversation = user.new_conversation(json!([])).await;
     let long = "The toll road runs north past quiet fields and every gate opens for a traveller. "
         .repeat(16);
     let turn = |input: String| {
@@ -386,7 +375,7 @@ async fn reasoning_and_frozen_prompt_settings_are_passed_back_unchanged() {
     let agents = Agents::spawn(&mut settings).await;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
-    let conversation = new_conversation(&user, json!([])).await;
+    let conversation = user.new_conversation(json!([])).await;
     let function = |name: &str| json!({"type": "function", "name": name, "parameters": {"type": "object", "properties": {}}});
 
     let first = user
@@ -477,7 +466,7 @@ async fn an_interrupted_first_turn_leaves_the_prompt_settings_to_its_successor()
     let agents = Agents::spawn_slow(&mut settings, 20, 40).await;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
-    let conversation = new_conversation(&user, json!([])).await;
+    let conversation = user.new_conversation(json!([])).await;
     let first = user
         .call(
             "POST",
@@ -528,7 +517,7 @@ async fn a_redelivered_turn_resumes_after_its_last_stored_step() {
     let mut agents = Agents::spawn_slow(&mut settings, 20, 40).await;
     let app = TestApp::spawn_with(settings.clone()).await;
     let user = app.new_user().await;
-    let conversation = new_conversation(&user, json!([])).await;
+    let conversation = user.new_conversation(json!([])).await;
     let created = user
         .call("POST", "/v1/responses", Some(json!({
             "conversation": conversation, "background": true,
@@ -587,7 +576,7 @@ async fn mcp_tools_of_a_configured_server_run_in_the_loop() {
     .await;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
-    let conversation = new_conversation(&user, json!([])).await;
+    let conversation = user.new_conversation(json!([])).await;
 
     let reply = user
         .call(
@@ -653,7 +642,7 @@ async fn a_turns_history_is_read_within_its_bounds() {
     let agents = Agents::spawn(&mut settings).await;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
-    let conversation = new_conversation(&user, json!([])).await;
+    let conversation = user.new_conversation(json!([])).await;
     for n in 0..4 {
         let reply = user
             .call(

@@ -48,12 +48,8 @@ async fn a_stopped_replica_costs_no_failed_reads(paths: Paths) {
     let user = app.new_user().await;
     let admin = app.new_admin().await;
     let id = user
-        .create_conversation(json!({"items": [{"role": "user", "content": "hello"}]}))
-        .await
-        .ok()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .new_conversation(json!([{"role": "user", "content": "hello"}]))
+        .await;
     // Every replica has the conversation before the load starts: eventual
     // reads may otherwise not find it yet, which is not what this test is about.
     stack.wait_replicated().await;
@@ -124,12 +120,8 @@ async fn a_stopped_primary_keeps_reads_and_fails_writes_fast(paths: Paths) {
     let user = app.new_user().await;
     let admin = app.new_admin().await;
     let id = user
-        .create_conversation(json!({"items": [{"role": "user", "content": "hello"}]}))
-        .await
-        .ok()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .new_conversation(json!([{"role": "user", "content": "hello"}]))
+        .await;
     // The key and the conversation are on the replicas before the primary goes.
     eventually(
         "replicas to have the conversation",

@@ -12,12 +12,8 @@ async fn another_users_data_is_invisible(paths: Paths) {
     let mallory = app.new_user().await;
 
     let conversation = alice
-        .create_conversation(json!({"items": [{"role": "user", "content": "secret"}]}))
-        .await
-        .ok()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .new_conversation(json!([{"role": "user", "content": "secret"}]))
+        .await;
     let item = alice.list_items(&conversation, "").await.ok()["data"][0]["id"]
         .as_str()
         .unwrap()

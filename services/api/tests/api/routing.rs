@@ -25,12 +25,8 @@ async fn reads_spread_over_replicas_and_skip_the_primary(paths: Paths) {
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
     let id = user
-        .create_conversation(json!({"items": [{"role": "user", "content": "hello"}]}))
-        .await
-        .ok()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .new_conversation(json!([{"role": "user", "content": "hello"}]))
+        .await;
     stack.wait_replicated().await;
 
     let mut before = Vec::new();
@@ -98,12 +94,8 @@ async fn session_reads_see_own_writes_while_replay_is_paused(paths: Paths) {
     let user = app.new_user().await;
     let admin = app.new_admin().await;
     let id = user
-        .create_conversation(json!({"items": [{"role": "user", "content": "before"}]}))
-        .await
-        .ok()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .new_conversation(json!([{"role": "user", "content": "before"}]))
+        .await;
     // Both replicas have the conversation before replay stops.
     eventually(
         "replicas to replay the conversation",

@@ -10,12 +10,8 @@ async fn bad_bodies_are_refused_by_name(paths: Paths) {
     let app = TestApp::spawn(&stack, paths).await;
     let user = app.new_user().await;
     let id = user
-        .create_conversation(json!({"items": [{"role": "user", "content": "keep me"}]}))
-        .await
-        .ok()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .new_conversation(json!([{"role": "user", "content": "keep me"}]))
+        .await;
     let auth = format!("Bearer {}", user.key);
     let post = |path: String, body: &'static [u8], content_type: &'static str| {
         let http = app.http.clone();
@@ -526,23 +522,9 @@ async fn include_is_accepted_in_every_form() {
     let app = TestApp::spawn(&stack, Paths::DIRECT).await;
     let user = app.new_user().await;
     let conversation = user
-        .create_conversation(json!({"items": [{"role": "user", "content": "hi"}]}))
-        .await
-        .ok()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let response = user
-        .call(
-            "POST",
-            "/v1/responses",
-            Some(json!({"input": "hello", "background": true})),
-        )
-        .await
-        .ok()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .new_conversation(json!([{"role": "user", "content": "hi"}]))
+        .await;
+    let response = user.create_background(json!({"input": "hello"})).await;
     let whole = user.list_items(&conversation, "").await.ok().clone();
     for include in [
         "include=message.output_text.logprobs",
