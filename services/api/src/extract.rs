@@ -102,7 +102,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             serde_json::error::Category::Data => ("invalid_body", "Invalid request body"),
             _ => ("invalid_json", "The body is not valid JSON"),
         };
-        let param = (path != "." && code == "invalid_body").then_some(path);
+        let param = if code == "invalid_body" {
+            repeated_field(&path, &inner.to_string()).or((path != ".").then_some(path))
+        } else {
+            None
+        };
         let message = match &param {
             Some(p) => format!("{what}: {p}: {inner}"),
             None => format!("{what}: {inner}"),
@@ -117,6 +121,21 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         )
     })?;
     Ok(value)
+}
+
+/// The path of a field given twice, from serde's refusal of it: serde
+/// refuses a repeated field before reading its value, while the path still
+/// names the object holding it (`.` for the whole body or query).
+fn repeated_field(path: &str, message: &str) -> Option<String> {
+    let name = message
+        .strip_prefix("duplicate field `")?
+        .split('`')
+        .next()?;
+    Some(if path == "." {
+        name.to_owned()
+    } else {
+        format!("{path}.{name}")
+    })
 }
 
 /// The path (`items[0].content`) of the first string or key holding U+0000.
@@ -170,14 +189,7 @@ fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        // A repeated parameter is refused before its value is read, where
-        // the path is still the whole query: the message names it.
-        let repeated = inner
-            .to_string()
-            .strip_prefix("duplicate field `")
-            .and_then(|rest| rest.strip_suffix('`'))
-            .map(str::to_owned);
-        let param = (path != ".").then_some(path).or(repeated);
+        let param = repeated_field(&path, &inner.to_string()).or((path != ".").then_some(path));
         let message = match &param {
             Some(p) => format!("Invalid query parameter '{p}': {inner}"),
             None => format!("Invalid query string: {inner}"),
@@ -514,6 +526,9 @@ mod tests {
                 "Invalid query parameter 'limit': duplicate field `limit`".to_owned()
             )
         );
+        // A body's repeated field is named the same way.
+        let body = parse_json::<Params>(br#"{"limit": 1, "limit": 2}"#).map(|_| ());
+        assert_eq!(body.map_err(|e| e.param), Err(Some("limit".to_owned())));
         let read = parse_query::<Params>("after=a%20b&order=asc").map_err(|e| e.message);
         assert_eq!(
             read.map(|p| (p.after, p.order)),
