@@ -24,7 +24,8 @@ static CONSISTENCY_NAME: axum::http::HeaderName =
     axum::http::HeaderName::from_static(CONSISTENCY_HEADER);
 
 /// A JSON body. Unknown fields, wrong types and malformed JSON are 400s that
-/// name the field; an empty body reads as `{}`; a body over the limit is 413.
+/// name the field; an empty body reads as `{}`; a body over the limit is
+/// 413, and one that stops arriving 408 ([`crate::body`]).
 /// A missing Content-Type, or curl's default form type, is read as JSON too;
 /// any other non-JSON type is a 415.
 pub struct Json<T>(pub T);
@@ -48,15 +49,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                 ));
             }
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            let status = rejection.status();
-            let message = if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                "The request body is too large.".to_owned()
-            } else {
-                rejection.body_text()
-            };
-            ApiError::with_status(status, message, "invalid_body")
-        })?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| crate::body::refusal(&rejection, None))?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else {

@@ -4,6 +4,7 @@
 //! so tests can ask for port 0 and read the real port.
 
 pub mod admin;
+mod body;
 pub mod chat;
 pub mod conversations;
 pub mod error;
@@ -552,6 +553,10 @@ where
         if let Some(refusal) = oversized(&app.settings.api, &request) {
             return refusal;
         }
+        let request = body::with_deadline(
+            request,
+            Duration::from_millis(app.settings.api.request_body_timeout_ms),
+        );
         shed::around(app, request, move |request| {
             limits::around(app, request, move |request| {
                 idempotency::around(app, request, move |request| async move {
@@ -668,7 +673,8 @@ impl Application {
     ) -> std::io::Result<()> {
         let grace = Duration::from_millis(self.state.settings.api.shutdown_grace_ms);
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-        let serve = turnpike_core::net::serve(self.listener, self.app, async move {
+        let head_timeout = Duration::from_millis(self.state.settings.api.request_head_timeout_ms);
+        let serve = turnpike_core::net::serve(self.listener, self.app, head_timeout, async move {
             shutdown.await;
             let _ = stopped_tx.send(());
         });

@@ -80,6 +80,12 @@ impl Settings {
             ));
         }
         self.database.validate_budgets()?;
+        if self.api.request_head_timeout_ms == 0 || self.api.request_body_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "api.request_head_timeout_ms and api.request_body_timeout_ms must be at least 1"
+                    .into(),
+            ));
+        }
         for origin in &self.api.cors_allowed_origins {
             if !is_origin(origin) {
                 return Err(ConfigError::Invalid(format!(
@@ -154,6 +160,18 @@ pub struct ApiSettings {
     /// `Authorization` header, never in cookies). Empty: no CORS headers,
     /// for an API only servers call.
     pub cors_allowed_origins: Vec<String>,
+    /// How long an HTTP/1.1 connection may wait for, and take to send, a
+    /// request's head (line and headers), counted from when it is ready for
+    /// one: a connection that sends nothing, an idle keep-alive connection
+    /// and one that sends its head byte by byte are closed after it. Above
+    /// the idle timeout of a load balancer in front (60 s is common), so
+    /// that the balancer, not the api, closes an idle connection.
+    pub request_head_timeout_ms: u64,
+    /// How long a request's body may take to arrive, counted from its
+    /// head: a body still arriving after it is refused with 408 and the
+    /// connection closed, so a client that stops sending does not hold the
+    /// request (and its admission) open.
+    pub request_body_timeout_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -172,6 +190,8 @@ impl Default for ApiSettings {
             key_lookups_per_s: 1_000,
             metrics_port: 0,
             cors_allowed_origins: Vec::new(),
+            request_head_timeout_ms: 75_000,
+            request_body_timeout_ms: 60_000,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::serve::{ListenerExt as _, TapIo};
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
@@ -66,9 +66,16 @@ fn protocol(first: &[u8]) -> Protocol {
 /// stream holds that buffer for its whole life. Here the first bytes are
 /// peeked, not read, so the parser reads the whole request head at once.
 /// Connections cannot be upgraded (no route needs it: no WebSockets).
+///
+/// A connection that sends no request head within `head_timeout` (from
+/// its start, or from the end of its last answer) is closed: one that
+/// sends nothing, an idle keep-alive one, and one that sends its head a
+/// byte at a time, which would otherwise each hold a task and a socket
+/// for as long as the client likes.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    head_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let (stop, stopping) = watch::channel(());
@@ -94,7 +101,12 @@ pub async fn serve(
             }
         };
         set_nodelay(&mut stream);
-        tokio::spawn(connection(stream, router.clone(), stopping.clone()));
+        tokio::spawn(connection(
+            stream,
+            router.clone(),
+            head_timeout,
+            stopping.clone(),
+        ));
     }
     drop(listener);
     drop(stopping);
@@ -125,12 +137,14 @@ fn must_pause(e: &std::io::Error) -> bool {
 async fn connection(
     stream: TcpStream,
     router: Router,
+    head_timeout: Duration,
     mut stopping: watch::Receiver<()>,
 ) -> Option<Protocol> {
     let mut first = [0u8; HTTP2_PREFACE.len()];
     let peeked = tokio::select! {
         peeked = stream.peek(&mut first) => peeked,
         _ = stopping.changed() => return None,
+        () = tokio::time::sleep(head_timeout) => return None,
     };
     let protocol = match peeked {
         Ok(0) | Err(_) => return None,
@@ -140,7 +154,10 @@ async fn connection(
     let service = TowerToHyperService::new(router);
     match &protocol {
         Protocol::Http1 => {
-            let conn = http1::Builder::new().serve_connection(io, service);
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout)
+                .serve_connection(io, service);
             drive(conn, stopping).await;
         }
         // Boxed: the task of every HTTP/1.1 connection, an idle stream's
@@ -152,7 +169,11 @@ async fn connection(
         // A client that sent part of the preface so far: the version is
         // read the usual way.
         Protocol::Undecided => {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout);
             Box::pin(drive(builder.serve_connection(io, service), stopping)).await;
         }
     }
@@ -181,8 +202,13 @@ where
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::time::Duration;
+
     use axum::serve::Listener as _;
+
+    /// A head timeout no test waits out.
+    const LONG: Duration = Duration::from_secs(600);
 
     #[tokio::test]
     async fn accepted_connections_have_nodelay_set() {
@@ -213,7 +239,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let router = axum::Router::new().route("/", axum::routing::post(|| async { "served" }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(super::serve(listener, router, async {
+        let server = tokio::spawn(super::serve(listener, router, LONG, async {
             let _ = stopped.await;
         }));
 
@@ -229,6 +255,45 @@ mod tests {
         // Both connections were closed by the server.
         assert_eq!(silent.read(&mut [0u8; 16]).await.unwrap(), 0);
         assert_eq!(kept.read(&mut [0u8; 16]).await.unwrap(), 0);
+    }
+
+    /// A connection that sends no request head within the head timeout is
+    /// closed: one that sends nothing, one that stops halfway through its
+    /// head, and one left idle after its answer; the server goes on serving.
+    #[tokio::test]
+    async fn connections_without_a_head_are_closed_after_the_head_timeout() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/", axum::routing::post(|| async { "served" }));
+        let head_timeout = Duration::from_millis(300);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(super::serve(listener, router, head_timeout, async {
+            let _ = stopped.await;
+        }));
+        let request = b"POST / HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n";
+
+        let started = std::time::Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        partial.write_all(&request[..20]).await.unwrap();
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        idle.write_all(request).await.unwrap();
+        assert_served(&mut idle).await;
+        for stream in [&mut silent, &mut partial, &mut idle] {
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut [0u8; 64]))
+                .await
+                .expect("the server closed the connection");
+            // Closed, or reset (the partial head was left unread).
+            assert_eq!(read.unwrap_or(0), 0);
+        }
+        assert!(started.elapsed() >= head_timeout, "{:?}", started.elapsed());
+
+        let mut fresh = tokio::net::TcpStream::connect(addr).await.unwrap();
+        fresh.write_all(request).await.unwrap();
+        assert_served(&mut fresh).await;
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
     }
 
     /// A connection whose first bytes so far could begin the HTTP/2
@@ -248,7 +313,7 @@ mod tests {
         assert_eq!(server.peek(&mut [0u8; 24]).await.unwrap(), 1);
         let router = axum::Router::new().route("/", axum::routing::post(|| async { "served" }));
         let (stop, stopping) = tokio::sync::watch::channel(());
-        let served = tokio::spawn(super::connection(server, router, stopping));
+        let served = tokio::spawn(super::connection(server, router, LONG, stopping));
         // The connection's task peeks before this task writes again (one
         // thread: the spawned task runs when this one yields).
         tokio::task::yield_now().await;

@@ -1,5 +1,7 @@
 //! Bad input gets a 4xx in the one error shape, and stores nothing.
 
+use std::time::{Duration, Instant};
+
 use serde_json::json;
 use turnpike_testkit::{Paths, Stack, TestApp, raw};
 
@@ -541,4 +543,91 @@ async fn include_is_accepted_in_every_form() {
             user.call("GET", &path, None).await.ok();
         }
     }
+}
+
+/// Reads from `socket` until the server closes it (bounded), and returns
+/// everything it sent.
+async fn read_to_close(socket: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut buffer))
+            .await
+            .expect("the server closed the connection within 10 s");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// A client that stops sending is not waited for: a body that stops
+/// arriving is a 408 in the error shape (with or without an idempotency
+/// key, which stays free for the retry), and a connection that never
+/// finishes its request head is closed. A stream that is open longer than
+/// either is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_sending_is_not_waited_for() {
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.api.request_head_timeout_ms = 300;
+    settings.api.request_body_timeout_ms = 300;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let addr = app.url.trim_start_matches("http://").to_owned();
+    let started = Instant::now();
+
+    for key in [None, Some("stalled-body")] {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let key = key.map_or(String::new(), |k| format!("Idempotency-Key: {k}\r\n"));
+        let head = format!(
+            "POST /v1/conversations HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n{key}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"me",
+            user.key
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_to_close(&mut socket).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    }
+    // The key was not spent on the request that never arrived.
+    let retried = user
+        .call_with(
+            "POST",
+            "/v1/conversations",
+            Some(json!({})),
+            &[("Idempotency-Key", "stalled-body")],
+        )
+        .await;
+    retried.ok();
+
+    let mut half_head = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half_head
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthor")
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert_eq!(read_to_close(&mut half_head).await, "");
+    assert_eq!(read_to_close(&mut silent).await, "");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // No worker serves this queue: the response waits, and its stream with it.
+    let response = user.create_background(json!({"input": "wait"})).await;
+    let mut stream = user
+        .open_stream(
+            "GET",
+            &format!("/v1/responses/{response}?stream=true"),
+            None,
+        )
+        .await;
+    // Nothing announces that a connection was not closed: wait out both
+    // timeouts three times over, then end the response.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    user.call("POST", &format!("/v1/responses/{response}/cancel"), None)
+        .await
+        .ok();
+    stream.read_until("response.cancelled", 1).await;
 }
