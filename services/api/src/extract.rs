@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use turnpike_core::auth::Principal;
@@ -27,7 +27,9 @@ static CONSISTENCY_NAME: axum::http::HeaderName =
 /// name the field; an empty body reads as `{}`; a body over the limit is
 /// 413, and one that stops arriving 408 ([`crate::body`]).
 /// A missing Content-Type, or curl's default form type, is read as JSON too;
-/// any other non-JSON type is a 415.
+/// any other non-JSON type is a 415, as is a compressed body (one with a
+/// `Content-Encoding` other than `identity`), which would otherwise read
+/// as malformed JSON.
 pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
@@ -48,6 +50,20 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                     "unsupported_media_type",
                 ));
             }
+        }
+        if let Some(encoding) = req.headers().get(CONTENT_ENCODING)
+            && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+        {
+            let encoding = String::from_utf8_lossy(encoding.as_bytes());
+            let mut refusal = ApiError::with_status(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "Content-Encoding {encoding} is not supported; send the body uncompressed."
+                ),
+                "unsupported_media_type",
+            );
+            refusal.param = Some("Content-Encoding".to_owned());
+            return Err(refusal);
         }
         let bytes = Bytes::from_request(req, state)
             .await

@@ -124,6 +124,20 @@ async fn bad_bodies_are_refused_by_name(paths: Paths) {
 
     let xml = post(items_path.clone(), b"<items/>", "application/xml").await;
     xml.error(415);
+    // A compressed body is refused as such, not read as malformed JSON.
+    let gzipped = raw(
+        &app.http,
+        "POST",
+        &format!("{}{items_path}", app.url),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ],
+        Some(vec![0x1f, 0x8b, 0x08, 0x00]),
+    )
+    .await;
+    assert_eq!(gzipped.error(415)["param"], "Content-Encoding");
 
     let bad_response = user
         .call(
