@@ -673,8 +673,8 @@ impl Application {
     ) -> std::io::Result<()> {
         let grace = Duration::from_millis(self.state.settings.api.shutdown_grace_ms);
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-        let head_timeout = Duration::from_millis(self.state.settings.api.request_head_timeout_ms);
-        let serve = turnpike_core::net::serve(self.listener, self.app, head_timeout, async move {
+        let idle_timeout = Duration::from_millis(self.state.settings.api.idle_timeout_ms);
+        let serve = turnpike_core::net::serve(self.listener, self.app, idle_timeout, async move {
             shutdown.await;
             let _ = stopped_tx.send(());
         });

@@ -80,11 +80,17 @@ impl Settings {
             ));
         }
         self.database.validate_budgets()?;
-        if self.api.request_head_timeout_ms == 0 || self.api.request_body_timeout_ms == 0 {
+        if self.api.request_body_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
-                "api.request_head_timeout_ms and api.request_body_timeout_ms must be at least 1"
-                    .into(),
+                "api.request_body_timeout_ms must be at least 1".into(),
             ));
+        }
+        if self.events.keepalive_ms >= self.api.idle_timeout_ms {
+            return Err(ConfigError::Invalid(format!(
+                "events.keepalive_ms ({}) must be below api.idle_timeout_ms ({}): a stream \
+                 that sends nothing for that long is closed as idle",
+                self.events.keepalive_ms, self.api.idle_timeout_ms
+            )));
         }
         for origin in &self.api.cors_allowed_origins {
             if !is_origin(origin) {
@@ -160,13 +166,16 @@ pub struct ApiSettings {
     /// `Authorization` header, never in cookies). Empty: no CORS headers,
     /// for an API only servers call.
     pub cors_allowed_origins: Vec<String>,
-    /// How long an HTTP/1.1 connection may wait for, and take to send, a
-    /// request's head (line and headers), counted from when it is ready for
-    /// one: a connection that sends nothing, an idle keep-alive connection
-    /// and one that sends its head byte by byte are closed after it. Above
-    /// the idle timeout of a load balancer in front (60 s is common), so
-    /// that the balancer, not the api, closes an idle connection.
-    pub request_head_timeout_ms: u64,
+    /// How long a connection may be idle before it is closed (within a
+    /// quarter more): idle while none of its requests is being handled, no
+    /// request head arrives and nothing is sent on it. A connection that
+    /// sends nothing, an idle keep-alive one, one that sends its request
+    /// head byte by byte, and one whose client stopped reading its answer.
+    /// A stream is not idle (its keep-alive comments go out every
+    /// `events.keepalive_ms`, which must be shorter). Keep it above the
+    /// idle timeout of a load balancer in front (60 s is common), so that
+    /// the balancer, not the api, closes an idle connection.
+    pub idle_timeout_ms: u64,
     /// How long a request's body may take to arrive, counted from its
     /// head: a body still arriving after it is refused with 408 and the
     /// connection closed, so a client that stops sending does not hold the
@@ -190,7 +199,7 @@ impl Default for ApiSettings {
             key_lookups_per_s: 1_000,
             metrics_port: 0,
             cors_allowed_origins: Vec::new(),
-            request_head_timeout_ms: 75_000,
+            idle_timeout_ms: 75_000,
             request_body_timeout_ms: 60_000,
         }
     }

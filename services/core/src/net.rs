@@ -1,13 +1,16 @@
 //! Sockets every HTTP listener of Turnpike shares, and the api's server.
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::serve::{ListenerExt as _, TapIo};
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
@@ -67,15 +70,15 @@ fn protocol(first: &[u8]) -> Protocol {
 /// peeked, not read, so the parser reads the whole request head at once.
 /// Connections cannot be upgraded (no route needs it: no WebSockets).
 ///
-/// A connection that sends no request head within `head_timeout` (from
-/// its start, or from the end of its last answer) is closed: one that
-/// sends nothing, an idle keep-alive one, and one that sends its head a
-/// byte at a time, which would otherwise each hold a task and a socket
-/// for as long as the client likes.
+/// A connection idle for `idle_timeout` is closed ([`Activity`]): one
+/// that sends nothing, an idle keep-alive one, one that sends its request
+/// head a byte at a time and one whose client stopped reading its answer,
+/// which would otherwise each hold a task and a socket for as long as the
+/// client likes.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    head_timeout: Duration,
+    idle_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let (stop, stopping) = watch::channel(());
@@ -104,7 +107,7 @@ pub async fn serve(
         tokio::spawn(connection(
             stream,
             router.clone(),
-            head_timeout,
+            idle_timeout,
             stopping.clone(),
         ));
     }
@@ -132,67 +135,258 @@ fn must_pause(e: &std::io::Error) -> bool {
 }
 
 /// One connection: its protocol from a peek at its first bytes, then
-/// served until it closes or the server stops (`stopping` changes).
-/// Answers the protocol it was served with, if any.
+/// served until it closes, the server stops (`stopping` changes) or it has
+/// been idle for `idle_timeout`. Answers the protocol it was served with,
+/// if any.
 async fn connection(
     stream: TcpStream,
     router: Router,
-    head_timeout: Duration,
+    idle_timeout: Duration,
     mut stopping: watch::Receiver<()>,
 ) -> Option<Protocol> {
     let mut first = [0u8; HTTP2_PREFACE.len()];
     let peeked = tokio::select! {
         peeked = stream.peek(&mut first) => peeked,
         _ = stopping.changed() => return None,
-        () = tokio::time::sleep(head_timeout) => return None,
+        () = tokio::time::sleep(idle_timeout) => return None,
     };
     let protocol = match peeked {
         Ok(0) | Err(_) => return None,
         Ok(n) => protocol(&first[..n]),
     };
-    let io = TokioIo::new(stream);
-    let service = TowerToHyperService::new(router);
+    let activity = Arc::new(Activity::default());
+    let io = TokioIo::new(Counted {
+        stream,
+        activity: Arc::clone(&activity),
+    });
+    let service = TowerToHyperService::new(Watched {
+        router,
+        activity: Arc::clone(&activity),
+    });
+    let watch = IdleWatch {
+        activity,
+        timeout: idle_timeout,
+    };
     match &protocol {
         Protocol::Http1 => {
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(head_timeout)
-                .serve_connection(io, service);
-            drive(conn, stopping).await;
+            let conn = http1::Builder::new().serve_connection(io, service);
+            drive(conn, watch, stopping).await;
         }
         // Boxed: the task of every HTTP/1.1 connection, an idle stream's
         // included, is then only as large as an HTTP/1.1 connection needs.
         Protocol::Http2 => {
             let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
-            Box::pin(drive(conn, stopping)).await;
+            Box::pin(drive(conn, watch, stopping)).await;
         }
         // A client that sent part of the preface so far: the version is
         // read the usual way.
         Protocol::Undecided => {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(head_timeout);
-            Box::pin(drive(builder.serve_connection(io, service), stopping)).await;
+            let builder = auto::Builder::new(TokioExecutor::new());
+            Box::pin(drive(
+                builder.serve_connection(io, service),
+                watch,
+                stopping,
+            ))
+            .await;
         }
     }
     Some(protocol)
 }
 
+/// What a connection has done, for telling when it has gone idle: a
+/// connection is idle while no request of it is being handled, no request
+/// head arrives and nothing is sent on it. A stream is not idle: it sends
+/// its events, and a keep-alive comment when there are none
+/// (`events.keepalive_ms`, below the idle timeout).
+///
+/// hyper's own header read timeout would do part of this, with a timer set
+/// and cancelled for every request; these counters cost a few atomic adds
+/// per request, and one timer per connection that fires a few times per
+/// idle timeout.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Requests whose handler has not answered yet.
+    handling: AtomicUsize,
+    /// Requests begun so far.
+    begun: AtomicU64,
+    /// Bytes sent so far.
+    sent: AtomicU64,
+}
+
+impl Activity {
+    /// What has happened so far; `None` while a request is being handled.
+    fn progress(&self) -> Option<(u64, u64)> {
+        (self.handling.load(Ordering::Relaxed) == 0).then(|| {
+            (
+                self.begun.load(Ordering::Relaxed),
+                self.sent.load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+/// The connection's socket, counting what is sent on it.
+struct Counted {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl Counted {
+    fn sent(&self, result: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = result {
+            self.activity.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.sent(&result);
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.sent(&result);
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The router, counting the requests it handles.
+#[derive(Clone)]
+struct Watched {
+    router: Router,
+    activity: Arc<Activity>,
+}
+
+impl<B> tower::Service<hyper::Request<B>> for Watched
+where
+    Router: tower::Service<hyper::Request<B>>,
+{
+    type Response = <Router as tower::Service<hyper::Request<B>>>::Response;
+    type Error = <Router as tower::Service<hyper::Request<B>>>::Error;
+    type Future = Handling<<Router as tower::Service<hyper::Request<B>>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::<hyper::Request<B>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, request: hyper::Request<B>) -> Self::Future {
+        self.activity.handling.fetch_add(1, Ordering::Relaxed);
+        self.activity.begun.fetch_add(1, Ordering::Relaxed);
+        Handling {
+            inner: self.router.call(request),
+            handled: Handled(Arc::clone(&self.activity)),
+        }
+    }
+}
+
+/// Counts its request as handled when dropped: answered, or given up.
+struct Handled(Arc<Activity>);
+
+impl Drop for Handled {
+    fn drop(&mut self) {
+        self.0.handling.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's handling, counted while it runs.
+    struct Handling<F> {
+        #[pin]
+        inner: F,
+        handled: Handled,
+    }
+}
+
+impl<F: Future> Future for Handling<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+/// Tells when a connection has been idle for its timeout, looking a few
+/// times per timeout: it is closed between one and one and a quarter
+/// timeouts after it went idle.
+struct IdleWatch {
+    activity: Arc<Activity>,
+    timeout: Duration,
+}
+
+impl IdleWatch {
+    /// Resolves once the connection has been idle for the timeout.
+    async fn idle(&self) {
+        let every = self.timeout / 4;
+        let mut seen = self.activity.progress();
+        let mut quiet = Duration::ZERO;
+        loop {
+            tokio::time::sleep(every).await;
+            let now = self.activity.progress();
+            if now.is_none() || now != seen {
+                seen = now;
+                quiet = Duration::ZERO;
+            } else {
+                quiet += every;
+                if quiet >= self.timeout {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Runs a connection to its end, asking it to finish its requests and
-/// close once the server stops.
-async fn drive<C>(conn: C, mut stopping: watch::Receiver<()>)
+/// close once the server stops, and closing it once it is idle.
+async fn drive<C>(conn: C, watch: IdleWatch, mut stopping: watch::Receiver<()>)
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
     let mut conn = pin!(conn);
     let result = tokio::select! {
+        // In this order: no random start for each of the connection's wakes.
+        biased;
         result = conn.as_mut() => result,
         _ = stopping.changed() => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        () = watch.idle() => {
+            tracing::debug!(timeout = ?watch.timeout, "closing an idle connection");
+            return;
         }
     };
     if let Err(e) = result {
@@ -207,7 +401,7 @@ mod tests {
 
     use axum::serve::Listener as _;
 
-    /// A head timeout no test waits out.
+    /// An idle timeout no test waits out.
     const LONG: Duration = Duration::from_secs(600);
 
     #[tokio::test]
@@ -257,29 +451,73 @@ mod tests {
         assert_eq!(kept.read(&mut [0u8; 16]).await.unwrap(), 0);
     }
 
-    /// A connection that sends no request head within the head timeout is
-    /// closed: one that sends nothing, one that stops halfway through its
-    /// head, and one left idle after its answer; the server goes on serving.
+    /// A connection idle for the idle timeout is closed: one that sends
+    /// nothing, one that stops halfway through its request head, and one
+    /// left idle after its answer. One whose request is being handled, or
+    /// whose answer is still being sent, is not idle however long that
+    /// takes.
     #[tokio::test]
-    async fn connections_without_a_head_are_closed_after_the_head_timeout() {
+    async fn idle_connections_are_closed_and_busy_ones_kept() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = axum::Router::new().route("/", axum::routing::post(|| async { "served" }));
-        let head_timeout = Duration::from_millis(300);
+        let idle_timeout = Duration::from_millis(200);
+        let release = std::sync::Arc::new(tokio::sync::Notify::new());
+        let released = std::sync::Arc::clone(&release);
+        let router = axum::Router::new()
+            .route("/", axum::routing::post(|| async { "served" }))
+            // Answers once the test says so.
+            .route(
+                "/slow",
+                axum::routing::post(move || {
+                    let released = std::sync::Arc::clone(&released);
+                    async move {
+                        released.notified().await;
+                        "served"
+                    }
+                }),
+            )
+            // A byte every 50 ms for a second: five idle timeouts.
+            .route(
+                "/trickle",
+                axum::routing::post(|| async {
+                    let bytes = futures_util::stream::unfold(0u32, |sent| async move {
+                        if sent == 20 {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let byte = axum::body::Bytes::from_static(b".");
+                        Some((Ok::<_, std::convert::Infallible>(byte), sent + 1))
+                    });
+                    axum::body::Body::from_stream(bytes)
+                }),
+            );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(super::serve(listener, router, head_timeout, async {
+        let server = tokio::spawn(super::serve(listener, router, idle_timeout, async {
             let _ = stopped.await;
         }));
-        let request = b"POST / HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n";
+        let request =
+            |path: &str| format!("POST {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n");
+        let connect = || tokio::net::TcpStream::connect(addr);
 
         let started = std::time::Instant::now();
-        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
-        partial.write_all(&request[..20]).await.unwrap();
-        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
-        idle.write_all(request).await.unwrap();
+        let mut silent = connect().await.unwrap();
+        let mut partial = connect().await.unwrap();
+        partial
+            .write_all(&request("/").as_bytes()[..20])
+            .await
+            .unwrap();
+        let mut idle = connect().await.unwrap();
+        idle.write_all(request("/").as_bytes()).await.unwrap();
         assert_served(&mut idle).await;
+        let mut slow = connect().await.unwrap();
+        slow.write_all(request("/slow").as_bytes()).await.unwrap();
+        let mut trickle = connect().await.unwrap();
+        trickle
+            .write_all(request("/trickle").as_bytes())
+            .await
+            .unwrap();
+
         for stream in [&mut silent, &mut partial, &mut idle] {
             let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut [0u8; 64]))
                 .await
@@ -287,11 +525,31 @@ mod tests {
             // Closed, or reset (the partial head was left unread).
             assert_eq!(read.unwrap_or(0), 0);
         }
-        assert!(started.elapsed() >= head_timeout, "{:?}", started.elapsed());
+        assert!(started.elapsed() >= idle_timeout, "{:?}", started.elapsed());
 
-        let mut fresh = tokio::net::TcpStream::connect(addr).await.unwrap();
-        fresh.write_all(request).await.unwrap();
-        assert_served(&mut fresh).await;
+        // The trickle runs for five idle timeouts and arrives whole.
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buffer = [0u8; 1024];
+            while !answer.ends_with(b"0\r\n\r\n") {
+                let n = trickle.read(&mut buffer).await.unwrap();
+                assert_ne!(
+                    n,
+                    0,
+                    "closed mid-answer: {}",
+                    String::from_utf8_lossy(&answer)
+                );
+                answer.extend_from_slice(&buffer[..n]);
+            }
+        })
+        .await
+        .expect("the trickle ended");
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(answer.matches("\r\n.\r\n").count(), 20, "{answer}");
+        // The slow request has been handled for as long: it is answered.
+        release.notify_one();
+        assert_served(&mut slow).await;
+
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
     }

@@ -580,15 +580,17 @@ async fn read_to_close(socket: &mut tokio::net::TcpStream) -> String {
 /// A client that stops sending is not waited for: a body that stops
 /// arriving is a 408 in the error shape (with or without an idempotency
 /// key, which stays free for the retry), and a connection that never
-/// finishes its request head is closed. A stream that is open longer than
-/// either is not cut.
+/// finishes its request head, or sends nothing, is closed. A stream open
+/// longer than either timeout is not cut: its keep-alive comments keep it
+/// from being idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_sending_is_not_waited_for() {
     use tokio::io::AsyncWriteExt;
     let stack = Stack::shared().await;
     let mut settings = stack.settings(Paths::DIRECT);
-    settings.api.request_head_timeout_ms = 300;
+    settings.api.idle_timeout_ms = 300;
     settings.api.request_body_timeout_ms = 300;
+    settings.events.keepalive_ms = 100;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
     let addr = app.url.trim_start_matches("http://").to_owned();
