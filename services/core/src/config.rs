@@ -895,7 +895,34 @@ pub enum LogFormat {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::is_origin;
+
+    /// A stream sends a keep-alive comment only every `events.keepalive_ms`:
+    /// at or above the idle timeout, a quiet stream would be closed as idle.
+    #[test]
+    fn a_keepalive_period_past_the_idle_timeout_is_refused() {
+        let mut settings = super::Settings::default();
+        settings.database.nodes.insert(
+            "primary".into(),
+            super::NodeSettings {
+                role: super::NodeRole::Primary,
+                url: "postgres://turnpike@127.0.0.1:5432/turnpike"
+                    .to_owned()
+                    .into(),
+                pooled_url: Some(
+                    "postgres://turnpike@127.0.0.1:6432/turnpike"
+                        .to_owned()
+                        .into(),
+                ),
+                group: super::NodeGroup::default(),
+            },
+        );
+        assert!(settings.validate().is_ok());
+        settings.events.keepalive_ms = settings.api.idle_timeout_ms;
+        let refused = settings.validate().unwrap_err().to_string();
+        assert!(refused.contains("events.keepalive_ms"), "{refused}");
+    }
 
     #[test]
     fn cors_origins_are_origins_and_nothing_more() {
