@@ -25,19 +25,32 @@ impl std::fmt::Display for TimedOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the request body did not arrive within {} ms",
-            self.0.as_millis()
+            "the request body did not arrive within {} ms (and a second for each {} KiB received)",
+            self.0.as_millis(),
+            MIN_RATE_BYTES_PER_S as u64 / 1024
         )
     }
 }
 
 impl std::error::Error for TimedOut {}
 
-/// A body that fails with [`TimedOut`] once its deadline passes.
+/// The rate at which a body always arrives in time, however large: each
+/// byte received moves the deadline on by its share of a second at this
+/// rate. 16 KiB/s is a slow mobile uplink.
+const MIN_RATE_BYTES_PER_S: f64 = 16.0 * 1024.0;
+
+/// A body that fails with [`TimedOut`] once its deadline passes: the
+/// timeout from the request's head, plus the time its bytes so far take
+/// at [`MIN_RATE_BYTES_PER_S`]. A large body sent slowly but steadily gets
+/// through; one that stops, or trickles, does not.
 struct Deadline {
     body: Body,
     timeout: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Time earned by bytes received and not yet added to `sleep`: it is
+    /// added when `sleep` fires, so a body read in one piece costs no
+    /// timer reset.
+    earned: Duration,
 }
 
 impl HttpBody for Deadline {
@@ -50,12 +63,21 @@ impl HttpBody for Deadline {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
+                && let Some(data) = data
+            {
+                this.earned += Duration::from_secs_f64(data.len() as f64 / MIN_RATE_BYTES_PER_S);
+            }
             return Poll::Ready(frame);
         }
-        match this.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(TimedOut(this.timeout))))),
-            Poll::Pending => Poll::Pending,
+        while this.sleep.as_mut().poll(cx).is_ready() {
+            if this.earned.is_zero() {
+                return Poll::Ready(Some(Err(axum::Error::new(TimedOut(this.timeout)))));
+            }
+            let later = this.sleep.deadline() + std::mem::take(&mut this.earned);
+            this.sleep.as_mut().reset(later);
         }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
@@ -67,8 +89,9 @@ impl HttpBody for Deadline {
     }
 }
 
-/// `request` with a body that must have arrived `timeout` from now. A
-/// request without a body is left as it is, and costs no timer.
+/// `request` with a body that must arrive by a deadline ([`Deadline`]),
+/// `timeout` from now at first. A request without a body is left as it
+/// is, and costs no timer.
 pub(crate) fn with_deadline(request: Request, timeout: Duration) -> Request {
     if request.body().is_end_stream() {
         return request;
@@ -78,6 +101,7 @@ pub(crate) fn with_deadline(request: Request, timeout: Duration) -> Request {
             body,
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
+            earned: Duration::ZERO,
         })
     })
 }
@@ -126,6 +150,7 @@ mod tests {
     use axum::body::Body;
     use axum::extract::Request;
     use axum::http::StatusCode;
+    use futures_util::StreamExt as _;
     use std::time::Duration;
 
     /// A body that never sends its bytes.
@@ -156,6 +181,50 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&bytes[..], b"{\"a\":1}");
+    }
+
+    /// A body that keeps coming at the minimum rate is read whole, though
+    /// it takes several times the timeout; one that stops is cut off.
+    #[tokio::test]
+    async fn a_steady_body_earns_its_time_and_a_stalled_one_does_not() {
+        // 1 KiB every 10 ms (100 KiB/s, above the minimum) for 200 ms.
+        let steady = futures_util::stream::unfold(0u32, |sent| async move {
+            if sent == 20 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Some((
+                Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 1024])),
+                sent + 1,
+            ))
+        });
+        let request = super::with_deadline(
+            Request::new(Body::from_stream(steady)),
+            Duration::from_millis(50),
+        );
+        let bytes = axum::body::to_bytes(request.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(bytes.len(), 20 * 1024);
+
+        // The same start, then nothing: cut off once the time earned is spent.
+        let stalls =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
+                b'x';
+                1024
+            ]))])
+            .chain(futures_util::stream::pending());
+        let request = super::with_deadline(
+            Request::new(Body::from_stream(stalls)),
+            Duration::from_millis(50),
+        );
+        let error = axum::body::to_bytes(request.into_body(), 1 << 20)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            super::refusal(&error, None).status,
+            StatusCode::REQUEST_TIMEOUT
+        );
     }
 
     #[tokio::test]

@@ -80,9 +80,9 @@ impl Settings {
             ));
         }
         self.database.validate_budgets()?;
-        if self.api.request_body_timeout_ms == 0 {
+        if self.api.request_body_timeout_ms == 0 || self.api.idle_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
-                "api.request_body_timeout_ms must be at least 1".into(),
+                "api.request_body_timeout_ms and api.idle_timeout_ms must be at least 1".into(),
             ));
         }
         if self.events.keepalive_ms >= self.api.idle_timeout_ms {
@@ -168,18 +168,21 @@ pub struct ApiSettings {
     pub cors_allowed_origins: Vec<String>,
     /// How long a connection may be idle before it is closed (within a
     /// quarter more): idle while none of its requests is being handled, no
-    /// request head arrives and nothing is sent on it. A connection that
+    /// new request begins and nothing is sent on it. So a connection that
     /// sends nothing, an idle keep-alive one, one that sends its request
-    /// head byte by byte, and one whose client stopped reading its answer.
-    /// A stream is not idle (its keep-alive comments go out every
-    /// `events.keepalive_ms`, which must be shorter). Keep it above the
-    /// idle timeout of a load balancer in front (60 s is common), so that
-    /// the balancer, not the api, closes an idle connection.
+    /// head byte by byte (a head counts once it is whole), and one whose
+    /// client stopped reading its answer (a stream's, once the socket's
+    /// buffers are full) are closed. A stream is not idle: its keep-alive
+    /// comments go out every `events.keepalive_ms`, which must be shorter.
+    /// Keep it above the idle timeout of a load balancer in front (60 s is
+    /// common), so that the balancer, not the api, closes an idle
+    /// connection.
     pub idle_timeout_ms: u64,
-    /// How long a request's body may take to arrive, counted from its
-    /// head: a body still arriving after it is refused with 408 and the
-    /// connection closed, so a client that stops sending does not hold the
-    /// request (and its admission) open.
+    /// How long a request's body may take to arrive, counted from its head,
+    /// plus a second for every 16 KiB received (a large body sent slowly
+    /// but steadily gets through): a body still arriving after it is
+    /// refused with 408 and, over HTTP/1.1, its connection closed, so a
+    /// client that stops sending does not hold its request open.
     pub request_body_timeout_ms: u64,
 }
 

@@ -13,7 +13,6 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -159,10 +158,10 @@ async fn connection(
         stream,
         activity: Arc::clone(&activity),
     });
-    let service = TowerToHyperService::new(Watched {
+    let service = Watched {
         router,
         activity: Arc::clone(&activity),
-    });
+    };
     let watch = IdleWatch {
         activity,
         timeout: idle_timeout,
@@ -283,30 +282,29 @@ impl tokio::io::AsyncWrite for Counted {
     }
 }
 
-/// The router, counting the requests it handles.
+/// The router, counting the requests it handles. A hyper service of its
+/// own, so that a request counts from the moment hyper hands it over (an
+/// HTTP/2 stream's handling is spawned, and a request counted only once
+/// that task first ran could start just as its connection is judged idle).
 #[derive(Clone)]
 struct Watched {
     router: Router,
     activity: Arc<Activity>,
 }
 
-impl<B> tower::Service<hyper::Request<B>> for Watched
+impl<B> hyper::service::Service<hyper::Request<B>> for Watched
 where
     Router: tower::Service<hyper::Request<B>>,
 {
     type Response = <Router as tower::Service<hyper::Request<B>>>::Response;
     type Error = <Router as tower::Service<hyper::Request<B>>>::Error;
-    type Future = Handling<<Router as tower::Service<hyper::Request<B>>>::Future>;
+    type Future = Handling<tower::util::Oneshot<Router, hyper::Request<B>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower::Service::<hyper::Request<B>>::poll_ready(&mut self.router, cx)
-    }
-
-    fn call(&mut self, request: hyper::Request<B>) -> Self::Future {
+    fn call(&self, request: hyper::Request<B>) -> Self::Future {
         self.activity.handling.fetch_add(1, Ordering::Relaxed);
         self.activity.begun.fetch_add(1, Ordering::Relaxed);
         Handling {
-            inner: self.router.call(request),
+            inner: tower::ServiceExt::oneshot(self.router.clone(), request),
             handled: Handled(Arc::clone(&self.activity)),
         }
     }
@@ -385,8 +383,15 @@ where
             conn.await
         }
         () = watch.idle() => {
+            // Closed the way a stopping server closes it (an HTTP/2 client
+            // is told with a GOAWAY which streams were handled), and dropped
+            // if it does not close by itself soon.
             tracing::debug!(timeout = ?watch.timeout, "closing an idle connection");
-            return;
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(watch.timeout / 4, conn).await {
+                Ok(result) => result,
+                Err(_) => return,
+            }
         }
     };
     if let Err(e) = result {
