@@ -1,9 +1,11 @@
-//! Reading a request's body: by a deadline, and refused in the one error
-//! shape when it cannot be read.
+//! Reading a request's body: within its route's limit and by a deadline,
+//! and refused in the one error shape when it cannot be read.
 //!
 //! A client that declares a body and stops sending it would otherwise hold
-//! its request, and the admission and idempotency claim that go with it,
-//! for as long as it keeps the connection open.
+//! its request, and the idempotency claim that goes with it, for as long
+//! as it keeps the connection open. The limit is kept here rather than by
+//! axum's `DefaultBodyLimit`, which every request, a body or not, paid for
+//! with an entry in its extensions.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +16,8 @@ use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body::{Frame, SizeHint};
+
+use turnpike_core::config::ApiSettings;
 
 use crate::error::ApiError;
 
@@ -34,17 +38,37 @@ impl std::fmt::Display for TimedOut {
 
 impl std::error::Error for TimedOut {}
 
+/// Why a body ended early: it went past its route's limit (bytes).
+#[derive(Debug)]
+struct TooLarge(usize);
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body is larger than the limit of {} bytes",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
 /// The rate at which a body always arrives in time, however large: each
 /// byte received moves the deadline on by its share of a second at this
 /// rate. 16 KiB/s is a slow mobile uplink.
 const MIN_RATE_BYTES_PER_S: f64 = 16.0 * 1024.0;
 
-/// A body that fails with [`TimedOut`] once its deadline passes: the
-/// timeout from the request's head, plus the time its bytes so far take
-/// at [`MIN_RATE_BYTES_PER_S`]. A large body sent slowly but steadily gets
-/// through; one that stops, or trickles, does not.
-struct Deadline {
+/// A body that fails with [`TooLarge`] past its limit, and with
+/// [`TimedOut`] once its deadline passes: the timeout from the request's
+/// head, plus the time its bytes so far take at [`MIN_RATE_BYTES_PER_S`].
+/// A large body sent slowly but steadily gets through; one that stops, or
+/// trickles, does not.
+struct Guarded {
     body: Body,
+    /// Bytes it may still bring.
+    room: usize,
+    limit: usize,
     timeout: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
     /// Time earned by bytes received and not yet added to `sleep`: it is
@@ -53,7 +77,7 @@ struct Deadline {
     earned: Duration,
 }
 
-impl HttpBody for Deadline {
+impl HttpBody for Guarded {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -66,6 +90,11 @@ impl HttpBody for Deadline {
             if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
                 && let Some(data) = data
             {
+                let Some(room) = this.room.checked_sub(data.len()) else {
+                    this.room = 0;
+                    return Poll::Ready(Some(Err(axum::Error::new(TooLarge(this.limit)))));
+                };
+                this.room = room;
                 this.earned += Duration::from_secs_f64(data.len() as f64 / MIN_RATE_BYTES_PER_S);
             }
             return Poll::Ready(frame);
@@ -89,47 +118,57 @@ impl HttpBody for Deadline {
     }
 }
 
-/// `request` with a body that must arrive by a deadline ([`Deadline`]),
-/// `timeout` from now at first. A request without a body is left as it
-/// is, and costs no timer.
-pub(crate) fn with_deadline(request: Request, timeout: Duration) -> Request {
+/// `request` with a body that must stay within its route's limit and
+/// arrive by a deadline ([`Guarded`]), `api.request_body_timeout_ms` from
+/// now at first. A request without a body is left as it is, and costs no
+/// timer.
+pub(crate) fn guard(request: Request, settings: &ApiSettings) -> Request {
     if request.body().is_end_stream() {
         return request;
     }
-    request.map(|body| {
-        Body::new(Deadline {
-            body,
-            timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
-            earned: Duration::ZERO,
-        })
+    let limit = crate::body_limit_for(settings, request.uri().path());
+    let timeout = Duration::from_millis(settings.request_body_timeout_ms);
+    request.map(|body| guarded(body, limit, timeout))
+}
+
+fn guarded(body: Body, limit: usize, timeout: Duration) -> Body {
+    Body::new(Guarded {
+        body,
+        room: limit,
+        limit,
+        timeout,
+        sleep: Box::pin(tokio::time::sleep(timeout)),
+        earned: Duration::ZERO,
     })
 }
 
+/// The whole body of `request`, or its refusal ([`refusal`]).
+pub(crate) async fn read(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(|e| refusal(&e))
+}
+
 /// The refusal of a body that could not be read (`error`, with its
-/// sources): 408 when it did not arrive in time, 413 when it was over the
-/// limit (`limit`, where the caller knows it), 400 otherwise (the client broke it off, or sent malformed
-/// chunks). A refusal before the end of the body closes the connection: the
-/// rest of it may still be on its way.
-pub(crate) fn refusal(error: &(dyn std::error::Error + 'static), limit: Option<usize>) -> ApiError {
-    let mut causes = std::iter::successors(Some(error), |e| e.source());
-    let refusal = if let Some(timed_out) = causes.find_map(|e| e.downcast_ref::<TimedOut>()) {
+/// sources): 408 when it did not arrive in time, 413 when it went past its
+/// limit, 400 otherwise (the client broke it off, or sent malformed
+/// chunks). A refusal before the end of the body closes the connection
+/// (over HTTP/1.1): the rest of it may still be on its way.
+fn refusal(error: &(dyn std::error::Error + 'static)) -> ApiError {
+    let causes = || std::iter::successors(Some(error), |e| e.source());
+    let refusal = if let Some(timed_out) = causes().find_map(|e| e.downcast_ref::<TimedOut>()) {
         ApiError::with_status(
             StatusCode::REQUEST_TIMEOUT,
             format!("Request timed out: {timed_out}."),
             "request_timeout",
         )
-    } else if std::iter::successors(Some(error), |e| e.source())
-        .any(|e| e.is::<http_body_util::LengthLimitError>())
-    {
+    } else if let Some(too_large) = causes().find_map(|e| e.downcast_ref::<TooLarge>()) {
         ApiError::with_status(
             StatusCode::PAYLOAD_TOO_LARGE,
-            match limit {
-                Some(limit) => {
-                    format!("The request body is larger than the limit of {limit} bytes.")
-                }
-                None => "The request body is larger than the limit.".to_owned(),
-            },
+            format!(
+                "The request body is larger than the limit of {} bytes.",
+                too_large.0
+            ),
             "body_too_large",
         )
     } else {
@@ -147,98 +186,65 @@ pub(crate) fn refusal(error: &(dyn std::error::Error + 'static), limit: Option<u
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use axum::body::Body;
-    use axum::extract::Request;
+    use axum::body::{Body, Bytes};
     use axum::http::StatusCode;
     use futures_util::StreamExt as _;
     use std::time::Duration;
 
-    /// A body that never sends its bytes.
-    fn stalled() -> Body {
-        Body::from_stream(futures_util::stream::pending::<
-            Result<bytes::Bytes, std::io::Error>,
-        >())
+    /// A body of `chunks` KiB, one every 10 ms, then nothing more if `stall`.
+    fn kibs(chunks: u32, stall: bool) -> Body {
+        let sent = futures_util::stream::unfold(0u32, move |sent| async move {
+            if sent == chunks {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 1024])),
+                sent + 1,
+            ))
+        });
+        let rest = futures_util::stream::iter(stall.then(futures_util::stream::pending)).flatten();
+        Body::from_stream(sent.chain(rest))
+    }
+
+    async fn read(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, StatusCode> {
+        super::read(super::guarded(body, limit, timeout))
+            .await
+            .map_err(|e| e.status)
     }
 
     #[tokio::test]
     async fn a_body_that_stops_arriving_is_refused_with_408() {
-        let request = super::with_deadline(Request::new(stalled()), Duration::from_millis(50));
-        let error = axum::body::to_bytes(request.into_body(), 1024)
-            .await
-            .unwrap_err();
-        let refusal = super::refusal(&error, Some(1024));
+        let body = super::guarded(kibs(0, true), 1024, Duration::from_millis(50));
+        let refusal = super::read(body).await.unwrap_err();
         assert_eq!(refusal.status, StatusCode::REQUEST_TIMEOUT);
         assert!(refusal.message.contains("50 ms"), "{}", refusal.message);
     }
 
     #[tokio::test]
-    async fn a_body_that_arrives_in_time_is_read_whole() {
-        let request = super::with_deadline(
-            Request::new(Body::from("{\"a\":1}")),
-            Duration::from_secs(30),
-        );
-        let bytes = axum::body::to_bytes(request.into_body(), 1024)
-            .await
-            .unwrap();
+    async fn a_body_within_its_limit_and_time_is_read_whole() {
+        let body = Body::from("{\"a\":1}");
+        let bytes = read(body, 7, Duration::from_secs(30)).await.unwrap();
         assert_eq!(&bytes[..], b"{\"a\":1}");
     }
 
-    /// A body that keeps coming at the minimum rate is read whole, though
-    /// it takes several times the timeout; one that stops is cut off.
+    /// A body that keeps coming above the minimum rate is read whole,
+    /// though it takes several times the timeout; one that stops is cut off
+    /// once the time its bytes earned is spent.
     #[tokio::test]
     async fn a_steady_body_earns_its_time_and_a_stalled_one_does_not() {
-        // 1 KiB every 10 ms (100 KiB/s, above the minimum) for 200 ms.
-        let steady = futures_util::stream::unfold(0u32, |sent| async move {
-            if sent == 20 {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            Some((
-                Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 1024])),
-                sent + 1,
-            ))
-        });
-        let request = super::with_deadline(
-            Request::new(Body::from_stream(steady)),
-            Duration::from_millis(50),
-        );
-        let bytes = axum::body::to_bytes(request.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        assert_eq!(bytes.len(), 20 * 1024);
-
-        // The same start, then nothing: cut off once the time earned is spent.
-        let stalls =
-            futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
-                b'x';
-                1024
-            ]))])
-            .chain(futures_util::stream::pending());
-        let request = super::with_deadline(
-            Request::new(Body::from_stream(stalls)),
-            Duration::from_millis(50),
-        );
-        let error = axum::body::to_bytes(request.into_body(), 1 << 20)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            super::refusal(&error, None).status,
-            StatusCode::REQUEST_TIMEOUT
-        );
+        // 100 KiB/s for 200 ms, against a 50 ms timeout.
+        let bytes = read(kibs(20, false), 1 << 20, Duration::from_millis(50)).await;
+        assert_eq!(bytes.unwrap().len(), 20 * 1024);
+        let stalled = read(kibs(1, true), 1 << 20, Duration::from_millis(50)).await;
+        assert_eq!(stalled.unwrap_err(), StatusCode::REQUEST_TIMEOUT);
     }
 
     #[tokio::test]
-    async fn a_body_over_the_limit_is_refused_with_413() {
-        let request = super::with_deadline(
-            Request::new(Body::from(vec![b'x'; 2048])),
-            Duration::from_secs(30),
-        );
-        let error = axum::body::to_bytes(request.into_body(), 1024)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            super::refusal(&error, Some(1024)).status,
-            StatusCode::PAYLOAD_TOO_LARGE
-        );
+    async fn a_body_over_its_limit_is_refused_with_413() {
+        let whole = read(Body::from(vec![b'x'; 2048]), 2047, Duration::from_secs(30)).await;
+        assert_eq!(whole.unwrap_err(), StatusCode::PAYLOAD_TOO_LARGE);
+        let streamed = read(kibs(3, false), 2048, Duration::from_secs(30)).await;
+        assert_eq!(streamed.unwrap_err(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

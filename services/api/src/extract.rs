@@ -4,7 +4,6 @@
 
 use std::borrow::Cow;
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
 use axum::http::request::Parts;
@@ -35,7 +34,7 @@ pub struct Json<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         if let Some(content_type) = req.headers().get(CONTENT_TYPE) {
             let is_json = content_type
                 .to_str()
@@ -65,9 +64,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             refusal.param = Some("Content-Encoding".to_owned());
             return Err(refusal);
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|rejection| crate::body::refusal(&rejection, None))?;
+        let bytes = crate::body::read(req.into_body()).await?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else {

@@ -68,10 +68,7 @@ where
         })?;
     let (mut parts, body) = req.into_parts();
     let Auth(principal) = Auth::from_request_parts(&mut parts, &app).await?;
-    let limit = crate::body_limit_for(&app.settings.api, parts.uri.path());
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|e| crate::body::refusal(&e, Some(limit)))?;
+    let bytes = crate::body::read(body).await?;
     let fingerprint = fingerprint(&parts.method, parts.uri.path(), &bytes);
 
     let mut tx = app.router.write().await?;

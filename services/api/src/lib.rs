@@ -26,7 +26,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequestParts, OriginalUri};
+use axum::extract::{FromRequestParts, OriginalUri};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -259,27 +259,24 @@ pub(crate) fn body_limit_for(settings: &turnpike_core::config::ApiSettings, path
 
 /// Every route, merged, with the shared layers.
 pub fn routes(state: AppState) -> axum::Router {
-    let body_limit = state.settings.api.body_limit_bytes;
-    let input_limit = DefaultBodyLimit::max(body_limit_for(&state.settings.api, "/v1/responses"));
     let cors = cors(&state.settings.api.cors_allowed_origins);
     let router = axum::Router::new()
         .merge(conversations::router())
         .merge(items::router())
-        .merge(responses::router().layer(input_limit))
-        .merge(chat::router().layer(input_limit))
+        .merge(responses::router())
+        .merge(chat::router())
         .merge(admin::router())
         .merge(health::router(state.settings.api.metrics_port == 0))
         .merge(openapi::router())
         .merge(web::router())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        // One layer of three (outermost first): `Router::layer` wraps each
+        // One layer of two (outermost first): `Router::layer` wraps each
         // route in a box of its own per layer, which every request then
         // allocates, copies its future into, and clones the route for.
         .layer(
             tower::ServiceBuilder::new()
                 .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
-                .layer(DefaultBodyLimit::max(body_limit))
                 .layer(EdgeLayer(state.clone())),
         )
         .with_state(state);
@@ -470,8 +467,9 @@ fn route_metrics(route: &str, method: &'static str) -> std::sync::Arc<RouteMetri
 
 /// What every request passes before its route's handler, in order: its
 /// metrics and span ([`http_metrics`]); a body declared over the limit is
-/// refused before any of it is read (a chunked body is cut off by
-/// `DefaultBodyLimit` as it is read); kill switches and load shedding
+/// refused before any of it is read, and any other body is guarded as it
+/// is read ([`body::guard`]: cut off past the limit, or once it is late);
+/// kill switches and load shedding
 /// ([`shed`]); rate limits ([`limits`]); idempotency keys
 /// ([`idempotency`]). One layer, not five, and a tower service of its own
 /// rather than `axum::middleware::from_fn`, which per request also boxes
@@ -553,10 +551,7 @@ where
         if let Some(refusal) = oversized(&app.settings.api, &request) {
             return refusal;
         }
-        let request = body::with_deadline(
-            request,
-            Duration::from_millis(app.settings.api.request_body_timeout_ms),
-        );
+        let request = body::guard(request, &app.settings.api);
         shed::around(app, request, move |request| {
             limits::around(app, request, move |request| {
                 idempotency::around(app, request, move |request| async move {

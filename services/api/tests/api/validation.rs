@@ -652,3 +652,29 @@ async fn a_client_that_stops_sending_is_not_waited_for() {
         .ok();
     stream.read_until("response.cancelled", 1).await;
 }
+
+/// A body sent without a length is cut off where it passes its route's
+/// limit: 413 in the error shape, and the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_the_limit_is_refused_as_it_arrives() {
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.api.body_limit_bytes = 4096;
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.new_user().await;
+    let addr = app.url.trim_start_matches("http://").to_owned();
+    let metadata = "x".repeat(6000);
+    let body = format!("{{\"metadata\": {{\"note\": \"{metadata}\"}}}}");
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "POST /v1/conversations HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        user.key,
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_to_close(&mut socket).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"code\":\"body_too_large\""), "{answer}");
+    assert!(answer.contains("limit of 4096 bytes"), "{answer}");
+}
