@@ -234,6 +234,25 @@ def spread(values, fmt="{:.2f}"):
     return f"{fmt.format(min(values))}–{fmt.format(max(values))}"
 
 
+def machine():
+    """The CPU model, its cores and clock: what a core does per second moves
+    with the host (and its neighbours), so a run says what it ran on."""
+    model, mhz = "unknown", None
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name" and model == "unknown":
+            model = value
+        elif key == "cpu MHz" and mhz is None:
+            mhz = float(value)
+    return {"model": model, "cores": os.cpu_count(), "mhz": mhz}
+
+
+def stack_cpu_ms(rounds, names):
+    """The servers' CPU per unit of work, all of them together (ms)."""
+    return sum(median([r["cpu_us"][name] for r in rounds]) for name in names) / 1000
+
+
 def cpu_text(rounds, names):
     parts = []
     for name in names:
@@ -466,6 +485,28 @@ def sse_idle():
     return out, None
 
 
+TURN_SERVERS = ["worker", "primary", "pgbouncer_primary", "replicas", "redis", "mock_model"]
+STREAM_SERVERS = ["api"] + TURN_SERVERS
+
+
+def cpu_bound(rounds, names, own):
+    """Where drained turns are bounded by the cores: every server's CPU per
+    turn over the machine's cores, and the one process's own over one core."""
+    cores = os.cpu_count() or 1
+    total = stack_cpu_ms(rounds, names)
+    mine = stack_cpu_ms(rounds, [own])
+    return (f"the servers' {total:.1f} ms of CPU per turn bound {cores} cores at "
+            f"{1000 * cores / total:.0f} turns/s; the {own}'s own {mine:.2f} ms, "
+            f"{1000 / mine:.0f} turns/s on a core of its own")
+
+
+def busy(rounds, names):
+    """How many of the machine's cores the servers kept busy: CPU per turn
+    times turns per second (the clients' own CPU not counted)."""
+    used = stack_cpu_ms(rounds, names) * median([x["turns_per_s"] for x in rounds]) / 1000
+    return f"the servers kept {used:.2f} of {os.cpu_count()} cores busy"
+
+
 def turn_lines(report, lines):
     """Turns drained by one worker (both paths), then the first token."""
     # The default (the worker reaches the primary through PgBouncer, as the
@@ -482,8 +523,7 @@ def turn_lines(report, lines):
             f"turns_per_worker{suffix}: {median(rates):.0f} turns/s (range {spread(rates, '{:.0f}')}, "
             f"{TURN_ROUNDS} rounds of {TURNS} queued background turns drained by 1 worker process, "
             f"zero-latency mock, primary {how}; {sum(x['done'] for x in t)} completed, {failed} failed); "
-            f"CPU per turn "
-            f"{cpu_text(t, ['worker', 'primary', 'pgbouncer_primary', 'replicas', 'redis', 'mock_model'])}")
+            f"CPU per turn {cpu_text(t, TURN_SERVERS)}; {cpu_bound(t, TURN_SERVERS, 'worker')}")
 
     paced = f"the mock streaming {ANSWER_TOKENS} tokens at {PACED_TOKENS_PER_S}/s after its first"
     for suffix, concurrency, tokens_per_s, chain, how in [
@@ -506,8 +546,8 @@ def turn_lines(report, lines):
             f"{FIRST_TOKEN_TURNS}; first event p50 {median([x['first_event']['p50_ms'] for x in f]):.1f} ms; "
             f"done p50 {median([x['done']['p50_ms'] for x in f]):.1f} ms; "
             f"{median([x['turns_per_s'] for x in f]):.0f} turns/s; {checked} streams checked: sequence "
-            f"and text exact, {bad} failed; CPU per turn "
-            f"{cpu_text(f, ['api', 'worker', 'primary', 'pgbouncer_primary', 'replicas', 'redis', 'mock_model'])})")
+            f"and text exact, {bad} failed; CPU per turn {cpu_text(f, STREAM_SERVERS)}; "
+            f"{busy(f, STREAM_SERVERS)})")
 
     # Back to back from one client to FIRST_TOKEN_CONCURRENCY: where the
     # throughput stops growing, the time in the system is clients over
@@ -531,11 +571,15 @@ def turn_lines(report, lines):
 
 
 def main():
-    report = {"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS}
-    lines = []
+    host = machine()
+    report = {"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS, "machine": host}
+    lines = [f"machine: {host['model']}, {host['cores']} cores"
+             + (f" at {host['mhz']:.0f} MHz" if host["mhz"] else "")
+             + " (absolute figures move with the host and its neighbours; ratios much less)"]
     only = os.environ.get("BENCH_ONLY")
     if only == "turns":
         turn_lines(report, lines)
+        write_report(report)
         print("\n".join(lines), flush=True)
         return
 
@@ -559,6 +603,7 @@ def main():
         report.setdefault("summary", {})[name] = summary
         lines.append(line)
     if only == "reads":
+        write_report(report)
         print("\n".join(lines), flush=True)
         return
     w = r["write_items"]
@@ -597,10 +642,14 @@ def main():
             f"idle api CPU {h1['idle_cpu_percent']:.0f}% and {h2['idle_cpu_percent']:.0f}% of one core")
     dev("start", "worker")
 
+    write_report(report)
+    print("\n".join(lines), flush=True)
+
+
+def write_report(report):
     out = ROOT / "target/bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
