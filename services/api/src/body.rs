@@ -46,7 +46,7 @@ impl std::fmt::Display for TooLarge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the request body is larger than the limit of {} bytes",
+            "The request body is larger than the limit of {} bytes",
             self.0
         )
     }
@@ -118,17 +118,38 @@ impl HttpBody for Guarded {
     }
 }
 
+/// The largest body a request to `path` may send: requests carrying a
+/// model's input (a stateless client's whole history) get the larger limit.
+fn limit_for(settings: &ApiSettings, path: &str) -> usize {
+    if path.starts_with("/v1/responses") || path == "/v1/chat/completions" {
+        settings
+            .input_body_limit_bytes
+            .max(settings.body_limit_bytes)
+    } else {
+        settings.body_limit_bytes
+    }
+}
+
 /// `request` with a body that must stay within its route's limit and
 /// arrive by a deadline ([`Guarded`]), `api.request_body_timeout_ms` from
-/// now at first. A request without a body is left as it is, and costs no
-/// timer.
-pub(crate) fn guard(request: Request, settings: &ApiSettings) -> Request {
-    if request.body().is_end_stream() {
-        return request;
+/// now at first; or its refusal, before any of the body is read, when its
+/// `Content-Length` is over the limit. A request without a body is left as
+/// it is, and costs no timer.
+pub(crate) fn guard(request: Request, settings: &ApiSettings) -> Result<Request, ApiError> {
+    let limit = limit_for(settings, request.uri().path());
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(closing(too_large(limit)));
     }
-    let limit = crate::body_limit_for(settings, request.uri().path());
+    if request.body().is_end_stream() {
+        return Ok(request);
+    }
     let timeout = Duration::from_millis(settings.request_body_timeout_ms);
-    request.map(|body| guarded(body, limit, timeout))
+    Ok(request.map(|body| guarded(body, limit, timeout)))
 }
 
 fn guarded(body: Body, limit: usize, timeout: Duration) -> Body {
@@ -152,8 +173,7 @@ pub(crate) async fn read(body: Body) -> Result<Bytes, ApiError> {
 /// The refusal of a body that could not be read (`error`, with its
 /// sources): 408 when it did not arrive in time, 413 when it went past its
 /// limit, 400 otherwise (the client broke it off, or sent malformed
-/// chunks). A refusal before the end of the body closes the connection
-/// (over HTTP/1.1): the rest of it may still be on its way.
+/// chunks), each closing the connection ([`closing`]).
 fn refusal(error: &(dyn std::error::Error + 'static)) -> ApiError {
     let causes = || std::iter::successors(Some(error), |e| e.source());
     let refusal = if let Some(timed_out) = causes().find_map(|e| e.downcast_ref::<TimedOut>()) {
@@ -162,15 +182,8 @@ fn refusal(error: &(dyn std::error::Error + 'static)) -> ApiError {
             format!("Request timed out: {timed_out}."),
             "request_timeout",
         )
-    } else if let Some(too_large) = causes().find_map(|e| e.downcast_ref::<TooLarge>()) {
-        ApiError::with_status(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "The request body is larger than the limit of {} bytes.",
-                too_large.0
-            ),
-            "body_too_large",
-        )
+    } else if let Some(TooLarge(limit)) = causes().find_map(|e| e.downcast_ref::<TooLarge>()) {
+        too_large(*limit)
     } else {
         ApiError::with_status(
             StatusCode::BAD_REQUEST,
@@ -178,6 +191,21 @@ fn refusal(error: &(dyn std::error::Error + 'static)) -> ApiError {
             "invalid_body",
         )
     };
+    closing(refusal)
+}
+
+/// The refusal of a body over its route's limit of `limit` bytes.
+fn too_large(limit: usize) -> ApiError {
+    ApiError::with_status(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("{}.", TooLarge(limit)),
+        "body_too_large",
+    )
+}
+
+/// `refusal`, closing the connection (over HTTP/1.1): the rest of the body
+/// may still be on its way.
+fn closing(refusal: ApiError) -> ApiError {
     let mut headers = HeaderMap::new();
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     refusal.with_headers(headers)

@@ -245,18 +245,6 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
     }
 }
 
-/// The largest body a request to `path` may send: requests carrying a
-/// model's input (a stateless client's whole history) get the larger limit.
-pub(crate) fn body_limit_for(settings: &turnpike_core::config::ApiSettings, path: &str) -> usize {
-    if path.starts_with("/v1/responses") || path == "/v1/chat/completions" {
-        settings
-            .input_body_limit_bytes
-            .max(settings.body_limit_bytes)
-    } else {
-        settings.body_limit_bytes
-    }
-}
-
 /// Every route, merged, with the shared layers.
 pub fn routes(state: AppState) -> axum::Router {
     let cors = cors(&state.settings.api.cors_allowed_origins);
@@ -466,9 +454,9 @@ fn route_metrics(route: &str, method: &'static str) -> std::sync::Arc<RouteMetri
 }
 
 /// What every request passes before its route's handler, in order: its
-/// metrics and span ([`http_metrics`]); a body declared over the limit is
-/// refused before any of it is read, and any other body is guarded as it
-/// is read ([`body::guard`]: cut off past the limit, or once it is late);
+/// metrics and span ([`http_metrics`]); its body ([`body::guard`]: one
+/// declared over the limit is refused before any of it is read, any other
+/// is cut off past the limit, or once it is late);
 /// kill switches and load shedding
 /// ([`shed`]); rate limits ([`limits`]); idempotency keys
 /// ([`idempotency`]). One layer, not five, and a tower service of its own
@@ -548,10 +536,10 @@ where
         .cloned();
     let app = &app;
     let response = http_metrics(matched.as_ref(), request, move |request| async move {
-        if let Some(refusal) = oversized(&app.settings.api, &request) {
-            return refusal;
-        }
-        let request = body::guard(request, &app.settings.api);
+        let request = match body::guard(request, &app.settings.api) {
+            Ok(request) => request,
+            Err(refusal) => return refusal.into_response(),
+        };
         shed::around(app, request, move |request| {
             limits::around(app, request, move |request| {
                 idempotency::around(app, request, move |request| async move {
@@ -566,33 +554,6 @@ where
     })
     .await;
     Ok(response)
-}
-
-/// The refusal of a body whose Content-Length is over the limit.
-fn oversized(
-    settings: &turnpike_core::config::ApiSettings,
-    request: &axum::extract::Request,
-) -> Option<Response> {
-    let limit = body_limit_for(settings, request.uri().path());
-    let declared = request
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_none_or(|n| n <= limit as u64) {
-        return None;
-    }
-    let mut response = ApiError::with_status(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("The request body is larger than the limit of {limit} bytes."),
-        "body_too_large",
-    )
-    .into_response();
-    response.headers_mut().insert(
-        axum::http::header::CONNECTION,
-        HeaderValue::from_static("close"),
-    );
-    Some(response)
 }
 
 async fn no_route(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {

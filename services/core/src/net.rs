@@ -193,8 +193,8 @@ async fn connection(
 }
 
 /// What a connection has done, for telling when it has gone idle: a
-/// connection is idle while no request of it is being handled, no request
-/// head arrives and nothing is sent on it. A stream is not idle: it sends
+/// connection is idle while no request of it is being handled and nothing
+/// is sent on it (a request that arrives is handled, and its answer sent). A stream is not idle: it sends
 /// its events, and a keep-alive comment when there are none
 /// (`events.keepalive_ms`, below the idle timeout).
 ///
@@ -206,21 +206,14 @@ async fn connection(
 struct Activity {
     /// Requests whose handler has not answered yet.
     handling: AtomicUsize,
-    /// Requests begun so far.
-    begun: AtomicU64,
     /// Bytes sent so far.
     sent: AtomicU64,
 }
 
 impl Activity {
-    /// What has happened so far; `None` while a request is being handled.
-    fn progress(&self) -> Option<(u64, u64)> {
-        (self.handling.load(Ordering::Relaxed) == 0).then(|| {
-            (
-                self.begun.load(Ordering::Relaxed),
-                self.sent.load(Ordering::Relaxed),
-            )
-        })
+    /// The bytes sent so far; `None` while a request is being handled.
+    fn progress(&self) -> Option<u64> {
+        (self.handling.load(Ordering::Relaxed) == 0).then(|| self.sent.load(Ordering::Relaxed))
     }
 }
 
@@ -302,7 +295,6 @@ where
 
     fn call(&self, request: hyper::Request<B>) -> Self::Future {
         self.activity.handling.fetch_add(1, Ordering::Relaxed);
-        self.activity.begun.fetch_add(1, Ordering::Relaxed);
         Handling {
             inner: tower::ServiceExt::oneshot(self.router.clone(), request),
             handled: Handled(Arc::clone(&self.activity)),
