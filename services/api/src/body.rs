@@ -163,7 +163,7 @@ fn guarded(body: Body, limit: usize, timeout: Duration) -> Body {
     })
 }
 
-/// The whole body of `request`, or its refusal ([`refusal`]).
+/// The whole of `body`, or its refusal ([`refusal`]).
 pub(crate) async fn read(body: Body) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, usize::MAX)
         .await

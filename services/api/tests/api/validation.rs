@@ -264,8 +264,7 @@ async fn bad_ids_limits_and_keys(paths: Paths) {
 /// through an HTTP client races the server closing the unread connection.)
 async fn oversized_post(base: &str, path: &str, auth: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = base.trim_start_matches("http://");
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut socket, addr) = connect(base).await;
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         2 * 1024 * 1024
@@ -559,6 +558,14 @@ async fn include_is_accepted_in_every_form() {
     }
 }
 
+/// A plain TCP connection to the api at `base` (`http://host:port`), for
+/// requests an HTTP client would not send, and the `host:port` it went to.
+async fn connect(base: &str) -> (tokio::net::TcpStream, String) {
+    let addr = base.trim_start_matches("http://").to_owned();
+    let socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    (socket, addr)
+}
+
 /// Reads from `socket` until the server closes it (bounded), and returns
 /// everything it sent.
 async fn read_to_close(socket: &mut tokio::net::TcpStream) -> String {
@@ -593,10 +600,9 @@ async fn a_client_that_stops_sending_is_not_waited_for() {
     settings.events.keepalive_ms = 100;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
-    let addr = app.url.trim_start_matches("http://").to_owned();
 
     for key in [None, Some("stalled-body")] {
-        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut socket, addr) = connect(&app.url).await;
         let key = key.map_or(String::new(), |k| format!("Idempotency-Key: {k}\r\n"));
         let head = format!(
             "POST /v1/conversations HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n{key}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"me",
@@ -619,12 +625,12 @@ async fn a_client_that_stops_sending_is_not_waited_for() {
         .await;
     retried.ok();
 
-    let mut half_head = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut half_head, _) = connect(&app.url).await;
     half_head
         .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthor")
         .await
         .unwrap();
-    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut silent, _) = connect(&app.url).await;
     // Open at first (a third of the timeout), closed once the timeout passes.
     let early = tokio::time::timeout(
         Duration::from_millis(100),
@@ -663,10 +669,9 @@ async fn a_chunked_body_over_the_limit_is_refused_as_it_arrives() {
     settings.api.body_limit_bytes = 4096;
     let app = TestApp::spawn_with(settings).await;
     let user = app.new_user().await;
-    let addr = app.url.trim_start_matches("http://").to_owned();
     let metadata = "x".repeat(6000);
     let body = format!("{{\"metadata\": {{\"note\": \"{metadata}\"}}}}");
-    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut socket, addr) = connect(&app.url).await;
     let request = format!(
         "POST /v1/conversations HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
         user.key,
