@@ -1,20 +1,28 @@
 """Where one streamed turn's time goes, hop by hop, read off the wire.
 
-Runs TURNS streamed turns one after another against the stack described by
-the environment (`scripts/dev env`), each read to its end, while `tcpdump`
-records the loopback traffic; then finds each turn's messages in the
-capture (the api's request and answer, the create and the start at
-PgBouncer and at the primary, the queue hand-off, the history read on a
-replica, the model call, the event-log appends) and prints, for each, the
-median and 90th percentile of when it happened after the client sent its
-request. A capture does not slow the processes it watches, as tracing
-them would.
+Runs streamed turns one after another against the stack described by the
+environment (`source "$(scripts/dev env)"`), each read to its end, while
+`tcpdump` records the loopback traffic; then finds each turn's messages in
+the capture and prints, for each, the median and 90th percentile of when
+it happened after the client sent its request. A capture does not slow
+the processes it watches, as tracing them would.
 
-Usage: python3 scripts/timeline.py capture|analyse ...  (scripts/timeline
-runs both; see there).
+How a turn's messages are told apart: the client's own connection to the
+api (its request, the response head, the SSE events); the response id the
+api puts in the queue entry (`XADD tp:turns`), which names the turn in its
+delivery to the worker and in the event log's keys (each append is one
+script call, carrying every event queued since the last); the response's
+row id in the create's and the start's calls, told apart by their
+functions; the history read by the replay check before it; the model call
+by the mock's port. The first message of each kind after the request
+counts, and a turn missing one is counted without it.
+
+Usage: python3 scripts/timeline.py capture OUT TURNS WARMUP | analyse PCAP TURNS_JSON | ports
+(scripts/timeline runs them.)
 """
 
 import json
+import math
 import os
 import re
 import statistics
@@ -52,6 +60,10 @@ def ports():
     }
 
 
+# The events that end a response's stream.
+TERMINAL = tuple(b"event: response." + kind for kind in (b"completed", b"failed", b"incomplete", b"cancelled"))
+
+
 def turn(api_port, key, model):
     """One streamed turn read to its end: (client port, sent at, first delta at)."""
     conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=30)
@@ -65,10 +77,10 @@ def turn(api_port, key, model):
     if response.status != 200:
         sys.exit(f"timeline: the api answered {response.status}: {response.read()[:300]!r}")
     first_delta = None
-    for line in response.fp:
+    for line in response:
         if first_delta is None and line.startswith(b"event: response.output_text.delta"):
             first_delta = time.time()
-        if line.startswith((b"event: response.completed", b"event: response.failed")):
+        if line.startswith(TERMINAL):
             break
     conn.close()
     return [client_port, sent, first_delta]
@@ -80,9 +92,11 @@ def capture(out, turns, warmup):
     model = env.get("TIMELINE_MODEL", "mock")
     for _ in range(warmup):
         turn(api, key, model)
-    # Told to go on by the caller once tcpdump is listening.
+    # Told to go on by the caller once tcpdump is listening; anything else
+    # (the caller gone) stops here.
     print("ready", flush=True)
-    sys.stdin.readline()
+    if sys.stdin.readline().strip() != "go":
+        sys.exit(1)
     runs = [turn(api, key, model) for _ in range(turns)]
     # A few more, not counted: tcpdump, stopped after the client, loses
     # what it had not yet read, and that is theirs.
@@ -97,9 +111,15 @@ def segments(pcap):
     with a payload in a loopback capture (Ethernet framing, IPv4)."""
     with open(pcap, "rb") as f:
         data = f.read()
+    if len(data) < 24:
+        sys.exit(f"timeline: {pcap} holds no capture")
     magic = struct.unpack("<I", data[:4])[0]
+    if magic not in (0xA1B2C3D4, 0xA1B23C4D, 0xD4C3B2A1, 0x4D3CB2A1):
+        sys.exit(f"timeline: {pcap} is not a pcap file")
     endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
     nanos = magic in (0xA1B23C4D, 0x4D3CB2A1)
+    if struct.unpack(endian + "I", data[20:24])[0] != 1:
+        sys.exit(f"timeline: {pcap} is not an Ethernet-framed capture (tcpdump -i lo)")
     at = 24
     found = []
     while at + 16 <= len(data):
@@ -127,10 +147,7 @@ def analyse(pcap, turns_file):
     p = ports()
     turns = json.load(open(turns_file))
     segs = segments(pcap)
-    marks = {}
-
-    def mark(name, value):
-        marks.setdefault(name, []).append(value)
+    marks = {name: [] for name in MARKS}
 
     for client, sent, first_delta in turns:
         if first_delta is None:
@@ -159,14 +176,16 @@ def analyse(pcap, turns_file):
         response = found.group(0)
         row = str(uuid.UUID(found.group(1).decode())).encode()
         limit = first(lambda s: s[2] == p["redis"] and b":gcra" in s[3], request[0])
-        create = first(lambda s: s[2] == p["primary_pooled"] and b"turnpike_create_turn" in s[3])
-        create_primary = first(lambda s: s[2] == p["primary"] and b"turnpike_create_turn" in s[3])
+        create = first(lambda s: s[2] == p["primary_pooled"] and b"turnpike_create_turn" in s[3]
+                       and row in s[3])
+        create_primary = first(lambda s: s[2] == p["primary"] and b"turnpike_create_turn" in s[3]
+                               and row in s[3])
         head = first(lambda s: s[1] == p["api"] and s[2] == client)
-        delivery = first(lambda s: s[1] == p["redis"] and b"tp:turns" in s[3] and response in s[3]
-                         and s != enqueue, enqueue[0])
+        delivery = first(lambda s: s[1] == p["redis"] and b"tp:turns" in s[3] and response in s[3],
+                         enqueue[0])
         start = first(lambda s: s[2] == p["primary_pooled"] and b"turnpike_start_turn" in s[3] and row in s[3])
         start_primary = first(lambda s: s[2] == p["primary"] and b"turnpike_start_turn" in s[3] and row in s[3])
-        history = delivery and first(lambda s: s[2] in p["replicas"] and b"pg_is_in_recovery" not in s[3],
+        history = delivery and first(lambda s: s[2] in p["replicas"] and b"pg_last_wal_replay_lsn" in s[3],
                                      delivery[0])
         model = first(lambda s: s[2] == p["mock"] and s[3].startswith(b"POST"), request[0])
         model_answer = model and first(lambda s: s[1] == p["mock"] and s[2] == model[1]
@@ -176,43 +195,60 @@ def analyse(pcap, turns_file):
         created = first(lambda s: s[1] == p["api"] and s[2] == client and b"response.created" in s[3])
         delta = first(lambda s: s[1] == p["api"] and s[2] == client
                       and b"response.output_text.delta" in s[3])
-        for name, segment in [
-            ("api has the request", request),
-            ("rate limit sent to Redis", limit),
-            ("rate limit: Redis's answer", reply(limit)),
-            ("create sent to PgBouncer", create),
-            ("create: at the primary", create_primary),
-            ("create: the primary's answer (with its commit)", reply(create_primary)),
-            ("create: back at the api", reply(create)),
-            ("turn queued (XADD)", enqueue),
-            ("response head sent to the client", head),
-            ("worker has the turn", delivery),
-            ("start sent to PgBouncer", start),
-            ("start: at the primary", start_primary),
-            ("start: the primary's answer (with its commit)", reply(start_primary)),
-            ("start: back at the worker", reply(start)),
-            ("history read sent to a replica", history),
-            ("history: the replica's answer", reply(history)),
-            ("model request sent", model),
-            ("model: its first events in", model_answer),
-            ("event log: first append", appends[0] if appends else None),
-            ("event log: second append", appends[1] if len(appends) > 1 else None),
-            ("event log: third append", appends[2] if len(appends) > 2 else None),
-            ("response.created sent to the client", created),
-            ("first delta sent to the client", delta),
-        ]:
+        hops = [
+            request, limit, reply(limit), create, create_primary, reply(create_primary), reply(create),
+            enqueue, head, delivery, start, start_primary, reply(start_primary), reply(start),
+            history, reply(history), model, model_answer,
+            appends[0] if appends else None, appends[1] if len(appends) > 1 else None,
+            appends[2] if len(appends) > 2 else None, created, delta,
+        ]
+        for name, segment in zip(MARKS, hops):
             if segment is not None:
-                mark(name, at(segment))
-        mark("the client has the first delta", (first_delta - sent) * 1000)
+                marks[name].append(at(segment))
+        marks[MARKS[-1]].append((first_delta - sent) * 1000)
 
-    counted = len(marks.get("the client has the first delta", []))
-    print(f"{counted} streamed turns, one at a time; ms after the client sent its request")
+    counted = len(marks[MARKS[-1]])
+    if counted == 0:
+        sys.exit(f"timeline: none of the {len(turns)} turns could be found in {pcap}")
+    print(f"{counted} of {len(turns)} streamed turns found, one at a time; "
+          "ms after the client sent its request")
     print(f"{'p50':>7} {'p90':>7}  event")
-    for name, values in marks.items():
-        values.sort()
-        p90 = values[min(len(values) - 1, int(len(values) * 0.9))]
+    for name in MARKS:
+        values = sorted(marks[name])
+        if not values:
+            continue
+        p90 = values[max(0, math.ceil(len(values) * 0.9) - 1)]
         note = "" if len(values) == counted else f"  ({len(values)} of {counted} turns)"
         print(f"{statistics.median(values):7.2f} {p90:7.2f}  {name}{note}")
+
+
+# What the analysis reports, in order; each turn's findings line up with it.
+MARKS = [
+    "api has the request",
+    "rate limit sent to Redis",
+    "rate limit: Redis's answer",
+    "create sent to PgBouncer",
+    "create: at the primary",
+    "create: the primary's answer (with its commit)",
+    "create: back at the api",
+    "turn queued (XADD)",
+    "response head sent to the client",
+    "worker has the turn",
+    "start sent to PgBouncer",
+    "start: at the primary",
+    "start: the primary's answer (with its commit)",
+    "start: back at the worker",
+    "history read sent to a replica",
+    "history: the replica's answer",
+    "model request sent",
+    "model: its first events in",
+    "event log: first append (one script call)",
+    "event log: second append",
+    "event log: third append",
+    "response.created sent to the client",
+    "first delta sent to the client",
+    "the client has the first delta",
+]
 
 
 if __name__ == "__main__":
