@@ -265,6 +265,68 @@ async fn committed(router: &turnpike_core::db::Router, sql: &str) {
     tx.commit().await.unwrap();
 }
 
+/// A write given up while its `BEGIN` is on the wire (its acquire timeout
+/// ran out while PgBouncer queued it, or its caller went away) may leave
+/// that `BEGIN` to run on the server after all: its connection must go back
+/// to the pool with no transaction open. Left open, the next writer's
+/// `BEGIN` joins it, and the connection holds its server (through
+/// PgBouncer, a whole server connection) idle in a transaction meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_given_up_during_its_begin_leaves_no_transaction_open() {
+    use futures_util::FutureExt;
+
+    let stack = Stack::shared().await;
+    let router = turnpike_core::db::Router::new(&stack.settings(Paths::DIRECT).database).unwrap();
+    // The router's one connection so far, and its server process.
+    let (rows, _) = router
+        .write()
+        .await
+        .unwrap()
+        .commit_after::<(i32,)>("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap();
+    let backend = rows[0].0;
+
+    // Polled once, the write takes that idle connection and sends `BEGIN`,
+    // then waits for the answer; dropped there, it is given up.
+    assert!(
+        router.write().now_or_never().is_none(),
+        "a BEGIN answered before it was polled again"
+    );
+
+    // Recovered in the background: back in the pool (or closed).
+    eventually(
+        "the given-up connection's recovery",
+        Duration::from_secs(10),
+        || {
+            let pool = router
+                .topology()
+                .into_iter()
+                .find(|node| node.name == "primary")
+                .unwrap()
+                .pool;
+            async move { (pool.idle == pool.size).then_some(()) }
+        },
+    )
+    .await;
+    let superuser = stack.superuser("primary").await;
+    let state: Option<(Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT state, query FROM pg_stat_activity WHERE pid = $1")
+            .bind(backend)
+            .fetch_optional(&superuser)
+            .await
+            .unwrap();
+    if let Some((state, query)) = state {
+        assert_eq!(
+            state.as_deref(),
+            Some("idle"),
+            "the connection went back to the pool in a transaction (its last query: {query:?})"
+        );
+    }
+    // And it serves the next write as any other.
+    committed(&router, "SELECT 1").await;
+}
+
 /// A statement sent as one message (through PgBouncer, its arguments
 /// written into it as literals) returns exactly what a bound statement
 /// would, whatever the text holds; a NUL byte is refused, not sent; and

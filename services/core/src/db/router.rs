@@ -313,8 +313,11 @@ impl Router {
         let guard = InFlight::enter(node);
         let begin = async {
             let mut conn = node.pool.get().await?;
-            sqlx::Executor::execute(conn.conn(), "BEGIN").await?;
+            // Counted as open from before it is sent: given up while on the
+            // wire (the timeout below, or the caller gone), the `BEGIN` may
+            // still run, and the connection's recovery rolls it back.
             conn.in_transaction = true;
+            sqlx::Executor::execute(conn.conn(), "BEGIN").await?;
             Ok::<Pooled, sqlx::Error>(conn)
         };
         match tokio::time::timeout(self.acquire_timeout(), begin).await {
@@ -849,8 +852,9 @@ impl Reader {
         let mut conn = node.pool.get().await?;
         let through_pgbouncer = node.path == ConnectPath::Pgbouncer;
         if through_pgbouncer && !one_message {
-            sqlx::Executor::execute(conn.conn(), "BEGIN").await?;
+            // Open from before it is sent, as a write's (`Router::write`).
             conn.in_transaction = true;
+            sqlx::Executor::execute(conn.conn(), "BEGIN").await?;
         }
         Ok(Self {
             conn: ReaderConn::Pooled(Session {
