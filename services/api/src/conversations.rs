@@ -93,8 +93,7 @@ pub async fn create(
         None,
     )
     .await?;
-    let lsn = tx.commit().await?;
-    app.wrote_to(&principal, row.id, lsn).await;
+    let lsn = app.commit_and_record(&principal, row.id, tx).await?;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 
@@ -199,8 +198,7 @@ pub async fn update(
     let row = set_metadata(&mut tx, id, principal.user_id, &body.metadata)
         .await?
         .ok_or_else(|| ApiError::not_found("conversation", &conversation_id))?;
-    let lsn = tx.commit().await?;
-    app.wrote_to(&principal, id, lsn).await;
+    let lsn = app.commit_and_record(&principal, id, tx).await?;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 
@@ -221,8 +219,7 @@ pub async fn delete(
     }
     // Its queued and running turns end with it.
     let cancelled = turnpike_core::turns::cancel_active(&mut tx, id).await?;
-    let lsn = tx.commit().await?;
-    app.wrote_to(&principal, id, lsn).await;
+    let lsn = app.commit_and_record(&principal, id, tx).await?;
     for (response, previous) in cancelled {
         let public = ids::encode(prefixes::RESPONSE, response);
         crate::responses::announce_cancel(&app, &public, &previous).await;

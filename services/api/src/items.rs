@@ -207,8 +207,7 @@ pub async fn create(
     let resolved = resolve_references(&mut tx, principal.user_id, "items", &body.items).await?;
     let inputs = resolved.as_deref().unwrap_or(&body.items);
     let items = append(&mut tx, conversation, first_seq, inputs, None).await?;
-    let lsn = tx.commit().await?;
-    app.wrote_to(&principal, conversation, lsn).await;
+    let lsn = app.commit_and_record(&principal, conversation, tx).await?;
     let list = List::new(items, false, |i: &Item| i.id().to_owned());
     Ok(written(lsn, StatusCode::OK, &list))
 }
@@ -259,8 +258,7 @@ pub async fn delete(
     if !delete_item(&mut tx, conversation, item).await? {
         return Err(ApiError::not_found("item", &item_id));
     }
-    let lsn = tx.commit().await?;
-    app.wrote_to(&principal, conversation, lsn).await;
+    let lsn = app.commit_and_record(&principal, conversation, tx).await?;
     Ok(written(lsn, StatusCode::OK, &row.into_api()))
 }
 

@@ -203,6 +203,42 @@ impl AppState {
             self.cache.invalidate(conversation, lsn),
         );
     }
+
+    /// Commits `tx`, a write by the caller that changed `conversation`,
+    /// and has the caller's session window and the conversation's caches
+    /// learn of it ([`AppState::wrote_to`]), past the caller's cancellation
+    /// ([`past_the_commit`]).
+    pub(crate) async fn commit_and_record(
+        &self,
+        principal: &Principal,
+        conversation: uuid::Uuid,
+        tx: turnpike_core::db::Writer,
+    ) -> Result<Lsn, turnpike_core::db::DbError> {
+        let (app, principal) = (self.clone(), *principal);
+        past_the_commit(async move {
+            let lsn = tx.commit().await?;
+            app.wrote_to(&principal, conversation, lsn).await;
+            Ok(lsn)
+        })
+        .await
+    }
+}
+
+/// Runs `work` (a commit and what must follow it) on a task of its own,
+/// and waits for it. Once a commit is on the wire its write may stand:
+/// what follows it (a turn queued, the caches' invalidation) runs whether
+/// or not the caller stays to hear the answer. Dropped with a client that
+/// went away, a committed turn would wait for the reconciler
+/// (`worker.stranded_after_ms`) to be queued, and a cached answer the write
+/// changed would be served until it expired.
+pub(crate) async fn past_the_commit<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    use tracing::Instrument;
+    match tokio::spawn(work.instrument(tracing::Span::current())).await {
+        Ok(done) => done,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// Why the api could not start.

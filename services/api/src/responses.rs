@@ -168,12 +168,15 @@ async fn begin(
     check_sampling(body.temperature, body.top_p)?;
     check_choices(body, &app.settings.tools)?;
     let provider_params = provider_params(body)?;
-    let model = body
+    let mut model = body
         .model
         .clone()
         .unwrap_or_else(|| app.settings.api.default_model.clone());
     let background = body.background.unwrap_or(false);
-    let stored = StoredRequest {
+    // Whether the caller waits for the turn's end (neither streamed nor in
+    // the background).
+    let wait = body.stream != Some(true) && !background;
+    let mut stored = StoredRequest {
         instructions: body.instructions.clone(),
         tools: body.tools.clone().unwrap_or_default(),
         tool_choice: body.tool_choice.clone(),
@@ -213,19 +216,36 @@ async fn begin(
             .iter()
             .map(|input| items::to_item(input, Uuid::now_v7()))
             .collect();
-        let turn = turns::NewTurn {
-            user: principal.user_id,
-            placement,
-            response: Uuid::now_v7(),
-            model: &model,
-            background,
-            request: &stored,
-            items: &items,
-            incoming: i64::try_from(input_bytes).unwrap_or(i64::MAX),
-        };
-        if let Some((row, lsn)) = turns::create(tx, &turn).await? {
-            let dispatch_now = row.pending_input.is_none();
-            return Ok(queued(app, principal, body, row, lsn, Vec::new(), dispatch_now).await);
+        let (task_app, caller) = (app.clone(), *principal);
+        let incoming = i64::try_from(input_bytes).unwrap_or(i64::MAX);
+        // The call carries the commit: it and what follows run past the
+        // caller's cancellation. Off the common path, the request and the
+        // model come back for the statement-by-statement path below.
+        let created = crate::past_the_commit(async move {
+            let turn = turns::NewTurn {
+                user: caller.user_id,
+                placement,
+                response: Uuid::now_v7(),
+                model: &model,
+                background,
+                request: &stored,
+                items: &items,
+                incoming,
+            };
+            Ok::<_, turnpike_core::db::DbError>(match turns::create(tx, &turn).await? {
+                Some((row, lsn)) => {
+                    let dispatch_now = row.pending_input.is_none();
+                    let started =
+                        queued(&task_app, &caller, wait, row, lsn, Vec::new(), dispatch_now).await;
+                    Ok(started)
+                }
+                None => Err((stored, model)),
+            })
+        })
+        .await?;
+        match created {
+            Ok(started) => return Ok(started),
+            Err((back, named)) => (stored, model) = (back, named),
         }
         tx = app.router.write().await?;
     }
@@ -315,8 +335,12 @@ async fn begin(
         },
     )
     .await?;
-    let lsn = tx.commit().await?;
-    Ok(queued(app, principal, body, row, lsn, interrupted, dispatch_now).await)
+    let (app, principal) = (app.clone(), *principal);
+    crate::past_the_commit(async move {
+        let lsn = tx.commit().await?;
+        Ok(queued(&app, &principal, wait, row, lsn, interrupted, dispatch_now).await)
+    })
+    .await
 }
 
 /// Where the turn goes, when the request can take the path
@@ -357,7 +381,7 @@ fn placement(app: &AppState, body: &CreateResponse, compact: bool) -> Option<tur
 async fn queued(
     app: &AppState,
     principal: &turnpike_core::auth::Principal,
-    body: &CreateResponse,
+    wait: bool,
     row: ResponseRow,
     lsn: turnpike_core::db::Lsn,
     interrupted: Vec<(Uuid, String)>,
@@ -366,7 +390,7 @@ async fn queued(
     let public = row.public_id();
     let dispatch = async {
         // Subscribe before the turn can start, so a fast turn's end is not missed.
-        let waiting = if body.stream != Some(true) && !body.background.unwrap_or(false) {
+        let waiting = if wait {
             Some(app.hub.subscribe(&public).await)
         } else {
             None

@@ -956,3 +956,84 @@ async fn completed(
     })
     .await
 }
+
+/// A client that goes away while its create commits (the connection
+/// closed, the request's future dropped in the api) does not leave the
+/// turn it created waiting for the reconciler: what follows the commit (the
+/// enqueue, the cache's invalidation) runs whether or not anyone stays to
+/// hear the answer, and the turn runs at once. The commit is held up with
+/// a deferred trigger that sleeps, for this test's marked request only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_whose_client_leaves_during_its_commit_runs_at_once() {
+    let stack = Stack::shared().await;
+    let mut settings = stack.settings(Paths::DIRECT);
+    settings.worker.queue = format!("tp:test-leave-{}", uuid::Uuid::now_v7().simple());
+    // The reconciler would queue a stranded turn only after ten minutes.
+    assert!(settings.worker.stranded_after_ms >= 600_000);
+    let agents = Agents::spawn(&mut settings).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let user = app.new_user().await;
+    let marker = uuid::Uuid::now_v7().simple().to_string();
+    let superuser = stack.superuser("primary").await;
+    let trigger = format!("slow_commit_{marker}");
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT ON responses
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+           WHEN (NEW.request->'metadata'->>'slow_commit' = '{marker}')
+           EXECUTE FUNCTION {trigger}();"
+    ))
+    .execute(&superuser)
+    .await
+    .unwrap();
+
+    let caller = user.clone();
+    let body = json!({"input": "/echo left early", "background": true,
+        "metadata": {"slow_commit": marker}});
+    let request =
+        tokio::spawn(async move { caller.call("POST", "/v1/responses", Some(body)).await });
+    // The commit is running (its trigger asleep): the client goes.
+    eventually("the create's commit", Duration::from_secs(10), || {
+        let superuser = superuser.clone();
+        async move {
+            let sleeping: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'
+                   AND query LIKE '%turnpike_create_turn%'",
+            )
+            .fetch_one(&superuser)
+            .await
+            .ok()?;
+            (sleeping > 0).then_some(())
+        }
+    })
+    .await;
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+
+    // The turn, once committed, runs: well before any reconciler would
+    // queue it.
+    let status = eventually("the turn's end", Duration::from_secs(15), || {
+        let superuser = superuser.clone();
+        let marker = marker.clone();
+        async move {
+            let status: String = sqlx::query_scalar(
+                "SELECT status FROM responses WHERE request->'metadata'->>'slow_commit' = $1",
+            )
+            .bind(marker)
+            .fetch_optional(&superuser)
+            .await
+            .ok()??;
+            (status != "queued" && status != "in_progress").then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(status, "completed");
+    sqlx::raw_sql(&format!(
+        "DROP TRIGGER {trigger} ON responses; DROP FUNCTION {trigger}();"
+    ))
+    .execute(&superuser)
+    .await
+    .unwrap();
+    agents.shutdown().await;
+}
