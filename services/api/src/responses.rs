@@ -245,7 +245,7 @@ async fn begin(
         .await?;
         match created {
             Ok(started) => return Ok(started),
-            Err((back, named)) => (stored, model) = (back, named),
+            Err(returned) => (stored, model) = returned,
         }
         tx = app.router.write().await?;
     }

@@ -1014,21 +1014,35 @@ async fn a_turn_whose_client_leaves_during_its_commit_runs_at_once() {
 
     // The turn, once committed, runs: well before any reconciler would
     // queue it.
-    let status = eventually("the turn's end", Duration::from_secs(15), || {
+    let (id, status) = eventually("the turn's end", Duration::from_secs(15), || {
         let superuser = superuser.clone();
         let marker = marker.clone();
         async move {
-            let status: String = sqlx::query_scalar(
-                "SELECT status FROM responses WHERE request->'metadata'->>'slow_commit' = $1",
+            let (id, status): (uuid::Uuid, String) = sqlx::query_as(
+                "SELECT id, status FROM responses WHERE request->'metadata'->>'slow_commit' = $1",
             )
             .bind(marker)
             .fetch_optional(&superuser)
             .await
             .ok()??;
-            (status != "queued" && status != "in_progress").then_some(status)
+            (status != "queued" && status != "in_progress").then_some((id, status))
         }
     })
     .await;
     assert_eq!(status, "completed");
+    // What the client sees when it comes back for it: the answer, and its
+    // whole stream from the start, every event once and in order.
+    let id = format!("resp_{}", id.simple());
+    let done = user.call("GET", &format!("/v1/responses/{id}"), None).await;
+    let output = done.ok()["output"].as_array().unwrap().clone();
+    assert_eq!(done.ok()["output"][0]["content"][0]["text"], "left early");
+    let events = user
+        .open_stream("GET", &format!("/v1/responses/{id}?stream=true"), None)
+        .await
+        .read_to_end()
+        .await;
+    assert_eq!(events.first().unwrap().data["type"], "response.created");
+    assert_eq!(events.last().unwrap().data["type"], "response.completed");
+    turnpike_testkit::assert_stream_matches(&events, &output);
     agents.shutdown().await;
 }
